@@ -1,0 +1,77 @@
+//! `isola-core`: command line -> validated config -> VM -> exit status.
+//!
+//! Exit status: 0 when the guest powers off, resets or is shut down; the value the guest
+//! wrote to the debug-exit port (0xf4); 2 for bad input (arguments, kernel, initrd, command
+//! line); 3 when the guest crashes (registers follow on stderr); 1 for any other failure.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use core_vmm::config::Cli;
+use core_vmm::error_chain;
+use core_vmm::vcpu::VmExit;
+use core_vmm::vm::Vm;
+
+const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_GUEST_CRASH: u8 = 3;
+const EXIT_FAILURE: u8 = 1;
+
+fn init_logging() {
+    let pid = std::process::id();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "isola-core[{pid}]: {}: {}",
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let config = match cli.validate() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("isola-core: error: {}", error_chain(&e));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let outcome = Vm::new(&config).and_then(Vm::run);
+    match outcome {
+        Ok(VmExit::Poweroff) => {
+            log::info!("guest powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Reset) => {
+            eprintln!("isola-core: guest requested a reset; the VM ends");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::Shutdown) => {
+            eprintln!("isola-core: shut down on request");
+            ExitCode::SUCCESS
+        }
+        Ok(VmExit::DebugExit(status)) => {
+            if status != 0 {
+                eprintln!("isola-core: guest exited with status {status} (debug-exit port)");
+            }
+            ExitCode::from(status)
+        }
+        Ok(VmExit::Crash { vcpu, reason, dump }) => {
+            eprintln!("isola-core: guest crashed: {reason} on vcpu{vcpu}\n{dump}");
+            ExitCode::from(EXIT_GUEST_CRASH)
+        }
+        Err(e) => {
+            eprintln!("isola-core: error: {}", error_chain(&e));
+            ExitCode::from(if e.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            })
+        }
+    }
+}

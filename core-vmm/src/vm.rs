@@ -1,0 +1,253 @@
+//! The VM: KVM objects, guest RAM, vCPU threads, and the control loop that ends them.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootConfig, BootEntry};
+use crate::control::ControlServer;
+use crate::cpu::cpuid::{self, HiddenFeatures};
+use crate::cpu::regs;
+use crate::devices::{LegacyDevices, SERIAL_IRQ};
+use crate::layout;
+use crate::memory::{GuestRam, MemoryError, MemoryOptions};
+use crate::vcpu::{self, ExitNotifier, Vcpu, VcpuHandle, VmExit};
+
+/// A validated VM description.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub num_cpus: u32,
+    pub memory_bytes: u64,
+    pub memory: MemoryOptions,
+    pub boot: BootConfig,
+    pub hidden_features: HiddenFeatures,
+    pub serial_log: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmVersion(i32),
+    #[error("KVM lacks a capability the core needs: {0}")]
+    KvmCap(&'static str),
+    #[error("--cpus {requested} is more than KVM allows on this host ({max})")]
+    TooManyCpus { requested: u32, max: usize },
+    #[error("KVM refused to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("vcpu{0}: cannot set up its registers")]
+    Regs(u32, #[source] regs::RegsError),
+    #[error("cannot open serial log {}", .0.display())]
+    SerialLog(PathBuf, #[source] std::io::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start thread vcpu{0}")]
+    Spawn(u32, #[source] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+}
+
+impl VmError {
+    /// Errors caused by what the user asked for (exit status 2) rather than by the host.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            VmError::TooManyCpus { .. } | VmError::Boot(_) | VmError::SerialLog(..) => true,
+            VmError::Control(e) => e.is_bad_input(),
+            VmError::Memory(MemoryError::Create(_) | MemoryError::Resize(..)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A VM ready to run: every KVM object exists, the kernel is loaded, no vCPU runs yet.
+pub struct Vm {
+    vm: Arc<VmFd>,
+    ram: GuestRam,
+    vcpus: Vec<VcpuFd>,
+    devices: Arc<LegacyDevices>,
+    control: Option<ControlServer>,
+}
+
+impl Vm {
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::KvmVersion(version));
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "in-kernel irqchip"),
+            (kvm_ioctls::Cap::Ioeventfd, "ioeventfd"),
+            (kvm_ioctls::Cap::Irqfd, "irqfd"),
+            (kvm_ioctls::Cap::UserMemory, "user memory"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::KvmCap(name));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if config.num_cpus as usize > max {
+            return Err(VmError::TooManyCpus {
+                requested: config.num_cpus,
+                max,
+            });
+        }
+        // The control socket is bound first so that a bad path fails before any work is done.
+        let control = config
+            .control_socket
+            .as_deref()
+            .map(ControlServer::bind)
+            .transpose()?;
+        let serial_out: Box<dyn Write + Send> = match &config.serial_log {
+            Some(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| VmError::SerialLog(path.clone(), e))?,
+            ),
+            None => Box::new(std::io::stdout()),
+        };
+
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create a VM", e))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::Kvm("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+
+        let ram = GuestRam::new(config.memory_bytes, config.memory)?;
+        ram.register(&vm)?;
+        let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| VmError::Kvm("route the serial irqfd", e))?;
+        let devices = Arc::new(LegacyDevices::new(serial_out, serial_irq));
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("report its supported CPUID", e))?;
+        let vcpus = (0..config.num_cpus)
+            .map(|index| {
+                let fd = vm
+                    .create_vcpu(u64::from(index))
+                    .map_err(|e| VmError::Kvm("create a vCPU", e))?;
+                let cpuid =
+                    cpuid::for_vcpu(&supported, index, config.num_cpus, &config.hidden_features);
+                fd.set_cpuid2(&cpuid)
+                    .map_err(|e| VmError::Kvm("set CPUID", e))?;
+                regs::setup_msrs(&fd).map_err(|e| VmError::Regs(index, e))?;
+                regs::setup_lint(&fd).map_err(|e| VmError::Regs(index, e))?;
+                if index == 0 {
+                    regs::setup_boot_cpu(&fd, ram.memory(), &entry)
+                        .map_err(|e| VmError::Regs(index, e))?;
+                }
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        log::info!(
+            "{} vCPUs, {} MiB, entry {}",
+            config.num_cpus,
+            config.memory_bytes >> 20,
+            match entry {
+                BootEntry::Pvh { entry, .. } => format!("PVH at {entry:#x}"),
+                BootEntry::Linux64 { entry, .. } => format!("64-bit Linux at {entry:#x}"),
+            }
+        );
+        Ok(Vm {
+            vm: Arc::new(vm),
+            ram,
+            vcpus,
+            devices,
+            control,
+        })
+    }
+
+    /// Runs the guest until it powers off, resets, crashes or is shut down.
+    pub fn run(self) -> Result<VmExit, VmError> {
+        let Vm {
+            vm,
+            ram,
+            vcpus,
+            devices,
+            control,
+        } = self;
+        vcpu::register_kick_handler().map_err(VmError::Signal)?;
+        let exit = Arc::new(ExitNotifier::new().map_err(VmError::EventFd)?);
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let started = Instant::now();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            let index = index as u32;
+            let (tx, rx) = mpsc::channel();
+            let vcpu = Vcpu::new(
+                index,
+                fd,
+                Arc::clone(&devices),
+                Arc::clone(&exit),
+                rx,
+                ack_tx.clone(),
+            );
+            let state = vcpu.shared_state();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run());
+            match thread {
+                Ok(thread) => handles.push(VcpuHandle {
+                    index,
+                    events: tx,
+                    state,
+                    thread,
+                }),
+                Err(e) => {
+                    stop_vcpus(handles);
+                    return Err(VmError::Spawn(index, e));
+                }
+            }
+        }
+        drop(ack_tx);
+
+        let result = crate::control::serve(control, &vm, &exit, &handles, &ack_rx, started);
+        stop_vcpus(handles);
+        // Guest RAM is unmapped only now that no vCPU thread can touch it.
+        drop(ram);
+        result.map_err(VmError::from)
+    }
+}
+
+/// Tells every vCPU to finish and waits for its thread.
+fn stop_vcpus(handles: Vec<VcpuHandle>) {
+    for handle in &handles {
+        handle.send(vcpu::VcpuEvent::Finish);
+    }
+    for handle in handles {
+        if handle.thread.join().is_err() {
+            log::error!("vcpu{} panicked", handle.index);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Messages between Isola's processes.
+//!
+//! Every message is a closed `serde` enum, encoded with bincode's legacy (fixed-int,
+//! little-endian) configuration and framed as:
+//!
+//! ```text
+//! u32 LE  length of what follows (version + body), at most MAX_FRAME
+//! u16 LE  PROTOCOL_VERSION of the sender
+//! [u8]    bincode body
+//! ```
+//!
+//! The version is read before the body, so a peer speaking another version gets a clear
+//! [`IpcError::Version`] instead of a garbled decode. Frames larger than [`MAX_FRAME`] are
+//! refused before anything is allocated, so a hostile peer cannot make the reader allocate
+//! unbounded memory.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of every message in this crate; bump it on any change of a message's shape.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame (version + body) a reader accepts.
+pub const MAX_FRAME: u32 = 1 << 20;
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("socket I/O failed")]
+    Io(#[from] io::Error),
+    #[error("peer speaks protocol version {peer}, this side speaks {PROTOCOL_VERSION}")]
+    Version { peer: u16 },
+    #[error("frame of {0} bytes is outside 2..={MAX_FRAME}")]
+    FrameSize(u32),
+    #[error("malformed message body")]
+    Decode(#[source] bincode::error::DecodeError),
+    #[error("message could not be encoded")]
+    Encode(#[source] bincode::error::EncodeError),
+}
+
+/// A request to the core's control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Report vCPU states and uptime.
+    Status,
+    /// Stop every vCPU at its next exit; the guest's clock keeps running.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// End the VM as if the guest had powered off.
+    Shutdown,
+    /// Debugging aid: deliver one MSI (KVM_SIGNAL_MSI) with this address and data.
+    InjectMsi { address: u64, data: u32 },
+}
+
+/// The core's answer to one [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Status(VmStatus),
+    /// The request was carried out.
+    Done,
+    /// The request was refused; the text says why.
+    Error(String),
+}
+
+/// What `isolactl status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub uptime_ms: u64,
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    pub index: u32,
+    pub state: VcpuState,
+}
+
+/// Life cycle of one vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuState {
+    Running,
+    Paused,
+    Exited,
+}
+
+impl std::fmt::Display for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VcpuState::Running => "running",
+            VcpuState::Paused => "paused",
+            VcpuState::Exited => "exited",
+        })
+    }
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::legacy().with_limit::<{ MAX_FRAME as usize }>()
+}
+
+/// Writes one framed message.
+pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), IpcError> {
+    let body = bincode::serde::encode_to_vec(msg, bincode_config()).map_err(IpcError::Encode)?;
+    let len = u32::try_from(body.len() + 2)
+        .ok()
+        .filter(|len| *len <= MAX_FRAME)
+        .ok_or(IpcError::FrameSize(u32::MAX))?;
+    let mut frame = Vec::with_capacity(body.len() + 6);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one framed message. A clean end of stream before the first byte is [`IpcError::Closed`].
+pub fn read_message<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, IpcError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(IpcError::Closed),
+        other => other?,
+    }
+    let len = u32::from_le_bytes(len);
+    if !(2..=MAX_FRAME).contains(&len) {
+        return Err(IpcError::FrameSize(len));
+    }
+    let mut version = [0u8; 2];
+    r.read_exact(&mut version)?;
+    let peer = u16::from_le_bytes(version);
+    // The version is checked before the body is read, but the body is still consumed so the
+    // stream stays in step if the caller wants to answer with an error.
+    let mut body = vec![0u8; len as usize - 2];
+    r.read_exact(&mut body)?;
+    if peer != PROTOCOL_VERSION {
+        return Err(IpcError::Version { peer });
+    }
+    let (msg, used) =
+        bincode::serde::decode_from_slice(&body, bincode_config()).map_err(IpcError::Decode)?;
+    if used != body.len() {
+        return Err(IpcError::Decode(bincode::error::DecodeError::OtherString(
+            format!("{} trailing bytes after the message", body.len() - used),
+        )));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn roundtrip<T: Serialize + DeserializeOwned>(msg: &T) -> T {
+        let mut buf = Vec::new();
+        write_message(&mut buf, msg).unwrap();
+        read_message(&mut Cursor::new(buf)).unwrap()
+    }
+
+    #[test]
+    fn requests_and_responses_roundtrip() {
+        for req in [
+            ControlRequest::Status,
+            ControlRequest::Pause,
+            ControlRequest::Resume,
+            ControlRequest::Shutdown,
+            ControlRequest::InjectMsi {
+                address: 0xfee0_0000,
+                data: 0x41,
+            },
+        ] {
+            assert_eq!(roundtrip(&req), req);
+        }
+        let status = ControlResponse::Status(VmStatus {
+            uptime_ms: 12,
+            vcpus: vec![VcpuStatus {
+                index: 1,
+                state: VcpuState::Paused,
+            }],
+        });
+        assert_eq!(roundtrip(&status), status);
+    }
+
+    #[test]
+    fn other_version_is_refused() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, &ControlRequest::Status).unwrap();
+        buf[4] = 9;
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
+        assert!(matches!(err, IpcError::Version { peer: 9 }), "{err}");
+    }
+
+    #[test]
+    fn oversized_and_undersized_frames_are_refused() {
+        let huge = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(huge)).unwrap_err();
+        assert!(matches!(err, IpcError::FrameSize(_)));
+        let tiny = 1u32.to_le_bytes().to_vec();
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(tiny)).unwrap_err();
+        assert!(matches!(err, IpcError::FrameSize(1)));
+    }
+
+    #[test]
+    fn garbage_body_and_unknown_variant_are_decode_errors() {
+        let mut buf = 6u32.to_le_bytes().to_vec();
+        buf.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        buf.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f]); // variant index far past the enum
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
+        assert!(matches!(err, IpcError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, &ControlRequest::Status).unwrap();
+        buf.push(0);
+        let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) + 1;
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
+        assert!(matches!(err, IpcError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn empty_stream_is_closed() {
+        let err = read_message::<_, ControlRequest>(&mut Cursor::new(Vec::new())).unwrap_err();
+        assert!(matches!(err, IpcError::Closed));
+    }
+}
