@@ -1,0 +1,363 @@
+/* Ring-3 runtime for the Isola test guests (see rt.h). */
+#include "rt.h"
+
+/* ---- Memory ---- */
+
+uint8_t peek8(uint64_t addr)
+{
+	return *(const volatile uint8_t *)addr;
+}
+
+uint16_t peek16(uint64_t addr)
+{
+	return *(const volatile uint16_t *)addr;
+}
+
+uint32_t peek32(uint64_t addr)
+{
+	return *(const volatile uint32_t *)addr;
+}
+
+uint64_t peek64(uint64_t addr)
+{
+	return *(const volatile uint64_t *)addr;
+}
+
+/* rep movsb/stosb rather than C loops, which the compiler could turn back into calls. */
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	void *d = dst;
+	__asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+	return dst;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+	void *d = dst;
+	__asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+	return dst;
+}
+
+/* ---- Serial ---- */
+
+void serial_putc(char c)
+{
+	/* The VMM's UART is always ready, so LSR is not polled (fewer exits). */
+	outb(COM1, (uint8_t)c);
+}
+
+void serial_puts(const char *s)
+{
+	while (*s)
+		serial_putc(*s++);
+}
+
+void serial_write(const volatile uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		serial_putc((char)p[i]);
+}
+
+static void put_padding(char pad, int n)
+{
+	while (n-- > 0)
+		serial_putc(pad);
+}
+
+static void put_number(uint64_t v, unsigned base, int negative, int width, char pad)
+{
+	char buf[24];
+	int len = 0;
+
+	do {
+		buf[len++] = "0123456789abcdef"[v % base];
+		v /= base;
+	} while (v);
+	if (negative) {
+		if (pad == '0') {
+			serial_putc('-');
+			width--;
+		} else {
+			buf[len++] = '-';
+		}
+	}
+	put_padding(pad, width - len);
+	while (len)
+		serial_putc(buf[--len]);
+}
+
+void vprint(const char *fmt, va_list ap)
+{
+	for (; *fmt; fmt++) {
+		if (*fmt != '%') {
+			serial_putc(*fmt);
+			continue;
+		}
+		fmt++;
+		char pad = ' ';
+		int width = 0, is_long = 0;
+		if (*fmt == '0') {
+			pad = '0';
+			fmt++;
+		}
+		while (*fmt >= '0' && *fmt <= '9')
+			width = width * 10 + (*fmt++ - '0');
+		while (*fmt == 'l') {
+			is_long = 1;
+			fmt++;
+		}
+		switch (*fmt) {
+		case 'c':
+			serial_putc((char)va_arg(ap, int));
+			break;
+		case 's': {
+			const char *s = va_arg(ap, const char *);
+			int len = 0;
+			while (s[len])
+				len++;
+			put_padding(' ', width - len);
+			serial_puts(s);
+			break;
+		}
+		case 'd': {
+			int64_t v = is_long ? va_arg(ap, long) : va_arg(ap, int);
+			put_number(v < 0 ? -(uint64_t)v : (uint64_t)v, 10, v < 0, width, pad);
+			break;
+		}
+		case 'u':
+		case 'x': {
+			uint64_t v = is_long ? va_arg(ap, unsigned long) : va_arg(ap, unsigned);
+			put_number(v, *fmt == 'u' ? 10 : 16, 0, width, pad);
+			break;
+		}
+		case '%':
+			serial_putc('%');
+			break;
+		case '\0':
+			return;
+		default:
+			serial_putc('%');
+			serial_putc(*fmt);
+			break;
+		}
+	}
+}
+
+void print(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vprint(fmt, ap);
+	va_end(ap);
+}
+
+/* ---- CRC-32 ---- */
+
+static uint32_t crc_table[256];
+static int crc_table_ready;
+
+uint32_t crc32(const volatile uint8_t *p, uint64_t n)
+{
+	if (!crc_table_ready) {
+		for (uint32_t i = 0; i < 256; i++) {
+			uint32_t c = i;
+			for (int k = 0; k < 8; k++)
+				c = (c & 1) ? (c >> 1) ^ 0xedb88320u : c >> 1;
+			crc_table[i] = c;
+		}
+		crc_table_ready = 1;
+	}
+	uint32_t crc = 0xffffffffu;
+	for (uint64_t i = 0; i < n; i++)
+		crc = crc_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+	return crc ^ 0xffffffffu;
+}
+
+/* ---- Services and exits ---- */
+
+void sys_wait_irq(uint32_t seen)
+{
+	__asm__ volatile("hlt" : : "a"(SYS_WAIT_IRQ), "D"(seen) : "memory");
+}
+
+void sys_stop(void)
+{
+	for (;;)
+		__asm__ volatile("hlt" : : "a"(SYS_STOP) : "memory");
+}
+
+void sys_triple_fault(void)
+{
+	for (;;)
+		__asm__ volatile("hlt" : : "a"(SYS_TRIPLE_FAULT) : "memory");
+}
+
+void debug_exit(uint8_t v)
+{
+	outb(PORT_DEBUG_EXIT, v);
+	sys_stop();
+}
+
+void poweroff(void)
+{
+	outb(PORT_ACPI_SLEEP, ACPI_SLEEP_S5);
+	/* Still running (e.g. QEMU, which has no such register): debug-exit 0. */
+	debug_exit(0);
+}
+
+void reset(void)
+{
+	outb(PORT_I8042, 0xfe);
+	sys_stop();
+}
+
+/* ---- LAPIC ---- */
+
+uint32_t lapic_id(void)
+{
+	return mmio_read32(LAPIC_ID) >> 24;
+}
+
+void lapic_enable(void)
+{
+	/* Mask both 8259 PICs, as Linux does: firmware (e.g. SeaBIOS under QEMU) may have left
+	 * them routing the PIT to vector 8, which would look like #DF. */
+	outb(PIC1_DATA, 0xff);
+	outb(PIC2_DATA, 0xff);
+	mmio_write32(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR);
+}
+
+/* ---- MP table ---- */
+
+#define MPF_SIGNATURE 0x5f504d5fu  /* "_MP_" */
+#define MPC_SIGNATURE 0x504d4350u  /* "PCMP" */
+
+static int checksum_ok(uint64_t addr, uint64_t len)
+{
+	uint8_t sum = 0;
+	for (uint64_t i = 0; i < len; i++)
+		sum += peek8(addr + i);
+	return sum == 0;
+}
+
+/* As Linux's smp_scan_config: 16-byte steps, signature, length 1, revision 1 or 4, checksum. */
+static uint64_t mp_scan(uint64_t base, uint64_t len)
+{
+	for (uint64_t a = base; a + 16 <= base + len; a += 16) {
+		if (peek32(a) == MPF_SIGNATURE && peek8(a + 8) == 1 &&
+		    (peek8(a + 9) == 1 || peek8(a + 9) == 4) && checksum_ok(a, 16))
+			return a;
+	}
+	return 0;
+}
+
+/*
+ * Search order (the first valid floating pointer wins): the first KiB of the EBDA (segment
+ * at 0x40e) if set; the last KiB of base memory per the BDA (KiB count at 0x413); Linux's
+ * fixed 639 KiB and 0-1 KiB windows; the BIOS area 0xf0000-0xfffff.
+ */
+static uint64_t mp_search(void)
+{
+	uint64_t a = 0;
+	uint64_t ebda = (uint64_t)peek16(0x40e) << 4;
+	uint64_t base_kb = peek16(0x413);
+
+	if (ebda)
+		a = mp_scan(ebda, 1024);
+	if (!a && base_kb >= 1 && base_kb <= 640)
+		a = mp_scan((base_kb - 1) * 1024, 1024);
+	if (!a)
+		a = mp_scan(639 * 1024, 1024);
+	if (!a)
+		a = mp_scan(0, 1024);
+	if (!a)
+		a = mp_scan(0xf0000, 0x10000);
+	return a;
+}
+
+void mp_find(struct mp_info *info)
+{
+	info->cpus = 0;
+	info->mpf_addr = mp_search();
+	if (!info->mpf_addr)
+		return;
+
+	uint64_t mpc = peek32(info->mpf_addr + 4);
+	if (!mpc) {
+		/* No table: an MP-spec default configuration (feature byte 1) has two CPUs. */
+		if (peek8(info->mpf_addr + 11)) {
+			info->apic_ids[0] = 0;
+			info->apic_ids[1] = 1;
+			info->cpus = 2;
+		}
+		return;
+	}
+	/* As Linux's smp_check_mpc. */
+	uint64_t len = peek16(mpc + 4);
+	uint8_t rev = peek8(mpc + 6);
+	if (peek32(mpc) != MPC_SIGNATURE || len < 44 || !checksum_ok(mpc, len) ||
+	    (rev != 1 && rev != 4) || peek32(mpc + 36) == 0)
+		return;
+	/* As Linux's smp_read_mpc: walk entries up to the table length. */
+	for (uint64_t off = 44; off < len;) {
+		uint8_t type = peek8(mpc + off);
+		if (type == 0) {
+			if (off + 20 > len)
+				break;
+			if ((peek8(mpc + off + 3) & 1) && info->cpus < MAX_CPUS)
+				info->apic_ids[info->cpus++] = peek8(mpc + off + 1);
+			off += 20;
+		} else if (type >= 1 && type <= 4) {
+			off += 8;
+		} else {
+			break;
+		}
+	}
+}
+
+/* ---- SMP bring-up ---- */
+
+#define ICR_BUSY          (1u << 12)
+#define ICR_INIT          0x4500u   /* INIT, level assert */
+#define ICR_STARTUP       0x4600u   /* STARTUP | vector */
+#define INIT_DELAY_CYCLES 100000ull
+#define SIPI_DELAY_CYCLES 50000ull
+#define AP_WAIT_CYCLES    5000000000ull  /* ~2 s at 2.5 GHz */
+
+static void delay_cycles(uint64_t cycles)
+{
+	uint64_t start = rdtsc();
+	while (rdtsc() - start < cycles)
+		cpu_relax();
+}
+
+static void send_ipi(uint8_t apic_id, uint32_t icr_lo)
+{
+	mmio_write32(LAPIC_ICR_HI, (uint32_t)apic_id << 24);
+	mmio_write32(LAPIC_ICR_LO, icr_lo);
+	for (int i = 0; i < 100000 && (mmio_read32(LAPIC_ICR_LO) & ICR_BUSY); i++)
+		cpu_relax();
+}
+
+unsigned smp_start_aps(const uint8_t *apic_ids, unsigned n)
+{
+	if (n > MAX_APS)
+		n = MAX_APS;
+	if (n == 0)
+		return 0;
+	memcpy((void *)(uint64_t)AP_TRAMPOLINE, ap_trampoline_start,
+	       (size_t)(ap_trampoline_end - ap_trampoline_start));
+	lapic_enable();
+	for (unsigned i = 0; i < n; i++) {
+		send_ipi(apic_ids[i], ICR_INIT);
+		delay_cycles(INIT_DELAY_CYCLES);
+		send_ipi(apic_ids[i], ICR_STARTUP | AP_SIPI_VECTOR);
+		delay_cycles(SIPI_DELAY_CYCLES);
+		send_ipi(apic_ids[i], ICR_STARTUP | AP_SIPI_VECTOR);
+		delay_cycles(SIPI_DELAY_CYCLES);
+	}
+	uint64_t start = rdtsc();
+	while (ap_started < n && rdtsc() - start < AP_WAIT_CYCLES)
+		cpu_relax();
+	return ap_started;
+}

@@ -1,0 +1,125 @@
+/*
+ * Ring-3 runtime for the Isola test guests: port I/O, serial output, formatting, CRC-32,
+ * LAPIC access, the int $0x80 services, and SMP bring-up.
+ *
+ * Ring 3 may use every I/O port (IOPL=3 and an all-zero TSS I/O bitmap) and every page
+ * (all user-accessible, including the LAPIC MMIO page). It starts with IF=0; interrupts are
+ * taken inside sys_wait_irq(). Ring-0 services are requested with a hlt instruction (see
+ * shim.S): hlt faults in ring 3 and the #GP handler runs the service in %eax.
+ */
+#ifndef ISOLA_GUEST_RT_H
+#define ISOLA_GUEST_RT_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "layout.h"
+
+/* Each guest provides this; it runs in ring 3 and should not return (returning debug-exits
+ * with EXIT_MAIN_RETURNED). */
+void guest_main(void);
+
+/* ---- Variables owned by shim.S ---- */
+extern volatile uint64_t boot_info_ptr;   /* %ebx (PVH) or %rsi (Linux 64-bit) at entry */
+extern volatile uint32_t boot_protocol;   /* BOOT_PROTO_PVH or BOOT_PROTO_LINUX64 */
+extern volatile uint32_t ap_started;      /* APs that reported in */
+extern volatile uint32_t ap_apic_ids[MAX_APS]; /* their APIC ids, in arrival order */
+extern volatile uint32_t irq_total;       /* interrupts (vector >= 32) taken so far */
+extern volatile uint32_t irq_counts[256]; /* per vector */
+extern volatile uint8_t irq_log[IRQ_LOG_SIZE]; /* vector of interrupt n at [n % IRQ_LOG_SIZE] */
+extern const char ap_trampoline_start[], ap_trampoline_end[];
+
+/* ---- Port and memory access ---- */
+static inline void outb(uint16_t port, uint8_t v)
+{
+	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+	uint8_t v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline uint32_t mmio_read32(uint64_t addr)
+{
+	return *(volatile uint32_t *)addr;
+}
+
+static inline void mmio_write32(uint64_t addr, uint32_t v)
+{
+	*(volatile uint32_t *)addr = v;
+}
+
+/* Reads physical memory (identity mapped below 4 GiB) without letting the compiler assume
+ * anything about the address. */
+static inline const volatile uint8_t *phys(uint64_t addr)
+{
+	return (const volatile uint8_t *)addr;
+}
+
+uint8_t peek8(uint64_t addr);
+uint16_t peek16(uint64_t addr);
+uint32_t peek32(uint64_t addr);
+uint64_t peek64(uint64_t addr);
+
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void cpu_relax(void)
+{
+	__asm__ volatile("pause" ::: "memory");
+}
+
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+
+/* ---- Serial (COM1) ---- */
+void serial_putc(char c);
+void serial_puts(const char *s);
+void serial_write(const volatile uint8_t *p, size_t n);
+/* printf subset: %% %c %s %d %u %x with optional '0' flag, width and 'l' length modifier. */
+void print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void vprint(const char *fmt, va_list ap);
+
+/* ---- CRC-32 (IEEE 802.3, reflected 0xEDB88320, init/xorout 0xFFFFFFFF; = crc32fast) ---- */
+uint32_t crc32(const volatile uint8_t *p, uint64_t n);
+
+/* ---- Exits and ring-0 services ---- */
+/* Unless irq_total != seen already, enable interrupts and halt until one has been taken.
+ * The test runs in ring 0 with interrupts off, so no wakeup is lost. */
+void sys_wait_irq(uint32_t seen);
+__attribute__((noreturn)) void sys_stop(void);     /* cli; hlt forever */
+__attribute__((noreturn)) void sys_triple_fault(void);
+__attribute__((noreturn)) void poweroff(void);     /* ACPI S5, else debug-exit 0, else stop */
+__attribute__((noreturn)) void debug_exit(uint8_t v);
+__attribute__((noreturn)) void reset(void);        /* i8042 reset */
+
+/* ---- LAPIC ---- */
+uint32_t lapic_id(void);
+void lapic_enable(void);                           /* mask the 8259s; SVR = 0x1ff */
+
+/* ---- SMP ---- */
+struct mp_info {
+	uint64_t mpf_addr;              /* floating pointer address, 0 if none found */
+	unsigned cpus;                  /* enabled processor entries */
+	uint8_t apic_ids[MAX_CPUS];     /* their APIC ids, in table order */
+};
+
+/* Finds and walks the MP table (see rt.c for the search order). */
+void mp_find(struct mp_info *info);
+
+/*
+ * Starts the APs whose APIC ids are listed (the caller leaves out the BSP): copies the
+ * trampoline to AP_TRAMPOLINE, then INIT + 2x STARTUP IPI each. Waits (bounded, about 2 s)
+ * until all of them have reported in. Returns the number that did (ap_started).
+ */
+unsigned smp_start_aps(const uint8_t *apic_ids, unsigned n);
+
+#endif

@@ -1,0 +1,273 @@
+//! Test guests for Isola: small freestanding kernels built from C and GNU assembler sources
+//! (in `guest/`) by this crate's build script, with gcc, ld and objcopy.
+//!
+//! Every guest is an ELF64 image with a PVH note (`NAME.elf`); `boot-check` is also built as a
+//! Linux bzImage (`NAME.bzimage`). Both are linked at 0x100000 and share all code after their
+//! entry stubs. See `README.md` in this crate for the guest ABI (ports, LAPIC, MP table,
+//! memory the guests use) and how to add a guest.
+//!
+//! # Output conventions (all guests)
+//!
+//! All output goes to COM1 (port 0x3f8) as lines ending in `\n`. The very first byte of every
+//! boot is a lone `\n` written by the first instructions of the entry point (the boot marker),
+//! so every guest's output starts with an empty line.
+//!
+//! * Success ends with a poweroff: byte 0x34 to port 0x3c0 (ACPI S5); if that returns, byte 0
+//!   to the debug-exit port 0xf4.
+//! * Guest-detected failures write their code (1..=127, see the `EXIT_*` constants) to 0xf4.
+//! * An unexpected CPU exception prints
+//!   `exception: vector=0x<2 hex> error=0x<16 hex> rip=0x<16 hex>` (after a blank line) and
+//!   exits with [`EXIT_EXCEPTION`].
+//!
+//! Numbers are decimal unless prefixed `0x`; hex is lowercase.
+//!
+//! # `boot-check` ([`BOOT_CHECK_ELF`], [`BOOT_CHECK_BZIMAGE`])
+//!
+//! Reads the boot information as Linux does for the entry it came in by (PVH `hvm_start_info`
+//! from `%ebx` for the ELF's PVH entry, `boot_params` from `%rsi` for the bzImage's 64-bit
+//! entry), then starts the other CPUs. Output:
+//!
+//! ```text
+//!
+//! boot-check: protocol=pvh                      (linux64 when entered at the 64-bit entry)
+//! cmdline: <command line bytes up to the NUL, at most 2047>
+//! e820: entries=<n>                             (n capped at 128)
+//! e820: 0x<addr, 16 hex> 0x<size, 16 hex> <type>            (one per entry, table order)
+//! initrd: addr=0x<hex, no leading zeros> size=<bytes> crc32=0x<8 hex>   or   initrd: none
+//! cpus-described: <enabled processor entries in the MP table; 0 without a table>
+//! cpu-started: apic-id=<id>                     (one per AP that came up, by APIC id)
+//! cpus-started: <APs that came up + 1>
+//! boot-check: ok
+//! ```
+//!
+//! then powers off. The CRC-32 is the IEEE one (same as the `crc32fast` crate) over the whole
+//! initrd. Source of each field:
+//!
+//! * PVH: command line at `cmdline_paddr`; memory map from `memmap_paddr` /
+//!   `memmap_entries` (only if `version >= 1`, else `entries=0`); initrd = module 0 if
+//!   `nr_modules > 0` (`initrd: none` if its address or size is 0).
+//! * linux64: command line at `cmd_line_ptr | ext_cmd_line_ptr << 32`; memory map from
+//!   `e820_entries` / `e820_table`; initrd `ramdisk_image`/`ramdisk_size` (plus the `ext_`
+//!   high halves), reported only if `hdr.type_of_loader` is nonzero, as Linux does. As in
+//!   Linux's `sanitize_boot_params`, a nonzero `sentinel` (0x1ef) makes the `ext_` fields 0.
+//!
+//! Failures: wrong PVH magic or missing `HdrS` in the `boot_params` copy of the header →
+//! the protocol line, then `boot-check: bad boot info`, exit [`EXIT_BAD_BOOT_INFO`]. Memory map
+//! or initrd not below 4 GiB (the guest maps only 0-4 GiB) → `boot-check: memory map not below
+//! 4 GiB` / `boot-check: initrd not below 4 GiB`, exit [`EXIT_UNMAPPED`]. Fewer CPUs started
+//! than described → all lines up to `cpus-started`, then `boot-check: missing cpus`, exit
+//! [`EXIT_MISSING_CPUS`]. The BSP waits about 2 s (5e9 TSC cycles) for the APs.
+//!
+//! # `msi` ([`MSI_ELF`])
+//!
+//! Software-enables its LAPIC (SVR = 0x1ff), prints `msi: ready apic-id=<id>` and waits with
+//! interrupts enabled only while halted. For each interrupt (any vector 0x20-0xff is counted;
+//! the host sends MSIs with address 0xfee00000 and data = vector in 0x40..=0x4f, one at a
+//! time, waiting for each line) it prints `msi: vector=0x<2 hex> count=<interrupts so far>`. After
+//! [`MSI_COUNT`] it prints `msi: done total=8` and powers off.
+//!
+//! # `triple-fault` ([`TRIPLE_FAULT_ELF`])
+//!
+//! Prints `triple-fault: faulting now`, loads an IDT with limit 0 and raises #GP in ring 0 (a
+//! load from a non-canonical address), so the CPU shuts down (triple fault). It never powers
+//! off; if execution somehow continued it would halt forever.
+
+use std::path::{Path, PathBuf};
+
+pub mod elf;
+
+/// `boot-check` as an ELF with a PVH note.
+pub const BOOT_CHECK_ELF: &str = concat!(env!("OUT_DIR"), "/boot-check.elf");
+/// `boot-check` as a Linux bzImage (64-bit entry at load address + 0x200).
+pub const BOOT_CHECK_BZIMAGE: &str = concat!(env!("OUT_DIR"), "/boot-check.bzimage");
+/// `msi` as an ELF with a PVH note.
+pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
+/// `triple-fault` as an ELF with a PVH note.
+pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
+
+/// File names of all images, as accepted by [`image`].
+pub const IMAGES: &[&str] = &[
+    "boot-check.elf",
+    "boot-check.bzimage",
+    "msi.elf",
+    "triple-fault.elf",
+];
+
+/// Guest-physical address every image is linked and loaded at.
+pub const IMAGE_BASE: u64 = 0x10_0000;
+/// Address of the 32-bit PVH entry (the PVH note's value).
+pub const PVH_ENTRY: u64 = IMAGE_BASE;
+/// Address of the Linux 64-bit boot protocol entry (also the ELF's `e_entry`).
+pub const ENTRY64: u64 = IMAGE_BASE + 0x200;
+/// Where the guests copy their AP trampoline (STARTUP IPI vector 0x08); the VMM must not
+/// need this page after entry.
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// The bytes every entry point starts with: `mov $0x3f8,%dx; mov $0x0a,%al; outb %al,%dx`.
+pub const BOOT_MARKER_CODE: [u8; 7] = [0x66, 0xba, 0xf8, 0x03, 0xb0, 0x0a, 0xee];
+
+/// Number of interrupts `msi` waits for.
+pub const MSI_COUNT: u32 = 8;
+/// Debug-exit value: `boot-check` found a bad PVH magic or no `HdrS`.
+pub const EXIT_BAD_BOOT_INFO: u8 = 3;
+/// Debug-exit value: `boot-check` started fewer CPUs than the MP table describes.
+pub const EXIT_MISSING_CPUS: u8 = 4;
+/// Debug-exit value: `boot-check` was given a memory map or initrd it cannot reach (>= 4 GiB).
+pub const EXIT_UNMAPPED: u8 = 5;
+/// Debug-exit value: a guest's `guest_main` returned (a guest bug).
+pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
+/// Debug-exit value: unexpected CPU exception (after the `exception:` line).
+pub const EXIT_EXCEPTION: u8 = 0x7f;
+
+/// The absolute path of image `name` (one of [`IMAGES`], e.g. `"boot-check.elf"`).
+pub fn image(name: &str) -> Option<PathBuf> {
+    IMAGES
+        .contains(&name)
+        .then(|| Path::new(env!("OUT_DIR")).join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn read(name: &str) -> Vec<u8> {
+        let path = image(name).unwrap();
+        fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// The loaded bytes of an ELF image as they sit in memory from IMAGE_BASE, and the
+    /// memory size including .bss.
+    fn loaded(bytes: &[u8]) -> (Vec<u8>, u64) {
+        let elf = elf::Elf::parse(bytes).unwrap();
+        let (start, end) = elf.load_range().unwrap();
+        assert_eq!(start, IMAGE_BASE);
+        let mut mem = vec![0u8; usize::try_from(end - start).unwrap()];
+        for ph in elf
+            .program_headers
+            .iter()
+            .filter(|ph| ph.p_type == elf::PT_LOAD)
+        {
+            let at = usize::try_from(ph.paddr - start).unwrap();
+            let data = elf.segment_bytes(ph).unwrap();
+            mem[at..at + data.len()].copy_from_slice(data);
+        }
+        (mem, end - start)
+    }
+
+    #[test]
+    fn every_image_exists_and_lookup_matches_constants() {
+        for name in IMAGES {
+            let path = image(name).unwrap();
+            assert!(path.is_absolute());
+            assert!(fs::metadata(&path).unwrap().len() > 0, "{name} is empty");
+        }
+        assert_eq!(image("boot-check.elf").unwrap(), Path::new(BOOT_CHECK_ELF));
+        assert_eq!(
+            image("boot-check.bzimage").unwrap(),
+            Path::new(BOOT_CHECK_BZIMAGE)
+        );
+        assert_eq!(image("msi.elf").unwrap(), Path::new(MSI_ELF));
+        assert_eq!(
+            image("triple-fault.elf").unwrap(),
+            Path::new(TRIPLE_FAULT_ELF)
+        );
+        assert_eq!(image("nope.elf"), None);
+    }
+
+    #[test]
+    fn elf_images_have_pvh_note_and_loadable_segments() {
+        for name in IMAGES.iter().filter(|n| n.ends_with(".elf")) {
+            let bytes = read(name);
+            assert_eq!(&bytes[..4], b"\x7fELF", "{name}");
+            assert_eq!(bytes[4], 2, "{name}: ELFCLASS64");
+            assert_eq!(bytes[5], 1, "{name}: little endian");
+            let elf = elf::Elf::parse(&bytes).unwrap();
+            assert_eq!(elf.machine, elf::EM_X86_64, "{name}");
+            assert_eq!(elf.entry, ENTRY64, "{name}: e_entry");
+
+            let notes = elf.notes().unwrap();
+            let pvh = notes
+                .iter()
+                .find(|n| n.kind == elf::XEN_ELFNOTE_PHYS32_ENTRY)
+                .unwrap_or_else(|| panic!("{name}: no PVH note"));
+            assert_eq!(pvh.name, b"Xen\0", "{name}");
+            assert_eq!(pvh.desc.len(), 4, "{name}");
+            assert_eq!(u64::from(elf.pvh_entry().unwrap()), PVH_ENTRY, "{name}");
+
+            let loads: Vec<_> = elf
+                .program_headers
+                .iter()
+                .filter(|ph| ph.p_type == elf::PT_LOAD)
+                .collect();
+            assert!(!loads.is_empty(), "{name}: no PT_LOAD");
+            for ph in loads {
+                assert_eq!(ph.align % 0x20_0000, 0, "{name}: p_align {:#x}", ph.align);
+                assert!(ph.align > 0, "{name}");
+                assert_eq!(ph.paddr, ph.vaddr, "{name}: not identity mapped");
+                assert!(ph.paddr >= IMAGE_BASE, "{name}");
+                assert!(ph.memsz >= ph.filesz, "{name}");
+            }
+
+            // Both entry points start with the boot marker.
+            let (mem, _) = loaded(&bytes);
+            for entry in [PVH_ENTRY, ENTRY64] {
+                let at = usize::try_from(entry - IMAGE_BASE).unwrap();
+                assert_eq!(
+                    mem[at..at + 7],
+                    BOOT_MARKER_CODE,
+                    "{name}: entry {entry:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bzimage_has_a_valid_setup_header_and_the_elf_payload() {
+        let bz = read("boot-check.bzimage");
+        assert_eq!(u16_at(&bz, 0x1fe), 0xaa55, "boot_flag");
+        assert_eq!(&bz[0x202..0x206], b"HdrS");
+        assert_eq!(u16_at(&bz, 0x206), 0x020f, "version 2.15");
+        let setup_sects = usize::from(bz[0x1f1]);
+        assert!(setup_sects > 0);
+        assert_eq!(bz[0x211] & 1, 1, "loadflags LOADED_HIGH");
+        assert_eq!(u32_at(&bz, 0x214), 0x10_0000, "code32_start");
+        assert_eq!(u32_at(&bz, 0x22c), 0x7fff_ffff, "initrd_addr_max");
+        assert_eq!(bz[0x234], 0, "relocatable_kernel");
+        assert_eq!(u16_at(&bz, 0x236) & 1, 1, "xloadflags XLF_KERNEL_64");
+        assert_eq!(u32_at(&bz, 0x238), 2047, "cmdline_size");
+        assert_eq!(u64_at(&bz, 0x258), IMAGE_BASE, "pref_address");
+
+        // The payload is the ELF's loaded bytes, byte for byte, and init_size covers .bss.
+        let payload = &bz[(setup_sects + 1) * 512..];
+        assert_eq!(
+            u32_at(&bz, 0x1f4) as usize,
+            payload.len().div_ceil(16),
+            "syssize"
+        );
+        let (mem, mem_size) = loaded(&read("boot-check.elf"));
+        assert_eq!(payload, &mem[..payload.len()]);
+        assert!(
+            mem[payload.len()..].iter().all(|&b| b == 0),
+            "only .bss after the payload"
+        );
+        assert!(u64::from(u32_at(&bz, 0x260)) >= mem_size, "init_size");
+        let entry = usize::try_from(ENTRY64 - IMAGE_BASE).unwrap();
+        assert_eq!(
+            payload[entry..entry + 7],
+            BOOT_MARKER_CODE,
+            "64-bit entry at +0x200"
+        );
+    }
+}
