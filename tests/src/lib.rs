@@ -1,1 +1,206 @@
-//! Shared helpers for the end-to-end tests live in `tests/src/lib.rs`.
+//! Helpers for Isola's end-to-end tests: build and find the binaries a user runs, start them,
+//! and read what the guest prints.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The directory cargo puts this profile's binaries in (`target/debug` or `target/release`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_owned()
+}
+
+/// Path of one of the workspace's binaries, built (once per test process) with the same
+/// profile as the running test. Cargo does not build other packages' binaries for a test, so
+/// the harness asks it to, exactly as a user would with `cargo build`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = profile_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "-p", "core-vmm"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(
+            status.success(),
+            "cargo build of the workspace binaries failed"
+        );
+    });
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Path of a test guest image built by `isola-guests`.
+pub fn guest(name: &str) -> PathBuf {
+    isola_guests::image(name).unwrap_or_else(|| panic!("no guest image named {name}"))
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("isola-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir is writable");
+    dir
+}
+
+/// A running `isola-core` whose stdout (the guest's serial port) is read line by line.
+pub struct Core {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::process::ChildStderr>,
+}
+
+impl Core {
+    /// Starts `isola-core` with `args`.
+    pub fn start(args: &[&str]) -> Core {
+        let mut child = Command::new(binary("isola-core"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("isola-core starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Core {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a serial line containing `needle`; panics with everything seen on timeout.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {needle:?} within {timeout:?}; guest said:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "core ended before {needle:?}; guest said:\n{}\nstderr:\n{}",
+                    self.seen.join("\n"),
+                    self.take_stderr()
+                ),
+            }
+        }
+    }
+
+    /// Asserts that no serial line arrives within `window`.
+    pub fn assert_quiet(&mut self, window: Duration) {
+        if let Ok(line) = self.lines.recv_timeout(window) {
+            panic!("unexpected guest output while it should be silent: {line:?}");
+        }
+    }
+
+    fn take_stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut err) = self.stderr.take() {
+            let _ = err.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits (bounded) for the core to exit; returns its status, every serial line and stderr.
+    pub fn finish(mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait works") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "core did not exit within {timeout:?}; guest said:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        let stderr = self.take_stderr();
+        Finished {
+            status,
+            serial: std::mem::take(&mut self.seen),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// How a core run ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub serial: Vec<String>,
+    pub stderr: String,
+}
+
+/// Sends one control request to a core's socket and returns the answer.
+pub fn control(socket: &Path, request: &isola_ipc::ControlRequest) -> isola_ipc::ControlResponse {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).expect("control socket accepts");
+    isola_ipc::write_message(&mut stream, request).expect("request is sent");
+    isola_ipc::read_message(&mut stream).expect("core answers")
+}
+
+/// Waits until `path` exists (a socket the core creates at start).
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
