@@ -7,6 +7,7 @@ use clap::Parser;
 use crate::boot::{mptable, BootConfig};
 use crate::cpu::cpuid::HiddenFeatures;
 use crate::memory::MemoryOptions;
+use crate::virtio::DeviceSpec;
 use crate::vm::VmConfig;
 
 /// The smallest guest the layout makes sense for: boot structures, a kernel at 1 MiB, room.
@@ -50,6 +51,13 @@ pub struct Cli {
     /// Serve the control protocol (isolactl) on this Unix socket.
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// A vhost-user device: `KIND,socket=PATH[,queues=N]` with KIND one of blk, net,
+    /// console, gpu, input. Repeat for more devices.
+    #[arg(long = "device")]
+    pub devices: Vec<DeviceSpec>,
+    /// Seconds to wait for each device's backend socket to appear.
+    #[arg(long, default_value_t = 30)]
+    pub device_timeout: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,6 +76,8 @@ pub enum ConfigError {
     NotEnoughHugePages { needed: u64, free: u64 },
     #[error("cannot read /proc/meminfo to check --memory")]
     MemInfo,
+    #[error("{0} devices do not fit on the PCI bus (at most {max})", max = crate::pci::MAX_SLOTS - 1)]
+    TooManyDevices(usize),
     #[error(transparent)]
     CpuFeatures(#[from] crate::cpu::cpuid::CpuFeatureError),
 }
@@ -105,7 +115,7 @@ impl Cli {
             });
         }
         if self.hugepages {
-            if self.memory % HUGE_PAGE_MIB != 0 {
+            if !self.memory.is_multiple_of(HUGE_PAGE_MIB) {
                 return Err(ConfigError::HugePageMultiple(self.memory));
             }
             let free = meminfo_field(meminfo, "HugePages_Free").unwrap_or(0);
@@ -113,6 +123,9 @@ impl Cli {
             if free < needed {
                 return Err(ConfigError::NotEnoughHugePages { needed, free });
             }
+        }
+        if self.devices.len() >= crate::pci::MAX_SLOTS {
+            return Err(ConfigError::TooManyDevices(self.devices.len()));
         }
         let hidden_features: HiddenFeatures = self.cpu_features.parse()?;
         Ok(VmConfig {
@@ -131,6 +144,8 @@ impl Cli {
             hidden_features,
             serial_log: self.serial_log.clone(),
             control_socket: self.control_socket.clone(),
+            devices: self.devices.clone(),
+            device_timeout: std::time::Duration::from_secs(self.device_timeout),
         })
     }
 }

@@ -8,7 +8,8 @@
 //! 0x0002_0000  kernel command line (CMDLINE_MAX bytes)
 //! 0x0009_fc00  MP table (last KiB of base memory; e820 reserved)
 //! 0x0010_0000  kernel image; initrd at the top of low RAM
-//! 0xc000_0000  start of the 32-bit MMIO hole (1 GiB): PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  start of the 32-bit MMIO hole (1 GiB): PCI BARs to 0xe000_0000, ECAM at 0xe000_0000,
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above the hole, if the guest has more than 3 GiB
 //! ```
 //!
@@ -36,6 +37,12 @@ pub const BASE_MEMORY_END: u64 = 0xa_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// 32-bit window the core assigns PCI BARs from.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// ECAM (memory-mapped configuration) for bus 0: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map on Intel; keep them in the hole.
@@ -98,6 +105,16 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
     map
 }
 
+// The fixed boot structures must not overlap; checked when the crate is compiled.
+const _: () = {
+    assert!(PVH_INFO_START + 0x1000 <= ZERO_PAGE_START);
+    assert!(BOOT_STACK_POINTER < PML4_START);
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX as u64 <= MPTABLE_START);
+    assert!(MPTABLE_START < BASE_MEMORY_END);
+    assert!(PCI_MMIO_END <= PCI_ECAM_START && PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,13 +156,5 @@ mod tests {
             .map(|e| e.size)
             .sum();
         assert_eq!(ram, mem - (HIMEM_START - EBDA_START));
-    }
-
-    #[test]
-    fn fixed_structures_do_not_overlap() {
-        assert!(PVH_INFO_START + 0x1000 <= ZERO_PAGE_START);
-        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX as u64 <= MPTABLE_START);
-        assert!(MPTABLE_START < BASE_MEMORY_END);
     }
 }

@@ -10,9 +10,13 @@ pub mod config;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
+pub mod vhost_user;
+pub mod virtio;
 pub mod vm;
 
 /// Renders an error and its chain of causes on one line.

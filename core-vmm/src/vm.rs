@@ -16,9 +16,14 @@ use crate::control::ControlServer;
 use crate::cpu::cpuid::{self, HiddenFeatures};
 use crate::cpu::regs;
 use crate::devices::{LegacyDevices, SERIAL_IRQ};
+use crate::interrupts::InterruptRouter;
 use crate::layout;
 use crate::memory::{GuestRam, MemoryError, MemoryOptions};
+use crate::pci::virtio_pci::{self, VirtioPciDevice};
+use crate::pci::PciBus;
 use crate::vcpu::{self, ExitNotifier, Vcpu, VcpuHandle, VmExit};
+use crate::vhost_user::VhostUserConnection;
+use crate::virtio::DeviceSpec;
 
 /// A validated VM description.
 #[derive(Debug, Clone)]
@@ -30,6 +35,8 @@ pub struct VmConfig {
     pub hidden_features: HiddenFeatures,
     pub serial_log: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
+    pub devices: Vec<DeviceSpec>,
+    pub device_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,11 @@ pub enum VmError {
     Spawn(u32, #[source] std::io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("device {0}")]
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 impl VmError {
@@ -77,7 +89,7 @@ impl VmError {
 /// A VM ready to run: every KVM object exists, the kernel is loaded, no vCPU runs yet.
 pub struct Vm {
     vm: Arc<VmFd>,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
     devices: Arc<LegacyDevices>,
     control: Option<ControlServer>,
@@ -140,14 +152,17 @@ impl Vm {
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
 
-        let ram = GuestRam::new(config.memory_bytes, config.memory)?;
+        let vm = Arc::new(vm);
+        let ram = Arc::new(GuestRam::new(config.memory_bytes, config.memory)?);
         ram.register(&vm)?;
         let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
 
+        let router = Arc::new(InterruptRouter::new(Arc::clone(&vm)));
+        let pci = Arc::new(build_pci_bus(config, &ram, &router)?);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("route the serial irqfd", e))?;
-        let devices = Arc::new(LegacyDevices::new(serial_out, serial_irq));
+        let devices = Arc::new(LegacyDevices::new(serial_out, serial_irq, pci));
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -180,7 +195,7 @@ impl Vm {
             }
         );
         Ok(Vm {
-            vm: Arc::new(vm),
+            vm,
             ram,
             vcpus,
             devices,
@@ -238,6 +253,46 @@ impl Vm {
         drop(ram);
         result.map_err(VmError::from)
     }
+}
+
+/// Connects every `--device` backend and puts each behind a virtio-pci function.
+fn build_pci_bus(
+    config: &VmConfig,
+    ram: &Arc<GuestRam>,
+    router: &Arc<InterruptRouter>,
+) -> Result<PciBus, VmError> {
+    let mut bus = PciBus::new();
+    for spec in &config.devices {
+        let info = spec.kind.info();
+        let backend = VhostUserConnection::connect(
+            &spec.socket,
+            spec.queues,
+            info.queue_size,
+            config.device_timeout,
+        )
+        .map_err(|e| VmError::Device(info.name, e.into()))?;
+        let bar = bus
+            .allocate_bar(virtio_pci::BAR_SIZE)
+            .map_err(|e| VmError::Device(info.name, e.into()))?;
+        let device = VirtioPciDevice::new(
+            spec.kind,
+            spec.queues,
+            backend,
+            Arc::clone(ram),
+            Arc::clone(router),
+            bar,
+        )
+        .map_err(|e| VmError::Device(info.name, e.into()))?;
+        let slot = bus
+            .add(Box::new(device))
+            .map_err(|e| VmError::Device(info.name, e.into()))?;
+        log::info!(
+            "{} at 00:{slot:02x}.0, BAR0 {bar:#x}, backend {}",
+            info.name,
+            spec.socket.display()
+        );
+    }
+    Ok(bus)
 }
 
 /// Tells every vCPU to finish and waits for its thread.

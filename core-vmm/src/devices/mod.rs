@@ -10,6 +10,7 @@
 //! | 0xf4         | debug exit: writing byte v ends the VM with exit status v        |
 //! | 0x3c0        | ACPI sleep control: SLP_EN with SLP_TYP 5 (S5) powers off        |
 //! | 0x80, 0xed   | POST / delay ports: ignored                                       |
+//! | 0xcf8-0xcff  | PCI configuration mechanism #1 (forwarded to [`PciBus`])          |
 //!
 //! Every other port reads as all ones and ignores writes (logged, rate-limited).
 
@@ -17,9 +18,11 @@ mod serial;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::pci::PciBus;
 
 pub use serial::SerialDevice;
 
@@ -47,18 +50,21 @@ pub enum GuestRequest {
     DebugExit(u8),
 }
 
-/// The port I/O bus of the core, shared by all vCPU threads.
+/// Everything a vCPU exit can reach: the legacy ports and the PCI bus. Shared by all vCPU
+/// threads.
 pub struct LegacyDevices {
     serial: Mutex<SerialDevice>,
+    pci: Arc<PciBus>,
     unhandled: AtomicU64,
 }
 
 impl LegacyDevices {
     /// `serial_out` receives what the guest writes to COM1; `serial_irq` is raised (an irqfd
     /// on GSI 4) when the UART wants attention.
-    pub fn new(serial_out: Box<dyn Write + Send>, serial_irq: EventFd) -> Self {
+    pub fn new(serial_out: Box<dyn Write + Send>, serial_irq: EventFd, pci: Arc<PciBus>) -> Self {
         LegacyDevices {
             serial: Mutex::new(SerialDevice::new(serial_out, serial_irq)),
+            pci,
             unhandled: AtomicU64::new(0),
         }
     }
@@ -74,12 +80,15 @@ impl LegacyDevices {
     /// Logs an access no device claims, rate-limited: a guest can make millions of them.
     fn log_unhandled(&self, what: std::fmt::Arguments<'_>) {
         let n = self.unhandled.fetch_add(1, Ordering::Relaxed);
-        if n < UNHANDLED_LOG_BURST || n % 4096 == 0 {
+        if n < UNHANDLED_LOG_BURST || n.is_multiple_of(4096) {
             log::debug!("unhandled {what} ({n} unhandled so far)");
         }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if self.pci.pio_read(port, data) {
+            return;
+        }
         match port {
             SERIAL_PORT_BASE..SERIAL_PORT_END if data.len() == 1 => {
                 data[0] = self.serial().read((port - SERIAL_PORT_BASE) as u8);
@@ -94,13 +103,19 @@ impl LegacyDevices {
         }
     }
 
-    /// No MMIO device lives in the core yet: reads see all ones, writes are dropped.
+    /// MMIO reaches PCI (ECAM and BARs); anything else reads as all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if self.pci.mmio_read(addr, data) {
+            return;
+        }
         self.log_unhandled(format_args!("MMIO read at {addr:#x}, {} bytes", data.len()));
         data.fill(0xff);
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if self.pci.mmio_write(addr, data) {
+            return;
+        }
         self.log_unhandled(format_args!(
             "MMIO write at {addr:#x}, {} bytes",
             data.len()
@@ -110,6 +125,9 @@ impl LegacyDevices {
     /// Handles a guest write; returns the request if the write ends the VM.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<GuestRequest> {
         let first = *data.first()?;
+        if self.pci.pio_write(port, data) {
+            return None;
+        }
         match port {
             SERIAL_PORT_BASE..SERIAL_PORT_END if data.len() == 1 => {
                 self.serial().write((port - SERIAL_PORT_BASE) as u8, first);
@@ -138,7 +156,6 @@ impl LegacyDevices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -155,7 +172,10 @@ mod tests {
     fn devices() -> (LegacyDevices, Sink) {
         let sink = Sink::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (LegacyDevices::new(Box::new(sink.clone()), evt), sink)
+        (
+            LegacyDevices::new(Box::new(sink.clone()), evt, Arc::new(PciBus::new())),
+            sink,
+        )
     }
 
     #[test]

@@ -1,0 +1,327 @@
+//! The one generic vhost-user frontend of the core.
+//!
+//! Every device type goes through this same code; what differs per type is a row of
+//! [`crate::virtio::DeviceKind`]. The frontend only wires things: it hands the backend the
+//! guest-RAM memfd, the ring addresses, an ioeventfd to read kicks from and an irqfd to raise
+//! interrupts with. After that, requests and completions flow between the guest and the device
+//! process without passing through the core.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+
+/// Protocol features the frontend uses when the backend offers them.
+pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// Poll interval while waiting for a backend's socket to appear.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    #[error("no vhost-user backend listening on {} after {waited:?}", .path.display())]
+    ConnectTimeout { path: PathBuf, waited: Duration },
+    #[error("vhost-user backend at {} failed during {step}", .path.display())]
+    Protocol {
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("backend at {} has {have} queues, the device needs {need}", .path.display())]
+    TooFewQueues { path: PathBuf, have: u64, need: u16 },
+    #[error("backend at {} does not offer VIRTIO_F_VERSION_1", .0.display())]
+    NotModern(PathBuf),
+    #[error("queue {0} address {1:#x} is not in guest RAM")]
+    BadRingAddress(u16, u64),
+}
+
+/// One queue as the guest configured it, ready to hand to the backend.
+pub struct QueueSetup<'a> {
+    pub index: u16,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub kick: &'a EventFd,
+    pub call: &'a EventFd,
+}
+
+/// A connected backend.
+pub struct VhostUserConnection {
+    path: PathBuf,
+    frontend: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    queue_size: u16,
+    /// The in-flight region the backend gave us; kept so a reconnect can hand it back.
+    inflight: Option<(VhostUserInflight, File)>,
+}
+
+impl VhostUserConnection {
+    /// Connects to `path`, waiting up to `timeout` for the backend to appear, and negotiates
+    /// the protocol. `num_queues` is what the device will expose.
+    pub fn connect(
+        path: &Path,
+        num_queues: u16,
+        queue_size: u16,
+        timeout: Duration,
+    ) -> Result<Self, VhostUserError> {
+        let deadline = Instant::now() + timeout;
+        let mut frontend = loop {
+            match Frontend::connect(path, u64::from(num_queues)) {
+                Ok(frontend) => break frontend,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
+                Err(_) => {
+                    return Err(VhostUserError::ConnectTimeout {
+                        path: path.to_owned(),
+                        waited: timeout,
+                    })
+                }
+            }
+        };
+        let err = |what| {
+            move |e| VhostUserError::Protocol {
+                path: path.to_owned(),
+                step: what,
+                source: e,
+            }
+        };
+        frontend.set_owner().map_err(err("SET_OWNER"))?;
+        let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
+        if features & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) == 0 {
+            return Err(VhostUserError::NotModern(path.to_owned()));
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(err("GET_PROTOCOL_FEATURES"))?;
+            protocol = offered & wanted_protocol_features();
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(err("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Without NEED_REPLY a backend error would pass silently.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let have = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+            if have < u64::from(num_queues) {
+                return Err(VhostUserError::TooFewQueues {
+                    path: path.to_owned(),
+                    have,
+                    need: num_queues,
+                });
+            }
+        }
+        log::info!(
+            "vhost-user {}: features {features:#x}, protocol {:#x}",
+            path.display(),
+            protocol.bits()
+        );
+        Ok(VhostUserConnection {
+            path: path.to_owned(),
+            frontend,
+            features,
+            protocol,
+            queue_size,
+            inflight: None,
+        })
+    }
+
+    fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> VhostUserError + '_ {
+        move |e| VhostUserError::Protocol {
+            path: self.path.clone(),
+            step: what,
+            source: e,
+        }
+    }
+
+    /// Device features the backend offers (the protocol-features bit removed).
+    pub fn device_features(&self) -> u64 {
+        self.features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `size` bytes of device configuration space (zeros if the backend has no CONFIG).
+    pub fn read_config(&mut self, size: u32) -> Result<Vec<u8>, VhostUserError> {
+        if size == 0 || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(vec![0; size as usize]);
+        }
+        let buf = vec![0u8; size as usize];
+        let (_, payload) = self
+            .frontend
+            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(|e| VhostUserError::Protocol {
+                path: self.path.clone(),
+                step: "GET_CONFIG",
+                source: e,
+            })?;
+        Ok(payload)
+    }
+
+    pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), VhostUserError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(());
+        }
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(|e| VhostUserError::Protocol {
+                path: self.path.clone(),
+                step: "SET_CONFIG",
+                source: e,
+            })
+    }
+
+    /// Starts the device: features, memory table, in-flight region and every queue.
+    pub fn activate(
+        &mut self,
+        ram: &GuestRam,
+        acked: u64,
+        queues: &[QueueSetup<'_>],
+    ) -> Result<(), VhostUserError> {
+        let mut features = acked;
+        if !self.protocol.is_empty()
+            || self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+        {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(self.err("SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = ram
+            .memory()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+                mmap_handle: ram.memfd().as_raw_fd(),
+            })
+            .collect();
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(self.err("SET_MEM_TABLE"))?;
+        self.setup_inflight(queues.len() as u16)?;
+        for q in queues {
+            self.start_queue(ram, q)?;
+        }
+        Ok(())
+    }
+
+    fn setup_inflight(&mut self, num_queues: u16) -> Result<(), VhostUserError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return Ok(());
+        }
+        if self.inflight.is_none() {
+            let ask = VhostUserInflight {
+                num_queues,
+                queue_size: self.queue_size,
+                ..Default::default()
+            };
+            let (info, file) = self
+                .frontend
+                .get_inflight_fd(&ask)
+                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            self.inflight = Some((info, file));
+        }
+        let (info, file) = self.inflight.as_ref().expect("set just above");
+        let fd = file.as_raw_fd();
+        let info = *info;
+        self.frontend
+            .set_inflight_fd(&info, fd)
+            .map_err(self.err("SET_INFLIGHT_FD"))
+    }
+
+    fn start_queue(&mut self, ram: &GuestRam, q: &QueueSetup<'_>) -> Result<(), VhostUserError> {
+        let host = |addr: u64| {
+            ram.memory()
+                .get_host_address(GuestAddress(addr))
+                .map(|p| p as u64)
+                .map_err(|_| VhostUserError::BadRingAddress(q.index, addr))
+        };
+        let index = q.index as usize;
+        let ring = VringConfigData {
+            queue_max_size: self.queue_size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: host(q.desc)?,
+            used_ring_addr: host(q.used)?,
+            avail_ring_addr: host(q.avail)?,
+            log_addr: None,
+        };
+        self.frontend
+            .set_vring_num(index, q.size)
+            .map_err(self.err("SET_VRING_NUM"))?;
+        self.frontend
+            .set_vring_addr(index, &ring)
+            .map_err(self.err("SET_VRING_ADDR"))?;
+        self.frontend
+            .set_vring_base(index, 0)
+            .map_err(self.err("SET_VRING_BASE"))?;
+        self.frontend
+            .set_vring_call(index, q.call)
+            .map_err(self.err("SET_VRING_CALL"))?;
+        self.frontend
+            .set_vring_kick(index, q.kick)
+            .map_err(self.err("SET_VRING_KICK"))?;
+        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            self.frontend
+                .set_vring_enable(index, true)
+                .map_err(self.err("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every started queue (GET_VRING_BASE), as on a guest device reset.
+    pub fn stop(&mut self, queues: &[u16]) -> Result<(), VhostUserError> {
+        for &q in queues {
+            let index = q as usize;
+            if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+                self.frontend
+                    .set_vring_enable(index, false)
+                    .map_err(self.err("SET_VRING_ENABLE"))?;
+            }
+            self.frontend
+                .get_vring_base(index)
+                .map_err(self.err("GET_VRING_BASE"))?;
+        }
+        // A reset device starts with fresh rings: the old in-flight state no longer applies.
+        self.inflight = None;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            self.frontend
+                .reset_device()
+                .map_err(self.err("RESET_DEVICE"))?;
+        }
+        Ok(())
+    }
+}

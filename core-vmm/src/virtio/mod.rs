@@ -1,0 +1,166 @@
+//! What distinguishes one virtio device type from another, as far as the core is concerned:
+//! a row of [`DeviceKind`]. The transport (`pci::virtio_pci`) and the vhost-user frontend are
+//! the same code for all of them.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Transport feature bits the core lets a guest negotiate (device-specific bits 0-23 pass
+/// through from the backend). Packed rings, IOMMU/access-platform, notification data and
+/// queue reset are not offered: the transport does not implement them.
+const TRANSPORT_FEATURES: u64 = (1 << 28) // VIRTIO_RING_F_INDIRECT_DESC
+    | (1 << 29) // VIRTIO_RING_F_EVENT_IDX
+    | (1 << 32) // VIRTIO_F_VERSION_1
+    | (1 << 39); // VIRTIO_F_ORDER_PLATFORM
+const DEVICE_SPECIFIC_FEATURES: u64 = (1 << 24) - 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Block,
+    Net,
+    Console,
+    Gpu,
+    Input,
+}
+
+/// The per-type table.
+#[derive(Debug, Clone, Copy)]
+pub struct KindInfo {
+    pub name: &'static str,
+    pub virtio_id: u16,
+    /// PCI class, subclass, programming interface.
+    pub class: (u8, u8, u8),
+    pub default_queues: u16,
+    pub max_queues: u16,
+    pub queue_size: u16,
+    /// Bytes of device configuration space.
+    pub config_size: u32,
+}
+
+impl DeviceKind {
+    pub const ALL: [DeviceKind; 5] = [
+        DeviceKind::Block,
+        DeviceKind::Net,
+        DeviceKind::Console,
+        DeviceKind::Gpu,
+        DeviceKind::Input,
+    ];
+
+    #[rustfmt::skip]
+    pub fn info(self) -> KindInfo {
+        match self {
+            DeviceKind::Block => KindInfo { name: "blk", virtio_id: 2, class: (0x01, 0x80, 0), default_queues: 1, max_queues: 64, queue_size: 256, config_size: 60 },
+            DeviceKind::Net => KindInfo { name: "net", virtio_id: 1, class: (0x02, 0x00, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 24 },
+            DeviceKind::Console => KindInfo { name: "console", virtio_id: 3, class: (0x07, 0x80, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 12 },
+            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 24 },
+            DeviceKind::Input => KindInfo { name: "input", virtio_id: 18, class: (0x09, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 64, config_size: 136 },
+        }
+    }
+
+    /// Feature bits the guest may see, out of what the backend offers.
+    pub fn offerable(self, backend: u64) -> u64 {
+        backend & (TRANSPORT_FEATURES | DEVICE_SPECIFIC_FEATURES)
+    }
+}
+
+/// One `--device` option: `KIND,socket=PATH[,queues=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub socket: PathBuf,
+    pub queues: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceSpecError {
+    #[error("unknown device type '{0}' (known: blk, net, console, gpu, input)")]
+    UnknownKind(String),
+    #[error("device '{0}' needs socket=PATH")]
+    NoSocket(String),
+    #[error("bad option '{0}' in --device (expected socket=PATH or queues=N)")]
+    BadOption(String),
+    #[error("queues={0} is outside 1..={1} for this device type")]
+    BadQueues(String, u16),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let name = parts.next().unwrap_or_default();
+        let kind = DeviceKind::ALL
+            .into_iter()
+            .find(|k| k.info().name == name)
+            .ok_or_else(|| DeviceSpecError::UnknownKind(name.to_owned()))?;
+        let info = kind.info();
+        let (mut socket, mut queues) = (None, info.default_queues);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+                Some(("queues", n)) => {
+                    queues = n
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=info.max_queues).contains(q))
+                        .ok_or_else(|| DeviceSpecError::BadQueues(n.to_owned(), info.max_queues))?;
+                }
+                _ => return Err(DeviceSpecError::BadOption(part.to_owned())),
+            }
+        }
+        let socket = socket.ok_or_else(|| DeviceSpecError::NoSocket(name.to_owned()))?;
+        Ok(DeviceSpec {
+            kind,
+            socket,
+            queues,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_and_refuse_nonsense() {
+        let spec: DeviceSpec = "blk,socket=/run/blk.sock,queues=4".parse().unwrap();
+        assert_eq!(
+            spec,
+            DeviceSpec {
+                kind: DeviceKind::Block,
+                socket: "/run/blk.sock".into(),
+                queues: 4
+            }
+        );
+        assert_eq!("blk,socket=/s".parse::<DeviceSpec>().unwrap().queues, 1);
+        assert_eq!(
+            "floppy,socket=/s".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::UnknownKind("floppy".into()))
+        );
+        assert_eq!(
+            "blk".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::NoSocket("blk".into()))
+        );
+        assert_eq!(
+            "blk,socket=/s,queues=0".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::BadQueues("0".into(), 64))
+        );
+        assert_eq!(
+            "blk,socket=/s,color=red".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::BadOption("color=red".into()))
+        );
+    }
+
+    #[test]
+    fn only_supported_transport_features_are_offered() {
+        let all = u64::MAX;
+        let offered = DeviceKind::Block.offerable(all);
+        assert_ne!(offered & (1 << 32), 0);
+        assert_eq!(offered & (1 << 34), 0, "packed ring is not offered");
+        assert_eq!(
+            offered & (1 << 30),
+            0,
+            "the vhost-user protocol bit never reaches the guest"
+        );
+    }
+}
