@@ -63,8 +63,8 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
-    #[error("cannot start thread vcpu{0}")]
-    Spawn(u32, #[source] std::io::Error),
+    #[error("cannot start thread {0}")]
+    Spawn(&'static str, #[source] std::io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("device {0}")]
@@ -97,6 +97,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let t0 = Instant::now();
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -154,7 +155,15 @@ impl Vm {
 
         let vm = Arc::new(vm);
         let ram = Arc::new(GuestRam::new(config.memory_bytes, config.memory)?);
-        ram.register(&vm)?;
+        // Registering the first memory slot costs milliseconds on some hosts (KVM waits for an
+        // SRCU grace period); nothing below needs the slot until a vCPU runs, so overlap it.
+        let registering = {
+            let (ram, vm) = (Arc::clone(&ram), Arc::clone(&vm));
+            std::thread::Builder::new()
+                .name("memslots".into())
+                .spawn(move || ram.register(&vm))
+                .map_err(|e| VmError::Spawn("memslots", e))?
+        };
         let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
 
         let router = Arc::new(InterruptRouter::new(Arc::clone(&vm)));
@@ -185,6 +194,10 @@ impl Vm {
                 Ok(fd)
             })
             .collect::<Result<Vec<_>, VmError>>()?;
+        registering.join().map_err(|_| {
+            VmError::Kvm("register guest memory", kvm_ioctls::Error::new(libc::EIO))
+        })??;
+        log::debug!("VM set up in {:?}", t0.elapsed());
         log::info!(
             "{} vCPUs, {} MiB, entry {}",
             config.num_cpus,
@@ -241,7 +254,7 @@ impl Vm {
                 }),
                 Err(e) => {
                     stop_vcpus(handles);
-                    return Err(VmError::Spawn(index, e));
+                    return Err(VmError::Spawn("vcpu", e));
                 }
             }
         }

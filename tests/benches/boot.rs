@@ -172,6 +172,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    // Build and locate the binary before anything is timed.
+    let _ = binary("isola-core");
     let boot_check = guest("boot-check.elf");
     let msi = guest("msi.elf");
     let _ = scratch_dir("bench-boot");

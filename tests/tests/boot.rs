@@ -218,3 +218,84 @@ fn serial_log_receives_the_guest_output() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    let kernel = guest("boot-check.elf");
+    let core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--cmdline",
+        "boot-check.end=reset",
+    ]);
+    let done = core.finish(TIMEOUT);
+    assert_eq!(
+        done.serial.last().map(String::as_str),
+        Some("boot-check: resetting"),
+        "{:?}",
+        done.serial
+    );
+    assert!(done.status.success(), "{:?} {}", done.status, done.stderr);
+    assert!(
+        done.stderr.contains("guest requested a reset"),
+        "{}",
+        done.stderr
+    );
+}
+
+/// Reads a /proc/meminfo counter.
+fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Guest RAM on 2 MiB huge pages. The test reserves the pages it needs (as root) and gives
+/// them back afterwards; it says so and returns if the host cannot reserve them.
+#[test]
+fn hugepage_backed_guest_boots() {
+    const NEEDED: u64 = 32; // 64 MiB
+    let knob = "/proc/sys/vm/nr_hugepages";
+    let before: u64 = std::fs::read_to_string(knob)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let free = meminfo("HugePages_Free");
+    if free < NEEDED && std::fs::write(knob, (before + NEEDED - free).to_string()).is_err() {
+        eprintln!("skipped: cannot reserve huge pages (not root?)");
+        return;
+    }
+    if meminfo("HugePages_Free") < NEEDED {
+        let _ = std::fs::write(knob, before.to_string());
+        eprintln!("skipped: the host could not reserve {NEEDED} huge pages");
+        return;
+    }
+    let kernel = guest("boot-check.elf");
+    let core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--hugepages",
+        "--cpus",
+        "2",
+    ]);
+    let done = core.finish(TIMEOUT);
+    let _ = std::fs::write(knob, before.to_string());
+    assert!(
+        done.status.success(),
+        "{:?} {} {:?}",
+        done.status,
+        done.stderr,
+        done.serial
+    );
+    assert_eq!(
+        done.serial.last().map(String::as_str),
+        Some("boot-check: ok")
+    );
+}

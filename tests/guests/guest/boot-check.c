@@ -81,6 +81,25 @@ static __attribute__((noreturn)) void fail(const char *what, uint8_t code)
 	debug_exit(code);
 }
 
+/* Whether the command line holds `word` as a whole space-separated token. */
+static int cmdline_has(uint64_t cmdline, const char *word)
+{
+	uint64_t i = 0;
+	while (i < CMDLINE_MAX && peek8(cmdline + i)) {
+		while (peek8(cmdline + i) == ' ')
+			i++;
+		uint64_t j = 0;
+		while (word[j] && i + j < CMDLINE_MAX && peek8(cmdline + i + j) == (uint8_t)word[j])
+			j++;
+		uint8_t end = i + j < CMDLINE_MAX ? peek8(cmdline + i + j) : 0;
+		if (!word[j] && (end == ' ' || end == 0))
+			return 1;
+		while (i < CMDLINE_MAX && peek8(cmdline + i) && peek8(cmdline + i) != ' ')
+			i++;
+	}
+	return 0;
+}
+
 void guest_main(void)
 {
 	struct boot_info b = { 0 };
@@ -158,5 +177,9 @@ void guest_main(void)
 		fail("missing cpus", EXIT_MISSING_CPUS);
 
 	serial_puts("boot-check: ok\n");
+	if (b.cmdline && mapped(b.cmdline, CMDLINE_MAX) && cmdline_has(b.cmdline, "boot-check.end=reset")) {
+		serial_puts("boot-check: resetting\n");
+		reset();
+	}
 	poweroff();
 }

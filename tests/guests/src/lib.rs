@@ -40,7 +40,8 @@
 //! boot-check: ok
 //! ```
 //!
-//! then powers off. The CRC-32 is the IEEE one (same as the `crc32fast` crate) over the whole
+//! then powers off, or, if the command line holds the token `boot-check.end=reset`, prints
+//! `boot-check: resetting` and pulses the i8042 reset line instead. The CRC-32 is the IEEE one (same as the `crc32fast` crate) over the whole
 //! initrd. Source of each field:
 //!
 //! * PVH: command line at `cmdline_paddr`; memory map from `memmap_paddr` /
