@@ -7,6 +7,7 @@
 //! 0x0000_9000  boot page tables: PML4, PDPT, 4 PDs identity-mapping 0-4 GiB (to 0xefff)
 //! 0x0002_0000  kernel command line (CMDLINE_MAX bytes)
 //! 0x0009_fc00  MP table (last KiB of base memory; e820 reserved)
+//! 0x000e_0000  ACPI tables (RSDP first), up to 1 MiB
 //! 0x0010_0000  kernel image; initrd at the top of low RAM
 //! 0xc000_0000  start of the 32-bit MMIO hole (1 GiB): PCI BARs to 0xe000_0000, ECAM at 0xe000_0000,
 //!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
@@ -14,8 +15,9 @@
 //! ```
 //!
 //! The e820 map (and the PVH memory map, which carries the same entries) is:
-//! `[0, 0x9fc00)` RAM, `[0x9fc00, 0xa0000)` reserved, `[0x10_0000, min(mem, 3 GiB))` RAM and,
-//! for more than 3 GiB, `[4 GiB, 4 GiB + mem - 3 GiB)` RAM.
+//! `[0, 0x9fc00)` RAM, `[0x9fc00, 0xa0000)` reserved, `[0x10_0000, min(mem, 3 GiB))` RAM,
+//! `[0xe000_0000, 0xe010_0000)` reserved (PCI ECAM, so Linux trusts the MCFG table) and, for
+//! more than 3 GiB, `[4 GiB, 4 GiB + mem - 3 GiB)` RAM.
 
 pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
@@ -34,6 +36,9 @@ pub const MPTABLE_START: u64 = 0x9_fc00;
 /// End of the usable part of base memory (the MP table lives above it).
 pub const EBDA_START: u64 = MPTABLE_START;
 pub const BASE_MEMORY_END: u64 = 0xa_0000;
+/// ACPI tables, in the BIOS area where Linux also looks for the RSDP.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
@@ -95,6 +100,11 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
             kind: E820_RAM,
         });
     }
+    map.push(MemoryMapEntry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
     if mem_size > MMIO_HOLE_START {
         map.push(MemoryMapEntry {
             addr: MMIO_HOLE_END,
@@ -112,6 +122,7 @@ const _: () = {
     assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX as u64 <= MPTABLE_START);
     assert!(MPTABLE_START < BASE_MEMORY_END);
+    assert!(BASE_MEMORY_END <= ACPI_START && ACPI_END <= HIMEM_START);
     assert!(PCI_MMIO_END <= PCI_ECAM_START && PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 };
 
@@ -120,11 +131,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_guest_has_one_ram_range_and_three_map_entries() {
+    fn small_guest_has_one_ram_range_and_four_map_entries() {
         let mem = 64 << 20;
         assert_eq!(ram_ranges(mem), vec![(0, mem)]);
         let map = memory_map(mem);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
+        assert_eq!((map[3].addr, map[3].kind), (PCI_ECAM_START, E820_RESERVED));
         assert_eq!(
             map[2],
             MemoryMapEntry {
@@ -140,10 +152,14 @@ mod tests {
         let mem = 5u64 << 30;
         assert_eq!(ram_ranges(mem), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
         let map = memory_map(mem);
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(map[2].addr + map[2].size, MMIO_HOLE_START);
+        assert!(
+            map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr),
+            "sorted, disjoint"
+        );
         assert_eq!(
-            map[3],
+            map[4],
             MemoryMapEntry {
                 addr: 4 << 30,
                 size: 2 << 30,

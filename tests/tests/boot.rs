@@ -15,6 +15,7 @@ fn expected_e820(mem: u64) -> Vec<String> {
     let mut map = vec![line(0, 0x9fc00, 1), line(0x9fc00, 0x400, 2)];
     let low_end = mem.min(3 << 30);
     map.push(line(0x10_0000, low_end - 0x10_0000, 1));
+    map.push(line(0xe000_0000, 0x10_0000, 2));
     if mem > 3 << 30 {
         map.push(line(4 << 30, mem - (3 << 30), 1));
     }

@@ -8,6 +8,7 @@
 //!
 //! Both get the same memory map ([`layout::memory_map`]), command line and initrd.
 
+pub mod acpi;
 pub mod mptable;
 
 use std::fs::File;
@@ -84,6 +85,8 @@ pub enum BootError {
     CmdlineNul,
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error("could not write the boot structures to guest memory")]
     Write(#[source] GuestMemoryError),
 }
@@ -170,12 +173,13 @@ pub fn load(
 
     let map = layout::memory_map(mem_size);
     mptable::write(mem, config.num_cpus)?;
+    let rsdp = acpi::write(mem, config.num_cpus)?;
 
     match (format, loaded.pvh_boot_cap) {
         (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
             write_cmdline(mem, &config.cmdline, layout::CMDLINE_MAX - 1)?;
             let initrd = load_initrd(mem, config, loaded.kernel_end, limit)?;
-            write_pvh_start_info(mem, &map, initrd)?;
+            write_pvh_start_info(mem, &map, initrd, rsdp)?;
             Ok(BootEntry::Pvh {
                 entry: entry.0,
                 start_info: layout::PVH_INFO_START,
@@ -190,7 +194,7 @@ pub fn load(
                 ..Default::default()
             };
             let entry = loaded.kernel_load.0;
-            write_linux_boot(mem, config, hdr, loaded.kernel_end, limit, &map)?;
+            write_linux_boot(mem, config, hdr, loaded.kernel_end, limit, &map, rsdp)?;
             Ok(BootEntry::Linux64 {
                 entry,
                 boot_params: layout::ZERO_PAGE_START,
@@ -208,7 +212,7 @@ pub fn load(
                 });
             }
             let entry = loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
-            write_linux_boot(mem, config, hdr, loaded.kernel_end, limit, &map)?;
+            write_linux_boot(mem, config, hdr, loaded.kernel_end, limit, &map, rsdp)?;
             Ok(BootEntry::Linux64 {
                 entry,
                 boot_params: layout::ZERO_PAGE_START,
@@ -292,6 +296,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     map: &[MemoryMapEntry],
     initrd: Option<Initrd>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let memmap_addr = layout::PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
     let memmap_addr = memmap_addr.next_multiple_of(8);
@@ -324,7 +329,7 @@ fn write_pvh_start_info(
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { modlist_addr } else { 0 },
         cmdline_paddr: layout::CMDLINE_START,
-        rsdp_paddr: 0,
+        rsdp_paddr: rsdp,
         memmap_paddr: memmap_addr,
         memmap_entries: map.len() as u32,
         reserved: 0,
@@ -340,6 +345,7 @@ fn write_linux_boot(
     kernel_end: u64,
     low_end: u64,
     map: &[MemoryMapEntry],
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let cmdline_max = if hdr.version >= 0x0206 || hdr.version == 0 {
         hdr.cmdline_size as usize
@@ -372,6 +378,7 @@ fn write_linux_boot(
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = rsdp;
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
         .map_err(BootError::Write)
 }
