@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use isola_tests::{binary, guest, scratch_dir};
+use isola_tests::{binary, guest};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -176,7 +176,6 @@ fn main() {
     let _ = binary("isola-core");
     let boot_check = guest("boot-check.elf");
     let msi = guest("msi.elf");
-    let _ = scratch_dir("bench-boot");
     let qemu_ok = boot_once(Vmm::Qemu, &boot_check)
         .map_err(|e| println!("QEMU comparison skipped: {e}"))
         .is_ok();

@@ -47,12 +47,33 @@ pub fn guest(name: &str) -> PathBuf {
     isola_guests::image(name).unwrap_or_else(|| panic!("no guest image named {name}"))
 }
 
-/// A fresh scratch directory for one test.
-pub fn scratch_dir(test: &str) -> PathBuf {
+/// A fresh scratch directory for one test, removed when dropped.
+pub struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch_dir(test: &str) -> ScratchDir {
     let dir = std::env::temp_dir().join(format!("isola-test-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir is writable");
-    dir
+    ScratchDir(dir)
 }
 
 /// A running `isola-core` whose stdout (the guest's serial port) is read line by line.

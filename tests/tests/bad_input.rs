@@ -80,7 +80,6 @@ fn missing_unreadable_empty_and_garbage_kernels() {
     old[0x206..0x208].copy_from_slice(&0x020bu16.to_le_bytes());
     let old = write(&dir, "old.bzimage", &old);
     refused(&["--kernel", &old], &["has no 64-bit entry point", "0x20b"]);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -106,7 +105,6 @@ fn missing_and_oversized_initrd() {
         ],
         &["initrd", "(20971520 bytes) does not fit"],
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

@@ -122,7 +122,6 @@ fn boot_check(image: &str, protocol: &str, cpus: u32, mem_mib: u64) {
         "{serial:?}"
     );
     assert_eq!(lines.last().copied(), Some("boot-check: ok"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -217,7 +216,6 @@ fn serial_log_receives_the_guest_output() {
         text.contains("cmdline: logged\n") && text.ends_with("boot-check: ok\n"),
         "{text}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

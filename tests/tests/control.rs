@@ -11,7 +11,7 @@ use isola_tests::{binary, control, guest, scratch_dir, wait_for_path, Core};
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts the `msi` guest, which waits for interrupts forever, with a control socket.
-fn start_msi_guest(test: &str, cpus: u32) -> (Core, std::path::PathBuf) {
+fn start_msi_guest(test: &str, cpus: u32) -> (Core, std::path::PathBuf, isola_tests::ScratchDir) {
     let dir = scratch_dir(test);
     let socket = dir.join("control.sock");
     let kernel = guest("msi.elf");
@@ -28,7 +28,7 @@ fn start_msi_guest(test: &str, cpus: u32) -> (Core, std::path::PathBuf) {
     ]);
     core.wait_for("msi: ready", TIMEOUT);
     wait_for_path(&socket, TIMEOUT);
-    (core, socket)
+    (core, socket, dir)
 }
 
 fn isolactl(socket: &Path, args: &[&str]) -> (bool, String, String) {
@@ -47,7 +47,7 @@ fn isolactl(socket: &Path, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn vcpu_threads_and_sealed_memfd_are_visible_in_proc() {
-    let (core, _socket) = start_msi_guest("proc", 3);
+    let (core, _socket, _dir) = start_msi_guest("proc", 3);
     let pid = core.pid();
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -81,7 +81,7 @@ fn vcpu_threads_and_sealed_memfd_are_visible_in_proc() {
 
 #[test]
 fn isolactl_status_pause_resume_shutdown() {
-    let (mut core, socket) = start_msi_guest("isolactl", 2);
+    let (mut core, socket, _dir) = start_msi_guest("isolactl", 2);
     let (ok, out, err) = isolactl(&socket, &["status"]);
     assert!(ok, "{err}");
     assert!(
@@ -117,7 +117,7 @@ fn isolactl_status_pause_resume_shutdown() {
 
 #[test]
 fn msi_interrupts_reach_the_guest_in_order() {
-    let (mut core, socket) = start_msi_guest("msi", 1);
+    let (mut core, socket, _dir) = start_msi_guest("msi", 1);
     for (n, vector) in (0x40..0x48u32).enumerate() {
         let answer = control(
             &socket,
@@ -140,7 +140,7 @@ fn msi_interrupts_reach_the_guest_in_order() {
 #[test]
 fn control_socket_survives_garbage_and_rejects_bad_requests() {
     use std::io::{Read, Write};
-    let (core, socket) = start_msi_guest("garbage", 1);
+    let (core, socket, _dir) = start_msi_guest("garbage", 1);
     // A frame that claims 1 GiB, then one with a bad version, then raw noise.
     for junk in [
         (1u32 << 30).to_le_bytes().to_vec(),
@@ -168,7 +168,7 @@ fn control_socket_survives_garbage_and_rejects_bad_requests() {
 
 #[test]
 fn second_core_on_a_live_socket_is_refused() {
-    let (_core, socket) = start_msi_guest("socket-in-use", 1);
+    let (_core, socket, _dir) = start_msi_guest("socket-in-use", 1);
     let kernel = guest("msi.elf");
     let other = Core::start(&[
         "--kernel",
