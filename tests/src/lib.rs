@@ -27,7 +27,7 @@ pub fn binary(name: &str) -> PathBuf {
         let dir = profile_dir();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "-p", "core-vmm"]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -40,6 +40,13 @@ pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir().join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+/// Like [`binary`], but `None` if the workspace has no binary of that name.
+pub fn binary_if_built(name: &str) -> Option<PathBuf> {
+    binary("isola-core");
+    let path = profile_dir().join(name);
+    path.exists().then_some(path)
 }
 
 /// Path of a test guest image built by `isola-guests`.

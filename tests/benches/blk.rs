@@ -1,0 +1,302 @@
+//! Block benchmark: 4 KiB random read and random write at queue depth 1 and 32, driven by an
+//! independent vhost-user-blk frontend (libblkio's Rust `blkio` crate) against `isola-blk` and
+//! against `qemu-storage-daemon`'s vhost-user-blk export on the same file, plus the raw limit:
+//! the same pattern with io_uring straight on the file from this process. All in one run,
+//! cases interleaved per target so background noise hits every target alike.
+//!
+//! `cargo bench -p isola-tests --bench blk`; `ISOLA_BENCH_SECONDS` sets the time per case
+//! (default 2). Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not
+//! built) are reported as skipped.
+
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+use isola_tests::{binary_if_built, scratch_dir, wait_for_path};
+
+const BLOCK: usize = 4096;
+const IMAGE_SIZE: u64 = 256 << 20;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pattern {
+    RandRead,
+    RandWrite,
+}
+
+impl Pattern {
+    fn name(self) -> &'static str {
+        match self {
+            Pattern::RandRead => "randread",
+            Pattern::RandWrite => "randwrite",
+        }
+    }
+}
+
+struct Stats {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
+    latencies.sort();
+    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Stats {
+        iops: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: pick(0.5),
+        p99_us: pick(0.99),
+    }
+}
+
+/// xorshift64: a cheap, repeatable stream of block numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn block(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % (IMAGE_SIZE / BLOCK as u64)
+    }
+}
+
+/// A vhost-user-blk backend process serving `image` on `socket`.
+struct Backend {
+    child: Child,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
+    let _ = std::fs::remove_file(socket);
+    let mut cmd = match target {
+        "isola-blk" => {
+            let mut cmd = Command::new(binary_if_built("isola-blk")?);
+            cmd.arg("--socket")
+                .arg(socket)
+                .arg("--image")
+                .arg(image)
+                .args(["--engine", "io-uring"]);
+            cmd
+        }
+        _ => {
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.args(["--object", "iothread,id=iot0", "--blockdev"])
+                .arg(format!("driver=file,node-name=file0,filename={},aio=io_uring", image.display()))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=exp0,node-name=file0,iothread=iot0,addr.type=unix,addr.path={},writable=on",
+                    socket.display()
+                ));
+            cmd
+        }
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let backend = Backend { child };
+    wait_for_path(socket, Duration::from_secs(10));
+    Some(backend)
+}
+
+/// The pattern through libblkio's virtio-blk-vhost-user driver.
+fn run_blkio(
+    socket: &Path,
+    pattern: Pattern,
+    depth: usize,
+    duration: Duration,
+) -> Result<Stats, String> {
+    let err = |e: blkio::Error| e.message().to_owned();
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
+    blkio
+        .set_str("path", socket.to_str().expect("utf-8 path"))
+        .map_err(err)?;
+    blkio.connect().map_err(err)?;
+    blkio.set_i32("num-queues", 1).map_err(err)?;
+    let mut queue = blkio.start().map_err(err)?.queues.remove(0);
+    let region = blkio.alloc_mem_region(depth * BLOCK).map_err(err)?;
+    blkio.map_mem_region(&region).map_err(err)?;
+    let buf = |slot: usize| (region.addr + slot * BLOCK) as *mut u8;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut submitted = vec![Instant::now(); depth];
+    let mut submit = |queue: &mut blkio::Blkioq, slot: usize, submitted: &mut [Instant]| {
+        let offset = rng.block() * BLOCK as u64;
+        submitted[slot] = Instant::now();
+        match pattern {
+            Pattern::RandRead => queue.read(offset, buf(slot), BLOCK, slot, ReqFlags::empty()),
+            Pattern::RandWrite => queue.write(offset, buf(slot), BLOCK, slot, ReqFlags::empty()),
+        }
+    };
+    for slot in 0..depth {
+        submit(&mut queue, slot, &mut submitted);
+    }
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let n = queue.do_io(&mut completions, 1, None, None).map_err(err)?;
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                return Err(format!("request failed: {}", c.ret));
+            }
+            latencies.push(submitted[c.user_data].elapsed());
+            submit(&mut queue, c.user_data, &mut submitted);
+        }
+    }
+    let elapsed = start.elapsed();
+    Ok(stats(latencies, elapsed))
+}
+
+/// The raw limit: io_uring on the image file from this process.
+fn run_raw(
+    image: &Path,
+    pattern: Pattern,
+    depth: usize,
+    duration: Duration,
+) -> Result<Stats, String> {
+    use io_uring::{opcode, types, IoUring};
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|e| e.to_string())?;
+    let fd = types::Fd(file.as_raw_fd());
+    let mut ring = IoUring::new(depth.next_power_of_two() as u32).map_err(|e| e.to_string())?;
+    let mut bufs = vec![0u8; depth * BLOCK];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut submitted = vec![Instant::now(); depth];
+    let mut push = |ring: &mut IoUring, slot: usize, submitted: &mut [Instant], bufs: &mut [u8]| {
+        let offset = rng.block() * BLOCK as u64;
+        let ptr = bufs[slot * BLOCK..].as_mut_ptr();
+        let entry = match pattern {
+            Pattern::RandRead => opcode::Read::new(fd, ptr, BLOCK as u32)
+                .offset(offset)
+                .build(),
+            Pattern::RandWrite => opcode::Write::new(fd, ptr, BLOCK as u32)
+                .offset(offset)
+                .build(),
+        };
+        submitted[slot] = Instant::now();
+        // SAFETY: the buffer slot stays alive and untouched until its completion is reaped, and
+        // the queue has room: at most `depth` entries are ever outstanding.
+        unsafe { ring.submission().push(&entry.user_data(slot as u64)) }
+            .expect("room for one entry");
+    };
+    for slot in 0..depth {
+        push(&mut ring, slot, &mut submitted, &mut bufs);
+    }
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, result) in done {
+            if result != BLOCK as i32 {
+                return Err(format!("raw I/O returned {result}"));
+            }
+            latencies.push(submitted[slot as usize].elapsed());
+            push(&mut ring, slot as usize, &mut submitted, &mut bufs);
+        }
+    }
+    let elapsed = start.elapsed();
+    // Drain what is still in flight before the buffers go away.
+    let outstanding = depth;
+    let mut reaped = 0;
+    while reaped < outstanding {
+        ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+        reaped += ring.completion().count();
+    }
+    Ok(stats(latencies, elapsed))
+}
+
+fn prepare_image(dir: &Path) -> PathBuf {
+    let path = dir.join("bench.img");
+    // Real data, so reads are not served from holes.
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut file = File::create(&path).expect("image is writable");
+    for _ in 0..IMAGE_SIZE >> 20 {
+        std::io::Write::write_all(&mut file, &chunk).expect("image is writable");
+    }
+    file.sync_all().expect("image syncs");
+    path
+}
+
+fn main() {
+    let seconds: f64 = std::env::var("ISOLA_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2.0);
+    let duration = Duration::from_secs_f64(seconds);
+    let dir = scratch_dir("bench-blk");
+    let image = prepare_image(&dir);
+    let targets = ["isola-blk", "qemu-storage-daemon", "raw io_uring"];
+    let mut rows: Vec<(String, Vec<Option<Stats>>)> = Vec::new();
+    for pattern in [Pattern::RandRead, Pattern::RandWrite] {
+        for depth in [1usize, 32] {
+            let mut cells = Vec::new();
+            for target in targets {
+                let result = if target == "raw io_uring" {
+                    run_raw(&image, pattern, depth, duration).map(Some)
+                } else {
+                    let socket = dir.join(format!("{target}.sock"));
+                    match start_backend(target, &image, &socket) {
+                        Some(_backend) => run_blkio(&socket, pattern, depth, duration).map(Some),
+                        None => Ok(None),
+                    }
+                };
+                cells.push(result.unwrap_or_else(|e| {
+                    println!("{target} {} QD{depth}: {e}", pattern.name());
+                    None
+                }));
+            }
+            rows.push((format!("{} QD{depth}", pattern.name()), cells));
+        }
+    }
+
+    println!("4 KiB random I/O on a {} MiB file, {seconds} s per case, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
+    println!(
+        "{:<16}{:>40}{:>40}{:>40}",
+        "", targets[0], targets[1], targets[2]
+    );
+    for (label, cells) in &rows {
+        let text: Vec<String> = cells
+            .iter()
+            .map(|c| match c {
+                Some(s) => format!(
+                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us",
+                    s.iops, s.p50_us, s.p99_us
+                ),
+                None => "skipped".into(),
+            })
+            .collect();
+        println!("{label:<16}{:>40}{:>40}{:>40}", text[0], text[1], text[2]);
+    }
+    for (label, cells) in &rows {
+        if let (Some(isola), Some(qsd), Some(raw)) = (&cells[0], &cells[1], &cells[2]) {
+            println!(
+                "{label:<16} isola-blk / qemu-storage-daemon = {:.2}x   isola-blk / raw = {:.0}%",
+                isola.iops / qsd.iops,
+                100.0 * isola.iops / raw.iops
+            );
+        }
+    }
+}
