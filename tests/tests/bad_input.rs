@@ -89,6 +89,11 @@ fn missing_and_oversized_initrd() {
         &["--kernel", &elf(), "--initrd", "/nonexistent/initrd"],
         &["cannot read initrd /nonexistent/initrd"],
     );
+    // Root reads any file, so a directory stands in for an unreadable initrd.
+    refused(
+        &["--kernel", &elf(), "--initrd", dir.to_str().unwrap()],
+        &["cannot read initrd", "Is a directory"],
+    );
     let big = dir.join("big.img");
     std::fs::File::create(&big)
         .unwrap()
