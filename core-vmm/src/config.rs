@@ -7,6 +7,7 @@ use clap::Parser;
 use crate::boot::{mptable, BootConfig};
 use crate::cpu::cpuid::HiddenFeatures;
 use crate::memory::MemoryOptions;
+use crate::sandbox::SeccompMode;
 use crate::virtio::DeviceSpec;
 use crate::vm::VmConfig;
 
@@ -55,6 +56,9 @@ pub struct Cli {
     /// console, gpu, input. Repeat for more devices.
     #[arg(long = "device")]
     pub devices: Vec<DeviceSpec>,
+    /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.
+    #[arg(long, value_enum, default_value = "off")]
+    pub seccomp: SeccompMode,
     /// Seconds to wait for each device's backend socket to appear.
     #[arg(long, default_value_t = 30)]
     pub device_timeout: u64,
@@ -145,6 +149,7 @@ impl Cli {
             serial_log: self.serial_log.clone(),
             control_socket: self.control_socket.clone(),
             devices: self.devices.clone(),
+            seccomp: self.seccomp,
             device_timeout: std::time::Duration::from_secs(self.device_timeout),
         })
     }

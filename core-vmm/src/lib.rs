@@ -14,6 +14,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod sandbox;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio;

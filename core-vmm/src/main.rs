@@ -61,6 +61,10 @@ fn main() -> ExitCode {
             }
             ExitCode::from(status)
         }
+        Ok(VmExit::Failed(reason)) => {
+            eprintln!("isola-core: error: {reason}");
+            ExitCode::from(EXIT_FAILURE)
+        }
         Ok(VmExit::Crash { vcpu, reason, dump }) => {
             eprintln!("isola-core: guest crashed: {reason} on vcpu{vcpu}\n{dump}");
             ExitCode::from(EXIT_GUEST_CRASH)

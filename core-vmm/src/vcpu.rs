@@ -73,6 +73,8 @@ pub enum VmExit {
         reason: String,
         dump: String,
     },
+    /// The host side failed while the guest ran (e.g. a vCPU thread could not sandbox itself).
+    Failed(String),
 }
 
 /// Where vCPUs report the end of the VM; the first report wins.

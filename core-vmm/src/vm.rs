@@ -21,6 +21,7 @@ use crate::layout;
 use crate::memory::{GuestRam, MemoryError, MemoryOptions};
 use crate::pci::virtio_pci::{self, VirtioPciDevice};
 use crate::pci::PciBus;
+use crate::sandbox::{self, SandboxError, SeccompMode, ThreadKind};
 use crate::vcpu::{self, ExitNotifier, Vcpu, VcpuHandle, VmExit};
 use crate::vhost_user::VhostUserConnection;
 use crate::virtio::DeviceSpec;
@@ -37,6 +38,7 @@ pub struct VmConfig {
     pub control_socket: Option<PathBuf>,
     pub devices: Vec<DeviceSpec>,
     pub device_timeout: std::time::Duration,
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum VmError {
     Spawn(&'static str, #[source] std::io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("cannot sandbox the core's threads")]
+    Sandbox(#[source] SandboxError),
     #[error("device {0}")]
     Device(
         &'static str,
@@ -93,6 +97,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     devices: Arc<LegacyDevices>,
     control: Option<ControlServer>,
+    seccomp: SeccompMode,
 }
 
 impl Vm {
@@ -213,6 +218,7 @@ impl Vm {
             vcpus,
             devices,
             control,
+            seccomp: config.seccomp,
         })
     }
 
@@ -224,7 +230,11 @@ impl Vm {
             vcpus,
             devices,
             control,
+            seccomp,
         } = self;
+        let vcpu_filter = sandbox::filter(ThreadKind::Vcpu, seccomp).map_err(VmError::Sandbox)?;
+        let control_filter =
+            sandbox::filter(ThreadKind::Control, seccomp).map_err(VmError::Sandbox)?;
         vcpu::register_kick_handler().map_err(VmError::Signal)?;
         let exit = Arc::new(ExitNotifier::new().map_err(VmError::EventFd)?);
         let (ack_tx, ack_rx) = mpsc::channel();
@@ -242,9 +252,16 @@ impl Vm {
                 ack_tx.clone(),
             );
             let state = vcpu.shared_state();
+            let (filter, exit) = (vcpu_filter.clone(), Arc::clone(&exit));
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run());
+                .spawn(move || match sandbox::install(filter.as_ref()) {
+                    Ok(()) => vcpu.run(),
+                    Err(e) => exit.notify(VmExit::Failed(format!(
+                        "vcpu{index}: {}",
+                        crate::error_chain(&e)
+                    ))),
+                });
             match thread {
                 Ok(thread) => handles.push(VcpuHandle {
                     index,
@@ -259,6 +276,11 @@ impl Vm {
             }
         }
         drop(ack_tx);
+        // Installed after the vCPU threads exist, so they do not inherit it.
+        if let Err(e) = sandbox::install(control_filter.as_ref()) {
+            stop_vcpus(handles);
+            return Err(VmError::Sandbox(e));
+        }
 
         let result = crate::control::serve(control, &vm, &exit, &handles, &ack_rx, started);
         stop_vcpus(handles);
