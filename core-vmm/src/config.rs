@@ -57,7 +57,7 @@ pub struct Cli {
     #[arg(long = "device")]
     pub devices: Vec<DeviceSpec>,
     /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.
-    #[arg(long, value_enum, default_value = "off")]
+    #[arg(long, value_enum, default_value = "kill")]
     pub seccomp: SeccompMode,
     /// Seconds to wait for each device's backend socket to appear.
     #[arg(long, default_value_t = 30)]

@@ -11,11 +11,13 @@ use std::process::Command;
 #[path = "src/elf.rs"]
 mod elf;
 
-/// Guests: source `guest/NAME.c`, and whether a bzImage is made as well as the ELF.
-const GUESTS: &[(&str, bool)] = &[
-    ("boot-check", true),
-    ("msi", false),
-    ("triple-fault", false),
+/// Guests: source `guest/NAME.c`, whether a bzImage is made as well as the ELF, and further
+/// sources from `guest/` linked into that guest only.
+const GUESTS: &[(&str, bool, &[&str])] = &[
+    ("boot-check", true, &[]),
+    ("msi", false, &[]),
+    ("triple-fault", false, &[]),
+    ("virtio-blk", false, &["virtio.c"]),
 ];
 
 /// Objects linked into every guest.
@@ -59,8 +61,18 @@ fn main() {
     for file in RUNTIME {
         runtime.push(compile(&src, &src.join(file), &obj, &[]));
     }
-    for &(name, bzimage) in GUESTS {
+    let mut shared = std::collections::HashMap::new();
+    for &(name, bzimage, extra) in GUESTS {
         let guest_obj = compile(&src, &src.join(format!("{name}.c")), &obj, &[]);
+        let extra_objs: Vec<PathBuf> = extra
+            .iter()
+            .map(|file| {
+                shared
+                    .entry(*file)
+                    .or_insert_with(|| compile(&src, &src.join(file), &obj, &[]))
+                    .clone()
+            })
+            .collect();
         let elf_path = out.join(format!("{name}.elf"));
         let mut cmd = Command::new("ld");
         cmd.args([
@@ -82,6 +94,7 @@ fn main() {
         .arg("-o")
         .arg(&elf_path)
         .args(&runtime)
+        .args(&extra_objs)
         .arg(&guest_obj);
         run(&mut cmd);
         let load_end = check_elf(&elf_path);

@@ -207,7 +207,8 @@ impl VirtioPciDevice {
         let notify = (0..num_queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let device_config = backend.read_config(info.config_size)?;
+        let mut device_config = backend.read_config(info.config_size)?;
+        kind.fix_config(&mut device_config, num_queues);
         let offered = kind.offerable(backend.device_features());
         let mut device = VirtioPciDevice {
             kind,
@@ -471,7 +472,10 @@ impl VirtioPciDevice {
         self.queue_select = 0;
         self.config_generation = self.config_generation.wrapping_add(1);
         match self.backend.read_config(self.kind.info().config_size) {
-            Ok(config) => self.device_config = config,
+            Ok(mut config) => {
+                self.kind.fix_config(&mut config, self.queues.len() as u16);
+                self.device_config = config;
+            }
             Err(e) => log::warn!("{}: cannot refresh config: {e}", self.kind.info().name),
         }
     }

@@ -61,7 +61,22 @@ impl DeviceKind {
     pub fn offerable(self, backend: u64) -> u64 {
         backend & (TRANSPORT_FEATURES | DEVICE_SPECIFIC_FEATURES)
     }
+
+    /// Makes the backend's device configuration agree with the transport's `num_queues`.
+    ///
+    /// A virtio-blk driver that negotiates VIRTIO_BLK_F_MQ sets up as many queues as the
+    /// configuration's `num_queues` says; a backend serving more queues than `--device ...,
+    /// queues=N` exposes would make it select queues the transport does not have (Linux then
+    /// fails the probe). So, as QEMU's vhost-user-blk frontend does, ours overrides the field.
+    pub fn fix_config(self, config: &mut [u8], num_queues: u16) {
+        if let (DeviceKind::Block, Some(field)) = (self, config.get_mut(BLK_CONFIG_NUM_QUEUES)) {
+            field.copy_from_slice(&num_queues.to_le_bytes());
+        }
+    }
 }
+
+/// `num_queues` (u16) in `struct virtio_blk_config`.
+const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
 
 /// One `--device` option: `KIND,socket=PATH[,queues=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +164,20 @@ mod tests {
             "blk,socket=/s,color=red".parse::<DeviceSpec>(),
             Err(DeviceSpecError::BadOption("color=red".into()))
         );
+    }
+
+    #[test]
+    fn blk_config_num_queues_follows_the_transport() {
+        let mut config = vec![0xaa; 60];
+        DeviceKind::Block.fix_config(&mut config, 3);
+        assert_eq!(config[34..36], [3, 0]);
+        assert!(config[..34].iter().chain(&config[36..]).all(|&b| b == 0xaa));
+        let mut short = vec![0xaa; 20];
+        DeviceKind::Block.fix_config(&mut short, 3);
+        assert_eq!(short, vec![0xaa; 20], "no such field: untouched");
+        let mut net = vec![0xaa; 24];
+        DeviceKind::Net.fix_config(&mut net, 3);
+        assert_eq!(net, vec![0xaa; 24]);
     }
 
     #[test]

@@ -19,6 +19,8 @@
 #define PORT_I8042          0x64
 #define PIC1_DATA           0x21    /* 8259 interrupt mask registers */
 #define PIC2_DATA           0xa1
+#define PCI_CONF1_ADDRESS   0xcf8   /* PCI configuration mechanism #1 */
+#define PCI_CONF1_DATA      0xcfc
 
 /* Debug-exit values used by the shim itself. */
 #define EXIT_EXCEPTION      0x7f    /* unexpected CPU exception */
@@ -31,6 +33,10 @@
 #define LAPIC_SVR           (LAPIC_BASE + 0x0f0)
 #define LAPIC_ICR_LO        (LAPIC_BASE + 0x300)
 #define LAPIC_ICR_HI        (LAPIC_BASE + 0x310)
+#define LAPIC_LVT_TIMER     (LAPIC_BASE + 0x320)
+#define LAPIC_TIMER_INIT    (LAPIC_BASE + 0x380)
+#define LAPIC_TIMER_CURRENT (LAPIC_BASE + 0x390)
+#define LAPIC_TIMER_DIVIDE  (LAPIC_BASE + 0x3e0)
 
 /* SMP: the AP trampoline is copied here; the STARTUP IPI vector is its page number. */
 #define AP_TRAMPOLINE       0x8000

@@ -361,3 +361,222 @@ unsigned smp_start_aps(const uint8_t *apic_ids, unsigned n)
 		cpu_relax();
 	return ap_started;
 }
+
+/* ---- LAPIC timer and TSC ---- */
+
+#define LVT_MASKED        (1u << 16)
+#define LVT_PERIODIC      (1u << 17)
+#define TIMER_DIVIDE_1    0xb
+#define TIMER_DIVIDE_16   0x3
+#define APIC_BUS_HZ       1000000000ull  /* KVM's emulated APIC bus */
+#define TSC_HZ_FALLBACK   2500000000ull  /* if the timer does not count */
+
+void lapic_timer_periodic(uint8_t vector, uint32_t count)
+{
+	mmio_write32(LAPIC_TIMER_INIT, 0);
+	if (!count) {
+		mmio_write32(LAPIC_LVT_TIMER, LVT_MASKED);
+		return;
+	}
+	mmio_write32(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_16);
+	mmio_write32(LAPIC_LVT_TIMER, LVT_PERIODIC | vector);
+	mmio_write32(LAPIC_TIMER_INIT, count);
+}
+
+uint64_t tsc_hz(void)
+{
+	static uint64_t hz;
+	if (hz)
+		return hz;
+	/* Masked one-shot from 0xffffffff at divide 1: 1 count per ns. Time 20 ms of counts. */
+	const uint32_t span = 20000000;
+	mmio_write32(LAPIC_TIMER_INIT, 0);
+	mmio_write32(LAPIC_LVT_TIMER, LVT_MASKED);
+	mmio_write32(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_1);
+	mmio_write32(LAPIC_TIMER_INIT, 0xffffffffu);
+	uint32_t c0 = mmio_read32(LAPIC_TIMER_CURRENT);
+	uint64_t t0 = rdtsc(), t1 = t0;
+	uint32_t c1 = c0;
+	/* Bounded: give up after about 4e9 TSC cycles (over a second at any plausible rate). */
+	while (c0 - c1 < span && t1 - t0 < 4000000000ull) {
+		c1 = mmio_read32(LAPIC_TIMER_CURRENT);
+		t1 = rdtsc();
+	}
+	mmio_write32(LAPIC_TIMER_INIT, 0);
+	if (c0 - c1 < span / 2)
+		hz = TSC_HZ_FALLBACK;
+	else
+		hz = (t1 - t0) * APIC_BUS_HZ / (c0 - c1);
+	return hz;
+}
+
+/* ---- Boot information ---- */
+
+#define PVH_MAGIC        0x336ec578u
+#define HDRS_MAGIC       0x53726448u   /* "HdrS" */
+#define BELOW_4G(a, len) ((a) < 0x100000000ull && (len) <= 0x100000000ull - (a))
+
+uint64_t boot_cmdline(void)
+{
+	uint64_t b = boot_info_ptr, cmdline = 0;
+	if (boot_protocol == BOOT_PROTO_PVH) {
+		if (BELOW_4G(b, 0x38) && peek32(b) == PVH_MAGIC)
+			cmdline = peek64(b + 0x18);
+	} else if (BELOW_4G(b, 0x1000) && peek32(b + 0x202) == HDRS_MAGIC) {
+		uint64_t ext = peek8(b + 0x1ef) == 0 ? peek32(b + 0x0c8) : 0;
+		cmdline = peek32(b + 0x228) | ext << 32;
+	}
+	return BELOW_4G(cmdline, 2048) ? cmdline : 0;
+}
+
+uint64_t boot_ram_end(void)
+{
+	uint64_t b = boot_info_ptr, map = 0, end = 0;
+	unsigned entries = 0, stride = 0;
+	if (boot_protocol == BOOT_PROTO_PVH) {
+		if (BELOW_4G(b, 0x38) && peek32(b) == PVH_MAGIC && peek32(b + 4) >= 1) {
+			map = peek64(b + 0x28);
+			entries = peek32(b + 0x30);
+			stride = 24;
+		}
+	} else if (BELOW_4G(b, 0x1000) && peek32(b + 0x202) == HDRS_MAGIC) {
+		map = b + 0x2d0;
+		entries = peek8(b + 0x1e8);
+		stride = 20;
+	}
+	if (entries > 128)
+		entries = 128;
+	if (!BELOW_4G(map, (uint64_t)entries * stride))
+		return 0;
+	for (unsigned i = 0; i < entries; i++) {
+		uint64_t e = map + (uint64_t)i * stride;
+		if (peek32(e + 16) == 1 && peek64(e) + peek64(e + 8) > end)
+			end = peek64(e) + peek64(e + 8);
+	}
+	return end;
+}
+
+int str_eq(const char *a, const char *b)
+{
+	while (*a && *a == *b) {
+		a++;
+		b++;
+	}
+	return *a == *b;
+}
+
+int cmdline_get(const char *key, char *out, size_t size)
+{
+	uint64_t c = boot_cmdline();
+	if (!c)
+		return 0;
+	uint64_t i = 0;
+	while (i < 2047 && peek8(c + i)) {
+		while (peek8(c + i) == ' ')
+			i++;
+		uint64_t j = 0;
+		while (key[j] && i + j < 2047 && peek8(c + i + j) == (uint8_t)key[j])
+			j++;
+		if (!key[j] && i + j < 2047 && peek8(c + i + j) == '=') {
+			uint64_t v = i + j + 1;
+			size_t n = 0;
+			while (v < 2047 && peek8(c + v) && peek8(c + v) != ' ') {
+				if (n + 1 < size)
+					out[n++] = (char)peek8(c + v);
+				v++;
+			}
+			if (size)
+				out[n] = 0;
+			return 1;
+		}
+		while (i < 2047 && peek8(c + i) && peek8(c + i) != ' ')
+			i++;
+	}
+	return 0;
+}
+
+int cmdline_u64(const char *key, uint64_t *out)
+{
+	char buf[24];
+	if (!cmdline_get(key, buf, sizeof(buf)))
+		return 0;
+	const char *p = buf;
+	unsigned base = 10;
+	if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+		base = 16;
+		p += 2;
+	}
+	if (!*p)
+		return -1;
+	uint64_t v = 0;
+	for (; *p; p++) {
+		unsigned d;
+		if (*p >= '0' && *p <= '9')
+			d = (unsigned)(*p - '0');
+		else if (base == 16 && *p >= 'a' && *p <= 'f')
+			d = (unsigned)(*p - 'a' + 10);
+		else if (base == 16 && *p >= 'A' && *p <= 'F')
+			d = (unsigned)(*p - 'A' + 10);
+		else
+			return -1;
+		if (v > (~0ull - d) / base)
+			return -1;
+		v = v * base + d;
+	}
+	*out = v;
+	return 1;
+}
+
+/* ---- PCI configuration space ---- */
+
+static void pci_select(uint32_t bdf, unsigned offset)
+{
+	outl(PCI_CONF1_ADDRESS, 0x80000000u | bdf << 8 | (offset & 0xfc));
+}
+
+uint32_t pci_read32(uint32_t bdf, unsigned offset)
+{
+	pci_select(bdf, offset);
+	return inl(PCI_CONF1_DATA);
+}
+
+uint16_t pci_read16(uint32_t bdf, unsigned offset)
+{
+	pci_select(bdf, offset);
+	return inw(PCI_CONF1_DATA + (offset & 2));
+}
+
+uint8_t pci_read8(uint32_t bdf, unsigned offset)
+{
+	pci_select(bdf, offset);
+	return inb(PCI_CONF1_DATA + (offset & 3));
+}
+
+void pci_write32(uint32_t bdf, unsigned offset, uint32_t v)
+{
+	pci_select(bdf, offset);
+	outl(PCI_CONF1_DATA, v);
+}
+
+void pci_write16(uint32_t bdf, unsigned offset, uint16_t v)
+{
+	pci_select(bdf, offset);
+	outw(PCI_CONF1_DATA + (offset & 2), v);
+}
+
+void pci_write8(uint32_t bdf, unsigned offset, uint8_t v)
+{
+	pci_select(bdf, offset);
+	outb(PCI_CONF1_DATA + (offset & 3), v);
+}
+
+uint64_t pci_bar_addr(uint32_t bdf, unsigned index)
+{
+	uint32_t lo = pci_read32(bdf, PCI_BAR0 + 4 * index);
+	if (lo & 1)
+		return 0;                       /* I/O space */
+	uint64_t addr = lo & ~0xfu;
+	if (((lo >> 1) & 3) == 2 && index < 5) /* 64-bit */
+		addr |= (uint64_t)pci_read32(bdf, PCI_BAR0 + 4 * (index + 1)) << 32;
+	return addr;
+}

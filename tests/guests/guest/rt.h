@@ -1,6 +1,7 @@
 /*
  * Ring-3 runtime for the Isola test guests: port I/O, serial output, formatting, CRC-32,
- * LAPIC access, the int $0x80 services, and SMP bring-up.
+ * LAPIC access and timer, the int $0x80 services, SMP bring-up, the boot command line and
+ * PCI configuration space.
  *
  * Ring 3 may use every I/O port (IOPL=3 and an all-zero TSS I/O bitmap) and every page
  * (all user-accessible, including the LAPIC MMIO page). It starts with IF=0; interrupts are
@@ -43,6 +44,50 @@ static inline uint8_t inb(uint16_t port)
 	return v;
 }
 
+static inline void outw(uint16_t port, uint16_t v)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint16_t inw(uint16_t port)
+{
+	uint16_t v;
+	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline void outl(uint16_t port, uint32_t v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline uint8_t mmio_read8(uint64_t addr)
+{
+	return *(volatile uint8_t *)addr;
+}
+
+static inline void mmio_write8(uint64_t addr, uint8_t v)
+{
+	*(volatile uint8_t *)addr = v;
+}
+
+static inline uint16_t mmio_read16(uint64_t addr)
+{
+	return *(volatile uint16_t *)addr;
+}
+
+static inline void mmio_write16(uint64_t addr, uint16_t v)
+{
+	*(volatile uint16_t *)addr = v;
+}
+
 static inline uint32_t mmio_read32(uint64_t addr)
 {
 	return *(volatile uint32_t *)addr;
@@ -77,6 +122,18 @@ static inline void cpu_relax(void)
 	__asm__ volatile("pause" ::: "memory");
 }
 
+/* Compiler barrier: enough on x86 to order stores after stores and loads after loads. */
+static inline void barrier(void)
+{
+	__asm__ volatile("" ::: "memory");
+}
+
+/* Full barrier (also orders an earlier store before a later load), without SSE's mfence. */
+static inline void mb(void)
+{
+	__asm__ volatile("lock; addl $0, (%%rsp)" ::: "memory", "cc");
+}
+
 void *memcpy(void *dst, const void *src, size_t n);
 void *memset(void *dst, int c, size_t n);
 
@@ -104,6 +161,52 @@ __attribute__((noreturn)) void reset(void);        /* i8042 reset */
 /* ---- LAPIC ---- */
 uint32_t lapic_id(void);
 void lapic_enable(void);                           /* mask the 8259s; SVR = 0x1ff */
+
+/* Periodic LAPIC timer interrupts at `vector`, every `count` x 16 APIC bus cycles (KVM's APIC
+ * bus runs at 1 GHz); count 0 stops the timer. */
+void lapic_timer_periodic(uint8_t vector, uint32_t count);
+/* TSC ticks per second, measured once against the LAPIC timer's current-count register
+ * (1 GHz APIC bus, as KVM emulates it); leaves the timer stopped. */
+uint64_t tsc_hz(void);
+
+/* ---- Boot information ---- */
+/* Address of the NUL-terminated command line (PVH or boot_params, whichever we came in by),
+ * 0 if none or not below 4 GiB. */
+uint64_t boot_cmdline(void);
+/* End of the highest RAM range in the memory map (0 if there is no map). */
+uint64_t boot_ram_end(void);
+/* Copies the value of the first `key=VALUE` token of the command line (space separated) into
+ * out (NUL-terminated, truncated to size - 1); returns 1 if found, else 0. */
+int cmdline_get(const char *key, char *out, size_t size);
+/* Numeric `key=VALUE` (decimal, or hex with 0x): 1 and *out set if present and well formed,
+ * 0 if absent, -1 if malformed. */
+int cmdline_u64(const char *key, uint64_t *out);
+int str_eq(const char *a, const char *b);
+
+/* ---- PCI configuration space (mechanism #1, ports 0xcf8/0xcfc) ---- */
+#define PCI_BDF(bus, slot, fn) (((uint32_t)(bus) << 8) | ((uint32_t)(slot) << 3) | (fn))
+#define PCI_VENDOR_ID       0x00
+#define PCI_DEVICE_ID       0x02
+#define PCI_COMMAND         0x04
+#define PCI_STATUS          0x06
+#define PCI_HEADER_TYPE     0x0e
+#define PCI_BAR0            0x10
+#define PCI_CAP_PTR         0x34
+#define PCI_COMMAND_MEMORY  0x0002
+#define PCI_COMMAND_MASTER  0x0004
+#define PCI_STATUS_CAP_LIST 0x0010
+#define PCI_CAP_ID_VNDR     0x09
+#define PCI_CAP_ID_MSIX     0x11
+
+uint32_t pci_read32(uint32_t bdf, unsigned offset);
+uint16_t pci_read16(uint32_t bdf, unsigned offset);
+uint8_t pci_read8(uint32_t bdf, unsigned offset);
+void pci_write32(uint32_t bdf, unsigned offset, uint32_t v);
+void pci_write16(uint32_t bdf, unsigned offset, uint16_t v);
+void pci_write8(uint32_t bdf, unsigned offset, uint8_t v);
+/* Address of memory BAR `index` (64-bit BARs combine two registers); 0 for an I/O BAR or
+ * an unassigned one. */
+uint64_t pci_bar_addr(uint32_t bdf, unsigned index);
 
 /* ---- SMP ---- */
 struct mp_info {

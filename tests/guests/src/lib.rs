@@ -72,6 +72,93 @@
 //! Prints `triple-fault: faulting now`, loads an IDT with limit 0 and raises #GP in ring 0 (a
 //! load from a non-canonical address), so the CPU shuts down (triple fault). It never powers
 //! off; if execution somehow continued it would halt forever.
+//!
+//! # `virtio-blk` ([`VIRTIO_BLK_ELF`])
+//!
+//! A virtio 1.x PCI driver (`guest/virtio.c`, reusable by other virtio guests) and a block
+//! workload on top (`guest/virtio-blk.c`). It scans bus 0 with configuration mechanism #1 for
+//! the first 0x1af4:0x1042 function, sets Memory Space and Bus Master, finds the common,
+//! notify, ISR and device-configuration regions and the MSI-X table by walking the capability
+//! list, resets the device, negotiates (VERSION_1, FLUSH, RO and, if asked, EVENT_IDX and
+//! INDIRECT_DESC; nothing else), checks FEATURES_OK stuck, routes MSI-X entry 0 (config) to
+//! IDT vector 0x41 and entry 1 (queue 0) to 0x40 (address 0xfee00000, APIC id 0), enables
+//! MSI-X, sets queue 0 up as a split virtqueue of min(device maximum, 128) entries in its
+//! .bss (vector read back), enables it and sets DRIVER_OK. If the device offers MQ, the
+//! configuration's `num_queues` must not exceed the transport's (else exit 19).
+//!
+//! Completions are taken from the used ring after MSI-X interrupts (the wait-for-interrupt
+//! service; wake-ups that bring nothing are ignored, and one interrupt may cover many
+//! entries). A periodic LAPIC timer (vector 0x30, 100 ms) wakes it so every wait is bounded.
+//! Times come from the TSC, calibrated at start against the LAPIC timer (KVM's 1 GHz APIC bus).
+//!
+//! Command line (`key=value` tokens; numbers decimal or `0x` hex):
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-blk.mode` | `normal` | `normal`, `verify`, `hostile` or `loop` (below) |
+//! | `virtio-blk.sectors` | 2048 | sectors [0, n) are written / read; must fit the disk |
+//! | `virtio-blk.depth` | 16 | requests in flight, at most 128 and what the queue holds (a third of it without indirect descriptors) |
+//! | `virtio-blk.req` | 8 | sectors per request, 1..=16 (the last request of a pass may be shorter) |
+//! | `virtio-blk.seed` | 1 | generation of the data pattern |
+//! | `virtio-blk.event_idx` | 1 | negotiate VIRTIO_F_EVENT_IDX if offered |
+//! | `virtio-blk.indirect` | 0 | negotiate VIRTIO_F_INDIRECT_DESC if offered (one descriptor per request); never in hostile mode |
+//! | `virtio-blk.reset` | 0 | normal mode: afterwards reset the running device, set it up again and verify once more |
+//! | `virtio-blk.cycles`, `virtio-blk.seconds` | 0, 0 | loop mode: stop after this many cycles / seconds (0: no limit; both 0: forever) |
+//! | `virtio-blk.timeout` | 30 | seconds a request may take before the guest gives up (exit 17; hostile follow-ups: 18) |
+//! | `virtio-blk.cases` | `all` | hostile mode: comma-separated subset of the cases below |
+//!
+//! **Data pattern.** Sector `s` of generation `g` (512 bytes, little endian): bytes 0-7 `s`,
+//! 8-15 `g`, then for `i` in 2..=62 the word `mix64(g * 0x9e3779b97f4a7c15 + s * 64 + i)`
+//! (wrapping arithmetic; `mix64` is the SplitMix64 finaliser: `z ^= z >> 30; z *=
+//! 0xbf58476d1ce4e5b9; z ^= z >> 27; z *= 0x94d049bb133111eb; z ^= z >> 31`), bytes 504-507
+//! the magic 0x626f7369 (`"isob"`), bytes 508-511 the CRC-32 (as `crc32fast`) of bytes
+//! 0-507. Every sector thus says which sector and generation it holds and can be checked on
+//! its own. Reads are verified byte for byte against the expected sector.
+//!
+//! Output, after the boot marker (`<x>` are numbers, hex with `0x`):
+//!
+//! ```text
+//! virtio-blk: found 00:<slot>.<fn> common=0x<a> notify=0x<a>+<multiplier>*n device=0x<a> msix=<vectors>@0x<table>
+//! virtio-blk: offered=0x<device features> queue-size=<n> queues=<transport num_queues>
+//! virtio-blk: capacity=<sectors> features=0x<negotiated>
+//! virtio-blk: mode=<mode> depth=<d> request-sectors=<r> event-idx=<0|1> indirect=<0|1>
+//! ```
+//!
+//! * `normal`: writes generation `seed` to sectors [0, sectors) (`virtio-blk: wrote <n>
+//!   sectors`), FLUSH (`virtio-blk: flushed`, or `flush not offered`), reads everything back
+//!   (`virtio-blk: verified <n> sectors`), GET_ID (`virtio-blk: id=<up to 20 bytes; others as
+//!   ?>` or `virtio-blk: id unavailable status=<s> (<name>)`). With `reset=1` then
+//!   `virtio-blk: resetting the device`, the set-up lines again and `virtio-blk: verified <n>
+//!   sectors after reset`.
+//! * `verify`: only reads [0, sectors) and verifies generation `seed`: `virtio-blk: verified
+//!   <n> sectors`.
+//! * `loop`: cycle `c` (from 0) writes generation `seed + c` to [0, sectors) and reads it back;
+//!   at most once a second and after the last cycle `virtio-blk: loop cycles=<done>
+//!   requests=<so far> interrupts=<so far> ms=<since start>`; then `virtio-blk: loop done
+//!   cycles=<n> sectors=<n>`.
+//! * `hostile`: `virtio-blk: hostile: cases=<list> bad-address=0x<a> wait=2000ms`, then for
+//!   each case in this order: `header-outside-ram` (header descriptor at the bad address),
+//!   `data-outside-ram` (a read into the bad address), `short-header` (8-byte header),
+//!   `read-past-end` (sector = capacity), `unknown-type` (type 0x7e57, no data),
+//!   `looped-chain` (the status descriptor's `next` leads back to the data descriptor) one
+//!   line `virtio-blk: hostile <case>: status=<s> (<ok|ioerr|unsupp|unwritten|other>)
+//!   len=<used len>` or `virtio-blk: hostile <case>: dropped` (no answer within 2 s; its
+//!   descriptors are never reused). `read-past-end` must get IOERR (1), `unknown-type` UNSUPP
+//!   (2), `short-header` and `looped-chain` anything but OK, else exit 18; the outside-RAM
+//!   cases may get any status (QEMU's own virtio-blk reads unbacked memory as zeros, so its
+//!   header is a valid read of sector 0). Before the first and after every case a valid
+//!   write, read and verify of sectors 0-7 must work, else `virtio-blk: hostile <case>: valid request
+//!   afterwards got no answer (status=0x<device status>)` (or a wrong-status/data line) and
+//!   exit 18. The bad address is
+//!   0x3_0000_0000, or the first GiB boundary at least 1 GiB past the end of RAM if RAM
+//!   reaches further. Last `virtio-blk: hostile ok`.
+//!
+//! Every mode ends with `virtio-blk: requests=<submitted> notifications=<queue notifies
+//! sent>`, `virtio-blk: interrupts=<MSI-X interrupts of the queue>`, `virtio-blk: ok`, and
+//! powers off. A failure prints one `virtio-blk: <what>` line, sets FAILED in the device
+//! status and debug-exits with one of the `EXIT_VBLK_*` codes; a verification failure is
+//! `virtio-blk: verify failed: first bad sector=<lowest bad sector of the pass> (<n> bad
+//! sectors)`.
 
 use std::path::{Path, PathBuf};
 
@@ -85,6 +172,8 @@ pub const BOOT_CHECK_BZIMAGE: &str = concat!(env!("OUT_DIR"), "/boot-check.bzima
 pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
 /// `triple-fault` as an ELF with a PVH note.
 pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
+/// `virtio-blk` as an ELF with a PVH note.
+pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
 
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
@@ -92,6 +181,7 @@ pub const IMAGES: &[&str] = &[
     "boot-check.bzimage",
     "msi.elf",
     "triple-fault.elf",
+    "virtio-blk.elf",
 ];
 
 /// Guest-physical address every image is linked and loaded at.
@@ -114,6 +204,32 @@ pub const EXIT_BAD_BOOT_INFO: u8 = 3;
 pub const EXIT_MISSING_CPUS: u8 = 4;
 /// Debug-exit value: `boot-check` was given a memory map or initrd it cannot reach (>= 4 GiB).
 pub const EXIT_UNMAPPED: u8 = 5;
+/// `virtio-blk` exit: no 0x1af4:0x1042 function on bus 0.
+pub const EXIT_VBLK_NO_DEVICE: u8 = 10;
+/// `virtio-blk` exit: a virtio capability (common, notify, ISR) or MSI-X is missing or unusable,
+/// or fewer than 2 MSI-X vectors.
+pub const EXIT_VBLK_BAD_CAPS: u8 = 11;
+/// `virtio-blk` exit: VERSION_1 not offered, or FEATURES_OK did not stick.
+pub const EXIT_VBLK_FEATURES: u8 = 12;
+/// `virtio-blk` exit: config or queue MSI-X vector not accepted, queue 0 missing or already
+/// enabled, or the device not running after DRIVER_OK (NEEDS_RESET).
+pub const EXIT_VBLK_SETUP: u8 = 13;
+/// `virtio-blk` exit: bad command-line parameter, or the disk cannot take the workload (too
+/// small, read-only).
+pub const EXIT_VBLK_BAD_PARAM: u8 = 14;
+/// `virtio-blk` exit: a workload request (read, write, flush) completed with a status other
+/// than OK.
+pub const EXIT_VBLK_IO_ERROR: u8 = 15;
+/// `virtio-blk` exit: data read back differs from the pattern.
+pub const EXIT_VBLK_MISMATCH: u8 = 16;
+/// `virtio-blk` exit: no completion within `virtio-blk.timeout` seconds.
+pub const EXIT_VBLK_TIMEOUT: u8 = 17;
+/// `virtio-blk` exit: hostile mode: wrong status for a malformed request, or the device no
+/// longer serves valid requests afterwards.
+pub const EXIT_VBLK_HOSTILE: u8 = 18;
+/// `virtio-blk` exit: the device broke the protocol (a used id that is not in flight, or a
+/// configuration `num_queues` the transport does not have).
+pub const EXIT_VBLK_PROTOCOL: u8 = 19;
 /// Debug-exit value: a guest's `guest_main` returned (a guest bug).
 pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
 /// Debug-exit value: unexpected CPU exception (after the `exception:` line).
@@ -184,6 +300,7 @@ mod tests {
             image("triple-fault.elf").unwrap(),
             Path::new(TRIPLE_FAULT_ELF)
         );
+        assert_eq!(image("virtio-blk.elf").unwrap(), Path::new(VIRTIO_BLK_ELF));
         assert_eq!(image("nope.elf"), None);
     }
 
