@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
-use isola_tests::{binary_if_built, scratch_dir, wait_for_path};
+use isola_tests::{binary_if_built, guest, scratch_dir, wait_for_path, Core};
 
 const BLOCK: usize = 4096;
 const IMAGE_SIZE: u64 = 256 << 20;
@@ -226,6 +226,84 @@ fn run_raw(
     Ok(stats(latencies, elapsed))
 }
 
+/// Sum of voluntary and involuntary context switches of every thread of `pid` whose name
+/// starts with `prefix`.
+fn context_switches(pid: u32, prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if !name.trim().starts_with(prefix) {
+                return None;
+            }
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            Some(
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>(),
+            )
+        })
+        .sum()
+}
+
+/// `requests=<n>` from a loop progress line of the virtio-blk guest.
+fn requests_in(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("requests="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs the virtio-blk guest's I/O loop on isola-core with `target` as the backend and
+/// counts the core's context switches per guest request over `duration`, per thread type.
+fn core_switches_per_request(
+    target: &str,
+    image: &Path,
+    dir: &Path,
+    duration: Duration,
+) -> Option<(f64, f64, u64)> {
+    let socket = dir.join(format!("{target}-guest.sock"));
+    let _backend = start_backend(target, image, &socket)?;
+    let kernel = guest("virtio-blk.elf");
+    let seconds = (duration.as_secs() + 3).to_string();
+    let device = format!("blk,socket={}", socket.display());
+    let cmdline = format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=256 virtio-blk.depth=16");
+    let mut core = Core::start(&[
+        "--kernel",
+        kernel.to_str()?,
+        "--memory",
+        "64",
+        "--device",
+        &device,
+        "--cmdline",
+        &cmdline,
+    ]);
+    let pid = core.pid();
+    let first = core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
+    let (control0, vcpu0) = (
+        context_switches(pid, "isola-core"),
+        context_switches(pid, "vcpu"),
+    );
+    let start = Instant::now();
+    let mut last = first.clone();
+    while start.elapsed() < duration {
+        last = core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
+    }
+    let (control1, vcpu1) = (
+        context_switches(pid, "isola-core"),
+        context_switches(pid, "vcpu"),
+    );
+    let requests = requests_in(&last) - requests_in(&first);
+    drop(core);
+    let per = |a: u64, b: u64| (b - a) as f64 / requests.max(1) as f64;
+    Some((per(control0, control1), per(vcpu0, vcpu1), requests))
+}
+
 fn prepare_image(dir: &Path) -> PathBuf {
     let path = dir.join("bench.img");
     // Real data, so reads are not served from holes.
@@ -289,6 +367,15 @@ fn main() {
             })
             .collect();
         println!("{label:<16}{:>40}{:>40}{:>40}", text[0], text[1], text[2]);
+    }
+    println!("core context switches per guest request (virtio-blk guest I/O loop, 4 KiB requests, depth 16):");
+    for target in &targets[..2] {
+        match core_switches_per_request(target, &image, &dir, duration.max(Duration::from_secs(2))) {
+            Some((control, vcpu, requests)) => println!(
+                "  backend {target:<20} control thread {control:.4}/request   vCPU thread {vcpu:.4}/request   ({requests} requests)"
+            ),
+            None => println!("  backend {target:<20} skipped"),
+        }
     }
     for (label, cells) in &rows {
         if let (Some(isola), Some(qsd), Some(raw)) = (&cells[0], &cells[1], &cells[2]) {
