@@ -6,23 +6,35 @@
 //! keeps serving the others.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use isola_ipc::{ControlRequest, ControlResponse, IpcError, VcpuState, VcpuStatus, VmStatus};
+use isola_ipc::{
+    ControlRequest, ControlResponse, DeviceLink, DeviceStatus, IpcError, VcpuState, VcpuStatus,
+    VmStatus,
+};
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::pci::virtio_pci::{attempt_reconnect, Link, VirtioPciDevice};
 use crate::vcpu::{ExitNotifier, VcpuEvent, VcpuHandle, VmExit};
+use crate::vm::SharedVirtioDevice;
 
 /// How long a client may take to send the rest of a frame it started.
 const CLIENT_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long Pause/Resume wait for every vCPU to acknowledge.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// While a backend is away, the core tries to reconnect this often (milliseconds).
+const RECONNECT_TICK_MS: u8 = 5;
+/// A backend that was refused (changed features or disk size) is retried this often.
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
+/// A backend that dies within this time of being restored is flapping: back off.
+const FLAP_WINDOW: Duration = Duration::from_secs(1);
+const FLAP_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// At most this many clients at once; further connections are closed at once.
 const MAX_CLIENTS: usize = 16;
 
@@ -81,6 +93,7 @@ struct Context<'a> {
     exit: &'a ExitNotifier,
     vcpus: &'a [VcpuHandle],
     acks: &'a Receiver<(u32, VcpuState)>,
+    devices: &'a [SharedVirtioDevice],
     started: Instant,
 }
 
@@ -91,6 +104,7 @@ pub fn serve(
     exit: &ExitNotifier,
     vcpus: &[VcpuHandle],
     acks: &Receiver<(u32, VcpuState)>,
+    devices: &[SharedVirtioDevice],
     started: Instant,
 ) -> Result<VmExit, ControlError> {
     let ctx = Context {
@@ -98,37 +112,57 @@ pub fn serve(
         exit,
         vcpus,
         acks,
+        devices,
         started,
     };
     let mut clients: Vec<UnixStream> = Vec::new();
+    let mut reconnect = Reconnector::new(devices.len());
     loop {
-        let (exit_ready, listener_ready, ready_clients) = {
+        let watched = reconnect.watched_fds(devices);
+        let (exit_ready, listener_ready, ready_clients, gone) = {
             let mut fds = vec![PollFd::new(exit.as_fd(), PollFlags::POLLIN)];
             if let Some(server) = &server {
                 fds.push(PollFd::new(server.listener.as_fd(), PollFlags::POLLIN));
             }
+            let first_client = fds.len();
             fds.extend(
                 clients
                     .iter()
                     .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
             );
-            match poll(&mut fds, PollTimeout::NONE) {
+            let first_device = fds.len();
+            for (_, fd) in &watched {
+                // SAFETY: the fd belongs to a device's vhost-user session, which only this
+                // thread replaces (in `Reconnector::retry`, after this poll), so it stays open
+                // for as long as the borrow is used.
+                let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
+                // No events requested: POLLHUP and POLLERR are always reported, and nothing
+                // else wakes us (replies to a vCPU thread's requests do not).
+                fds.push(PollFd::new(fd, PollFlags::empty()));
+            }
+            match poll(&mut fds, reconnect.timeout()) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(ControlError::Poll(e)),
                 Ok(_) => {}
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            let first_client = 1 + usize::from(server.is_some());
-            let ready_clients: Vec<usize> = fds[first_client..]
+            let ready_clients: Vec<usize> = fds[first_client..first_device]
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| ready(f))
                 .map(|(i, _)| i)
                 .collect();
+            let gone: Vec<usize> = fds[first_device..]
+                .iter()
+                .zip(&watched)
+                .filter(|(f, _)| ready(f))
+                .map(|(_, (index, _))| *index)
+                .collect();
             (
                 ready(&fds[0]),
                 server.is_some() && ready(&fds[1]),
                 ready_clients,
+                gone,
             )
         };
         if exit_ready {
@@ -137,6 +171,10 @@ pub fn serve(
             }
             let _ = exit.eventfd().read();
         }
+        for index in gone {
+            reconnect.gone(index, &devices[index]);
+        }
+        reconnect.retry(devices);
         // Serve clients before accepting, so indices stay valid; drop the ones that are done.
         let mut finished = Vec::new();
         for i in ready_clients {
@@ -150,6 +188,91 @@ pub fn serve(
         if listener_ready {
             if let Some(server) = &server {
                 accept_all(&server.listener, &mut clients);
+            }
+        }
+    }
+}
+
+fn lock(device: &SharedVirtioDevice) -> std::sync::MutexGuard<'_, VirtioPciDevice> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Watches device sockets and brings back devices whose backend went away.
+struct Reconnector {
+    devices: Vec<DeviceWatch>,
+    any_down: bool,
+}
+
+#[derive(Default)]
+struct DeviceWatch {
+    /// No attempt before this moment.
+    not_before: Option<Instant>,
+    /// When the device last came back, to spot a backend that dies again at once.
+    back_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Reconnector {
+    fn new(devices: usize) -> Self {
+        Reconnector {
+            devices: (0..devices).map(|_| DeviceWatch::default()).collect(),
+            any_down: false,
+        }
+    }
+
+    /// (device index, socket fd) of every connected device.
+    fn watched_fds(&mut self, devices: &[SharedVirtioDevice]) -> Vec<(usize, RawFd)> {
+        let mut watched = Vec::new();
+        self.any_down = false;
+        for (index, device) in devices.iter().enumerate() {
+            match lock(device).backend_fd() {
+                Some(fd) => watched.push((index, fd)),
+                None => self.any_down = true,
+            }
+        }
+        watched
+    }
+
+    /// Poll timeout: a short tick while some device waits for its backend.
+    fn timeout(&self) -> PollTimeout {
+        if self.any_down {
+            PollTimeout::from(RECONNECT_TICK_MS)
+        } else {
+            PollTimeout::NONE
+        }
+    }
+
+    /// The backend of device `index` hung up. One that dies again soon after coming back (a
+    /// crash loop, or a request that kills it every time) is retried ever more slowly.
+    fn gone(&mut self, index: usize, device: &SharedVirtioDevice) {
+        lock(device).backend_gone();
+        let watch = &mut self.devices[index];
+        let flapping = watch.back_at.is_some_and(|at| at.elapsed() < FLAP_WINDOW);
+        watch.backoff = if flapping {
+            (watch.backoff * 2).clamp(FLAP_BACKOFF_MIN, REFUSED_RETRY)
+        } else {
+            Duration::ZERO
+        };
+        watch.not_before = Some(Instant::now() + watch.backoff);
+    }
+
+    fn retry(&mut self, devices: &[SharedVirtioDevice]) {
+        for (device, watch) in devices.iter().zip(&mut self.devices) {
+            if watch.not_before.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            let target = {
+                let device = lock(device);
+                match device.link() {
+                    Link::Connected => continue,
+                    Link::Reconnecting => {}
+                    Link::Refused(_) => watch.not_before = Some(Instant::now() + REFUSED_RETRY),
+                }
+                device.reconnect_target()
+            };
+            let attempt = attempt_reconnect(target);
+            if lock(device).finish_reconnect(attempt) {
+                watch.back_at = Some(Instant::now());
             }
         }
     }
@@ -204,6 +327,12 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
                     state: v.state(),
                 })
                 .collect(),
+            devices: ctx
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(index, device)| device_status(index, &lock(device)))
+                .collect(),
         }),
         ControlRequest::Pause => change_state(ctx, VcpuEvent::Pause, VcpuState::Paused),
         ControlRequest::Resume => change_state(ctx, VcpuEvent::Resume, VcpuState::Running),
@@ -224,6 +353,21 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
                 Err(e) => ControlResponse::Error(format!("KVM_SIGNAL_MSI failed: {e}")),
             }
         }
+    }
+}
+
+/// Devices sit in PCI slots 1 up, in `--device` order.
+fn device_status(index: usize, device: &VirtioPciDevice) -> DeviceStatus {
+    DeviceStatus {
+        name: device.name().to_owned(),
+        slot: format!("00:{:02x}.0", index + 1),
+        socket: device.socket_path().display().to_string(),
+        link: match device.link() {
+            Link::Connected => DeviceLink::Connected,
+            Link::Reconnecting => DeviceLink::Reconnecting,
+            Link::Refused(why) => DeviceLink::Refused(why.clone()),
+        },
+        reconnects: device.reconnects(),
     }
 }
 

@@ -94,10 +94,14 @@ const VCPU: &[i64] = &[
     libc::SYS_fcntl,
 ];
 
-/// The control thread: the control socket, kicks (`pthread_kill` -> `tgkill`), joining vCPU
-/// threads and removing the socket file at exit.
+/// The control thread: the control socket, kicks (`pthread_kill` -> `tgkill`), reconnecting to
+/// restarted device processes (vhost-user messages carry fds), joining vCPU threads and
+/// removing the socket file at exit.
 const CONTROL: &[i64] = &[
     libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_setsockopt,
@@ -149,6 +153,18 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         .collect::<Result<Vec<_>, _>>()
         .map_err(SandboxError::Build)?;
     rules.insert(libc::SYS_ioctl, ioctl_rules);
+    if kind == ThreadKind::Control {
+        // Reconnecting opens Unix sockets, and only those.
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(SandboxError::Build)?;
+        rules.insert(libc::SYS_socket, vec![unix]);
+    }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SandboxError::Build)?;
     let program: BpfProgram = filter.try_into().map_err(SandboxError::Build)?;

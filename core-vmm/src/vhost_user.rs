@@ -49,6 +49,8 @@ pub enum VhostUserError {
     TooFewQueues { path: PathBuf, have: u64, need: u16 },
     #[error("backend at {} does not offer VIRTIO_F_VERSION_1", .0.display())]
     NotModern(PathBuf),
+    #[error("restarted backend at {} differs: {what}", .path.display())]
+    Changed { path: PathBuf, what: String },
     #[error("queue {0} address {1:#x} is not in guest RAM")]
     BadRingAddress(u16, u64),
 }
@@ -60,8 +62,58 @@ pub struct QueueSetup<'a> {
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
+    /// Next available-ring index the backend starts from.
+    pub base: u16,
     pub kick: &'a EventFd,
     pub call: &'a EventFd,
+}
+
+/// Where and what to reconnect to; taken from a connection with [`VhostUserConnection::target`].
+pub struct ReconnectTarget {
+    path: PathBuf,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl ReconnectTarget {
+    /// One attempt to open a new session with a restarted backend on the same socket. The
+    /// backend must offer exactly the features and protocol features the old one did: the
+    /// guest negotiated against those. The caller checks the new session (its configuration
+    /// space) and then adopts it with [`VhostUserConnection::replace_with`], or drops it.
+    pub fn connect(&self) -> Result<VhostUserConnection, VhostUserError> {
+        // One plain connect: `Frontend::connect` would retry for half a second on its own.
+        let stream = std::os::unix::net::UnixStream::connect(&self.path).map_err(|_| {
+            VhostUserError::ConnectTimeout {
+                path: self.path.clone(),
+                waited: Duration::ZERO,
+            }
+        })?;
+        let frontend = Frontend::from_stream(stream, u64::from(self.num_queues));
+        let session = negotiate(&self.path, frontend, self.num_queues)?;
+        if session.features != self.features || session.protocol != self.protocol {
+            return Err(VhostUserError::Changed {
+                path: self.path.clone(),
+                what: format!(
+                    "features {:#x} / protocol {:#x}, was {:#x} / {:#x}",
+                    session.features,
+                    session.protocol.bits(),
+                    self.features,
+                    self.protocol.bits()
+                ),
+            });
+        }
+        Ok(VhostUserConnection {
+            path: self.path.clone(),
+            frontend: session.frontend,
+            features: self.features,
+            protocol: self.protocol,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            inflight: None,
+        })
+    }
 }
 
 /// A connected backend.
@@ -70,9 +122,66 @@ pub struct VhostUserConnection {
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
+    num_queues: u16,
     queue_size: u16,
     /// The in-flight region the backend gave us; kept so a reconnect can hand it back.
     inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// A fresh session on the socket, negotiated but not yet configured.
+struct Session {
+    frontend: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+}
+
+/// SET_OWNER and feature/protocol negotiation on a freshly connected frontend.
+fn negotiate(
+    path: &Path,
+    mut frontend: Frontend,
+    num_queues: u16,
+) -> Result<Session, VhostUserError> {
+    let err = |what| {
+        move |e| VhostUserError::Protocol {
+            path: path.to_owned(),
+            step: what,
+            source: e,
+        }
+    };
+    frontend.set_owner().map_err(err("SET_OWNER"))?;
+    let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
+    if features & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) == 0 {
+        return Err(VhostUserError::NotModern(path.to_owned()));
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(err("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered & wanted_protocol_features();
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(err("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Without NEED_REPLY a backend error would pass silently.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+    }
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let have = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+        if have < u64::from(num_queues) {
+            return Err(VhostUserError::TooFewQueues {
+                path: path.to_owned(),
+                have,
+                need: num_queues,
+            });
+        }
+    }
+    Ok(Session {
+        frontend,
+        features,
+        protocol,
+    })
 }
 
 impl VhostUserConnection {
@@ -85,7 +194,7 @@ impl VhostUserConnection {
         timeout: Duration,
     ) -> Result<Self, VhostUserError> {
         let deadline = Instant::now() + timeout;
-        let mut frontend = loop {
+        let frontend = loop {
             match Frontend::connect(path, u64::from(num_queues)) {
                 Ok(frontend) => break frontend,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
@@ -97,42 +206,11 @@ impl VhostUserConnection {
                 }
             }
         };
-        let err = |what| {
-            move |e| VhostUserError::Protocol {
-                path: path.to_owned(),
-                step: what,
-                source: e,
-            }
-        };
-        frontend.set_owner().map_err(err("SET_OWNER"))?;
-        let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
-        if features & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) == 0 {
-            return Err(VhostUserError::NotModern(path.to_owned()));
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(err("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & wanted_protocol_features();
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(err("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                // Without NEED_REPLY a backend error would pass silently.
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let have = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
-            if have < u64::from(num_queues) {
-                return Err(VhostUserError::TooFewQueues {
-                    path: path.to_owned(),
-                    have,
-                    need: num_queues,
-                });
-            }
-        }
+        let Session {
+            frontend,
+            features,
+            protocol,
+        } = negotiate(path, frontend, num_queues)?;
         log::info!(
             "vhost-user {}: features {features:#x}, protocol {:#x}",
             path.display(),
@@ -143,9 +221,34 @@ impl VhostUserConnection {
             frontend,
             features,
             protocol,
+            num_queues,
             queue_size,
             inflight: None,
         })
+    }
+
+    /// What a reconnect needs to know, so it can run without the device's lock.
+    pub fn target(&self) -> ReconnectTarget {
+        ReconnectTarget {
+            path: self.path.clone(),
+            features: self.features,
+            protocol: self.protocol,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+        }
+    }
+
+    /// Makes `new` (from [`ReconnectTarget::connect`]) the session, keeping the in-flight
+    /// region.
+    pub fn replace_with(&mut self, mut new: VhostUserConnection) {
+        new.inflight = self.inflight.take();
+        *self = new;
+        log::info!("vhost-user {}: reconnected", self.path.display());
+    }
+
+    /// The session's socket, to watch for the backend going away.
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        self.frontend.as_raw_fd()
     }
 
     fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> VhostUserError + '_ {
@@ -195,7 +298,9 @@ impl VhostUserConnection {
             })
     }
 
-    /// Starts the device: features, memory table, in-flight region and every queue.
+    /// Starts the device: features, memory table, in-flight region and every queue. After a
+    /// [`Self::reconnect`] the same call restores it: the in-flight region of the first session
+    /// is handed back, so the backend can resubmit what its predecessor had not finished.
     pub fn activate(
         &mut self,
         ram: &GuestRam,
@@ -225,14 +330,15 @@ impl VhostUserConnection {
         self.frontend
             .set_mem_table(&regions)
             .map_err(self.err("SET_MEM_TABLE"))?;
-        self.setup_inflight(queues.len() as u16)?;
+        self.setup_inflight()?;
         for q in queues {
             self.start_queue(ram, q)?;
         }
         Ok(())
     }
 
-    fn setup_inflight(&mut self, num_queues: u16) -> Result<(), VhostUserError> {
+    fn setup_inflight(&mut self) -> Result<(), VhostUserError> {
+        let num_queues = self.num_queues;
         if !self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -283,7 +389,7 @@ impl VhostUserConnection {
             .set_vring_addr(index, &ring)
             .map_err(self.err("SET_VRING_ADDR"))?;
         self.frontend
-            .set_vring_base(index, 0)
+            .set_vring_base(index, q.base)
             .map_err(self.err("SET_VRING_BASE"))?;
         self.frontend
             .set_vring_call(index, q.call)

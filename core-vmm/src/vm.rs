@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -98,6 +98,7 @@ pub struct Vm {
     devices: Arc<LegacyDevices>,
     control: Option<ControlServer>,
     seccomp: SeccompMode,
+    virtio: Vec<SharedVirtioDevice>,
 }
 
 impl Vm {
@@ -172,7 +173,8 @@ impl Vm {
         let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
 
         let router = Arc::new(InterruptRouter::new(Arc::clone(&vm)));
-        let pci = Arc::new(build_pci_bus(config, &ram, &router)?);
+        let (pci, virtio) = build_pci_bus(config, &ram, &router)?;
+        let pci = Arc::new(pci);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("route the serial irqfd", e))?;
@@ -219,6 +221,7 @@ impl Vm {
             devices,
             control,
             seccomp: config.seccomp,
+            virtio,
         })
     }
 
@@ -231,6 +234,7 @@ impl Vm {
             devices,
             control,
             seccomp,
+            virtio,
         } = self;
         let vcpu_filter = sandbox::filter(ThreadKind::Vcpu, seccomp).map_err(VmError::Sandbox)?;
         let control_filter =
@@ -282,7 +286,8 @@ impl Vm {
             return Err(VmError::Sandbox(e));
         }
 
-        let result = crate::control::serve(control, &vm, &exit, &handles, &ack_rx, started);
+        let result =
+            crate::control::serve(control, &vm, &exit, &handles, &ack_rx, &virtio, started);
         stop_vcpus(handles);
         // Guest RAM is unmapped only now that no vCPU thread can touch it.
         drop(ram);
@@ -290,13 +295,17 @@ impl Vm {
     }
 }
 
+/// A virtio device, shared by the PCI bus (vCPU threads) and the control loop (reconnects).
+pub type SharedVirtioDevice = Arc<Mutex<VirtioPciDevice>>;
+
 /// Connects every `--device` backend and puts each behind a virtio-pci function.
 fn build_pci_bus(
     config: &VmConfig,
     ram: &Arc<GuestRam>,
     router: &Arc<InterruptRouter>,
-) -> Result<PciBus, VmError> {
+) -> Result<(PciBus, Vec<SharedVirtioDevice>), VmError> {
     let mut bus = PciBus::new();
+    let mut virtio = Vec::new();
     for spec in &config.devices {
         let info = spec.kind.info();
         let backend = VhostUserConnection::connect(
@@ -318,8 +327,10 @@ fn build_pci_bus(
             bar,
         )
         .map_err(|e| VmError::Device(info.name, e.into()))?;
+        let device = Arc::new(Mutex::new(device));
+        virtio.push(Arc::clone(&device));
         let slot = bus
-            .add(Box::new(device))
+            .add(device)
             .map_err(|e| VmError::Device(info.name, e.into()))?;
         log::info!(
             "{} at 00:{slot:02x}.0, BAR0 {bar:#x}, backend {}",
@@ -327,7 +338,7 @@ fn build_pci_bus(
             spec.socket.display()
         );
     }
-    Ok(bus)
+    Ok((bus, virtio))
 }
 
 /// Tells every vCPU to finish and waits for its thread.

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame (version + body) a reader accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
@@ -72,6 +72,38 @@ pub enum ControlResponse {
 pub struct VmStatus {
     pub uptime_ms: u64,
     pub vcpus: Vec<VcpuStatus>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// One vhost-user device as the core sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Device type and PCI slot, e.g. `blk` at `00:01.0`.
+    pub name: String,
+    pub slot: String,
+    pub socket: String,
+    pub link: DeviceLink,
+    /// Times the core reconnected to a restarted backend.
+    pub reconnects: u32,
+}
+
+/// The core's connection to a device process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceLink {
+    Connected,
+    Reconnecting,
+    /// A backend came back but was refused; the text says why.
+    Refused(String),
+}
+
+impl std::fmt::Display for DeviceLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceLink::Connected => f.write_str("connected"),
+            DeviceLink::Reconnecting => f.write_str("reconnecting"),
+            DeviceLink::Refused(why) => write!(f, "refused ({why})"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +211,13 @@ mod tests {
             vcpus: vec![VcpuStatus {
                 index: 1,
                 state: VcpuState::Paused,
+            }],
+            devices: vec![DeviceStatus {
+                name: "blk".into(),
+                slot: "00:01.0".into(),
+                socket: "/run/blk.sock".into(),
+                link: DeviceLink::Refused("disk size differs".into()),
+                reconnects: 2,
             }],
         });
         assert_eq!(roundtrip(&status), status);

@@ -151,6 +151,19 @@ impl Core {
         }
     }
 
+    /// If the core has exited: its status, the guest's output and stderr, for a failure message.
+    pub fn exit_report(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        Some(format!(
+            "core exited ({status}); guest said:\n{}\nstderr:\n{}",
+            self.seen.join("\n"),
+            self.take_stderr()
+        ))
+    }
+
     /// Asserts that no serial line arrives within `window`.
     pub fn assert_quiet(&mut self, window: Duration) {
         if let Ok(line) = self.lines.recv_timeout(window) {
@@ -230,5 +243,113 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
             path.display()
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
+pub mod qsd {
+    use std::fs::File;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub fn qsd_installed() -> bool {
+        let found = Command::new("qemu-storage-daemon")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            eprintln!(
+                "SKIPPED: qemu-storage-daemon is not installed (Debian 12: apt-get install \
+                 qemu-system-common); the virtio-blk end-to-end tests need it as the backend"
+            );
+        }
+        found
+    }
+
+    /// A `qemu-storage-daemon` exporting one raw image as vhost-user-blk; killed when dropped.
+    pub struct Daemon {
+        child: Child,
+        pub socket: PathBuf,
+        log: PathBuf,
+    }
+
+    impl Daemon {
+        pub fn start(dir: &Path, image: &Path) -> Daemon {
+            Daemon::start_with_queues(dir, image, 1)
+        }
+
+        pub fn start_with_queues(dir: &Path, image: &Path, queues: u16) -> Daemon {
+            let socket = dir.join("blk.sock");
+            let log = dir.join("qsd.log");
+            let _ = std::fs::remove_file(&socket);
+            let child = Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=file0,filename={},cache.direct=off",
+                    image.display()
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},\
+                     writable=on,num-queues={queues}",
+                    socket.display()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("log file"))
+                .spawn()
+                .expect("qemu-storage-daemon starts");
+            let mut daemon = Daemon { child, socket, log };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !daemon.socket.exists() {
+                if let Ok(Some(status)) = daemon.child.try_wait() {
+                    panic!(
+                        "qemu-storage-daemon exited ({status}) before listening:\n{}",
+                        daemon.log_text()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "qemu-storage-daemon did not create {} within 20 s",
+                    daemon.socket.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            daemon
+        }
+
+        pub fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// SIGTERM, then SIGKILL if it has not exited within 10 s; returns its log.
+        /// SIGKILL, as a crash: the socket file stays behind, as after a real crash.
+        pub fn kill(mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
+        pub fn stop(mut self) -> String {
+            let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+            // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.log_text()
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
     }
 }

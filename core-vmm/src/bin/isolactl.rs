@@ -73,6 +73,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for vcpu in status.vcpus {
                 println!("vcpu{}: {}", vcpu.index, vcpu.state);
             }
+            for device in status.devices {
+                println!(
+                    "{} {}: {} (reconnects {}, backend {})",
+                    device.name, device.slot, device.link, device.reconnects, device.socket
+                );
+            }
             Ok(())
         }
     }

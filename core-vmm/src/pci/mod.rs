@@ -9,7 +9,7 @@ pub mod config;
 pub mod msix;
 pub mod virtio_pci;
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use config::{PciConfig, PciIds};
 
@@ -67,7 +67,7 @@ pub enum PciError {
 }
 
 pub struct PciBus {
-    slots: Vec<Mutex<Box<dyn PciDevice>>>,
+    slots: Vec<Arc<Mutex<dyn PciDevice>>>,
     bars: RwLock<Vec<BarMapping>>,
     conf1_address: Mutex<u32>,
     next_bar: u64,
@@ -90,7 +90,7 @@ impl PciBus {
             class: (0x06, 0x00, 0x00),
         });
         PciBus {
-            slots: vec![Mutex::new(Box::new(HostBridge(bridge)))],
+            slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))],
             bars: RwLock::new(Vec::new()),
             conf1_address: Mutex::new(0),
             next_bar: layout::PCI_MMIO_START,
@@ -108,16 +108,16 @@ impl PciBus {
     }
 
     /// Plugs `device` into the next free slot; returns the slot.
-    pub fn add(&mut self, device: Box<dyn PciDevice>) -> Result<usize, PciError> {
+    pub fn add(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<usize, PciError> {
         if self.slots.len() >= MAX_SLOTS {
             return Err(PciError::Full);
         }
-        self.slots.push(Mutex::new(device));
+        self.slots.push(device);
         self.remap();
         Ok(self.slots.len() - 1)
     }
 
-    fn device(&self, slot: usize) -> Option<std::sync::MutexGuard<'_, Box<dyn PciDevice>>> {
+    fn device(&self, slot: usize) -> Option<std::sync::MutexGuard<'_, dyn PciDevice + 'static>> {
         self.slots
             .get(slot)
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
@@ -309,10 +309,10 @@ mod tests {
             class: (1, 0, 0),
         });
         config.add_bar64(0, 0x1000, addr).unwrap();
-        bus.add(Box::new(Fake {
+        bus.add(Arc::new(Mutex::new(Fake {
             config,
             last_write: None,
-        }))
+        })))
         .unwrap();
         bus
     }

@@ -24,7 +24,7 @@ use super::msix::{self, Msix};
 use super::PciDevice;
 use crate::interrupts::InterruptRouter;
 use crate::memory::GuestRam;
-use crate::vhost_user::{QueueSetup, VhostUserConnection};
+use crate::vhost_user::{QueueSetup, ReconnectTarget, VhostUserConnection, VhostUserError};
 use crate::virtio::DeviceKind;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -63,6 +63,16 @@ pub enum VirtioPciError {
     VhostUser(#[from] crate::vhost_user::VhostUserError),
     #[error("cannot create a notify eventfd")]
     EventFd(#[source] std::io::Error),
+}
+
+/// The state of the connection to the device process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    Connected,
+    /// The backend went away; guest notifications wait in the ioeventfds meanwhile.
+    Reconnecting,
+    /// A backend came back but could not be adopted; the device is stalled, retries go on.
+    Refused(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +124,10 @@ pub struct VirtioPciDevice {
     /// Signalled when a queue has no MSI-X vector: the backend needs some call fd.
     no_vector: EventFd,
     active: bool,
+    link: Link,
+    reconnects: u32,
+    /// The guest set DRIVER_OK while the backend was away: start it when it is back.
+    activation_pending: bool,
 }
 
 /// Byte-wise read of a little-endian value of up to 8 bytes at `offset` within it.
@@ -233,6 +247,9 @@ impl VirtioPciDevice {
             notify_base: None,
             no_vector: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?,
             active: false,
+            link: Link::Connected,
+            reconnects: 0,
+            activation_pending: false,
         };
         device.sync_notify();
         Ok(device)
@@ -403,7 +420,11 @@ impl VirtioPciDevice {
         }
         self.status = status;
         if newly & STATUS_DRIVER_OK != 0 && !self.active {
-            if let Err(e) = self.activate() {
+            if self.link != Link::Connected {
+                self.activation_pending = true;
+                return;
+            }
+            if let Err(e) = self.activate(false) {
                 log::error!(
                     "{}: cannot start the device: {}",
                     self.kind.info().name,
@@ -414,7 +435,17 @@ impl VirtioPciDevice {
         }
     }
 
-    fn activate(&mut self) -> Result<(), VirtioPciError> {
+    /// Starts the backend on the guest's queues; `restore` resumes each queue where the guest
+    /// has seen completions (the used ring's index) instead of at 0.
+    fn activate(&mut self, restore: bool) -> Result<(), VirtioPciError> {
+        let mem = self.ram.memory();
+        let used_idx = |q: &QueueState| -> u16 {
+            if !restore {
+                return 0;
+            }
+            vm_memory::Bytes::read_obj::<u16>(mem, vm_memory::GuestAddress(q.device + 2))
+                .unwrap_or(0)
+        };
         let setups: Vec<QueueSetup<'_>> = self
             .queues
             .iter()
@@ -426,6 +457,7 @@ impl VirtioPciDevice {
                 desc: q.desc,
                 avail: q.driver,
                 used: q.device,
+                base: used_idx(q),
                 kick: &self.notify[i],
                 call: self.msix.irqfd(q.vector).unwrap_or(&self.no_vector),
             })
@@ -443,7 +475,7 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        if self.active {
+        if self.active && self.link == Link::Connected {
             let started: Vec<u16> = self
                 .queues
                 .iter()
@@ -464,6 +496,7 @@ impl VirtioPciDevice {
             .iter_mut()
             .for_each(|q| *q = QueueState::new(max));
         self.active = false;
+        self.activation_pending = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -478,6 +511,107 @@ impl VirtioPciDevice {
             }
             Err(e) => log::warn!("{}: cannot refresh config: {e}", self.kind.info().name),
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind.info().name
+    }
+
+    pub fn socket_path(&self) -> &std::path::Path {
+        self.backend.path()
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    pub fn reconnects(&self) -> u32 {
+        self.reconnects
+    }
+
+    /// The backend socket to watch for a hang-up, while connected.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        (self.link == Link::Connected).then(|| self.backend.socket_fd())
+    }
+
+    /// The device process went away: hold the device until it is back. Nothing is visible to
+    /// the guest; its notifications wait in the ioeventfds.
+    pub fn backend_gone(&mut self) {
+        if self.link == Link::Connected {
+            log::warn!(
+                "{}: backend {} went away, reconnecting",
+                self.name(),
+                self.socket_path().display()
+            );
+            self.link = Link::Reconnecting;
+        }
+    }
+
+    /// What a reconnect attempt needs; the attempt itself ([`attempt_reconnect`]) runs without
+    /// the device's lock, so vCPU threads touching the device are never held up by it.
+    pub fn reconnect_target(&self) -> (ReconnectTarget, u32) {
+        (self.backend.target(), self.kind.info().config_size)
+    }
+
+    /// Adopts the outcome of an [`attempt_reconnect`]; true when the device is connected again.
+    pub fn finish_reconnect(
+        &mut self,
+        attempt: Result<(VhostUserConnection, Vec<u8>), VhostUserError>,
+    ) -> bool {
+        let (new, mut config) = match attempt {
+            Ok(session) => session,
+            // Nobody listening yet, or a backend that died or was still starting while we
+            // talked to it: keep trying. Only a backend that answers differently is refused.
+            Err(e @ (VhostUserError::ConnectTimeout { .. } | VhostUserError::Protocol { .. })) => {
+                log::debug!("{}: reconnect attempt failed: {e}", self.name());
+                return false;
+            }
+            Err(e) => return self.refuse(crate::error_chain(&e)),
+        };
+        self.kind.fix_config(&mut config, self.queues.len() as u16);
+        if config != self.device_config {
+            return self.refuse("its device configuration (e.g. the disk size) differs".into());
+        }
+        self.backend.replace_with(new);
+        let resume = if self.active {
+            self.activate(true)
+        } else if self.activation_pending {
+            self.activation_pending = false;
+            self.activate(false)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = resume {
+            log::warn!(
+                "{}: restoring the device failed: {}",
+                self.name(),
+                crate::error_chain(&e)
+            );
+            return false;
+        }
+        // The kicks that announced the requests in flight went to the backend that died; one
+        // more makes the new backend look at every ring (a spurious notification is harmless).
+        for (queue, kick) in self.queues.iter().zip(&self.notify) {
+            if queue.enabled {
+                let _ = kick.write(1);
+            }
+        }
+        self.link = Link::Connected;
+        self.reconnects += 1;
+        log::info!(
+            "{}: backend back after reconnect #{}",
+            self.name(),
+            self.reconnects
+        );
+        true
+    }
+
+    fn refuse(&mut self, reason: String) -> bool {
+        if self.link != Link::Refused(reason.clone()) {
+            log::error!("{}: refusing the restarted backend: {reason}", self.name());
+        }
+        self.link = Link::Refused(reason);
+        false
     }
 
     fn device_config_write(&mut self, offset: u64, data: &[u8]) {
@@ -603,6 +737,16 @@ impl PciDevice for VirtioPciDevice {
             _ => {}
         }
     }
+}
+
+/// One reconnect attempt: connect, negotiate and read the device configuration of whatever
+/// backend now listens on the device's socket. Runs without the device's lock.
+pub fn attempt_reconnect(
+    (target, config_size): (ReconnectTarget, u32),
+) -> Result<(VhostUserConnection, Vec<u8>), VhostUserError> {
+    let mut new = target.connect()?;
+    let config = new.read_config(config_size)?;
+    Ok((new, config))
 }
 
 #[cfg(test)]
