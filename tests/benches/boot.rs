@@ -85,16 +85,20 @@ struct Boot {
     poweroff: Duration,
 }
 
-/// One boot of `boot-check`: times to the first serial byte and to process exit.
-fn boot_once(vmm: Vmm, kernel: &Path) -> Result<Boot, String> {
-    let start = Instant::now();
-    let mut child = vmm
-        .command(kernel, 1)
+/// Starts `vmm` on `kernel` with 1 vCPU, its stdout piped.
+fn spawn(vmm: Vmm, kernel: &Path) -> Result<std::process::Child, String> {
+    vmm.command(kernel, 1)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("{} does not start: {e}", vmm.name()))?;
+        .map_err(|e| format!("{} does not start: {e}", vmm.name()))
+}
+
+/// One boot of `boot-check`: times to the first serial byte and to process exit.
+fn boot_once(vmm: Vmm, kernel: &Path) -> Result<Boot, String> {
+    let start = Instant::now();
+    let mut child = spawn(vmm, kernel)?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut first = [0u8; 1];
     let got = stdout.read(&mut first).map_err(|e| e.to_string())?;
@@ -130,13 +134,7 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Resident memory excluding guest RAM, with the `msi` guest idling after its setup.
 fn idle_rss_kib(vmm: Vmm, kernel: &Path) -> Result<u64, String> {
-    let mut child = vmm
-        .command(kernel, 1)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let mut child = spawn(vmm, kernel)?;
     let mut stdout = child.stdout.take().expect("piped");
     let deadline = Instant::now() + TIMEOUT;
     let mut seen = Vec::new();

@@ -225,6 +225,19 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl Finished {
+    /// Panics, with everything the run printed, unless the core exited with status 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "core exited with {:?}\nstderr:\n{}\nguest said:\n{}",
+            self.status,
+            self.stderr,
+            self.serial.join("\n")
+        );
+    }
+}
+
 /// Sends one control request to a core's socket and returns the answer.
 pub fn control(socket: &Path, request: &isola_ipc::ControlRequest) -> isola_ipc::ControlResponse {
     let mut stream =

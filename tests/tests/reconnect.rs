@@ -110,13 +110,7 @@ fn guest_io_survives_repeated_backend_kills() {
     }
     let progress = core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
     let done = core.finish(Duration::from_secs(60));
-    assert!(
-        done.status.success(),
-        "{:?}\n{}\n{:?}",
-        done.status,
-        done.stderr,
-        done.serial
-    );
+    done.assert_success();
     assert!(
         done.serial.iter().any(|l| l == "virtio-blk: ok"),
         "{:?}",
@@ -169,13 +163,7 @@ fn restarted_backend_with_another_disk_size_is_refused_until_the_right_one_retur
     });
     assert_eq!(back.reconnects, 1);
     let done = core.finish(Duration::from_secs(60));
-    assert!(
-        done.status.success(),
-        "{:?}\n{}\n{:?}",
-        done.status,
-        done.stderr,
-        done.serial
-    );
+    done.assert_success();
     assert!(
         done.stderr.contains("refusing the restarted backend"),
         "{}",
