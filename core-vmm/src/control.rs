@@ -33,7 +33,7 @@ const RECONNECT_TICK_MS: u8 = 5;
 /// A backend that was refused (changed features or disk size) is retried this often.
 const REFUSED_RETRY: Duration = Duration::from_secs(1);
 /// A backend that dies within this time of being restored is flapping: back off.
-const FLAP_WINDOW: Duration = Duration::from_secs(1);
+const FLAP_WINDOW: Duration = Duration::from_millis(250);
 const FLAP_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// At most this many clients at once; further connections are closed at once.
 const MAX_CLIENTS: usize = 16;

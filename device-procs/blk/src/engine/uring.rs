@@ -1,0 +1,172 @@
+//! io_uring engine: one ring per queue, as deep as the virtqueue, completions signalled on
+//! an eventfd registered with the ring.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::{Completion, Engine, EngineError, Op};
+use crate::disk::{advance, Disk};
+
+pub struct UringEngine {
+    ring: IoUring,
+    disk: Arc<Disk>,
+    eventfd: EventFd,
+    /// Operations in flight, by token: they own the iovec arrays the kernel reads.
+    ops: Vec<Option<Op>>,
+    in_flight: usize,
+}
+
+impl UringEngine {
+    pub fn new(disk: Arc<Disk>, depth: u16) -> Result<Self, EngineError> {
+        let entries = u32::from(depth.max(1)).next_power_of_two();
+        let ring = IoUring::new(entries).map_err(EngineError::Setup)?;
+        let eventfd =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| EngineError::Setup(e.into()))?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_fd().as_raw_fd())
+            .map_err(EngineError::Setup)?;
+        Ok(UringEngine {
+            ring,
+            disk,
+            eventfd,
+            ops: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    /// A short transfer: finish the rest synchronously (the kernel may split large I/O).
+    fn finish_short(&self, op: &Op, done: usize) -> std::io::Result<()> {
+        let (offset, iov, write) = match op {
+            Op::Read { offset, iov } => (*offset, iov, false),
+            Op::Write { offset, iov } => (*offset, iov, true),
+            Op::Flush => return Ok(()),
+        };
+        if done == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut rest = iov.0.clone();
+        let skip = advance(&mut rest, done);
+        let offset = offset + done as u64;
+        if write {
+            self.disk.write_at(&rest[skip..], offset)
+        } else {
+            self.disk.read_at(&rest[skip..], offset)
+        }
+    }
+}
+
+impl Engine for UringEngine {
+    fn submit(&mut self, token: usize, op: Op) -> Result<(), EngineError> {
+        let fd = types::Fd(self.disk.fd().as_raw_fd());
+        let entry = match &op {
+            Op::Read { offset, iov } => opcode::Readv::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
+                .offset(*offset)
+                .build(),
+            Op::Write { offset, iov } => {
+                opcode::Writev::new(fd, iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+        .user_data(token as u64);
+        if self.ops.len() <= token {
+            self.ops.resize_with(token + 1, || None);
+        }
+        // Moving `op` into the table does not move the iovec array its Vec points to.
+        self.ops[token] = Some(op);
+        loop {
+            // SAFETY: `push` needs every buffer the entry names to stay valid until its
+            // completion is reaped. The iovec array lives in `self.ops[token]` until then,
+            // and the memory it names is kept mapped by the request that owns the token; the
+            // image's fd stays open as long as `self.disk` does, which outlives the ring.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                break;
+            }
+            // Submission queue full: hand what is queued to the kernel, then retry.
+            self.ring.submit().map_err(EngineError::Submit)?;
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), EngineError> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(EngineError::Submit(e)),
+            }
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let finished: Vec<(usize, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        for (token, res) in finished {
+            let Some(op) = self.ops.get_mut(token).and_then(Option::take) else {
+                continue;
+            };
+            self.in_flight -= 1;
+            let result = if res < 0 {
+                Err(std::io::Error::from_raw_os_error(-res))
+            } else {
+                let expected = match &op {
+                    Op::Read { iov, .. } | Op::Write { iov, .. } => iov.len_bytes(),
+                    Op::Flush => 0,
+                };
+                if (res as u64) < expected {
+                    self.finish_short(&op, res as usize)
+                } else {
+                    Ok(())
+                }
+            };
+            out.push(Completion { token, result });
+        }
+    }
+
+    fn wait(&mut self) -> Result<(), EngineError> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) => Err(EngineError::Submit(e)),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.eventfd.as_fd())
+    }
+}
+
+impl Drop for UringEngine {
+    /// Operations still in flight (a queue that failed rather than drained) write into
+    /// memory their requests keep mapped: wait for them before that memory can go.
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The ring is unusable: nothing more will complete through it.
+                Err(_) => break,
+            }
+            let reaped = self.ring.completion().count();
+            self.in_flight = self.in_flight.saturating_sub(reaped);
+        }
+    }
+}

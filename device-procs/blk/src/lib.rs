@@ -1,0 +1,162 @@
+//! isola-blk: Isola's virtio-blk device process, a vhost-user-blk backend over a raw image
+//! file or block device.
+//!
+//! `main.rs` turns the command line into a validated [`Config`] and calls [`run`]. The
+//! request semantics are in [`device`] and [`request`], the image in [`disk`], the I/O
+//! engines (sync, io_uring) in [`engine`], and the glue to the shared vhost-user server in
+//! [`backend`].
+
+pub mod backend;
+pub mod device;
+pub mod disk;
+pub mod engine;
+pub mod request;
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::ServeError;
+
+use crate::backend::BlkDevice;
+use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::engine::{EngineError, EngineKind, UringEngine};
+
+/// Most queues (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isola-blk",
+    version,
+    about = "Isola's virtio-blk device process (a vhost-user-blk backend)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Raw image file or block device to serve.
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// Serve the image read-only (the driver sees VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of virtqueues, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue the frontend may set up: a power of two, 4 to 32768.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineKind::Sync)]
+    pub engine: EngineKind,
+    /// Open the image with O_DIRECT; the device then has 4 KiB blocks, and unaligned guest
+    /// buffers go through a bounce buffer.
+    #[arg(long)]
+    pub direct: bool,
+    /// Serial number the driver reads with GET_ID (at most 20 bytes; default: the image's
+    /// file name).
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+    /// Test hook: requests whose header names sector S are taken and never finished.
+    #[cfg(feature = "debug-hold")]
+    #[arg(long, value_name = "S")]
+    pub debug_hold_sector: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--num-queues {0}: must be 1 to {MAX_QUEUES}")]
+    NumQueues(u16),
+    #[error("--queue-size {0}: must be a power of two from 4 to 32768")]
+    QueueSize(u16),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("--engine io-uring is not available here")]
+    Engine(#[source] EngineError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving the image")]
+    Serve(#[from] ServeError),
+}
+
+/// A validated configuration: the image is open and the socket listening.
+pub struct Config {
+    image: PathBuf,
+    disk: Arc<Disk>,
+    listener: UnixListener,
+    num_queues: u16,
+    queue_size: u16,
+    engine: EngineKind,
+    #[cfg(feature = "debug-hold")]
+    hold_sector: Option<u64>,
+}
+
+impl Config {
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        if cli.num_queues == 0 || cli.num_queues > MAX_QUEUES {
+            return Err(ConfigError::NumQueues(cli.num_queues));
+        }
+        if !cli.queue_size.is_power_of_two() || !(4..=32768).contains(&cli.queue_size) {
+            return Err(ConfigError::QueueSize(cli.queue_size));
+        }
+        let options = DiskOptions {
+            readonly: cli.readonly,
+            direct: cli.direct,
+            serial: cli.serial.clone(),
+        };
+        let disk = Arc::new(Disk::open(&cli.image, &options)?);
+        if cli.engine == EngineKind::IoUring {
+            UringEngine::new(Arc::clone(&disk), 4).map_err(ConfigError::Engine)?;
+        }
+        // Last, so that bad input leaves no socket file behind.
+        let listener = cli.listen.listener()?;
+        Ok(Config {
+            image: cli.image,
+            disk,
+            listener,
+            num_queues: cli.num_queues,
+            queue_size: cli.queue_size,
+            engine: cli.engine,
+            #[cfg(feature = "debug-hold")]
+            hold_sector: cli.debug_hold_sector,
+        })
+    }
+}
+
+/// Serves the image to one frontend at a time, for ever.
+pub fn run(config: Config) -> Result<(), RunError> {
+    log::info!(
+        "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine",
+        config.image.display(),
+        config.disk.size(),
+        if config.disk.readonly() {
+            ", read-only"
+        } else {
+            ""
+        },
+        if config.disk.direct() {
+            ", O_DIRECT"
+        } else {
+            ""
+        },
+        config.num_queues,
+        config.queue_size,
+        config.engine,
+    );
+    let device = BlkDevice::new(
+        config.disk,
+        config.num_queues,
+        config.queue_size,
+        config.engine,
+    );
+    #[cfg(feature = "debug-hold")]
+    let device = device.with_hold_sector(config.hold_sector);
+    isola_device_common::serve(&config.listener, &Arc::new(device))?;
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! Descriptor chains, walked defensively.
+//!
+//! `virtio-queue` reads the rings; the chain itself is walked here so that every way a guest
+//! can get it wrong is an error the device sees (rather than a chain that silently ends
+//! early), and so that a chain can be rebuilt from a bare head index when in-flight requests
+//! are resubmitted after a reconnect. Nothing here touches memory except through
+//! `vm-memory`'s bounds-checked accessors.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use crate::memory::Memory;
+
+const DESC_SIZE: u64 = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("head {0} is outside the queue")]
+    HeadOutOfRange(u16),
+    #[error("next index {0} is outside its descriptor table")]
+    NextOutOfRange(u16),
+    #[error("chain is longer than its descriptor table (a loop)")]
+    TooLong,
+    #[error("descriptor at {0:#x} is not in guest memory")]
+    Unreadable(u64),
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("indirect descriptor that is not the only one of its chain")]
+    MisplacedIndirect,
+    #[error("indirect table of {0} bytes")]
+    BadIndirectTable(u32),
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    #[error("chain is longer than 4 GiB in total")]
+    TooLarge,
+    #[error("buffers hold {have} bytes, {needed} needed")]
+    Short { needed: usize, have: usize },
+    #[error("buffer [{addr:#x}, +{len:#x}) is not in guest memory")]
+    BadBuffer { addr: u64, len: u64 },
+}
+
+/// One buffer of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    /// Device-writable (the device fills it) rather than device-readable.
+    pub writable: bool,
+}
+
+/// A chain named by its head, in the descriptor table of a queue.
+#[derive(Debug, Clone)]
+pub struct DescriptorChain {
+    mem: Arc<Memory>,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+}
+
+struct Walk {
+    table: GuestAddress,
+    size: u16,
+    index: u16,
+    budget: u32,
+    indirect: bool,
+    total: u64,
+}
+
+impl DescriptorChain {
+    pub fn new(mem: Arc<Memory>, table: GuestAddress, queue_size: u16, head: u16) -> Self {
+        DescriptorChain {
+            mem,
+            table,
+            queue_size,
+            head,
+        }
+    }
+
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// The guest memory snapshot this chain was taken with; it stays mapped while held.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.mem
+    }
+
+    fn read_desc(&self, walk: &Walk) -> Result<Descriptor, ChainError> {
+        let addr = walk
+            .table
+            .0
+            .checked_add(u64::from(walk.index) * DESC_SIZE)
+            .ok_or(ChainError::Unreadable(walk.table.0))?;
+        self.mem
+            .read_obj::<Descriptor>(GuestAddress(addr))
+            .map_err(|_| ChainError::Unreadable(addr))
+    }
+
+    /// Every buffer of the chain, in order, with the chain's structure validated: indices in
+    /// range, no loops, at most one level of indirection, readable buffers before writable
+    /// ones, under 4 GiB in total. Buffer addresses are checked when they are used.
+    pub fn segments(&self) -> Result<Vec<Segment>, ChainError> {
+        if self.head >= self.queue_size {
+            return Err(ChainError::HeadOutOfRange(self.head));
+        }
+        let mut walk = Walk {
+            table: self.table,
+            size: self.queue_size,
+            index: self.head,
+            budget: u32::from(self.queue_size),
+            indirect: false,
+            total: 0,
+        };
+        let mut out: Vec<Segment> = Vec::new();
+        loop {
+            if walk.budget == 0 {
+                return Err(ChainError::TooLong);
+            }
+            walk.budget -= 1;
+            let desc = self.read_desc(&walk)?;
+            let flags = u32::from(desc.flags());
+            if flags & VRING_DESC_F_INDIRECT != 0 {
+                self.enter_indirect(&mut walk, &desc, out.is_empty())?;
+                continue;
+            }
+            let writable = flags & VRING_DESC_F_WRITE != 0;
+            if !writable && out.last().is_some_and(|s| s.writable) {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            walk.total += u64::from(desc.len());
+            if walk.total > u64::from(u32::MAX) {
+                return Err(ChainError::TooLarge);
+            }
+            out.push(Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+                writable,
+            });
+            if flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(out);
+            }
+            walk.index = desc.next();
+            if walk.index >= walk.size {
+                return Err(ChainError::NextOutOfRange(walk.index));
+            }
+        }
+    }
+
+    fn enter_indirect(
+        &self,
+        walk: &mut Walk,
+        desc: &Descriptor,
+        first: bool,
+    ) -> Result<(), ChainError> {
+        if walk.indirect {
+            return Err(ChainError::NestedIndirect);
+        }
+        if !first || u32::from(desc.flags()) & VRING_DESC_F_NEXT != 0 {
+            return Err(ChainError::MisplacedIndirect);
+        }
+        let len = desc.len();
+        let entries = u64::from(len) / DESC_SIZE;
+        if len == 0 || u64::from(len) % DESC_SIZE != 0 || entries > u64::from(u16::MAX) {
+            return Err(ChainError::BadIndirectTable(len));
+        }
+        walk.table = desc.addr();
+        walk.size = entries as u16;
+        walk.index = 0;
+        walk.budget = u32::from(walk.size);
+        walk.indirect = true;
+        Ok(())
+    }
+}
+
+/// Total bytes of `segs`.
+pub fn total_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Splits `segs` at byte `at`: the first part holds exactly `at` bytes (or all, if fewer).
+pub fn split_at(segs: &[Segment], mut at: u64) -> (Vec<Segment>, Vec<Segment>) {
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    for seg in segs {
+        let len = u64::from(seg.len);
+        if at >= len {
+            head.push(*seg);
+            at -= len;
+        } else if at == 0 {
+            tail.push(*seg);
+        } else {
+            // at < len <= u32::MAX, so the casts are exact.
+            head.push(Segment {
+                len: at as u32,
+                ..*seg
+            });
+            tail.push(Segment {
+                addr: seg.addr.unchecked_add_offset(at),
+                len: seg.len - at as u32,
+                ..*seg
+            });
+            at = 0;
+        }
+    }
+    (head, tail)
+}
+
+trait AddOffset {
+    fn unchecked_add_offset(self, off: u64) -> GuestAddress;
+}
+
+impl AddOffset for GuestAddress {
+    fn unchecked_add_offset(self, off: u64) -> GuestAddress {
+        // Wrapping is harmless: a wrapped address fails the bounds check when it is used.
+        GuestAddress(self.0.wrapping_add(off))
+    }
+}
+
+fn bad(seg: &Segment, len: u64) -> ChainError {
+    ChainError::BadBuffer {
+        addr: seg.addr.0,
+        len,
+    }
+}
+
+/// Reads `buf.len()` bytes from the start of `segs`.
+pub fn read_bytes(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Result<(), ChainError> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == buf.len() {
+            break;
+        }
+        let n = (buf.len() - done).min(seg.len as usize);
+        mem.read_slice(&mut buf[done..done + n], seg.addr)
+            .map_err(|_| bad(seg, n as u64))?;
+        done += n;
+    }
+    if done < buf.len() {
+        return Err(ChainError::Short {
+            needed: buf.len(),
+            have: done,
+        });
+    }
+    Ok(())
+}
+
+/// Writes `data` to the start of `segs`; fails if they are too short.
+pub fn write_bytes(mem: &Memory, segs: &[Segment], data: &[u8]) -> Result<(), ChainError> {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == data.len() {
+            break;
+        }
+        let n = (data.len() - done).min(seg.len as usize);
+        mem.write_slice(&data[done..done + n], seg.addr)
+            .map_err(|_| bad(seg, n as u64))?;
+        done += n;
+    }
+    if done < data.len() {
+        return Err(ChainError::Short {
+            needed: data.len(),
+            have: done,
+        });
+    }
+    Ok(())
+}
+
+/// The host memory behind `segs`, as slices of the mapped guest memory. Fails if any byte is
+/// outside guest memory. The slices stay valid while `mem` is mapped.
+pub fn host_slices<'m>(
+    mem: &'m Memory,
+    segs: &[Segment],
+) -> Result<Vec<VolatileSlice<'m>>, ChainError> {
+    let mut out = Vec::with_capacity(segs.len());
+    for seg in segs.iter().filter(|s| s.len > 0) {
+        for slice in mem.get_slices(seg.addr, seg.len as usize) {
+            out.push(slice.map_err(|_| bad(seg, u64::from(seg.len)))?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::RawDescriptor;
+
+    const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    fn mem() -> Arc<Memory> {
+        Arc::new(
+            Memory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
+                .unwrap(),
+        )
+    }
+
+    fn put(mem: &Memory, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        mem.write_obj(desc, GuestAddress(table + 16 * u64::from(index)))
+            .unwrap();
+    }
+
+    fn chain(mem: &Arc<Memory>, head: u16) -> DescriptorChain {
+        DescriptorChain::new(Arc::clone(mem), GuestAddress(0x1000), 8, head)
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_chains() {
+        let m = mem();
+        put(&m, 0x1000, 3, 0x4000, 16, F_NEXT, 5);
+        put(&m, 0x1000, 5, 0x5000, 512, F_NEXT | F_WRITE, 1);
+        put(&m, 0x1000, 1, 0x6000, 1, F_WRITE, 0);
+        let segs = chain(&m, 3).segments().unwrap();
+        assert_eq!(segs.len(), 3);
+        assert_eq!(total_len(&segs), 529);
+        assert!(!segs[0].writable && segs[1].writable && segs[2].writable);
+
+        // Head 0 points at an indirect table of 2 entries at 0x3000.
+        put(&m, 0x1000, 0, 0x3000, 32, F_INDIRECT, 0);
+        put(&m, 0x3000, 0, 0x4000, 16, F_NEXT, 1);
+        put(&m, 0x3000, 1, 0x6000, 1, F_WRITE, 0);
+        let segs = chain(&m, 0).segments().unwrap();
+        assert_eq!(segs.iter().map(|s| s.len).collect::<Vec<_>>(), vec![16, 1]);
+    }
+
+    #[test]
+    fn hostile_chains_are_errors() {
+        let m = mem();
+        assert_eq!(chain(&m, 8).segments(), Err(ChainError::HeadOutOfRange(8)));
+        // A loop: 0 -> 1 -> 0.
+        put(&m, 0x1000, 0, 0x4000, 1, F_NEXT, 1);
+        put(&m, 0x1000, 1, 0x4000, 1, F_NEXT, 0);
+        assert_eq!(chain(&m, 0).segments(), Err(ChainError::TooLong));
+        // next beyond the table.
+        put(&m, 0x1000, 2, 0x4000, 1, F_NEXT, 9);
+        assert_eq!(chain(&m, 2).segments(), Err(ChainError::NextOutOfRange(9)));
+        // Readable after writable.
+        put(&m, 0x1000, 3, 0x4000, 1, F_NEXT | F_WRITE, 4);
+        put(&m, 0x1000, 4, 0x4000, 1, 0, 0);
+        assert_eq!(
+            chain(&m, 3).segments(),
+            Err(ChainError::ReadableAfterWritable)
+        );
+        // Indirect table with a bad length, nested, or not alone.
+        put(&m, 0x1000, 5, 0x3000, 20, F_INDIRECT, 0);
+        assert_eq!(
+            chain(&m, 5).segments(),
+            Err(ChainError::BadIndirectTable(20))
+        );
+        put(&m, 0x1000, 5, 0x3000, 16, F_INDIRECT, 0);
+        put(&m, 0x3000, 0, 0x3000, 16, F_INDIRECT, 0);
+        assert_eq!(chain(&m, 5).segments(), Err(ChainError::NestedIndirect));
+        put(&m, 0x1000, 6, 0x4000, 1, F_NEXT, 7);
+        put(&m, 0x1000, 7, 0x3000, 16, F_INDIRECT, 0);
+        assert_eq!(chain(&m, 6).segments(), Err(ChainError::MisplacedIndirect));
+        // An indirect table outside guest memory.
+        put(&m, 0x1000, 7, 0xf_0000, 16, F_INDIRECT, 0);
+        assert_eq!(
+            chain(&m, 7).segments(),
+            Err(ChainError::Unreadable(0xf_0000))
+        );
+        // A descriptor table outside guest memory.
+        let far = DescriptorChain::new(Arc::clone(&m), GuestAddress(u64::MAX - 8), 8, 1);
+        assert!(matches!(far.segments(), Err(ChainError::Unreadable(_))));
+        // Over 4 GiB in total.
+        put(&m, 0x1000, 0, 0x4000, u32::MAX, F_NEXT, 1);
+        put(&m, 0x1000, 1, 0x4000, 1, 0, 0);
+        assert_eq!(chain(&m, 0).segments(), Err(ChainError::TooLarge));
+    }
+
+    #[test]
+    fn buffers_are_bounds_checked() {
+        let m = mem();
+        let segs = [
+            Segment {
+                addr: GuestAddress(0xfff8),
+                len: 8,
+                writable: true,
+            },
+            Segment {
+                addr: GuestAddress(0x20000),
+                len: 8,
+                writable: true,
+            },
+        ];
+        write_bytes(&m, &segs, &[1u8; 16]).unwrap();
+        let mut back = [0u8; 12];
+        read_bytes(&m, &segs, &mut back).unwrap();
+        assert_eq!(back, [1u8; 12]);
+        assert!(write_bytes(&m, &segs, &[0u8; 17]).is_err());
+        // A buffer straddling the hole between the two regions.
+        let hole = [Segment {
+            addr: GuestAddress(0xfff0),
+            len: 0x20,
+            writable: true,
+        }];
+        assert!(host_slices(&m, &hole).is_err());
+        assert!(write_bytes(&m, &hole, &[0u8; 0x20]).is_err());
+        assert_eq!(host_slices(&m, &segs).unwrap().len(), 2);
+        let (a, b) = split_at(&segs, 12);
+        assert_eq!(total_len(&a), 12);
+        assert_eq!(
+            b,
+            vec![Segment {
+                addr: GuestAddress(0x20004),
+                len: 4,
+                writable: true
+            }]
+        );
+    }
+}

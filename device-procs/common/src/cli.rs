@@ -1,0 +1,152 @@
+//! Command-line pieces every device process shares: where to listen for the frontend.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{
+    getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {}", .path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("another process is already listening on {}", .0.display())]
+    InUse(PathBuf),
+    #[error("--fd {0} is not an open file descriptor")]
+    BadFd(RawFd),
+    #[error("--fd {0} is not a listening Unix stream socket")]
+    NotListening(RawFd),
+}
+
+/// `--socket PATH` or `--fd N`: where the frontend connects.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ListenArgs {
+    /// Listen for the frontend on this Unix socket (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Use this inherited, already-listening Unix stream socket (from a launcher).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+}
+
+impl ListenArgs {
+    /// The listening socket. For `--fd`, call this once: the listener takes the descriptor.
+    pub fn listener(&self) -> Result<UnixListener, ListenError> {
+        match (&self.socket, self.fd) {
+            (Some(path), _) => bind(path),
+            (None, Some(fd)) => adopt(fd),
+            // clap's group makes one of the two required.
+            (None, None) => Err(ListenError::BadFd(-1)),
+        }
+    }
+}
+
+/// Binds `path`, replacing a socket file nobody listens on any more (left by a crash).
+pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
+    let bind_err = |source| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
+            if !meta.file_type().is_socket() {
+                return Err(ListenError::NotASocket(path.to_owned()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(ListenError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+            UnixListener::bind(path).map_err(bind_err)
+        }
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// Takes ownership of an inherited listening socket after checking that it is one.
+fn adopt(fd: RawFd) -> Result<UnixListener, ListenError> {
+    if fd < 0 {
+        return Err(ListenError::BadFd(fd));
+    }
+    // SAFETY: F_GETFD reads no memory; on a number that is not an open fd it fails (EBADF).
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(ListenError::BadFd(fd));
+    }
+    // SAFETY: `borrow_raw` needs `fd` open while the borrow lives: F_GETFD just succeeded,
+    // and nothing in this start-up path closes it before the borrow's last use below.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let family = getsockname::<SockaddrStorage>(fd)
+        .ok()
+        .and_then(|a| a.family());
+    let listening = getsockopt(&borrowed, sockopt::AcceptConn).unwrap_or(false);
+    let stream = getsockopt(&borrowed, sockopt::SockType).ok() == Some(SockType::Stream);
+    if family != Some(AddressFamily::Unix) || !listening || !stream {
+        return Err(ListenError::NotListening(fd));
+    }
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|_| ListenError::BadFd(fd))?;
+    // SAFETY: `from_raw_fd` needs `fd` open and owned by nobody else. It is open (checked
+    // above); the launcher handed it to this process for this purpose, and this function is
+    // the only place that takes it, called once at start-up.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(UnixListener::from(owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("isola-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_are_not() {
+        let dir = scratch("stale");
+        let path = dir.join("dev.sock");
+        let first = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ListenError::InUse(_))));
+        drop(first);
+        // The file is still there, but nobody listens: replaced.
+        let _second = bind(&path).unwrap();
+        let file = dir.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(bind(&file), Err(ListenError::NotASocket(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn inherited_fds_are_checked() {
+        let dir = scratch("fd");
+        let listener = UnixListener::bind(dir.join("l.sock")).unwrap();
+        let fd = listener.into_raw_fd();
+        let adopted = adopt(fd).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let not_listening = a.into_raw_fd();
+        assert!(matches!(
+            adopt(not_listening),
+            Err(ListenError::NotListening(_))
+        ));
+        // SAFETY: `not_listening` came from `into_raw_fd` above and is owned by nobody else.
+        drop(unsafe { OwnedFd::from_raw_fd(not_listening) });
+        assert!(matches!(adopt(-3), Err(ListenError::BadFd(-3))));
+        assert!(matches!(adopt(100_000), Err(ListenError::BadFd(100_000))));
+        drop(adopted);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

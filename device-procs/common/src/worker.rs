@@ -1,0 +1,315 @@
+//! One thread per running queue: waits on its kick eventfd (epoll), runs the device's queue
+//! handler, and signals the call eventfd when the driver wants to hear about used buffers
+//! (`needs_notification`, which honours EVENT_IDX).
+//!
+//! A failure of the worker is not silent: it is logged once, the error eventfd (if any) is
+//! signalled, and the connection is shut down so the protocol thread drops it and the
+//! process waits for the next frontend.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::device::{Progress, QueueHandler};
+use crate::inflight::InflightQueue;
+use crate::memory::Memory;
+use crate::queue::{QueueContext, QueueError};
+
+const EV_KICK: u64 = 1;
+const EV_WAKE: u64 = 2;
+const EV_COMPLETION: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("queue {index}: cannot wait for events")]
+    Poll {
+        index: u16,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("queue {index}: cannot read an eventfd")]
+    EventRead {
+        index: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("queue {index}")]
+    Queue {
+        index: u16,
+        #[source]
+        source: QueueError,
+    },
+    #[error("queue {0}: worker thread panicked")]
+    Panicked(u16),
+    #[error("queue {0}: worker failed earlier (logged)")]
+    Failed(u16),
+}
+
+/// State shared between the protocol thread and a queue's worker.
+pub(crate) struct RingShared {
+    wake: EventFd,
+    stop: AtomicBool,
+    enabled: AtomicBool,
+    call: Mutex<Option<File>>,
+    err: Mutex<Option<File>>,
+}
+
+impl RingShared {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(std::io::Error::from)?;
+        Ok(RingShared {
+            wake,
+            stop: AtomicBool::new(false),
+            enabled: AtomicBool::new(false),
+            call: Mutex::new(None),
+            err: Mutex::new(None),
+        })
+    }
+
+    fn lock(slot: &Mutex<Option<File>>) -> std::sync::MutexGuard<'_, Option<File>> {
+        // The slots hold plain fds; a panic elsewhere cannot leave them inconsistent.
+        slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_call(&self, file: Option<File>) {
+        *Self::lock(&self.call) = file;
+    }
+
+    pub(crate) fn set_err(&self, file: Option<File>) {
+        *Self::lock(&self.err) = file;
+    }
+
+    pub(crate) fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Release);
+        self.poke();
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    fn poke(&self) {
+        // Only fails if the counter would overflow, in which case the worker is woken anyway.
+        let _ = self.wake.write(1);
+    }
+
+    fn signal(slot: &Mutex<Option<File>>) -> std::io::Result<()> {
+        match Self::lock(slot).as_ref() {
+            Some(mut file) => file.write_all(&1u64.to_ne_bytes()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Everything a worker owns while its queue runs.
+pub(crate) struct Worker {
+    pub index: u16,
+    pub queue: Queue,
+    pub memory: GuestMemoryAtomic<Memory>,
+    pub kick: File,
+    pub shared: Arc<RingShared>,
+    pub inflight: Option<InflightQueue>,
+    pub resubmit: VecDeque<u16>,
+    pub handler: Box<dyn QueueHandler>,
+    /// Whether PROTOCOL_FEATURES was negotiated: if not, the ring is always enabled.
+    pub gated: bool,
+    pub connection: UnixStream,
+}
+
+/// What a stopped worker hands back.
+pub(crate) struct WorkerExit {
+    pub queue: Queue,
+}
+
+pub(crate) type WorkerHandle = JoinHandle<Result<WorkerExit, WorkerError>>;
+
+impl Worker {
+    pub(crate) fn spawn(self, thread_name: &str) -> std::io::Result<WorkerHandle> {
+        crate::thread::spawn_named(thread_name, move || self.run())
+    }
+
+    fn run(mut self) -> Result<WorkerExit, WorkerError> {
+        let result = self.event_loop();
+        if let Err(e) = &result {
+            log::error!("{}; dropping the connection", crate::logging::chain(e));
+            let _ = RingShared::signal(&self.shared.err);
+            let _ = self.connection.shutdown(Shutdown::Both);
+        }
+        result.map(|()| WorkerExit { queue: self.queue })
+    }
+
+    fn enabled(&self) -> bool {
+        !self.gated || self.shared.enabled()
+    }
+
+    fn queue_err(&self, source: QueueError) -> WorkerError {
+        WorkerError::Queue {
+            index: self.index,
+            source,
+        }
+    }
+
+    fn event_loop(&mut self) -> Result<(), WorkerError> {
+        let index = self.index;
+        let poll_err = |source| WorkerError::Poll { index, source };
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(poll_err)?;
+        epoll
+            .add(&self.kick, EpollEvent::new(EpollFlags::EPOLLIN, EV_KICK))
+            .map_err(poll_err)?;
+        epoll
+            .add(
+                &self.shared.wake,
+                EpollEvent::new(EpollFlags::EPOLLIN, EV_WAKE),
+            )
+            .map_err(poll_err)?;
+        if let Some(fd) = self.handler.completion_fd() {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_COMPLETION))
+                .map_err(poll_err)?;
+        }
+        // Resubmitted requests, and anything made available while no backend was listening.
+        self.pass()?;
+        let mut events = [EpollEvent::empty(); 4];
+        loop {
+            let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(poll_err(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    EV_KICK => self.clear(&self.kick)?,
+                    EV_WAKE => {
+                        // Nonblocking: EAGAIN just means another wake already consumed it.
+                        let _ = self.shared.wake.read();
+                    }
+                    _ => self.clear_completion()?,
+                }
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                return self.stop();
+            }
+            self.pass()?;
+        }
+    }
+
+    fn clear(&self, mut file: &File) -> Result<(), WorkerError> {
+        let mut buf = [0u8; 8];
+        file.read_exact(&mut buf)
+            .map_err(|source| WorkerError::EventRead {
+                index: self.index,
+                source,
+            })
+    }
+
+    fn clear_completion(&self) -> Result<(), WorkerError> {
+        let Some(fd) = self.handler.completion_fd() else {
+            return Ok(());
+        };
+        let mut buf = [0u8; 8];
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(_) | Err(nix::Error::EAGAIN) => Ok(()),
+            Err(e) => Err(WorkerError::EventRead {
+                index: self.index,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// One round of processing: repeat while the driver keeps adding requests, with
+    /// notifications suppressed, then re-enable them and check once more (no lost kick).
+    fn pass(&mut self) -> Result<(), WorkerError> {
+        let mem = self.memory.memory().into_inner();
+        let enabled = self.enabled();
+        loop {
+            if enabled {
+                self.queue
+                    .disable_notification(&*mem)
+                    .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
+            }
+            let mut ctx = QueueContext::new(
+                self.index,
+                &mut self.queue,
+                Arc::clone(&mem),
+                &mut self.resubmit,
+            )
+            .with_tracking(self.inflight.as_mut(), enabled);
+            let progress = self.handler.process(&mut ctx);
+            let completed = ctx.completed();
+            drop(ctx);
+            if completed > 0 {
+                self.notify(&mem)?;
+            }
+            let progress = progress.map_err(|e| self.queue_err(e))?;
+            if !enabled || progress == Progress::Blocked {
+                return Ok(());
+            }
+            let more = self
+                .queue
+                .enable_notification(&*mem)
+                .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    fn notify(&mut self, mem: &Memory) -> Result<(), WorkerError> {
+        let needed = self
+            .queue
+            .needs_notification(mem)
+            .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
+        if needed {
+            RingShared::signal(&self.shared.call)
+                .map_err(|e| self.queue_err(QueueError::Signal(e)))?;
+        }
+        Ok(())
+    }
+
+    /// GET_VRING_BASE or disconnect: let the handler finish what is in flight.
+    fn stop(&mut self) -> Result<(), WorkerError> {
+        let mem = self.memory.memory().into_inner();
+        let mut ctx = QueueContext::new(
+            self.index,
+            &mut self.queue,
+            Arc::clone(&mem),
+            &mut self.resubmit,
+        )
+        .with_tracking(self.inflight.as_mut(), false);
+        let drained = self.handler.drain(&mut ctx);
+        let completed = ctx.completed();
+        drop(ctx);
+        if completed > 0 {
+            self.notify(&mem)?;
+        }
+        drained.map_err(|e| self.queue_err(e))
+    }
+}
+
+/// Stops a running worker and waits for it.
+pub(crate) fn stop(
+    shared: &RingShared,
+    handle: WorkerHandle,
+    index: u16,
+) -> Result<WorkerExit, WorkerError> {
+    shared.stop.store(true, Ordering::Release);
+    shared.poke();
+    let result = handle.join();
+    shared.stop.store(false, Ordering::Release);
+    match result {
+        Ok(Ok(exit)) => Ok(exit),
+        Ok(Err(_)) => Err(WorkerError::Failed(index)),
+        Err(_) => Err(WorkerError::Panicked(index)),
+    }
+}
