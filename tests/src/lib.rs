@@ -366,3 +366,44 @@ pub mod qsd {
         }
     }
 }
+
+/// An `isola-blk` device process serving one image; killed when dropped.
+pub struct IsolaBlk {
+    child: Child,
+}
+
+impl IsolaBlk {
+    /// Starts `isola-blk` on `socket` with `image` and extra `args`; waits for the socket.
+    pub fn start_with(socket: &Path, image: &Path, args: &[&str]) -> IsolaBlk {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(binary("isola-blk"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("isola-blk starts");
+        wait_for_path(socket, Duration::from_secs(20));
+        IsolaBlk { child }
+    }
+
+    pub fn start(socket: &Path, image: &Path) -> IsolaBlk {
+        Self::start_with(socket, image, &[])
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for IsolaBlk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
 use isola_tests::qsd::{qsd_installed, Daemon};
+use isola_tests::IsolaBlk;
 use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
 
 const SECTOR: u64 = 512;
@@ -183,40 +184,6 @@ fn isolactl_status(socket: &Path) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
-}
-
-/// isola-blk keeps the in-flight region, so the guest can run deep queues through kills.
-struct IsolaBlk {
-    child: std::process::Child,
-}
-
-impl IsolaBlk {
-    fn start(socket: &Path, image: &Path) -> IsolaBlk {
-        let _ = std::fs::remove_file(socket);
-        let child = std::process::Command::new(isola_tests::binary("isola-blk"))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--image")
-            .arg(image)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("isola-blk starts");
-        wait_for_path(socket, Duration::from_secs(20));
-        IsolaBlk { child }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for IsolaBlk {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use isola_tests::qsd::{qsd_installed, Daemon};
-use isola_tests::{guest, scratch_dir, Core, Finished};
+use isola_tests::{guest, scratch_dir, Core, Finished, IsolaBlk};
 
 const SECTOR: usize = 512;
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -432,4 +432,58 @@ fn hostile_requests_that_break_qemu_storage_daemon_end_in_bounded_time() {
             });
         }
     });
+}
+
+/// Isola's own backend behind Isola's frontend: the same workload and image check.
+#[test]
+fn isola_blk_serves_the_guest_and_the_image_holds_the_pattern() {
+    let dir = scratch_dir("vblk-isola-normal");
+    let sectors = 32768;
+    let image = make_image(&dir, sectors);
+    let socket = dir.join("blk.sock");
+    let backend = IsolaBlk::start_with(&socket, &image, &["--engine", "io-uring"]);
+    let done = run_guest(
+        &socket,
+        "virtio-blk.sectors=3001 virtio-blk.depth=16 virtio-blk.seed=9",
+    );
+    backend.kill();
+    let lines = assert_ok(&done);
+    let (_, features) = assert_setup(&lines, sectors);
+    assert_ne!(
+        features & VIRTIO_F_EVENT_IDX,
+        0,
+        "isola-blk offers EVENT_IDX"
+    );
+    for expected in ["wrote 3001 sectors", "flushed", "verified 3001 sectors"] {
+        assert!(lines.contains(&expected), "{expected:?}: {}", report(&done));
+    }
+    assert_image(&image, sectors, 3001, 9);
+}
+
+/// Every hostile case, including the three that break qemu-storage-daemon, gets an answer or
+/// is dropped, and isola-blk keeps serving the valid request after each.
+#[test]
+fn isola_blk_survives_every_hostile_request() {
+    let dir = scratch_dir("vblk-isola-hostile");
+    let image = make_image(&dir, 2048);
+    let socket = dir.join("blk.sock");
+    let _backend = IsolaBlk::start(&socket, &image);
+    let done = run_guest(&socket, "virtio-blk.mode=hostile virtio-blk.timeout=10");
+    let lines = assert_ok(&done);
+    assert!(lines.contains(&"hostile ok"), "{}", report(&done));
+    for case in [
+        "header-outside-ram",
+        "data-outside-ram",
+        "looped-chain",
+        "short-header",
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("hostile {case}: ")))
+            .unwrap_or_else(|| panic!("no line for {case}: {}", report(&done)));
+        assert!(
+            !line.contains("status=0 "),
+            "{case} must not succeed: {line}"
+        );
+    }
 }
