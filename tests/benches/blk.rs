@@ -5,7 +5,7 @@
 //! cases interleaved per target so background noise hits every target alike.
 //!
 //! `cargo bench -p isola-tests --bench blk`; `ISOLA_BENCH_SECONDS` sets the time per case
-//! (default 2). Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not
+//! (default 2) and `ISOLA_BLK_ENGINE` isola-blk's engine (`io-uring`, the default, or `sync`). Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not
 //! built) are reported as skipped.
 
 use std::fs::File;
@@ -85,7 +85,12 @@ fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
                 .arg(socket)
                 .arg("--image")
                 .arg(image)
-                .args(["--engine", "io-uring"]);
+                .args([
+                    "--engine",
+                    std::env::var("ISOLA_BLK_ENGINE")
+                        .as_deref()
+                        .unwrap_or("io-uring"),
+                ]);
             cmd
         }
         _ => {
