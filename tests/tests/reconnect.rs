@@ -17,6 +17,8 @@ use isola_tests::IsolaBlk;
 use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
 
 const SECTOR: u64 = 512;
+/// Queue depth for qemu-storage-daemon: see the module documentation.
+const QSD_DEPTH: u32 = 1;
 
 fn image(dir: &Path, name: &str, sectors: u64) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -58,13 +60,13 @@ fn wait_device(
     }
 }
 
-fn start_core(dir: &Path, blk: &Path, seconds: u32) -> (Core, std::path::PathBuf) {
-    // Depth 1: see the module documentation.
+/// The virtio-blk guest's I/O loop for `seconds` at queue `depth` on `blk`, with a control socket.
+fn start_core(dir: &Path, blk: &Path, seconds: u32, depth: u32) -> (Core, std::path::PathBuf) {
     let control_socket = dir.join("control.sock");
     let kernel = guest("virtio-blk.elf");
     let device = format!("blk,socket={}", blk.display());
     let cmdline =
-        format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=256 virtio-blk.depth=1");
+        format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=256 virtio-blk.depth={depth}");
     let core = Core::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -90,7 +92,7 @@ fn guest_io_survives_repeated_backend_kills() {
     let dir = scratch_dir("reconnect-kills");
     let disk = image(&dir, "disk.img", 4096);
     let mut daemon = Daemon::start(&dir, &disk);
-    let (mut core, control_socket) = start_core(&dir, &daemon.socket.clone(), 8);
+    let (mut core, control_socket) = start_core(&dir, &daemon.socket.clone(), 8, QSD_DEPTH);
     core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
     // Kill at varied moments: a fixed pseudo-random sequence of delays, 50-450 ms.
     let mut seed = 0x2545_f491_u32;
@@ -133,7 +135,7 @@ fn restarted_backend_with_another_disk_size_is_refused_until_the_right_one_retur
     let small = image(&other_dir, "small.img", 2048);
     let daemon = Daemon::start(&dir, &disk);
     let blk_socket = daemon.socket.clone();
-    let (mut core, control_socket) = start_core(&dir, &blk_socket, 6);
+    let (mut core, control_socket) = start_core(&dir, &blk_socket, 6, QSD_DEPTH);
     core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
 
     daemon.kill();
@@ -193,22 +195,7 @@ fn deep_queue_io_survives_twenty_isola_blk_kills_with_nothing_lost() {
     let disk = image(&dir, "disk.img", 4096);
     let blk_socket = dir.join("blk.sock");
     let mut backend = IsolaBlk::start(&blk_socket, &disk);
-    let control_socket = dir.join("control.sock");
-    let kernel = guest("virtio-blk.elf");
-    let device = format!("blk,socket={}", blk_socket.display());
-    let mut core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
-        &device,
-        "--control-socket",
-        control_socket.to_str().unwrap(),
-        "--cmdline",
-        "virtio-blk.mode=loop virtio-blk.seconds=14 virtio-blk.sectors=256 virtio-blk.depth=16",
-    ]);
-    wait_for_path(&control_socket, Duration::from_secs(20));
+    let (mut core, control_socket) = start_core(&dir, &blk_socket, 14, 16);
     let first = core.wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
     let mut seed = 0x9e37_79b9_u32;
     for kill in 1..=KILLS {

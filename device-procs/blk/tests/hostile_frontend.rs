@@ -10,9 +10,7 @@ use std::path::Path;
 
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
 use support::{patterned_image, Backend, Scratch, TIMEOUT};
-use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress};
 
 const V1: u32 = 1;
@@ -27,13 +25,7 @@ fn state(index: u32, num: u32) -> Vec<u8> {
 /// A full session: negotiate, map RAM, start queue 0, read 4 KiB from sector 8.
 fn good_session(socket: &Path, image: &[u8]) {
     let ram = GuestRam::new(2 << 20);
-    let mut fe = testing::connect(socket, 1, TIMEOUT);
-    testing::negotiate(
-        &mut fe,
-        1 << VIRTIO_F_VERSION_1,
-        isola_device_common::offered_protocol_features(),
-    );
-    fe.set_mem_table(&[ram.region()]).unwrap();
+    let mut fe = testing::connect_with_memory(socket, &ram, TIMEOUT);
     let mut q = SplitQueue::new(0, 16, GuestAddress(0));
     testing::start_queue(&mut fe, &q, &ram, 0);
     let (hdr, data, status) = (

@@ -21,9 +21,7 @@ use isola_device_common::testing::{self, GuestRam, SplitQueue};
 use support::{patterned_image, Backend, Scratch, TIMEOUT};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 32;
@@ -71,14 +69,7 @@ fn request(q: &mut SplitQueue, ram: &GuestRam, n: u64, kind: u32, sector: u64, f
 }
 
 fn connect(socket: &std::path::Path, ram: &GuestRam) -> Frontend {
-    let mut fe = testing::connect(socket, 1, TIMEOUT);
-    testing::negotiate(
-        &mut fe,
-        1 << VIRTIO_F_VERSION_1,
-        isola_device_common::offered_protocol_features(),
-    );
-    fe.set_mem_table(&[ram.region()]).unwrap();
-    fe
+    testing::connect_with_memory(socket, ram, TIMEOUT)
 }
 
 #[test]

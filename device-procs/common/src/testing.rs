@@ -219,6 +219,21 @@ pub fn connect(path: &Path, num_queues: u64, timeout: Duration) -> Frontend {
     }
 }
 
+/// A one-queue session ready for rings: connected, negotiated with VERSION_1 and every
+/// protocol feature the backend library offers, and `ram` as its memory table.
+pub fn connect_with_memory(path: &Path, ram: &GuestRam, timeout: Duration) -> Frontend {
+    let mut frontend = connect(path, 1, timeout);
+    negotiate(
+        &mut frontend,
+        1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1,
+        crate::offered_protocol_features(),
+    );
+    frontend
+        .set_mem_table(&[ram.region()])
+        .expect("SET_MEM_TABLE");
+    frontend
+}
+
 /// SET_OWNER and feature negotiation as the core does it: `device_features` and `protocol`
 /// are what the test wants; returns the acknowledged device features.
 pub fn negotiate(
