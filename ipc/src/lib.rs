@@ -20,10 +20,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
-/// Largest frame (version + body) a reader accepts.
-pub const MAX_FRAME: u32 = 1 << 20;
+/// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
+/// display, small enough that a hostile peer cannot make the reader allocate much.
+pub const MAX_FRAME: u32 = 16 << 20;
+
+pub mod display;
+pub mod input;
 
 /// Errors of the framing layer.
 #[derive(Debug, thiserror::Error)]
