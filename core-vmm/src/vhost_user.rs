@@ -33,6 +33,8 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 
 /// Poll interval while waiting for a backend's socket to appear.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Longest wait for a restarted backend to answer the first messages of a reconnect.
+const RECONNECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -90,8 +92,12 @@ impl ReconnectTarget {
                 waited: Duration::ZERO,
             }
         })?;
-        let frontend = Frontend::from_stream(stream, u64::from(self.num_queues));
-        let session = negotiate(&self.path, frontend, self.num_queues)?;
+        let session = handshake(
+            &self.path,
+            stream,
+            self.num_queues,
+            RECONNECT_HANDSHAKE_TIMEOUT,
+        )?;
         if session.features != self.features || session.protocol != self.protocol {
             return Err(VhostUserError::Changed {
                 path: self.path.clone(),
@@ -133,6 +139,30 @@ struct Session {
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
+}
+
+/// [`negotiate`] on a connected stream, waiting at most `timeout` for each answer.
+///
+/// The socket may be one a supervisor keeps listening while no backend runs: the connection
+/// then waits in the listen backlog, and without a bound the handshake would block the
+/// calling thread for as long as the backend stays away. After the handshake, messages wait
+/// as long as the backend needs (draining in-flight I/O may take a while).
+fn handshake(
+    path: &Path,
+    stream: std::os::unix::net::UnixStream,
+    num_queues: u16,
+    timeout: Duration,
+) -> Result<Session, VhostUserError> {
+    let options = stream.try_clone().ok();
+    if let Some(s) = &options {
+        let _ = s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))));
+    }
+    let frontend = Frontend::from_stream(stream, u64::from(num_queues));
+    let session = negotiate(path, frontend, num_queues)?;
+    if let Some(s) = &options {
+        let _ = s.set_read_timeout(None);
+    }
+    Ok(session)
 }
 
 /// SET_OWNER and feature/protocol negotiation on a freshly connected frontend.
@@ -194,9 +224,9 @@ impl VhostUserConnection {
         timeout: Duration,
     ) -> Result<Self, VhostUserError> {
         let deadline = Instant::now() + timeout;
-        let frontend = loop {
-            match Frontend::connect(path, u64::from(num_queues)) {
-                Ok(frontend) => break frontend,
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(stream) => break stream,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
                 Err(_) => {
                     return Err(VhostUserError::ConnectTimeout {
@@ -210,7 +240,12 @@ impl VhostUserConnection {
             frontend,
             features,
             protocol,
-        } = negotiate(path, frontend, num_queues)?;
+        } = handshake(
+            path,
+            stream,
+            num_queues,
+            deadline.saturating_duration_since(Instant::now()),
+        )?;
         log::info!(
             "vhost-user {}: features {features:#x}, protocol {:#x}",
             path.display(),

@@ -260,6 +260,8 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 }
 
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
+pub mod supervisor;
+
 pub mod qsd {
     use std::fs::File;
     use std::path::{Path, PathBuf};

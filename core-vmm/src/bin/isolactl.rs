@@ -1,11 +1,12 @@
 //! `isolactl`: talk to a running core over its control socket.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use isola_ipc::supervisor::{DaemonStatus, SupervisorRequest, SupervisorResponse};
 use isola_ipc::{ControlRequest, ControlResponse};
 
 #[derive(Debug, Parser)]
@@ -13,9 +14,32 @@ use isola_ipc::{ControlRequest, ControlResponse};
 struct Cli {
     /// The core's control socket (its --control-socket).
     #[arg(long, short = 's', env = "ISOLA_CONTROL_SOCKET")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// The supervisor's control socket (isola-supervisor --control).
+    #[arg(long, env = "ISOLA_SUPERVISOR_SOCKET")]
+    supervisor: Option<PathBuf>,
+    /// A VM started by scripts/isola-run: its run directory holds control.sock and
+    /// supervisor.sock.
+    #[arg(long, short = 'r', env = "ISOLA_RUN_DIR")]
+    run_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn core_socket(&self) -> anyhow::Result<PathBuf> {
+        match (&self.socket, &self.run_dir) {
+            (Some(socket), _) => Ok(socket.clone()),
+            (None, Some(dir)) => Ok(dir.join("control.sock")),
+            (None, None) => bail!("give the core's control socket (--socket) or --run-dir"),
+        }
+    }
+
+    fn supervisor_socket(&self) -> Option<PathBuf> {
+        self.supervisor
+            .clone()
+            .or_else(|| self.run_dir.as_ref().map(|dir| dir.join("supervisor.sock")))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +52,8 @@ enum Command {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Start a device daemon the supervisor gave up on again.
+    Restart { name: String },
     /// Debugging aid: deliver one MSI to the guest.
     InjectMsi {
         #[arg(long, value_parser = parse_u64, default_value = "0xfee00000")]
@@ -47,7 +73,19 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
-        Command::Status => ControlRequest::Status,
+        Command::Status => return status(&cli),
+        Command::Restart { ref name } => {
+            let socket = cli
+                .supervisor_socket()
+                .context("give the supervisor's socket (--supervisor) or --run-dir")?;
+            return match supervisor_call(
+                &socket,
+                &SupervisorRequest::Restart { name: name.clone() },
+            )? {
+                SupervisorResponse::Error(e) => bail!("{e}"),
+                _ => Ok(()),
+            };
+        }
         Command::Pause => ControlRequest::Pause,
         Command::Resume => ControlRequest::Resume,
         Command::Shutdown => ControlRequest::Shutdown,
@@ -56,32 +94,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
         },
     };
-    let mut stream = UnixStream::connect(&cli.socket)
-        .with_context(|| format!("cannot connect to {}", cli.socket.display()))?;
-    isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
-    let response: ControlResponse =
-        isola_ipc::read_message(&mut stream).context("no answer from the core")?;
-    match response {
-        ControlResponse::Done => Ok(()),
+    match core_call(&cli.core_socket()?, &request)? {
         ControlResponse::Error(e) => bail!("{e}"),
-        ControlResponse::Status(status) => {
-            println!(
-                "uptime: {}.{:03} s",
-                status.uptime_ms / 1000,
-                status.uptime_ms % 1000
-            );
-            for vcpu in status.vcpus {
-                println!("vcpu{}: {}", vcpu.index, vcpu.state);
-            }
-            for device in status.devices {
-                println!(
-                    "{} {}: {} (reconnects {}, backend {})",
-                    device.name, device.slot, device.link, device.reconnects, device.socket
-                );
-            }
-            Ok(())
+        _ => Ok(()),
+    }
+}
+
+fn core_call(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
+    isola_ipc::read_message(&mut stream).context("no answer from the core")
+}
+
+fn supervisor_call(
+    socket: &Path,
+    request: &SupervisorRequest,
+) -> anyhow::Result<SupervisorResponse> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
+    isola_ipc::read_message(&mut stream).context("no answer from the supervisor")
+}
+
+/// The core's view (vCPUs, each device's link) merged with the supervisor's (each device
+/// daemon's pid, restarts and last exit), matched by socket path.
+fn status(cli: &Cli) -> anyhow::Result<()> {
+    let mut daemons = match cli.supervisor_socket() {
+        Some(socket) => match supervisor_call(&socket, &SupervisorRequest::Status)? {
+            SupervisorResponse::Status(daemons) => daemons,
+            SupervisorResponse::Error(e) => bail!("supervisor: {e}"),
+            SupervisorResponse::Done => bail!("the supervisor answered 'done' to status"),
+        },
+        None => Vec::new(),
+    };
+    // With only --supervisor: the daemons alone.
+    if cli.socket.is_none() && cli.run_dir.is_none() && cli.supervisor.is_some() {
+        daemons.iter().for_each(print_daemon);
+        return Ok(());
+    }
+    let status = match core_call(&cli.core_socket()?, &ControlRequest::Status)? {
+        ControlResponse::Status(status) => status,
+        ControlResponse::Error(e) => bail!("{e}"),
+        ControlResponse::Done => bail!("the core answered a status request with 'done'"),
+    };
+    println!(
+        "uptime: {}.{:03} s",
+        status.uptime_ms / 1000,
+        status.uptime_ms % 1000
+    );
+    for vcpu in status.vcpus {
+        println!("vcpu{}: {}", vcpu.index, vcpu.state);
+    }
+    for device in status.devices {
+        println!(
+            "{} {}: {} (reconnects {}, backend {})",
+            device.name, device.slot, device.link, device.reconnects, device.socket
+        );
+        if let Some(at) = daemons
+            .iter()
+            .position(|d| same_path(&d.socket, &device.socket))
+        {
+            print_daemon(&daemons.remove(at));
         }
     }
+    // Daemons no device of the core uses (e.g. a display server).
+    for daemon in &daemons {
+        print_daemon(daemon);
+    }
+    Ok(())
+}
+
+fn print_daemon(d: &DaemonStatus) {
+    let pid = d.pid.map_or("-".to_owned(), |pid| pid.to_string());
+    let last = d.last_exit.as_deref().unwrap_or("none");
+    println!(
+        "  daemon {}: pid {pid}, {}, restarts {}, last exit: {last}",
+        d.name, d.state, d.restarts
+    );
+}
+
+fn same_path(a: &str, b: &str) -> bool {
+    let canonical = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+    a == b || canonical(a) == canonical(b)
 }
 
 fn main() -> ExitCode {

@@ -315,6 +315,7 @@ impl<D: VirtioDevice> DeviceHandler<D> {
             handler,
             gated,
             connection,
+            served: false,
         };
         let name = format!("{}-q{index}", self.device.name());
         ring.worker = Some(worker.spawn(&name).map_err(HandlerError::Io)?);
