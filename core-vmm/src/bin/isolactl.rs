@@ -1,7 +1,7 @@
 //! `isolactl`: talk to a running core over its control socket.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -13,7 +13,10 @@ use isola_ipc::{ControlRequest, ControlResponse};
 struct Cli {
     /// The core's control socket (its --control-socket).
     #[arg(long, short = 's', env = "ISOLA_CONTROL_SOCKET")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// isola-display's control socket (its --control), for `screenshot`.
+    #[arg(long, global = true, env = "ISOLA_DISPLAY_SOCKET")]
+    display: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +38,13 @@ enum Command {
         #[arg(long, value_parser = parse_u64)]
         data: u64,
     },
+    /// Save what scanout 0 of the display shows as a PNG file (needs --display).
+    Screenshot {
+        /// The PNG file to write.
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        scanout: u32,
+    },
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -45,8 +55,29 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     parsed.map_err(|e| format!("'{s}' is not a number: {e}"))
 }
 
+/// `isolactl screenshot`: asks isola-display, not the core.
+fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Result<()> {
+    use isola_ipc::display::{DisplayRequest, DisplayResponse};
+    let socket =
+        display.context("screenshot needs --display SOCKET (isola-display's --control)")?;
+    let mut stream = UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, &DisplayRequest::Screenshot { scanout })
+        .context("cannot send the request")?;
+    match isola_ipc::read_message(&mut stream).context("no answer from isola-display")? {
+        DisplayResponse::Screenshot { width, height, png } => {
+            std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{width}x{height} -> {}", out.display());
+            Ok(())
+        }
+        DisplayResponse::Error(e) => bail!("{e}"),
+        DisplayResponse::Status(_) => bail!("isola-display answered with something else"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
+        Command::Screenshot { out, scanout } => return screenshot(cli.display, &out, scanout),
         Command::Status => ControlRequest::Status,
         Command::Pause => ControlRequest::Pause,
         Command::Resume => ControlRequest::Resume,
@@ -56,8 +87,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
         },
     };
-    let mut stream = UnixStream::connect(&cli.socket)
-        .with_context(|| format!("cannot connect to {}", cli.socket.display()))?;
+    let socket = cli
+        .socket
+        .context("--socket (or ISOLA_CONTROL_SOCKET) is needed")?;
+    let mut stream = UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
     isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
     let response: ControlResponse =
         isola_ipc::read_message(&mut stream).context("no answer from the core")?;
