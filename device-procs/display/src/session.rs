@@ -91,13 +91,24 @@ pub fn run_session(
         dmabuf_refused: false,
     };
     let mut buf = Vec::new();
-    loop {
-        let (request, flags) = read_message(&mut reader, &mut buf)?;
+    let result = loop {
+        let (request, flags) = match read_message(&mut reader, &mut buf) {
+            Ok(header) => header,
+            Err(e) => break Err(e),
+        };
         match protocol::parse(request, flags, &buf) {
-            Ok(req) => session.handle(req)?,
+            Ok(req) => {
+                if let Err(e) = session.handle(req) {
+                    break Err(e);
+                }
+            }
             Err(dropped) => session.drop_request(&dropped),
         }
-    }
+    };
+    // The accept loop keeps a handle on the connection (to end it when a new session
+    // comes): close it here so the peer sees the end now.
+    let _ = session.writer.shutdown(std::net::Shutdown::Both);
+    result
 }
 
 impl Session<'_> {
