@@ -3,11 +3,14 @@
 //! 1280x800 updates, per encoding, next to how fast the peer alone can push updates into
 //! the display (the raw limit) in the same run.
 //!
-//! QEMU's vhost-user-gpu cannot be measured side by side here: it needs a vhost-user
-//! frontend that hands it the display socket (the core's GPU pass-through); see the
-//! README's display section.
+//! The same VNC measurement then runs with QEMU's vhost-user-gpu as the GPU backend (the
+//! bench plays the core and a guest driver that redraws the whole 1280x800 scanout in a
+//! loop): the rate QEMU's backend alone reaches, and the client's frame rate meanwhile.
 //!
 //!     cargo bench -p isola-tests --bench display
+
+#[path = "../tests/support/qemu_gpu.rs"]
+mod qemu_gpu;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -149,9 +152,91 @@ fn vnc_rate() {
     }
 }
 
+/// Full-screen redraws through QEMU's vhost-user-gpu until `stop` says so; returns how many.
+fn qemu_redraws(
+    gpu: &mut qemu_gpu::QemuGpu,
+    frames: &[Vec<u8>],
+    w: u32,
+    h: u32,
+    stop: &dyn Fn() -> bool,
+) -> u64 {
+    let mut n = 0u64;
+    while !stop() {
+        gpu.write(qemu_gpu::PIXELS, &frames[(n % 2) as usize]);
+        gpu.redraw(0, 0, w, h, w);
+        n += 1;
+    }
+    n
+}
+
+fn vnc_rate_qemu() {
+    let (w, h) = (1280u32, 800u32);
+    let dir = scratch_dir("bench-vnc-qemu");
+    let Some(probe) = vncprobe(&dir) else { return };
+    let display = IsolaDisplay::start(&dir, true, &[]);
+    let addr = display.vnc.expect("VNC on TCP");
+    let Some(mut gpu) = qemu_gpu::QemuGpu::start(&dir, &display.socket) else {
+        return;
+    };
+    gpu.set_up_scanout(w, h);
+    let frames: Vec<Vec<u8>> = (0..2)
+        .map(|s| {
+            pattern(w, h, s)
+                .iter()
+                .flat_map(|p| p.to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let secs = 3.0;
+    let t = Instant::now();
+    let n = qemu_redraws(&mut gpu, &frames, w, h, &|| {
+        t.elapsed().as_secs_f64() > secs
+    });
+    let alone = n as f64 / t.elapsed().as_secs_f64();
+    println!("VNC at {w}x{h}, full-screen redraws through QEMU's vhost-user-gpu:");
+    println!("  vhost-user-gpu alone:       {alone:8.1} updates/s");
+    for encoding in ["raw", "zrle"] {
+        let (probe, host, port) = (probe.clone(), addr.ip().to_string(), addr.port());
+        let out = dir.join("frame.ppm");
+        let done = Arc::new(AtomicBool::new(false));
+        let client = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let lines = run_probe(
+                    &probe,
+                    &host,
+                    port,
+                    encoding,
+                    &out,
+                    &[&format!("frames:{secs}")],
+                );
+                done.store(true, Ordering::Relaxed);
+                lines
+            })
+        };
+        let t = Instant::now();
+        let n = qemu_redraws(&mut gpu, &frames, w, h, &|| done.load(Ordering::Relaxed));
+        let gpu_rate = n as f64 / t.elapsed().as_secs_f64();
+        let lines = client.join().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("frames "))
+            .expect("probe reports frames");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let pixels: f64 = f[3].parse().unwrap();
+        let s: f64 = f[5].parse().unwrap();
+        let fps = pixels / f64::from(w * h) / s;
+        println!(
+            "  VNC client, {encoding:>4}:          {fps:8.1} full frames/s  (vhost-user-gpu meanwhile {gpu_rate:.1} updates/s; client/backend alone {:.2})",
+            fps / alone
+        );
+    }
+}
+
 fn main() {
     // Build (once) before anything is timed.
     binary("isolactl");
     screenshot_latency();
     vnc_rate();
+    vnc_rate_qemu();
 }

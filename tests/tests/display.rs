@@ -160,6 +160,19 @@ fn hostile_gpu_messages_are_dropped_and_the_picture_survives() {
     for msg in &bad {
         gpu.send_raw(msg).expect("display keeps reading");
     }
+    // DMABUF scanouts carry a file descriptor: refused, and none of them stays open.
+    let fds_before = display.open_fds();
+    let dmabuf = std::fs::File::open("/dev/null").unwrap();
+    let payload = words(&[0, 0, 0, 64, 64, 64, 64, 256, 0, 0]);
+    for _ in 0..64 {
+        isola_device_common::testing::raw_message(
+            &gpu.stream,
+            code::DMABUF_SCANOUT,
+            0,
+            &payload,
+            &[std::os::fd::AsRawFd::as_raw_fd(&dmabuf)],
+        );
+    }
     // DMABUF_UPDATE is answered (a backend blocks until it is), not acted on.
     let (req, flags, payload) = gpu.ask(code::DMABUF_UPDATE, &words(&[0, 0, 0, 1, 1]));
     assert_eq!((req, flags, payload.len()), (code::DMABUF_UPDATE, 4, 0));
@@ -168,6 +181,11 @@ fn hostile_gpu_messages_are_dropped_and_the_picture_survives() {
     assert_eq!(req, code::GET_DISPLAY_INFO);
     display.wait_log("dropped", Duration::from_secs(10));
     display.wait_log("DMABUF scanout", Duration::from_secs(10));
+    let fds_after = display.open_fds();
+    assert!(
+        fds_after < fds_before + 8,
+        "DMABUF fds leaked: {fds_before} open before, {fds_after} after 64 DMABUF_SCANOUTs"
+    );
     let (_, _, shot) = screenshot(&display.control, &dir.join("shot.png"));
     assert_same("the screenshot after hostile updates", &shot, &picture, W);
     assert_eq!(display.status().updates, 1, "no bad UPDATE was counted");

@@ -58,6 +58,8 @@ impl ZrleEncoder {
     ) -> Result<(), ZrleError> {
         self.raw.clear();
         let cbytes = pf.cpixel_bytes();
+        // The display's own format with 3-byte CPIXELs: the common case, copied directly.
+        let native = *pf == super::pixel::NATIVE && cbytes == (0..3);
         let width = r.w as usize;
         for ty in (0..r.h).step_by(TILE as usize) {
             let th = TILE.min(r.h - ty) as usize;
@@ -98,6 +100,14 @@ impl ZrleEncoder {
                             }
                             if used > 0 {
                                 self.raw.push(byte);
+                            }
+                        }
+                    }
+                    None if native => {
+                        self.raw.push(0);
+                        for row in rows {
+                            for p in row {
+                                self.raw.extend_from_slice(&p.to_le_bytes()[..3]);
                             }
                         }
                     }
