@@ -470,3 +470,45 @@ fn vnc_client_follows_a_resize() {
     assert_same("the resized picture", &got, &want, w2);
     display.assert_alive();
 }
+
+/// At most 32 VNC clients (isola-display's MAX_CLIENTS) at once; the next is turned away,
+/// and a slot frees up when a client leaves.
+#[test]
+fn vnc_clients_are_capped() {
+    let dir = scratch_dir("display-cap");
+    let mut display = IsolaDisplay::start(&dir, true, &[]);
+    let addr = display.vnc.unwrap();
+    let mut clients: Vec<TcpStream> = (0..32).map(|_| raw_vnc_client(addr)).collect();
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 12];
+    assert!(
+        matches!(extra.read(&mut b), Ok(0) | Err(_)),
+        "the 33rd client was served"
+    );
+    display.wait_log("turned away", Duration::from_secs(10));
+    clients.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while display.status().vnc_clients > 31 {
+        assert!(
+            Instant::now() < deadline,
+            "the client that left still counts"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The writer thread of the departed client may still be ending: retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.read_exact(&mut b).is_ok() {
+            assert_eq!(&b, b"RFB 003.008\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    display.assert_alive();
+}

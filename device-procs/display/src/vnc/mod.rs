@@ -16,8 +16,9 @@ pub mod zrle;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use isola_device_common::logging::chain;
 use isola_device_common::thread::spawn_named;
@@ -34,6 +35,10 @@ pub const ENCODING_ZRLE: i32 = 16;
 pub const ENCODING_DESKTOP_SIZE: i32 = -223;
 pub const ENCODING_CURSOR: i32 = -239;
 
+/// Most VNC clients at once (each has two threads); more are turned away.
+pub const MAX_CLIENTS: usize = 32;
+/// How long a client may take over the handshake before it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest ClientCutText accepted (it is read and thrown away).
 const MAX_CUT_TEXT: u32 = 1 << 20;
 /// The desktop name clients show.
@@ -69,6 +74,13 @@ impl VncStream {
             VncStream::Tcp(s) => VncStream::Tcp(s.try_clone()?),
             VncStream::Unix(s) => VncStream::Unix(s.try_clone()?),
         })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            VncStream::Tcp(s) => s.set_read_timeout(t),
+            VncStream::Unix(s) => s.set_read_timeout(t),
+        }
     }
 
     fn shutdown(&self) {
@@ -148,7 +160,16 @@ pub fn serve_unix(listener: UnixListener, display: Arc<Display>, input: Arc<Inpu
     }
 }
 
+/// Clients connected now, over every listener.
+static CLIENTS: AtomicUsize = AtomicUsize::new(0);
+
 fn start_client(stream: VncStream, display: &Arc<Display>, input: &Arc<InputSink>) {
+    if CLIENTS.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+        CLIENTS.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("VNC client turned away: {MAX_CLIENTS} are connected already");
+        stream.shutdown();
+        return;
+    }
     let display = Arc::clone(display);
     let input = Arc::clone(input);
     let spawned = spawn_named("vnc-client", move || {
@@ -156,8 +177,10 @@ fn start_client(stream: VncStream, display: &Arc<Display>, input: &Arc<InputSink
             Ok(()) => log::info!("VNC client disconnected"),
             Err(e) => log::info!("VNC client closed: {}", chain(&e)),
         }
+        CLIENTS.fetch_sub(1, Ordering::AcqRel);
     });
     if let Err(e) = spawned {
+        CLIENTS.fetch_sub(1, Ordering::AcqRel);
         log::warn!("cannot start a VNC client thread: {e}");
     }
 }
@@ -217,7 +240,10 @@ fn serve_client(
     display: &Arc<Display>,
     input: &InputSink,
 ) -> Result<(), VncError> {
+    // A client that stalls in the handshake must not hold its slot forever.
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let size = handshake(&mut stream, display)?;
+    stream.set_read_timeout(None)?;
     log::info!("VNC client connected");
     let client = Arc::new(Client {
         slot: display.register_client(),
