@@ -512,3 +512,41 @@ fn vnc_clients_are_capped() {
     }
     display.assert_alive();
 }
+
+/// Without isola-input, VNC input is dropped (and logged), never queued; once isola-input
+/// listens, the next events reach it.
+#[test]
+fn vnc_input_waits_for_no_one_and_finds_isola_input_when_it_comes() {
+    let dir = scratch_dir("display-input-later");
+    let Some(probe) = vncprobe(&dir) else { return };
+    let input_path = dir.join("input.sock");
+    let mut display = IsolaDisplay::start(&dir, true, &["--input", input_path.to_str().unwrap()]);
+    let addr = display.vnc.unwrap();
+    let mut gpu = GpuPeer::connect(&display.socket);
+    gpu.scanout(0, W, H);
+    gpu.update(0, 0, W, H, &pattern(W, H, 10));
+    display.wait_updates(1);
+    let host = addr.ip().to_string();
+    let out = dir.join("a.ppm");
+    run_probe(&probe, &host, addr.port(), "raw", &out, &["key:0x62"]);
+    display.wait_log("input event dropped", Duration::from_secs(10));
+
+    let input = FakeInput::start(&input_path);
+    // The link retries at most every 200 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    run_probe(&probe, &host, addr.port(), "raw", &out, &["key:0x62"]);
+    assert_eq!(
+        input.take(2, Duration::from_secs(10)),
+        vec![
+            InputRequest::Key {
+                code: 48,
+                pressed: true
+            },
+            InputRequest::Key {
+                code: 48,
+                pressed: false
+            },
+        ]
+    );
+    display.assert_alive();
+}
