@@ -550,3 +550,60 @@ fn vnc_input_waits_for_no_one_and_finds_isola_input_when_it_comes() {
     );
     display.assert_alive();
 }
+
+/// RFB 3.3 and 3.7 clients are served too; a client that picks a security type not offered,
+/// or speaks no RFB, is turned away with a reason (3.8) and the server keeps going.
+#[test]
+fn older_rfb_versions_and_bad_handshakes() {
+    let dir = scratch_dir("display-rfb");
+    let mut display = IsolaDisplay::start(&dir, true, &["--width", "640", "--height", "480"]);
+    let addr = display.vnc.unwrap();
+    let connect = |version: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = [0u8; 12];
+        s.read_exact(&mut v).unwrap();
+        s.write_all(version).unwrap();
+        s
+    };
+    let server_init = |s: &mut TcpStream| {
+        s.write_all(&[1]).unwrap(); // shared
+        let mut init = [0u8; 24];
+        s.read_exact(&mut init).unwrap();
+        (
+            u16::from_be_bytes([init[0], init[1]]),
+            u16::from_be_bytes([init[2], init[3]]),
+        )
+    };
+    // 3.3: the server names the security type (None) itself.
+    let mut s = connect(b"RFB 003.003\n");
+    let mut ty = [0u8; 4];
+    s.read_exact(&mut ty).unwrap();
+    assert_eq!(u32::from_be_bytes(ty), 1);
+    assert_eq!(server_init(&mut s), (640, 480));
+    // 3.7: a list, the client's choice, and no SecurityResult.
+    let mut s = connect(b"RFB 003.007\n");
+    let mut list = [0u8; 2];
+    s.read_exact(&mut list).unwrap();
+    assert_eq!(list, [1, 1]);
+    s.write_all(&[1]).unwrap();
+    assert_eq!(server_init(&mut s), (640, 480));
+    // 3.8 choosing VNC authentication (2): failed, with a reason.
+    let mut s = connect(b"RFB 003.008\n");
+    s.read_exact(&mut list).unwrap();
+    s.write_all(&[2]).unwrap();
+    let mut result = [0u8; 8];
+    s.read_exact(&mut result).unwrap();
+    assert_eq!(u32::from_be_bytes(result[..4].try_into().unwrap()), 1);
+    let mut reason = vec![0u8; u32::from_be_bytes(result[4..].try_into().unwrap()) as usize];
+    s.read_exact(&mut reason).unwrap();
+    assert!(String::from_utf8_lossy(&reason).contains("None"));
+    // Not RFB at all.
+    let mut s = connect(b"GET / HTTP/1");
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    display.wait_log("protocol version", Duration::from_secs(10));
+    // Still serving.
+    drop(raw_vnc_client(addr));
+    display.assert_alive();
+}
