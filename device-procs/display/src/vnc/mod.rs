@@ -336,33 +336,41 @@ fn read_loop(
                     None => log::debug!("no key for keysym {keysym:#x}"),
                 }
             }
-            5 => {
-                let mut b = [0u8; 5];
-                s.read_exact(&mut b)?;
-                let x = u32::from(u16::from_be_bytes([b[1], b[2]]));
-                let y = u32::from(u16::from_be_bytes([b[3], b[4]]));
-                let st = display.lock();
-                let (w, h) = (st.surface.width, st.surface.height);
-                drop(st);
-                input.send(&InputRequest::Pointer {
-                    x: scale(x, w),
-                    y: scale(y, h),
-                    buttons: b[0] & 0x7,
-                });
-            }
-            6 => {
-                let mut b = [0u8; 7];
-                s.read_exact(&mut b)?;
-                // A negative length is the extended-clipboard form; either way, skip it.
-                let len = i32::from_be_bytes([b[3], b[4], b[5], b[6]]).unsigned_abs();
-                if len > MAX_CUT_TEXT {
-                    return Err(VncError::CutText(len));
-                }
-                io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink())?;
-            }
+            5 => pointer_event(s, display, input)?,
+            6 => skip_cut_text(s)?,
             other => return Err(VncError::UnknownMessage(other)),
         }
     }
+}
+
+/// PointerEvent: the position scaled to the tablet, buttons left, middle, right.
+fn pointer_event(s: &mut VncStream, display: &Display, input: &InputSink) -> Result<(), VncError> {
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b)?;
+    let x = u32::from(u16::from_be_bytes([b[1], b[2]]));
+    let y = u32::from(u16::from_be_bytes([b[3], b[4]]));
+    let st = display.lock();
+    let (w, h) = (st.surface.width, st.surface.height);
+    drop(st);
+    input.send(&InputRequest::Pointer {
+        x: scale(x, w),
+        y: scale(y, h),
+        buttons: b[0] & 0x7,
+    });
+    Ok(())
+}
+
+/// ClientCutText: read and thrown away (no clipboard in the guest).
+fn skip_cut_text(s: &mut VncStream) -> Result<(), VncError> {
+    let mut b = [0u8; 7];
+    s.read_exact(&mut b)?;
+    // A negative length is the extended-clipboard form; either way, skip it.
+    let len = i32::from_be_bytes([b[3], b[4], b[5], b[6]]).unsigned_abs();
+    if len > MAX_CUT_TEXT {
+        return Err(VncError::CutText(len));
+    }
+    io::copy(&mut Read::by_ref(s).take(u64::from(len)), &mut io::sink())?;
+    Ok(())
 }
 
 /// A pointer coordinate in `0..size` scaled to the tablet's `0..=INPUT_ABS_MAX`.
