@@ -22,6 +22,9 @@ struct Cli {
     /// supervisor.sock.
     #[arg(long, short = 'r', env = "ISOLA_RUN_DIR")]
     run_dir: Option<PathBuf>,
+    /// isola-display's control socket (its --control), for `screenshot`.
+    #[arg(long, global = true, env = "ISOLA_DISPLAY_SOCKET")]
+    display: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +36,14 @@ impl Cli {
             (None, Some(dir)) => Ok(dir.join("control.sock")),
             (None, None) => bail!("give the core's control socket (--socket) or --run-dir"),
         }
+    }
+
+    fn display_socket(&self) -> Option<PathBuf> {
+        self.display.clone().or_else(|| {
+            self.run_dir
+                .as_ref()
+                .map(|dir| dir.join("display-control.sock"))
+        })
     }
 
     fn supervisor_socket(&self) -> Option<PathBuf> {
@@ -61,6 +72,13 @@ enum Command {
         #[arg(long, value_parser = parse_u64)]
         data: u64,
     },
+    /// Save what scanout 0 of the display shows as a PNG file (needs --display).
+    Screenshot {
+        /// The PNG file to write.
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        scanout: u32,
+    },
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -71,8 +89,31 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     parsed.map_err(|e| format!("'{s}' is not a number: {e}"))
 }
 
+/// `isolactl screenshot`: asks isola-display, not the core.
+fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Result<()> {
+    use isola_ipc::display::{DisplayRequest, DisplayResponse};
+    let socket =
+        display.context("screenshot needs --display SOCKET (isola-display's --control)")?;
+    let mut stream = UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, &DisplayRequest::Screenshot { scanout })
+        .context("cannot send the request")?;
+    match isola_ipc::read_message(&mut stream).context("no answer from isola-display")? {
+        DisplayResponse::Screenshot { width, height, png } => {
+            std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{width}x{height} -> {}", out.display());
+            Ok(())
+        }
+        DisplayResponse::Error(e) => bail!("{e}"),
+        DisplayResponse::Status(_) => bail!("isola-display answered with something else"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
+        Command::Screenshot { ref out, scanout } => {
+            return screenshot(cli.display_socket(), out, scanout)
+        }
         Command::Status => return status(&cli),
         Command::Restart { ref name } => {
             let socket = cli
