@@ -407,3 +407,4 @@ impl Drop for IsolaBlk {
         let _ = self.child.wait();
     }
 }
+pub mod gpu;

@@ -52,7 +52,7 @@ impl DeviceKind {
             DeviceKind::Block => KindInfo { name: "blk", virtio_id: 2, class: (0x01, 0x80, 0), default_queues: 1, max_queues: 64, queue_size: 256, config_size: 60 },
             DeviceKind::Net => KindInfo { name: "net", virtio_id: 1, class: (0x02, 0x00, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 24 },
             DeviceKind::Console => KindInfo { name: "console", virtio_id: 3, class: (0x07, 0x80, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 12 },
-            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 24 },
+            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 16 },
             DeviceKind::Input => KindInfo { name: "input", virtio_id: 18, class: (0x09, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 64, config_size: 136 },
         }
     }

@@ -532,6 +532,10 @@ impl Gpu {
             return Err(CmdError::InvalidScanout);
         }
         match f.u32(0) {
+            // As QEMU does (and as Linux drives it): a move naming no resource hides the cursor.
+            CMD_MOVE_CURSOR if f.u32(HDR_LEN + 16) == 0 => {
+                Ok(vec![DisplayOp::CursorHide { scanout, x, y }])
+            }
             CMD_MOVE_CURSOR => Ok(vec![DisplayOp::CursorMove { scanout, x, y }]),
             CMD_UPDATE_CURSOR => {
                 let cursor = SavedCursor {

@@ -445,8 +445,16 @@ fn cursor_commands_are_checked() {
         }
     ));
     assert_eq!(
-        gpu.cursor(&cursor(CMD_MOVE_CURSOR, 0, 0)).unwrap(),
+        gpu.cursor(&cursor(CMD_MOVE_CURSOR, 0, 8)).unwrap(),
         vec![DisplayOp::CursorMove {
+            scanout: 0,
+            x: 10,
+            y: 20
+        }]
+    );
+    assert_eq!(
+        gpu.cursor(&cursor(CMD_MOVE_CURSOR, 0, 0)).unwrap(),
+        vec![DisplayOp::CursorHide {
             scanout: 0,
             x: 10,
             y: 20
