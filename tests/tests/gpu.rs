@@ -166,6 +166,34 @@ fn a_missing_display_process_is_an_error_at_start() {
 }
 
 #[test]
+fn a_backend_that_refuses_the_display_socket_stops_the_start() {
+    // isola-blk is no GPU: it refuses VHOST_USER_GPU_SET_SOCKET, and the core must say so.
+    let dir = scratch_dir("gpu-refused");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let blk_socket = dir.join("blk.sock");
+    let _blk = isola_tests::IsolaBlk::start_with(&blk_socket, &image, &["--num-queues", "2"]);
+    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
+    let kernel = guest("virtio-gpu.elf");
+    let device = format!(
+        "gpu,socket={},display={}",
+        blk_socket.display(),
+        display.socket.display()
+    );
+    let core = Core::start(&["--kernel", kernel.to_str().unwrap(), "--device", &device]);
+    let done = core.finish(WAIT);
+    assert!(!done.status.success());
+    assert!(
+        done.stderr.contains("VHOST_USER_GPU_SET_SOCKET"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
 fn hostile_guest_commands_get_error_responses_and_the_device_survives() {
     let dir = scratch_dir("gpu-hostile");
     let gpu_socket = dir.join("gpu.sock");
