@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use isola_device_common::chain::{self, Segment};
 use isola_device_common::logging::{chain as error_chain, RateLimiter};
+use isola_device_common::thread;
 use isola_device_common::{
     DescriptorChain, DeviceError, Memory, Progress, QueueContext, QueueError, QueueHandler,
     VirtioDevice,
@@ -208,14 +209,24 @@ impl VirtioDevice for GpuDevice {
     }
 
     fn set_gpu_socket(&self, backend: GpuBackend) -> Result<(), DeviceError> {
+        // The handshake waits for the display's answers: do it on a thread of its own, so
+        // that the frontend's SET_SOCKET is acknowledged at once and a display that hangs
+        // can hold up neither the frontend nor the guest (updates are dropped until the
+        // display is attached; it then gets the whole current picture).
         self.shared.display.detach();
-        if let Err(e) = self.shared.display.attach(backend) {
+        let shared = Arc::clone(&self.shared);
+        let spawned = thread::spawn_named("gpu-display", move || {
+            if let Err(e) = shared.display.attach(backend) {
+                log::warn!("display handshake failed ({e}); no display");
+                return;
+            }
+            let gpu = shared.gpu.lock().expect("gpu lock");
+            shared.display.send(&gpu.current_picture());
+        });
+        if let Err(e) = spawned {
             // Not the frontend's fault: serve the guest without a display.
-            log::warn!("display handshake failed ({e}); no display");
-            return Ok(());
+            log::warn!("cannot start the display thread ({e}); no display");
         }
-        let gpu = self.shared.gpu.lock().expect("gpu lock");
-        self.shared.display.send(&gpu.current_picture());
         Ok(())
     }
 }
