@@ -213,15 +213,17 @@ impl VirtioDevice for GpuDevice {
         // that the frontend's SET_SOCKET is acknowledged at once and a display that hangs
         // can hold up neither the frontend nor the guest (updates are dropped until the
         // display is attached; it then gets the whole current picture).
-        self.shared.display.detach();
+        let generation = self.shared.display.detach();
         let shared = Arc::clone(&self.shared);
         let spawned = thread::spawn_named("gpu-display", move || {
-            if let Err(e) = shared.display.attach(backend) {
-                log::warn!("display handshake failed ({e}); no display");
-                return;
+            match shared.display.attach(backend, generation) {
+                Ok(true) => {
+                    let gpu = shared.gpu.lock().expect("gpu lock");
+                    shared.display.send(&gpu.current_picture());
+                }
+                Ok(false) => log::info!("a newer display connection replaced this one"),
+                Err(e) => log::warn!("display handshake failed ({e}); no display"),
             }
-            let gpu = shared.gpu.lock().expect("gpu lock");
-            shared.display.send(&gpu.current_picture());
         });
         if let Err(e) = spawned {
             // Not the frontend's fault: serve the guest without a display.
