@@ -126,6 +126,33 @@ fn qemu_vhost_user_gpu_through_the_core_shows_the_same_picture() {
 }
 
 #[test]
+fn a_guest_reset_drops_the_resources_and_the_device_starts_over() {
+    let dir = scratch_dir("gpu-reset");
+    let gpu_socket = dir.join("gpu.sock");
+    let mut gpu = IsolaGpu::start(&gpu_socket, &["--resolution", RESOLUTION]);
+    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
+    let (core, _) = start_core(
+        &dir,
+        &gpu_socket,
+        Some(&display.socket),
+        "virtio-gpu.mode=draw virtio-gpu.reset=1",
+    );
+    let done = core.finish(WAIT);
+    // Creating resource 1 again after the reset succeeds only if the reset dropped it.
+    done.assert_success();
+    assert!(done
+        .serial
+        .iter()
+        .any(|l| l == "virtio-gpu: resetting the device"));
+    assert!(done
+        .serial
+        .iter()
+        .any(|l| l == "virtio-gpu: frame 2 flushed 320x200"));
+    display.wait_until("frame 2 after the reset", WAIT, |s| shows_frame(s, 2));
+    assert!(gpu.alive());
+}
+
+#[test]
 fn a_gpu_without_a_display_serves_the_guest() {
     let dir = scratch_dir("gpu-nodisplay");
     let gpu_socket = dir.join("gpu.sock");

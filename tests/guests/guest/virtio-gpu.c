@@ -7,7 +7,8 @@
  *            drawn in ring 3, TRANSFER_TO_HOST_2D + RESOURCE_FLUSH; a 64x64 cursor
  *            (UPDATE_CURSOR, MOVE_CURSOR). Then, if asked: waits for an MSI on vector 0x50
  *            (`wait=1`) and draws frame 2 on the same resource; or repeats full-screen
- *            transfer + flush `frames` times and reports the time.
+ *            transfer + flush `frames` times and reports the time; or (`reset=1`) resets
+ *            the device, sets it up again from scratch and draws frame 2.
  *   hostile  malformed commands one at a time, each answered with the expected
  *            VIRTIO_GPU_RESP_ERR_*; then a frame that must still reach the display.
  *
@@ -454,6 +455,7 @@ void guest_main(void)
 		die(EXIT_BAD_PARAM, "bad virtio-gpu.mode=%s (draw or hostile)", mode);
 	unsigned chunks = (unsigned)param("virtio-gpu.chunks", 4, 1, MAX_CHUNKS);
 	int wait = (int)param("virtio-gpu.wait", 0, 0, 1);
+	int reset = (int)param("virtio-gpu.reset", 0, 0, 1);
 	uint64_t frames = param("virtio-gpu.frames", 0, 0, 1000000);
 	uint64_t timeout_s = param("virtio-gpu.timeout", 30, 1, 3600);
 
@@ -478,6 +480,13 @@ void guest_main(void)
 				die(EXIT_TIMEOUT, "no go signal");
 			sys_wait_irq(irq_total);
 		}
+		show_frame(2);
+	}
+	if (reset) {
+		/* Reset the device and start over: the resources are gone, so id 1 is free again. */
+		print("virtio-gpu: resetting the device\n");
+		setup();
+		framebuffer(chunks);
 		show_frame(2);
 	}
 	if (frames) {

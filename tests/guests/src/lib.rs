@@ -172,6 +172,7 @@
 //! | `virtio-gpu.mode` | `draw` | `draw` or `hostile` |
 //! | `virtio-gpu.chunks` | 4 | backing entries the framebuffer is attached in (1..=64) |
 //! | `virtio-gpu.wait` | 0 | draw: after frame 1, wait for an MSI on vector 0x50 (`isolactl inject-msi`), then draw frame 2 |
+//! | `virtio-gpu.reset` | 0 | draw: after frame 1, reset the device, set it up again (resource 1 anew) and draw frame 2 |
 //! | `virtio-gpu.frames` | 0 | draw: then repeat full-screen TRANSFER_TO_HOST_2D + RESOURCE_FLUSH this many times |
 //! | `virtio-gpu.timeout` | 30 | seconds a command may take (exit 17; hostile: 18) |
 //!
@@ -190,7 +191,8 @@
 //! virtio-gpu: frame 1 flushed <w>x<h>
 //! virtio-gpu: cursor set
 //! virtio-gpu: waiting for vector 0x50                                  (wait=1)
-//! virtio-gpu: frame 2 flushed <w>x<h>                                  (wait=1)
+//! virtio-gpu: resetting the device                                   (reset=1; then the set-up lines again)
+//! virtio-gpu: frame 2 flushed <w>x<h>                                  (wait=1 or reset=1)
 //! virtio-gpu: frames=<n> us=<microseconds>                             (frames=n)
 //! virtio-gpu: ok
 //! ```
