@@ -18,8 +18,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::device::{Gpu, MAX_REQUEST, NUM_SCANOUTS};
 use crate::display::Display;
-use crate::gpu::{Gpu, MAX_REQUEST, NUM_SCANOUTS};
 use crate::protocol::HDR_LEN;
 use crate::state::{self, Snapshot};
 
@@ -201,11 +201,13 @@ impl VirtioDevice for GpuDevice {
         self.shared.pending.lock().expect("pending lock").take();
         self.shared.save(&gpu);
         drop(gpu);
-        self.shared.display.send(&[crate::gpu::DisplayOp::Scanout {
-            scanout: 0,
-            width: 0,
-            height: 0,
-        }]);
+        self.shared
+            .display
+            .send(&[crate::device::DisplayOp::Scanout {
+                scanout: 0,
+                width: 0,
+                height: 0,
+            }]);
     }
 
     fn set_gpu_socket(&self, backend: GpuBackend) -> Result<(), DeviceError> {

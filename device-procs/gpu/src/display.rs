@@ -12,7 +12,7 @@ use vhost::vhost_user::gpu_message::{
 use vhost::vhost_user::message::VhostUserU64;
 use vhost::vhost_user::GpuBackend;
 
-use crate::gpu::DisplayOp;
+use crate::device::DisplayOp;
 
 /// Protocol features this GPU asks the display for: none (it makes its own EDID and sends
 /// pixels in UPDATE messages, no DMABUF).

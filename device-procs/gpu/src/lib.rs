@@ -1,15 +1,15 @@
 //! isola-gpu: Isola's virtio-gpu device process (2D), a vhost-user-gpu backend.
 //!
-//! The guest's commands are served in [`gpu`] (resources, backing, scanouts, cursor; wire
+//! The guest's commands are served in [`device`] (resources, backing, scanouts, cursor; wire
 //! format in [`protocol`]); what the guest shows goes to the display process over the
 //! vhost-user-gpu display protocol ([`display`]), on the connection the core passes with
 //! VHOST_USER_GPU_SET_SOCKET. [`state`] keeps what a restarted process needs; [`backend`]
 //! is the glue to the shared vhost-user server; [`edid`] describes the display.
 
 pub mod backend;
+pub mod device;
 pub mod display;
 pub mod edid;
-pub mod gpu;
 pub mod protocol;
 pub mod state;
 

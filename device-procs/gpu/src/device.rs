@@ -709,5 +709,5 @@ fn update(res: &Resource, scanout: u32, rect: &Rect, part: &Rect) -> DisplayOp {
 }
 
 #[cfg(test)]
-#[path = "gpu_tests.rs"]
+#[path = "device_tests.rs"]
 mod tests;
