@@ -411,3 +411,4 @@ impl Drop for IsolaBlk {
         let _ = self.child.wait();
     }
 }
+pub mod gpu;

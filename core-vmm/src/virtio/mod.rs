@@ -52,7 +52,7 @@ impl DeviceKind {
             DeviceKind::Block => KindInfo { name: "blk", virtio_id: 2, class: (0x01, 0x80, 0), default_queues: 1, max_queues: 64, queue_size: 256, config_size: 60 },
             DeviceKind::Net => KindInfo { name: "net", virtio_id: 1, class: (0x02, 0x00, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 24 },
             DeviceKind::Console => KindInfo { name: "console", virtio_id: 3, class: (0x07, 0x80, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 12 },
-            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 24 },
+            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 16 },
             DeviceKind::Input => KindInfo { name: "input", virtio_id: 18, class: (0x09, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 64, config_size: 136 },
         }
     }
@@ -78,12 +78,16 @@ impl DeviceKind {
 /// `num_queues` (u16) in `struct virtio_blk_config`.
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
 
-/// One `--device` option: `KIND,socket=PATH[,queues=N]`.
+/// One `--device` option: `KIND,socket=PATH[,queues=N][,display=PATH]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub kind: DeviceKind,
     pub socket: PathBuf,
     pub queues: u16,
+    /// gpu only: the display process's listening socket. The core connects to it and hands
+    /// the connection to the GPU backend (VHOST_USER_GPU_SET_SOCKET), so pixels go from the
+    /// GPU process to the display process without passing through the core.
+    pub display: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,8 +96,12 @@ pub enum DeviceSpecError {
     UnknownKind(String),
     #[error("device '{0}' needs socket=PATH")]
     NoSocket(String),
-    #[error("bad option '{0}' in --device (expected socket=PATH or queues=N)")]
+    #[error(
+        "bad option '{0}' in --device (expected socket=PATH, queues=N or, for gpu, display=PATH)"
+    )]
     BadOption(String),
+    #[error("display= is only for gpu devices, not '{0}'")]
+    DisplayNotGpu(String),
     #[error("queues={0} is outside 1..={1} for this device type")]
     BadQueues(String, u16),
 }
@@ -109,10 +117,14 @@ impl FromStr for DeviceSpec {
             .find(|k| k.info().name == name)
             .ok_or_else(|| DeviceSpecError::UnknownKind(name.to_owned()))?;
         let info = kind.info();
-        let (mut socket, mut queues) = (None, info.default_queues);
+        let (mut socket, mut queues, mut display) = (None, info.default_queues, None);
         for part in parts {
             match part.split_once('=') {
                 Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+                Some(("display", _)) if kind != DeviceKind::Gpu => {
+                    return Err(DeviceSpecError::DisplayNotGpu(name.to_owned()))
+                }
+                Some(("display", path)) if !path.is_empty() => display = Some(PathBuf::from(path)),
                 Some(("queues", n)) => {
                     queues = n
                         .parse()
@@ -128,6 +140,7 @@ impl FromStr for DeviceSpec {
             kind,
             socket,
             queues,
+            display,
         })
     }
 }
@@ -144,7 +157,8 @@ mod tests {
             DeviceSpec {
                 kind: DeviceKind::Block,
                 socket: "/run/blk.sock".into(),
-                queues: 4
+                queues: 4,
+                display: None,
             }
         );
         assert_eq!("blk,socket=/s".parse::<DeviceSpec>().unwrap().queues, 1);
@@ -163,6 +177,44 @@ mod tests {
         assert_eq!(
             "blk,socket=/s,color=red".parse::<DeviceSpec>(),
             Err(DeviceSpecError::BadOption("color=red".into()))
+        );
+    }
+
+    #[test]
+    fn gpu_specs_take_a_display_socket() {
+        assert_eq!(
+            "gpu,socket=/g.sock,display=/d.sock".parse::<DeviceSpec>(),
+            Ok(DeviceSpec {
+                kind: DeviceKind::Gpu,
+                socket: "/g.sock".into(),
+                queues: 2,
+                display: Some("/d.sock".into()),
+            })
+        );
+        assert_eq!(
+            "gpu,display=/d.sock,socket=/g.sock"
+                .parse::<DeviceSpec>()
+                .unwrap()
+                .display,
+            Some("/d.sock".into()),
+            "options in any order"
+        );
+        assert_eq!(
+            "gpu,socket=/g.sock".parse::<DeviceSpec>().unwrap().display,
+            None,
+            "a gpu without a display"
+        );
+        assert_eq!(
+            "blk,socket=/s,display=/d.sock".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::DisplayNotGpu("blk".into()))
+        );
+        assert_eq!(
+            "gpu,socket=/s,display=".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::BadOption("display=".into()))
+        );
+        assert_eq!(
+            "gpu,display=/d.sock".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::NoSocket("gpu".into()))
         );
     }
 

@@ -361,12 +361,15 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
 
     fn reset_owner(&mut self) -> VhostResult<()> {
         self.reset().map_err(fail)?;
+        self.device.reset();
         self.owned = false;
         Ok(())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
-        self.reset().map_err(fail)
+        self.reset().map_err(fail)?;
+        self.device.reset();
+        Ok(())
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {

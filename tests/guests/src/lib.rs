@@ -159,6 +159,59 @@
 //! status and debug-exits with one of the `EXIT_VBLK_*` codes; a verification failure is
 //! `virtio-blk: verify failed: first bad sector=<lowest bad sector of the pass> (<n> bad
 //! sectors)`.
+//!
+//! # `virtio-gpu` ([`VIRTIO_GPU_ELF`])
+//!
+//! A 2D virtio-gpu driver on the same `guest/virtio.c` core (`guest/virtio-gpu.c`): the first
+//! 0x1af4:0x1050 function, VERSION_1 and EDID negotiated, MSI-X entry 0 (config) on vector
+//! 0x41, entry 1 (control queue 0) on 0x40, entry 2 (cursor queue 1) on 0x42, both queues of
+//! up to 64 entries. One command at a time on each queue.
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-gpu.mode` | `draw` | `draw` or `hostile` |
+//! | `virtio-gpu.chunks` | 4 | backing entries the framebuffer is attached in (1..=64) |
+//! | `virtio-gpu.wait` | 0 | draw: after frame 1, wait for an MSI on vector 0x50 (`isolactl inject-msi`), then draw frame 2 |
+//! | `virtio-gpu.reset` | 0 | draw: after frame 1, reset the device, set it up again (resource 1 anew) and draw frame 2 |
+//! | `virtio-gpu.frames` | 0 | draw: then repeat full-screen TRANSFER_TO_HOST_2D + RESOURCE_FLUSH this many times |
+//! | `virtio-gpu.timeout` | 30 | seconds a command may take (exit 17; hostile: 18) |
+//!
+//! **Picture** ([`gpu_pixel`]): resource 1, B8G8R8X8, the size GET_DISPLAY_INFO reports for
+//! scanout 0 (at most 1280x800), pixel (x, y) of frame f has blue `(5x + 40f) & 0xff`, green
+//! `(3y + 64 (x >> 8)) & 0xff`, red `((x ^ y) + 100f) & 0xff`, fourth byte 0xff. Cursor:
+//! resource 2, 64x64 B8G8R8A8, pixel (x, y) = blue `4x`, green `4y`, red 0x80, alpha 0xff if
+//! x + y < 64 else 0, hot spot (3, 5), set at (10, 20) then moved to (30, 40).
+//!
+//! Output:
+//!
+//! ```text
+//! virtio-gpu: features=0x<negotiated> scanouts=<n>
+//! virtio-gpu: display <w>x<h> enabled=<0|1>
+//! virtio-gpu: edid size=<n> checksum=<ok|bad> preferred=<w>x<h>       (if EDID negotiated)
+//! virtio-gpu: frame 1 flushed <w>x<h>
+//! virtio-gpu: cursor set
+//! virtio-gpu: waiting for vector 0x50                                  (wait=1)
+//! virtio-gpu: resetting the device                                   (reset=1; then the set-up lines again)
+//! virtio-gpu: frame 2 flushed <w>x<h>                                  (wait=1 or reset=1)
+//! virtio-gpu: frames=<n> us=<microseconds>                             (frames=n)
+//! virtio-gpu: ok
+//! ```
+//!
+//! `hostile` mode sets up the framebuffer, then sends one malformed command at a time and
+//! checks the response type, printing `virtio-gpu: hostile <case> ok` for each: unknown and
+//! 3D commands and a short header (ERR_UNSPEC), a short CREATE_2D, id 0 and an id in use, a
+//! bad format, zero and 0xffffffff sizes, 16384x16384 (ERR_OUT_OF_MEMORY), unknown ids for
+//! every command, a second ATTACH_BACKING, backing 1 GiB past the end of RAM and wrapping
+//! past 2^64 (ERR_UNSPEC), 0x7fffffff entries that are not there, transfers with no backing,
+//! outside the resource, with an overflowing rectangle, past the backing and with a wrapping
+//! offset, scanout 5, a scanout rectangle outside its resource, an overflowing flush
+//! rectangle, GET_EDID for scanout 9; a response buffer too small and none at all (nothing
+//! written, used length 0: `hostile short-response ok`); bad cursor commands
+//! (`hostile cursor ok`). Then frame 1 as above and `virtio-gpu: hostile ok`.
+//!
+//! Exit codes: 10 no device, 11 capabilities, 12 features, 13 queue set-up, 14 bad parameter
+//! or display too large, 15 a valid command failed, 17 timeout, 18 hostile case answered
+//! wrongly or not at all, 19 protocol violation.
 
 use std::path::{Path, PathBuf};
 
@@ -174,6 +227,8 @@ pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
 pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
 /// `virtio-blk` as an ELF with a PVH note.
 pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
+/// `virtio-gpu` as an ELF with a PVH note.
+pub const VIRTIO_GPU_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-gpu.elf");
 
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
@@ -182,7 +237,21 @@ pub const IMAGES: &[&str] = &[
     "msi.elf",
     "triple-fault.elf",
     "virtio-blk.elf",
+    "virtio-gpu.elf",
 ];
+
+/// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
+pub fn gpu_pixel(x: u32, y: u32, frame: u32) -> [u8; 3] {
+    let b = x.wrapping_mul(5).wrapping_add(frame * 40) & 0xff;
+    let g = y.wrapping_mul(3).wrapping_add((x >> 8) * 64) & 0xff;
+    let r = (x ^ y).wrapping_add(frame * 100) & 0xff;
+    [r as u8, g as u8, b as u8]
+}
+
+/// Exit codes of the `virtio-gpu` guest.
+pub const EXIT_VGPU_COMMAND: u8 = 15;
+pub const EXIT_VGPU_TIMEOUT: u8 = 17;
+pub const EXIT_VGPU_HOSTILE: u8 = 18;
 
 /// Guest-physical address every image is linked and loaded at.
 pub const IMAGE_BASE: u64 = 0x10_0000;
