@@ -93,9 +93,24 @@ impl<'a> QueueContext<'a> {
     /// The next request: a resubmitted one first, then the available ring. `None` when there
     /// is nothing more, or when the queue is disabled.
     pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
+        Ok(self.pop_tracked()?.map(|(chain, _)| chain))
+    }
+
+    /// Heads an earlier backend took and did not finish, still to come out of [`Self::pop`],
+    /// oldest first. A device that records its own progress on a request outside this
+    /// process (e.g. how much of it reached a file) uses this to tell a stale record from
+    /// one naming a request that will be resubmitted.
+    pub fn pending_resubmits(&self) -> impl Iterator<Item = u16> + '_ {
+        self.resubmit.iter().copied()
+    }
+
+    /// As [`Self::pop`], also saying whether the chain is a resubmission (taken by an earlier
+    /// backend, which may have done part of its work) rather than new from the ring.
+    pub fn pop_tracked(&mut self) -> Result<Option<(DescriptorChain, bool)>, QueueError> {
         if !self.accept_new {
             return Ok(None);
         }
+        let resubmitted = !self.resubmit.is_empty();
         let head = match self.resubmit.pop_front() {
             Some(head) => head,
             None => {
@@ -118,12 +133,13 @@ impl<'a> QueueContext<'a> {
                 head
             }
         };
-        Ok(Some(DescriptorChain::new(
+        let chain = DescriptorChain::new(
             Arc::clone(&self.mem),
             GuestAddress(self.queue.desc_table()),
             self.queue.size(),
             head,
-        )))
+        );
+        Ok(Some((chain, resubmitted)))
     }
 
     /// Returns `head` to the driver with `len` bytes written. A head outside the queue cannot
