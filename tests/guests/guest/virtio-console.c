@@ -5,9 +5,10 @@
  *   echo    echoes everything a port receives back on the same port, buffer for buffer
  *           (receive buffer i becomes transmit buffer i, and is posted again once the device
  *           returns it), until console.bytes bytes went round; then reports their CRC-32;
- *   stream  writes a position pattern on port 0 for console.seconds seconds, as fast as the
- *           device takes it, printing a tick line on COM1 every 50 ms (a counter of loop
- *           rounds, which also advances while the device is gone);
+ *   stream  writes a position pattern on port 0 for console.seconds seconds (or until input
+ *           arrives on the port), as fast as the device takes it, printing a tick line on
+ *           COM1 every 50 ms (a counter of loop rounds, which also advances while the device
+ *           is gone);
  *   shell   an interactive line prompt on port 0: "guest> ", each line answered with
  *           "you typed: LINE", "exit" powers off.
  *
@@ -342,7 +343,12 @@ static void stream(uint64_t seconds)
 	/* The ticks are the guest-side counter: a faster timer keeps them coming while the
 	 * device is gone and nothing else interrupts. */
 	lapic_timer_periodic(VIRTIO_TIMER_VECTOR, 625000);
-	struct virtq *waitq[2] = { tx, &queues[2] };
+	/* Anything arriving on the port ends the stream early. */
+	struct virtq *rx = rxq(0);
+	virtq_set_desc(rx, 0, (uint64_t)shell_in[0], SHELL_BUF, VIRTQ_DESC_F_WRITE, 0);
+	virtq_add(rx, 0);
+	virtq_kick(rx);
+	struct virtq *waitq[3] = { tx, rx, &queues[2] };
 	unsigned inflight = 0;
 	while ((int64_t)(rdtsc() - end) < 0 || inflight) {
 		rounds++;
@@ -365,8 +371,12 @@ static void stream(uint64_t seconds)
 			inflight++;
 		}
 		virtq_kick(tx);
-		wait_queues(waitq, multiport ? 2 : 1, next_tick);
+		wait_queues(waitq, multiport ? 3 : 2, next_tick);
 		uint32_t id, len;
+		if (virtq_pop(rx, &id, &len) && (int64_t)(rdtsc() - end) < 0) {
+			print("console: stream stopped by input\n");
+			end = rdtsc();
+		}
 		while (virtq_pop(tx, &id, &len)) {
 			if (id >= 2 * STREAM_SLOTS || (id & 1))
 				die(EXIT_PROTOCOL, "bad transmit completion id=%u", id);

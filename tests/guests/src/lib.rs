@@ -188,7 +188,8 @@
 //!   two descriptors), 8 in flight, carrying the stream whose byte `p` is byte `p % 4` of the
 //!   little-endian u32 `p / 4`. Every 50 ms `console: tick rounds=<loop rounds> sent=<bytes
 //!   queued> buffers-done=<returned>` (rounds advance on a 10 ms timer even when the device
-//!   is gone); at the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
+//!   is gone). Input on port 0 ends the stream early (`console: stream stopped by input`). At
+//!   the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
 //! * `shell`: writes `guest> ` on the port, prints `console: shell ready`; each line the user
 //!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
 //!   port with `you typed: <line>\r\nguest> `; the line `exit` is answered with `bye\r\n`.
