@@ -494,10 +494,8 @@ mod tests {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads one `struct winsize` from the pointer, a live local.
-        assert_eq!(
-            unsafe { libc::ioctl(user.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(user.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(rc, 0);
         assert_eq!(winsize(&master), (100, 40));
     }
 }

@@ -101,14 +101,18 @@ fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
     send(&mut q[3], &[(data(10), 8, false)]);
     mem.write_slice(&control(7, 3, 1), data(11)).unwrap(); // PORT_READY, no such port
     send(&mut q[3], &[(data(11), 8, false)]);
-    mem.write_slice(&control(0xffff_ffff, 6, 1), data(12)).unwrap(); // PORT_OPEN, bad id
+    mem.write_slice(&control(0xffff_ffff, 6, 1), data(12))
+        .unwrap(); // PORT_OPEN, bad id
     send(&mut q[3], &[(data(12), 8, false)]);
     send(&mut q[3], &[(data(12), 4, false)]); // shorter than a header
     send(&mut q[3], &[(outside, 8, false)]); // outside guest memory
     send(&mut q[3], &[(data(12), 8, true)]); // device-writable
     send(&mut q[3], &[(GuestAddress(0), 0xffff_0000, false)]); // oversized
     let n = send(&mut q[3], &[(GuestAddress(u64::MAX - 4), 8, false)]); // wraps around
-    assert!(q[3].wait_used(mem, n, WAIT), "hostile control messages returned");
+    assert!(
+        q[3].wait_used(mem, n, WAIT),
+        "hostile control messages returned"
+    );
     // Nothing was sent to the driver for any of them.
     assert_eq!(q[2].used_idx(mem), 0);
 
@@ -142,18 +146,28 @@ fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
     tx(&mut q[1], &[(data(20), 16, false), (outside, 16, false)]); // half outside
     tx(&mut q[1], &[(data(20), 16, true)]); // device-writable
     tx(&mut q[1], &[(GuestAddress(0), u32::MAX, false)]); // 4 GiB
-    // A head outside the queue, straight into the available ring.
+                                                          // A head outside the queue, straight into the available ring.
     q[1].put(mem, 5, data(20).0, 4, 0, 0);
-    mem.write_obj(200u16, q[1].avail.unchecked_add(4 + 2 * 4)).unwrap();
-    mem.store(5u16, q[1].avail.unchecked_add(2), std::sync::atomic::Ordering::Release)
+    mem.write_obj(200u16, q[1].avail.unchecked_add(4 + 2 * 4))
         .unwrap();
+    mem.store(
+        5u16,
+        q[1].avail.unchecked_add(2),
+        std::sync::atomic::Ordering::Release,
+    )
+    .unwrap();
     q[1].kick();
     mem.write_slice(b"still here", data(21)).unwrap();
     // Descriptor 5 was used by the hand-written entry; continue after it.
     q[1].put(mem, 6, data(21).0, 10, 0, 0);
-    mem.write_obj(6u16, q[1].avail.unchecked_add(4 + 2 * 5)).unwrap();
-    mem.store(6u16, q[1].avail.unchecked_add(2), std::sync::atomic::Ordering::Release)
+    mem.write_obj(6u16, q[1].avail.unchecked_add(4 + 2 * 5))
         .unwrap();
+    mem.store(
+        6u16,
+        q[1].avail.unchecked_add(2),
+        std::sync::atomic::Ordering::Release,
+    )
+    .unwrap();
     q[1].kick();
     let mut got = [0u8; 10];
     user.read_exact(&mut got).unwrap();
