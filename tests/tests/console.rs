@@ -59,7 +59,7 @@ fn a_mib_echoed_through_a_named_port_and_a_slow_reader_arrives_intact() {
     let dir = scratch_dir("console-echo");
     let vu = dir.join("vu.sock");
     let port1 = dir.join("echo.sock");
-    let _console = IsolaConsole::start(
+    let console = IsolaConsole::start(
         &vu,
         &[
             "--port",
@@ -125,6 +125,12 @@ fn a_mib_echoed_through_a_named_port_and_a_slow_reader_arrives_intact() {
     if let Some(i) = got.iter().zip(&data).position(|(a, b)| a != b) {
         panic!("echo differs at byte {i} of {TOTAL}");
     }
+    // Flow control, not buffering: the device process never held more than a little.
+    let hwm_kib = peak_rss_kib(console.pid());
+    assert!(
+        hwm_kib < 48 * 1024,
+        "isola-console peaked at {hwm_kib} KiB resident"
+    );
     let line = core.wait_for("console: echoed", Duration::from_secs(30));
     let crc = crc32fast::hash(&data);
     assert_eq!(
@@ -133,6 +139,15 @@ fn a_mib_echoed_through_a_named_port_and_a_slow_reader_arrives_intact() {
         "the guest saw other data"
     );
     core.finish(Duration::from_secs(30)).assert_success();
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM")
 }
 
 fn set_winsize(fd: &impl AsRawFd, cols: u16, rows: u16) {
@@ -345,5 +360,75 @@ fn twenty_isola_console_kills_lose_and_duplicate_nothing_in_the_log() {
     assert!(
         resubmitted >= 1,
         "no kill landed mid-request (no resubmitted buffer):\n{text}"
+    );
+}
+
+/// Reads `from` until `text` has arrived (bounded).
+fn read_text(from: &mut impl Read, seen: &mut String, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 256];
+    while !seen.contains(text) {
+        assert!(Instant::now() < deadline, "no {text:?}; got {seen:?}");
+        let n = from.read(&mut buf).expect("read");
+        assert!(n > 0, "closed before {text:?}; got {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[test]
+fn isolactl_console_attaches_detaches_and_a_user_comes_back() {
+    use std::process::{Command, Stdio};
+    let dir = scratch_dir("console-isolactl");
+    let vu = dir.join("vu.sock");
+    let sock = dir.join("console.sock");
+    let _console = IsolaConsole::start(
+        &vu,
+        &["--port", &format!("socket={}", sock.display())],
+        &dir.join("isola-console.log"),
+    );
+    let (mut core, _) = start_core(&dir, &vu, 2, "console.mode=shell");
+    core.wait_for("console: shell ready", Duration::from_secs(30));
+
+    // The prompt went out before anyone attached (and was discarded): type a line.
+    let mut ctl = Command::new(isola_tests::binary("isolactl"))
+        .arg("console")
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("isolactl starts");
+    let mut stdin = ctl.stdin.take().unwrap();
+    let mut stdout = ctl.stdout.take().unwrap();
+    // Let the device take this user before the first byte.
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"via isolactl\n").unwrap();
+    let mut seen = String::new();
+    read_text(&mut stdout, &mut seen, "you typed: via isolactl\r\nguest> ");
+    // Ctrl-] detaches; the guest keeps running.
+    stdin.write_all(&[0x1d]).unwrap();
+    let out = ctl.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("isolactl: detached"));
+
+    // Someone else attaches with a plain socket client and ends the session.
+    let mut user = connect(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    user.write_all(b"exit\r").unwrap();
+    let mut seen = String::new();
+    read_text(&mut user, &mut seen, "bye\r\n");
+    let done = core.finish(Duration::from_secs(30));
+    done.assert_success();
+    let lines: Vec<&String> = done
+        .serial
+        .iter()
+        .filter(|l| l.starts_with("console: shell line"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "console: shell line 'via isolactl'",
+            "console: shell line 'exit'"
+        ]
     );
 }

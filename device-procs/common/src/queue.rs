@@ -188,8 +188,15 @@ mod tests {
         let mut resubmit = VecDeque::from([6u16]);
         let mut ctx = QueueContext::new(0, &mut queue, Arc::clone(&mem), &mut resubmit)
             .with_tracking(Some(&mut inflight), true);
-        let heads: Vec<u16> = std::iter::from_fn(|| ctx.pop().unwrap().map(|c| c.head())).collect();
-        assert_eq!(heads, vec![6, 0, 1, 2]);
+        assert_eq!(ctx.pending_resubmits().collect::<Vec<_>>(), vec![6]);
+        let heads: Vec<(u16, bool)> = std::iter::from_fn(|| {
+            ctx.pop_tracked()
+                .unwrap()
+                .map(|(c, resubmitted)| (c.head(), resubmitted))
+        })
+        .collect();
+        assert_eq!(heads, vec![(6, true), (0, false), (1, false), (2, false)]);
+        assert_eq!(ctx.pending_resubmits().count(), 0);
         ctx.complete(1, 0).unwrap();
         ctx.complete(200, 0).unwrap();
         assert_eq!(ctx.completed(), 1);
