@@ -38,6 +38,11 @@ impl IsolaConsole {
         self.child.id()
     }
 
+    /// Whether the process is still running (not exited or killed).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -432,3 +432,40 @@ fn isolactl_console_attaches_detaches_and_a_user_comes_back() {
         ]
     );
 }
+
+#[test]
+fn a_hostile_guest_gets_every_bad_buffer_back_unused_and_the_device_keeps_serving() {
+    let dir = scratch_dir("console-hostile");
+    let vu = dir.join("vu.sock");
+    let log = dir.join("port0.log");
+    let mut console = IsolaConsole::start(
+        &vu,
+        &[
+            "--port",
+            &format!(
+                "socket={},log={}",
+                dir.join("p0.sock").display(),
+                log.display()
+            ),
+            "--port",
+            &format!("name=second,log={}", dir.join("port1.log").display()),
+        ],
+        &dir.join("isola-console.log"),
+    );
+    let (mut core, _) = start_core(&dir, &vu, 6, "console.mode=hostile");
+    core.wait_for("console: hostile ok", Duration::from_secs(60));
+    let done = core.finish(Duration::from_secs(30));
+    done.assert_success();
+    let returned = done
+        .serial
+        .iter()
+        .filter(|l| l.starts_with("console: hostile ") && l.ends_with(": returned len=0"))
+        .count();
+    assert_eq!(returned, 14, "{:?}", done.serial);
+    assert!(console.running(), "isola-console died");
+    // Only the valid line reached the log: nothing of the half-valid chain leaked.
+    assert_eq!(std::fs::read(&log).unwrap(), b"after hostile\n");
+    let text = std::fs::read_to_string(dir.join("isola-console.log")).unwrap();
+    assert!(text.contains("returned unused"), "{text}");
+    assert!(text.contains("dropped"), "{text}");
+}

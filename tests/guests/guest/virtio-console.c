@@ -10,7 +10,9 @@
  *           COM1 every 50 ms (a counter of loop rounds, which also advances while the device
  *           is gone);
  *   shell   an interactive line prompt on port 0: "guest> ", each line answered with
- *           "you typed: LINE", "exit" powers off.
+ *           "you typed: LINE", "exit" powers off;
+ *   hostile malformed control messages and buffers, one at a time, each of which must come
+ *           back unused, then one valid line on port 0.
  *
  * The output protocol, parameters and exit codes are documented in ../src/lib.rs.
  */
@@ -396,6 +398,107 @@ static void stream(uint64_t seconds)
 	print("console: stream done bytes=%lu buffers=%lu\n", pos, acked);
 }
 
+/* ---- hostile ---- */
+
+static void shell_write(const char *s);
+
+#define EXIT_HOSTILE        18
+#define BAD_ADDR_DEFAULT    0x300000000ull
+#define HOSTILE_DESC        60
+
+static uint8_t hostile_buf[64] __attribute__((aligned(64)));
+
+/* Puts a one- or two-descriptor chain at HOSTILE_DESC of `q`, waits (2 s) for the device to
+ * return it and checks it came back with `want_len` bytes written. */
+static void hostile_case(struct virtq *q, const char *name, uint64_t addr, uint32_t len,
+			 uint16_t flags, uint64_t addr2, uint32_t len2, uint32_t want_len)
+{
+	uint16_t d = HOSTILE_DESC;
+	if (len2) {
+		virtq_set_desc(q, d, addr, len, flags | VIRTQ_DESC_F_NEXT, d + 1);
+		virtq_set_desc(q, d + 1, addr2, len2, flags, 0);
+	} else {
+		virtq_set_desc(q, d, addr, len, flags, 0);
+	}
+	virtq_add(q, d);
+	virtq_kick(q);
+	uint64_t deadline = rdtsc() + 2 * hz;
+	for (;;) {
+		uint32_t id, ulen;
+		if (virtq_pop(q, &id, &ulen)) {
+			if (id < HOSTILE_DESC)
+				continue;       /* earlier ordinary traffic (the handshake) */
+			if (id != d)
+				die(EXIT_HOSTILE, "hostile %s: device returned descriptor %u", name, id);
+			if (ulen != want_len)
+				die(EXIT_HOSTILE, "hostile %s: returned len=%u, want %u", name, ulen,
+				    want_len);
+			print("console: hostile %s: returned len=%u\n", name, ulen);
+			return;
+		}
+		if (!wait_queues(&q, 1, deadline))
+			die(EXIT_HOSTILE, "hostile %s: never returned (status=0x%x)", name,
+			    virtio_status(&dev));
+	}
+}
+
+static void hostile(void)
+{
+	if (!multiport)
+		die(EXIT_BAD_PARAM, "hostile mode needs MULTIPORT");
+	uint64_t bad = BAD_ADDR_DEFAULT, ram_end = boot_ram_end();
+	if (ram_end > bad)
+		bad = (ram_end + (1ull << 30)) & ~((1ull << 30) - 1);
+	print("console: hostile: bad-address=0x%lx\n", bad);
+	struct virtq *cq = &queues[3], *cin = &queues[2];
+	uint64_t hb = (uint64_t)hostile_buf;
+	/* Let the handshake's last messages arrive first. */
+	uint64_t quiet = rdtsc() + hz / 5;
+	while ((int64_t)(rdtsc() - quiet) < 0)
+		ctrl_poll();
+	uint16_t cin_used = cin->used[1];
+	struct { const char *name; uint32_t id; uint16_t event, value; uint32_t len; } msgs[] = {
+		{ "unknown-event", 0, 99, 1, 8 },
+		{ "device-only-event", 0, C_DEVICE_ADD, 0, 8 },
+		{ "bad-port-ready", 9, C_PORT_READY, 1, 8 },
+		{ "bad-port-open", 0xffffffffu, C_PORT_OPEN, 1, 8 },
+		{ "short-message", 0, C_DEVICE_READY, 1, 4 },
+	};
+	for (unsigned i = 0; i < sizeof(msgs) / sizeof(msgs[0]); i++) {
+		memcpy(hostile_buf, &msgs[i].id, 4);
+		memcpy(hostile_buf + 4, &msgs[i].event, 2);
+		memcpy(hostile_buf + 6, &msgs[i].value, 2);
+		hostile_case(cq, msgs[i].name, hb, msgs[i].len, 0, 0, 0, 0);
+	}
+	hostile_case(cq, "control-outside-ram", bad, 8, 0, 0, 0, 0);
+	hostile_case(cq, "control-oversized", hb, 0xfffff000u, 0, 0, 0, 0);
+	hostile_case(cq, "control-device-writable", hb, 8, VIRTQ_DESC_F_WRITE, 0, 0, 0);
+	/* None of them may make the device say anything. */
+	uint64_t settle = rdtsc() + hz / 5;
+	while ((int64_t)(rdtsc() - settle) < 0)
+		cpu_relax();
+	if (cin->used[1] != cin_used)
+		die(EXIT_HOSTILE, "hostile: the device answered a bad control message");
+
+	struct virtq *tx = txq(0), *rx = rxq(0);
+	memcpy(hostile_buf, "LEAKED!!", 8);
+	hostile_case(tx, "tx-outside-ram", bad, 16, 0, 0, 0, 0);
+	hostile_case(tx, "tx-oversized", hb, 0xfffff000u, 0, 0, 0, 0);
+	hostile_case(tx, "tx-device-writable", hb, 8, VIRTQ_DESC_F_WRITE, 0, 0, 0);
+	hostile_case(tx, "tx-half-outside", hb, 8, 0, bad, 8, 0);
+	hostile_case(rx, "rx-device-readable", hb, 64, 0, 0, 0, 0);
+	hostile_case(rx, "rx-outside-ram", bad, 64, VIRTQ_DESC_F_WRITE, 0, 0, 0);
+
+	/* The device still works: a normal line on port 0. */
+	shell_write("after hostile\n");
+	uint64_t deadline = rdtsc() + 5 * hz;
+	uint32_t id, len;
+	while (!virtq_pop(tx, &id, &len))
+		if (!wait_queues(&tx, 1, deadline))
+			die(EXIT_HOSTILE, "hostile: valid output afterwards never returned");
+	print("console: hostile ok\n");
+}
+
 /* ---- shell ---- */
 
 static uint16_t shell_tx_next;
@@ -478,9 +581,9 @@ void guest_main(void)
 	cmdline_get("console.mode", mode, sizeof(mode));
 	cmdline_get("console.name", name, sizeof(name));
 	int is_echo = str_eq(mode, "echo"), is_stream = str_eq(mode, "stream"),
-	    is_shell = str_eq(mode, "shell");
-	if (!is_echo && !is_stream && !is_shell)
-		die(EXIT_BAD_PARAM, "bad console.mode=%s (echo, stream or shell)", mode);
+	    is_shell = str_eq(mode, "shell"), is_hostile = str_eq(mode, "hostile");
+	if (!is_echo && !is_stream && !is_shell && !is_hostile)
+		die(EXIT_BAD_PARAM, "bad console.mode=%s (echo, stream, shell or hostile)", mode);
 	uint64_t bytes = param("console.bytes", 1 << 20, 1, ~0ull >> 1);
 	uint64_t seconds = param("console.seconds", 5, 1, 3600);
 
@@ -500,6 +603,8 @@ void guest_main(void)
 		echo(port, bytes);
 	else if (is_stream)
 		stream(seconds);
+	else if (is_hostile)
+		hostile();
 	else
 		shell();
 	print("console: ok\n");

@@ -175,7 +175,7 @@
 //!
 //! | parameter | default | meaning |
 //! |---|---|---|
-//! | `console.mode` | `echo` | `echo`, `stream` or `shell` |
+//! | `console.mode` | `echo` | `echo`, `stream`, `shell` or `hostile` |
 //! | `console.name` | (none) | use the port with this name (needs MULTIPORT) |
 //! | `console.bytes` | 1048576 | echo: bytes to echo before finishing |
 //! | `console.seconds` | 5 | stream: seconds to write |
@@ -194,9 +194,23 @@
 //!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
 //!   port with `you typed: <line>\r\nguest> `; the line `exit` is answered with `bye\r\n`.
 //!
+//! * `hostile` (needs MULTIPORT): `console: hostile: bad-address=0x<a>` (0x3_0000_0000, or
+//!   the first GiB boundary at least 1 GiB past RAM), then one chain at a time, each of which
+//!   must be returned within 2 s with nothing written (`console: hostile <case>: returned
+//!   len=0`, else exit 18): on the control transmit queue `unknown-event` (event 99),
+//!   `device-only-event` (DEVICE_ADD from the driver), `bad-port-ready` (port 9),
+//!   `bad-port-open` (port 0xffffffff), `short-message` (4 bytes), `control-outside-ram`,
+//!   `control-oversized` (0xfffff000 bytes from a valid address), `control-device-writable`;
+//!   none may make the device send a control message. On port 0 `tx-outside-ram`,
+//!   `tx-oversized`, `tx-device-writable`, `tx-half-outside` (8 valid bytes `LEAKED!!`, then
+//!   8 outside RAM: nothing of it may be written anywhere), `rx-device-readable`,
+//!   `rx-outside-ram`. Then it writes `after hostile\n` on port 0 and prints `console:
+//!   hostile ok`.
+//!
 //! Every mode ends with `console: ok` and powers off. Exit codes: 10 no device, 11 bad
-//! capabilities, 12 features, 13 queue set-up, 14 bad parameter, 17 timeout, 19 protocol
-//! (bad used id or length, `max_nr_ports` the transport has no queues for).
+//! capabilities, 12 features, 13 queue set-up, 14 bad parameter, 17 timeout, 18 hostile case
+//! failed, 19 protocol (bad used id or length, `max_nr_ports` the transport has no queues
+//! for).
 
 use std::path::{Path, PathBuf};
 
