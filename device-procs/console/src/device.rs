@@ -30,8 +30,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 use crate::control::{Control, Header, HEADER};
 use crate::port::{Moved, Port};
 
-/// The most bytes moved per system call, and the size of each queue's copy buffer.
+/// The most bytes moved per system call into the log or out of the user side, and the size
+/// of each queue's copy buffer. Output to the user side goes straight from guest memory.
 pub const CHUNK: usize = 64 * 1024;
+/// Most guest buffers handed to one `writev`.
+const MAX_IOV: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainRefusal {
@@ -223,11 +226,21 @@ impl TxQueue {
             return true;
         }
         while cur.user_done < cur.total {
-            let n = (cur.total - cur.user_done).min(CHUNK as u64) as usize;
-            if !read_at(&cur.chain, &cur.segs, cur.user_done, &mut self.buf[..n]) {
+            let (_, rest) = chain::split_at(&cur.segs, cur.user_done);
+            let Ok(slices) = chain::host_slices(cur.chain.memory(), &rest) else {
                 return true;
-            }
-            match self.port.write(&self.buf[..n]) {
+            };
+            let iov: Vec<libc::iovec> = slices
+                .iter()
+                .take(MAX_IOV)
+                .map(|s| libc::iovec {
+                    iov_base: s.ptr_guard().as_ptr().cast_mut().cast::<libc::c_void>(),
+                    iov_len: s.len(),
+                })
+                .collect();
+            // SAFETY: the iovecs are slices of guest memory that `host_slices` checked to be
+            // inside the mapping; `cur.chain` holds that mapping (an Arc) for the whole call.
+            match unsafe { self.port.write_iov(&iov) } {
                 Moved::Bytes(k) => cur.user_done += k as u64,
                 Moved::WouldBlock => {
                     self.port.want(false);

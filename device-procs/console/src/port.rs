@@ -362,6 +362,42 @@ impl Port {
         }
     }
 
+    /// Writes guest output straight from guest memory (one `writev`, no copy here).
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe readable memory that stays mapped for the duration of the
+    /// call (slices of a guest memory mapping the caller holds).
+    pub unsafe fn write_iov(&self, iov: &[libc::iovec]) -> Moved {
+        let Some(mut ep) = self.endpoint() else {
+            return Moved::Detached;
+        };
+        let fd = match &*ep {
+            Endpoint::Socket { client: None, .. } => return Moved::Detached,
+            Endpoint::Socket {
+                client: Some(c), ..
+            } => c.as_raw_fd(),
+            Endpoint::Pty { master, .. } => master.as_raw_fd(),
+        };
+        // SAFETY: `fd` is open (owned by the endpoint, locked in `ep` for the call); the
+        // iovecs are readable and mapped per this function's contract, and writev only reads
+        // them; their count is bounded by the caller (at most IOV_MAX is checked by the
+        // kernel, which fails with EINVAL rather than reading more).
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        if n > 0 {
+            return Moved::Bytes(n as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.kind() {
+            ErrorKind::WouldBlock | ErrorKind::Interrupted if n < 0 => Moved::WouldBlock,
+            _ => {
+                log::info!("port {}: user side closed ({err})", self.id);
+                drop_client(&mut ep);
+                Moved::Closed
+            }
+        }
+    }
+
     /// Reads user input for the guest into `buf`.
     pub fn read(&self, buf: &mut [u8]) -> Moved {
         let Some(mut ep) = self.endpoint() else {

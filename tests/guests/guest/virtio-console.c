@@ -5,8 +5,8 @@
  *   echo    echoes everything a port receives back on the same port, buffer for buffer
  *           (receive buffer i becomes transmit buffer i, and is posted again once the device
  *           returns it), until console.bytes bytes went round; then reports their CRC-32;
- *   stream  writes a position pattern on port 0 for console.seconds seconds (or until input
- *           arrives on the port), as fast as the device takes it, printing a tick line on
+ *   stream  writes a position pattern on its port for console.seconds seconds (or until
+ *           input arrives on the port), as fast as the device takes it, printing a tick line on
  *           COM1 every 50 ms (a counter of loop rounds, which also advances while the device
  *           is gone);
  *   shell   an interactive line prompt on port 0: "guest> ", each line answered with
@@ -64,6 +64,7 @@ static uint8_t ctrl_in[CTRL_BUFS][CTRL_BUF] __attribute__((aligned(64)));
 static uint8_t ctrl_out[QSIZE][8] __attribute__((aligned(64)));
 static uint16_t ctrl_out_next;
 static unsigned ports_added;
+static uint8_t port_added[MAX_PORTS];
 static char port_names[MAX_PORTS][CTRL_BUF];
 
 static uint8_t echo_buf[ECHO_BUFS][ECHO_BUF] __attribute__((aligned(4096)));
@@ -175,6 +176,7 @@ static void ctrl_poll(void)
 			if (port >= nports)
 				die(EXIT_PROTOCOL, "DEVICE_ADD for port %u of %u", port, nports);
 			ports_added++;
+			port_added[port] = 1;
 			ctrl_send(port, C_PORT_READY, 1);
 			break;
 		case C_CONSOLE_PORT:
@@ -207,8 +209,8 @@ static void ctrl_poll(void)
 		virtq_kick(q);
 }
 
-/* DEVICE_READY, then PORT_READY for every port the device adds; waits (bounded) until all
- * ports are added and, if `want_name`, until some port has that name. Returns its id. */
+/* DEVICE_READY, then PORT_READY for every port the device adds; waits (bounded) until port 0
+ * is added or, if `want_name`, until an added port has that name. Returns its id. */
 static unsigned handshake(const char *want_name)
 {
 	for (uint16_t i = 0; i < CTRL_BUFS; i++)
@@ -219,13 +221,13 @@ static unsigned handshake(const char *want_name)
 	struct virtq *cq = &queues[2];
 	for (;;) {
 		ctrl_poll();
-		if (ports_added >= nports) {
-			if (!want_name[0])
-				return 0;
-			for (unsigned p = 0; p < nports; p++)
-				if (str_eq(port_names[p], want_name))
-					return p;
-		}
+		/* A device need not add every port max_nr_ports allows (QEMU adds only those that
+		 * exist): wait for the one wanted, port 0 by default. */
+		if (!want_name[0] && port_added[0])
+			return 0;
+		for (unsigned p = 0; want_name[0] && p < nports; p++)
+			if (port_added[p] && str_eq(port_names[p], want_name))
+				return p;
 		if (!wait_queues(&cq, 1, deadline))
 			die(EXIT_TIMEOUT, "handshake: %u of %u ports added, no port named '%s'",
 			    ports_added, nports, want_name);
@@ -332,9 +334,9 @@ static uint32_t next_len(void)
 	return (uint32_t)(rng % STREAM_MAX) + 1;
 }
 
-static void stream(uint64_t seconds)
+static void stream(unsigned port, uint64_t seconds, int fill)
 {
-	struct virtq *tx = txq(0);
+	struct virtq *tx = txq(port);
 	uint16_t free_slots[STREAM_SLOTS];
 	unsigned nfree = 0;
 	for (unsigned i = 0; i < STREAM_SLOTS; i++)
@@ -346,7 +348,7 @@ static void stream(uint64_t seconds)
 	 * device is gone and nothing else interrupts. */
 	lapic_timer_periodic(VIRTIO_TIMER_VECTOR, 625000);
 	/* Anything arriving on the port ends the stream early. */
-	struct virtq *rx = rxq(0);
+	struct virtq *rx = rxq(port);
 	virtq_set_desc(rx, 0, (uint64_t)shell_in[0], SHELL_BUF, VIRTQ_DESC_F_WRITE, 0);
 	virtq_add(rx, 0);
 	virtq_kick(rx);
@@ -357,7 +359,8 @@ static void stream(uint64_t seconds)
 		while ((int64_t)(rdtsc() - end) < 0 && nfree) {
 			uint16_t s = free_slots[--nfree];
 			uint32_t len = next_len();
-			fill_stream(stream_buf[s], pos, len);
+			if (fill)
+				fill_stream(stream_buf[s], pos, len);
 			uint16_t d = (uint16_t)(2 * s);
 			if (len > 1024) {
 				/* Two descriptors: the device must join them. */
@@ -586,6 +589,7 @@ void guest_main(void)
 		die(EXIT_BAD_PARAM, "bad console.mode=%s (echo, stream, shell or hostile)", mode);
 	uint64_t bytes = param("console.bytes", 1 << 20, 1, ~0ull >> 1);
 	uint64_t seconds = param("console.seconds", 5, 1, 3600);
+	int fill = (int)param("console.fill", 1, 0, 1);
 
 	lapic_enable();
 	hz = tsc_hz();
@@ -602,7 +606,7 @@ void guest_main(void)
 	if (is_echo)
 		echo(port, bytes);
 	else if (is_stream)
-		stream(seconds);
+		stream(port, seconds, fill);
 	else if (is_hostile)
 		hostile();
 	else

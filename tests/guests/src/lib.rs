@@ -169,7 +169,8 @@
 //! sends DEVICE_READY, answers each DEVICE_ADD with PORT_READY, and prints what the device
 //! tells it: `console: port <id> is the console`, `console: port <id> name=<name>`,
 //! `console: port <id> host-open=<0|1>`, `console: resize port=<id> cols=<c> rows=<r>`. It
-//! then uses port 0, or the port named `console.name` (waiting up to 10 s for it), sends
+//! then uses port 0, or the port named `console.name` (waiting up to 10 s for it to be
+//! added and named), sends
 //! PORT_OPEN 1 for it and prints `console: features=0x<f> multiport=<0|1> ports=<n>
 //! queues=<transport>` (after set-up) and `console: mode=<mode> port=<id>`.
 //!
@@ -179,16 +180,17 @@
 //! | `console.name` | (none) | use the port with this name (needs MULTIPORT) |
 //! | `console.bytes` | 1048576 | echo: bytes to echo before finishing |
 //! | `console.seconds` | 5 | stream: seconds to write |
+//! | `console.fill` | 1 | stream: 0 sends the buffers without writing the pattern into them (for throughput measurements, where the guest's own filling would be the limit) |
 //!
 //! * `echo`: 16 receive buffers of 4 KiB; each filled buffer is sent back as it is (one
 //!   transmit chain) and posted again when the device returns it. After `console.bytes`
 //!   bytes: `console: echoed bytes=<n> crc=<CRC-32 of them, 8 hex digits>`. No progress for
 //!   60 s: exit 17.
-//! * `stream`: transmit chains of 1 to 65536 bytes (xorshift lengths; over 1 KiB split into
+//! * `stream` (on the chosen port): transmit chains of 1 to 65536 bytes (xorshift lengths; over 1 KiB split into
 //!   two descriptors), 8 in flight, carrying the stream whose byte `p` is byte `p % 4` of the
 //!   little-endian u32 `p / 4`. Every 50 ms `console: tick rounds=<loop rounds> sent=<bytes
 //!   queued> buffers-done=<returned>` (rounds advance on a 10 ms timer even when the device
-//!   is gone). Input on port 0 ends the stream early (`console: stream stopped by input`). At
+//!   is gone). Input on the port ends the stream early (`console: stream stopped by input`). At
 //!   the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
 //! * `shell`: writes `guest> ` on the port, prints `console: shell ready`; each line the user
 //!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
