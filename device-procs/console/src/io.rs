@@ -113,7 +113,12 @@ impl Io {
                     if !port.rdhup_noted.load(Ordering::Acquire) {
                         events |= libc::POLLRDHUP;
                     }
-                    client.as_ref().map(|c| c.as_raw_fd())
+                    // A client that hung up with input left is not watched until a queue
+                    // wants it: poll would report the hang-up (which it cannot mask) forever.
+                    client
+                        .as_ref()
+                        .filter(|_| events != 0)
+                        .map(|c| c.as_raw_fd())
                 }
                 Endpoint::Pty { master, .. } => Some(master.as_raw_fd()),
             };

@@ -197,3 +197,67 @@ fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
     drop(fe);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// CPU time (user + system, in clock ticks) of process `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which ends with ')'): utime and stime are 12 and 13.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
+    let d = dir().join("wait");
+    std::fs::create_dir_all(&d).unwrap();
+    let vu = d.join("vu.sock");
+    let p0 = d.join("p0.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
+        .arg("--socket")
+        .arg(&vu)
+        .arg("--port")
+        .arg(format!("socket={}", p0.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let ram = GuestRam::new(RAM);
+    let mem = ram.memory();
+    let mut fe = connect(&vu, 2, WAIT);
+    negotiate(
+        &mut fe,
+        VERSION_1,
+        isola_device_common::offered_protocol_features(),
+    );
+    fe.set_mem_table(&[ram.region()]).unwrap();
+    let mut q: Vec<SplitQueue> = (0..2)
+        .map(|i| SplitQueue::new(i, 16, GuestAddress(0x1000 * (1 + 2 * u64::from(i)))))
+        .collect();
+    for queue in &q {
+        start_queue(&mut fe, queue, &ram, 0);
+    }
+    // A user types and hangs up while the guest has no receive buffer posted.
+    let mut user = UnixStream::connect(&p0).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    user.write_all(b"typed early").unwrap();
+    drop(user);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(proc.0.id());
+    std::thread::sleep(Duration::from_millis(1000));
+    let spent = cpu_ticks(proc.0.id()) - before;
+    assert!(
+        spent <= 10,
+        "isola-console used {spent} ticks in 1 s while idle"
+    );
+    // The guest posts a buffer: the input was kept, in the kernel, and arrives whole.
+    let head = q[0].add(mem, &[(GuestAddress(0x20_000), 64, true)]);
+    q[0].publish(mem, head);
+    q[0].kick();
+    assert!(q[0].wait_used(mem, 1, WAIT));
+    assert_eq!(q[0].used_elem(mem, 0), (u32::from(head), 11));
+    let mut got = [0u8; 11];
+    mem.read_slice(&mut got, GuestAddress(0x20_000)).unwrap();
+    assert_eq!(&got, b"typed early");
+    drop(fe);
+}
