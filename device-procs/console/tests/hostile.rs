@@ -29,8 +29,11 @@ impl Drop for Proc {
     }
 }
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("isola-console-hostile-{}", std::process::id()));
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "isola-console-hostile-{}-{test}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -45,7 +48,7 @@ fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
 
 #[test]
 fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
-    let d = dir();
+    let d = dir("driver");
     let vu = d.join("vu.sock");
     let p0 = d.join("p0.sock");
     let log = d.join("p1.log");
@@ -209,8 +212,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
-    let d = dir().join("wait");
-    std::fs::create_dir_all(&d).unwrap();
+    let d = dir("wait");
     let vu = d.join("vu.sock");
     let p0 = d.join("p0.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
@@ -260,4 +262,5 @@ fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
     mem.read_slice(&mut got, GuestAddress(0x20_000)).unwrap();
     assert_eq!(&got, b"typed early");
     drop(fe);
+    let _ = std::fs::remove_dir_all(&d);
 }
