@@ -19,6 +19,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("triple-fault", false, &[]),
     ("virtio-blk", false, &["virtio.c"]),
     ("virtio-gpu", false, &["virtio.c"]),
+    ("virtio-console", false, &["virtio.c"]),
 ];
 
 /// Objects linked into every guest.

@@ -166,6 +166,22 @@ impl Core {
         ))
     }
 
+    /// Every serial line that arrives within `window` (the core may be running or gone).
+    pub fn lines_for(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    out.push(line);
+                }
+                Err(_) => return out,
+            }
+        }
+    }
+
     /// Asserts that no serial line arrives within `window`.
     pub fn assert_quiet(&mut self, window: Duration) {
         if let Ok(line) = self.lines.recv_timeout(window) {
@@ -261,6 +277,7 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+pub mod console;
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
 pub mod supervisor;
 

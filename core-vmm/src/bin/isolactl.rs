@@ -12,7 +12,7 @@ use isola_ipc::{ControlRequest, ControlResponse};
 #[derive(Debug, Parser)]
 #[command(name = "isolactl", version, about = "Control a running Isola VM")]
 struct Cli {
-    /// The core's control socket (its --control-socket).
+    /// The core's control socket (its --control-socket); not needed by `console`.
     #[arg(long, short = 's', env = "ISOLA_CONTROL_SOCKET")]
     socket: Option<PathBuf>,
     /// The supervisor's control socket (isola-supervisor --control).
@@ -79,6 +79,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         scanout: u32,
     },
+    /// Attach this terminal to a console port's Unix socket (isola-console --port
+    /// socket=PATH). The terminal is raw while attached; Ctrl-] detaches.
+    Console {
+        /// The port's socket.
+        path: PathBuf,
+    },
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -111,6 +117,7 @@ fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Res
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
+        Command::Console { ref path } => return console::attach(path),
         Command::Screenshot { ref out, scanout } => {
             return screenshot(cli.display_socket(), out, scanout)
         }
@@ -218,6 +225,97 @@ fn print_daemon(d: &DaemonStatus) {
 fn same_path(a: &str, b: &str) -> bool {
     let canonical = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
     a == b || canonical(a) == canonical(b)
+}
+
+mod console {
+    //! `isolactl console PATH`: the terminal <-> a console port's socket, byte for byte.
+
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    use anyhow::Context;
+
+    /// Ctrl-]: detach, as telnet does.
+    const DETACH: u8 = 0x1d;
+
+    /// Puts stdin in raw mode while alive (if it is a terminal) and restores it when dropped.
+    struct RawTerminal(Option<libc::termios>);
+
+    impl RawTerminal {
+        fn new() -> RawTerminal {
+            // SAFETY: `termios` is plain data; an all-zero value is valid and is overwritten
+            // by tcgetattr before use.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: tcgetattr writes one termios through the pointer, which points at
+            // `saved`, a live local; on a non-terminal stdin it fails and writes nothing.
+            if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+                return RawTerminal(None);
+            }
+            let mut raw = saved;
+            // SAFETY: cfmakeraw only edits the termios it is given, a live local copy.
+            unsafe { libc::cfmakeraw(&mut raw) };
+            // SAFETY: tcsetattr reads one termios from the pointer, a live local.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+            RawTerminal(Some(saved))
+        }
+    }
+
+    impl Drop for RawTerminal {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                // SAFETY: tcsetattr reads one termios from the pointer, which points at the
+                // settings saved by `new`, alive in `self`.
+                unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+            }
+        }
+    }
+
+    pub fn attach(path: &Path) -> anyhow::Result<()> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("cannot connect to {}", path.display()))?;
+        let mut from_guest = stream.try_clone().context("cannot clone the socket")?;
+        eprintln!(
+            "isolactl: attached to {}; Ctrl-] detaches\r",
+            path.display()
+        );
+        let raw = RawTerminal::new();
+        let output = std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            let mut out = std::io::stdout();
+            loop {
+                match from_guest.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut to_guest = stream;
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let (data, detach) = match buf[..n].iter().position(|&b| b == DETACH) {
+                Some(at) => (&buf[..at], true),
+                None => (&buf[..n], false),
+            };
+            if to_guest.write_all(data).is_err() || detach {
+                break;
+            }
+        }
+        let _ = to_guest.shutdown(std::net::Shutdown::Both);
+        let _ = output.join();
+        drop(raw);
+        eprintln!("isolactl: detached");
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {

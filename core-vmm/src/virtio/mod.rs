@@ -72,11 +72,22 @@ impl DeviceKind {
         if let (DeviceKind::Block, Some(field)) = (self, config.get_mut(BLK_CONFIG_NUM_QUEUES)) {
             field.copy_from_slice(&num_queues.to_le_bytes());
         }
+        // A MULTIPORT console driver sets up 2 queues per port plus the control pair, as many
+        // ports as `max_nr_ports` says: never more than the transport has queues for.
+        if let (DeviceKind::Console, Some(field)) =
+            (self, config.get_mut(CONSOLE_CONFIG_MAX_NR_PORTS))
+        {
+            let asked = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+            let fits = u32::from(num_queues.saturating_sub(2) / 2).max(1);
+            field.copy_from_slice(&asked.min(fits).to_le_bytes());
+        }
     }
 }
 
 /// `num_queues` (u16) in `struct virtio_blk_config`.
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
+/// `max_nr_ports` (u32) in `struct virtio_console_config`.
+const CONSOLE_CONFIG_MAX_NR_PORTS: std::ops::Range<usize> = 4..8;
 
 /// One `--device` option: `KIND,socket=PATH[,queues=N][,display=PATH]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +241,23 @@ mod tests {
         let mut net = vec![0xaa; 24];
         DeviceKind::Net.fix_config(&mut net, 3);
         assert_eq!(net, vec![0xaa; 24]);
+    }
+
+    #[test]
+    fn console_max_nr_ports_fits_the_transport() {
+        let config = |ports: u32| {
+            let mut c = vec![0u8; 12];
+            c[4..8].copy_from_slice(&ports.to_le_bytes());
+            c
+        };
+        let ports = |c: &[u8]| u32::from_le_bytes(c[4..8].try_into().unwrap());
+        let mut c = config(3);
+        DeviceKind::Console.fix_config(&mut c, 8);
+        assert_eq!(ports(&c), 3, "2 * 3 + 2 queues: all three fit");
+        DeviceKind::Console.fix_config(&mut c, 6);
+        assert_eq!(ports(&c), 2);
+        DeviceKind::Console.fix_config(&mut c, 2);
+        assert_eq!(ports(&c), 1);
     }
 
     #[test]

@@ -213,6 +213,60 @@
 //! or display too large, 15 a valid command failed, 17 timeout, 18 hostile case answered
 //! wrongly or not at all, 19 protocol violation.
 
+//!
+//! # `virtio-console` ([`VIRTIO_CONSOLE_ELF`])
+//!
+//! Drives the first virtio-console function (0x1af4:0x1043, `guest/virtio-console.c`): offers
+//! VERSION_1 and MULTIPORT; with MULTIPORT it reads `max_nr_ports` (at most 4), sets up
+//! 2 x ports + 2 queues of up to 64 entries (all on MSI-X entry 1), posts 16 control buffers,
+//! sends DEVICE_READY, answers each DEVICE_ADD with PORT_READY, and prints what the device
+//! tells it: `console: port <id> is the console`, `console: port <id> name=<name>`,
+//! `console: port <id> host-open=<0|1>`, `console: resize port=<id> cols=<c> rows=<r>`. It
+//! then uses port 0, or the port named `console.name` (waiting up to 10 s for it to be
+//! added and named), sends
+//! PORT_OPEN 1 for it and prints `console: features=0x<f> multiport=<0|1> ports=<n>
+//! queues=<transport>` (after set-up) and `console: mode=<mode> port=<id>`.
+//!
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `console.mode` | `echo` | `echo`, `stream`, `shell` or `hostile` |
+//! | `console.name` | (none) | use the port with this name (needs MULTIPORT) |
+//! | `console.bytes` | 1048576 | echo: bytes to echo before finishing |
+//! | `console.seconds` | 5 | stream: seconds to write |
+//! | `console.fill` | 1 | stream: 0 sends the buffers without writing the pattern into them (for throughput measurements, where the guest's own filling would be the limit) |
+//!
+//! * `echo`: 16 receive buffers of 4 KiB; each filled buffer is sent back as it is (one
+//!   transmit chain) and posted again when the device returns it. After `console.bytes`
+//!   bytes: `console: echoed bytes=<n> crc=<CRC-32 of them, 8 hex digits>`. No progress for
+//!   60 s: exit 17.
+//! * `stream` (on the chosen port): transmit chains of 1 to 65536 bytes (xorshift lengths; over 1 KiB split into
+//!   two descriptors), 8 in flight, carrying the stream whose byte `p` is byte `p % 4` of the
+//!   little-endian u32 `p / 4`. Every 50 ms `console: tick rounds=<loop rounds> sent=<bytes
+//!   queued> buffers-done=<returned>` (rounds advance on a 10 ms timer even when the device
+//!   is gone). Input on the port ends the stream early (`console: stream stopped by input`). At
+//!   the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
+//! * `shell`: writes `guest> ` on the port, prints `console: shell ready`; each line the user
+//!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
+//!   port with `you typed: <line>\r\nguest> `; the line `exit` is answered with `bye\r\n`.
+//!
+//! * `hostile` (needs MULTIPORT): `console: hostile: bad-address=0x<a>` (0x3_0000_0000, or
+//!   the first GiB boundary at least 1 GiB past RAM), then one chain at a time, each of which
+//!   must be returned within 2 s with nothing written (`console: hostile <case>: returned
+//!   len=0`, else exit 18): on the control transmit queue `unknown-event` (event 99),
+//!   `device-only-event` (DEVICE_ADD from the driver), `bad-port-ready` (port 9),
+//!   `bad-port-open` (port 0xffffffff), `short-message` (4 bytes), `control-outside-ram`,
+//!   `control-oversized` (0xfffff000 bytes from a valid address), `control-device-writable`;
+//!   none may make the device send a control message. On port 0 `tx-outside-ram`,
+//!   `tx-oversized`, `tx-device-writable`, `tx-half-outside` (8 valid bytes `LEAKED!!`, then
+//!   8 outside RAM: nothing of it may be written anywhere), `rx-device-readable`,
+//!   `rx-outside-ram`. Then it writes `after hostile\n` on port 0 and prints `console:
+//!   hostile ok`.
+//!
+//! Every mode ends with `console: ok` and powers off. Exit codes: 10 no device, 11 bad
+//! capabilities, 12 features, 13 queue set-up, 14 bad parameter, 17 timeout, 18 hostile case
+//! failed, 19 protocol (bad used id or length, `max_nr_ports` the transport has no queues
+//! for).
+
 use std::path::{Path, PathBuf};
 
 pub mod elf;
@@ -229,6 +283,8 @@ pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf")
 pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
 /// `virtio-gpu` as an ELF with a PVH note.
 pub const VIRTIO_GPU_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-gpu.elf");
+/// `virtio-console` as an ELF with a PVH note.
+pub const VIRTIO_CONSOLE_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-console.elf");
 
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
@@ -238,6 +294,7 @@ pub const IMAGES: &[&str] = &[
     "triple-fault.elf",
     "virtio-blk.elf",
     "virtio-gpu.elf",
+    "virtio-console.elf",
 ];
 
 /// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
