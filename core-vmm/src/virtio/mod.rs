@@ -75,6 +75,19 @@ impl DeviceKind {
     }
 }
 
+impl DeviceKind {
+    /// Bytes of the configuration space that the driver writes and the device answers: for
+    /// virtio-input, `select` and `subsel`, which choose what the rest of the space shows.
+    /// The core reads the configuration back after every driver write, and replays these
+    /// bytes to a restarted backend before comparing its configuration with the old one.
+    pub fn driver_config(self) -> std::ops::Range<usize> {
+        match self {
+            DeviceKind::Input => 0..2,
+            _ => 0..0,
+        }
+    }
+}
+
 /// `num_queues` (u16) in `struct virtio_blk_config`.
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
 
