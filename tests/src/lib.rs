@@ -259,6 +259,8 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+pub mod input;
+
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
 pub mod qsd {
     use std::fs::File;

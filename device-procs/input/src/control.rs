@@ -183,10 +183,16 @@ mod tests {
     use super::*;
     use crate::config::EV_SYN;
 
+    /// Devices that have delivered their opening SYN.
     fn targets(limit: usize) -> Targets {
+        let fresh = |kind| {
+            let events = Arc::new(Events::new(kind, limit).unwrap());
+            assert_eq!(events.drain(), vec![InputEvent::syn()]);
+            Some(events)
+        };
         Targets {
-            keyboard: Some(Arc::new(Events::new(Kind::Keyboard, limit).unwrap())),
-            tablet: Some(Arc::new(Events::new(Kind::Tablet, limit).unwrap())),
+            keyboard: fresh(Kind::Keyboard),
+            tablet: fresh(Kind::Tablet),
         }
     }
 
@@ -263,34 +269,45 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_whole_reports_and_keeps_button_state() {
-        let t = targets(5);
+        let t = targets(8);
         let key = |code| InputRequest::Key {
             code,
             pressed: true,
         };
-        assert_eq!(handle(&t, key(30)), InputResponse::Done);
-        assert_eq!(handle(&t, key(31)), InputResponse::Done);
-        let InputResponse::Error(why) = handle(&t, key(32)) else {
-            panic!("5 events fit, 6 do not");
+        for code in 30..34 {
+            assert_eq!(handle(&t, key(code)), InputResponse::Done);
+        }
+        let InputResponse::Error(why) = handle(&t, key(34)) else {
+            panic!("8 events fit, 10 do not");
         };
-        assert!(why.contains("keyboard has 4 events waiting"), "{why}");
+        assert!(why.contains("keyboard has 8 events waiting"), "{why}");
         let pointer = |buttons| InputRequest::Pointer {
             x: 1,
             y: 2,
             buttons,
         };
-        // 4 events (x, y, left, syn) fit; the next press of right (5 events) does not, and
-        // since it was refused, the left button is still recorded as down.
-        assert_eq!(handle(&t, pointer(BUTTON_LEFT)), InputResponse::Done);
-        assert!(matches!(
-            handle(&t, pointer(BUTTON_RIGHT)),
-            InputResponse::Error(_)
-        ));
         let tablet = t.tablet.as_ref().unwrap();
-        assert_eq!(tablet.pending_count(), 4);
+        // The first report states every button (x, y, 3 buttons, syn).
+        assert_eq!(handle(&t, pointer(0)), InputResponse::Done);
+        assert_eq!(tablet.pending_count(), 6);
         match handle(&t, InputRequest::Status) {
-            InputResponse::Status(s) => assert_eq!(s.pending, 8),
+            InputResponse::Status(s) => assert_eq!(s.pending, 14),
             other => panic!("{other:?}"),
         }
+        // Pressing left (4 events) does not fit; since it was refused, left is still up.
+        assert!(matches!(
+            handle(&t, pointer(BUTTON_LEFT)),
+            InputResponse::Error(_)
+        ));
+        tablet.drain();
+        assert_eq!(handle(&t, pointer(0)), InputResponse::Done);
+        assert_eq!(
+            tablet.drain(),
+            vec![
+                InputEvent::new(EV_ABS, ABS_X, 1),
+                InputEvent::new(EV_ABS, ABS_Y, 2),
+                InputEvent::syn()
+            ]
+        );
     }
 }

@@ -83,8 +83,9 @@ pub enum EventsError {
 struct EventsState {
     pending: VecDeque<InputEvent>,
     delivered: u64,
-    /// Pointer buttons (RFB mask bits) as of the last report queued, for edge detection.
-    buttons: u8,
+    /// Pointer buttons (RFB mask bits) as of the last report queued, for edge detection;
+    /// `None` until the first one, since a predecessor process may have left any held.
+    buttons: Option<u8>,
     leds: u8,
 }
 
@@ -99,13 +100,21 @@ pub struct Events {
 }
 
 impl Events {
+    /// The queue starts with one SYN_REPORT: if this process replaces one that was killed
+    /// in the middle of a report, the guest has that report's first events but not its SYN,
+    /// and this SYN closes it before any new event (so two reports never merge). With no
+    /// report open, the guest sees an empty report, which Linux's input core drops.
     pub fn new(kind: Kind, limit: usize) -> std::io::Result<Self> {
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(std::io::Error::from)?;
+        let state = EventsState {
+            pending: VecDeque::from([InputEvent::syn()]),
+            ..EventsState::default()
+        };
         Ok(Events {
             kind,
             limit,
-            state: Mutex::new(EventsState::default()),
+            state: Mutex::new(state),
             wake,
         })
     }
@@ -124,16 +133,18 @@ impl Events {
         self.push_with(|_| Ok(report.to_vec()))
     }
 
-    /// Builds a report from the current pointer button state and queues it; `build` returns
-    /// the events and the new button state is set only if the report is accepted.
+    /// Builds a report from the button state of the last report and queues it; `build`
+    /// returns the events and the new button state is set only if the report is accepted.
+    /// Before the first report the state is unknown, so `build` gets `!buttons` and states
+    /// every button.
     pub fn push_pointer(
         &self,
         buttons: u8,
         build: impl FnOnce(u8) -> Vec<InputEvent>,
     ) -> Result<(), EventsError> {
         self.push_with(|state| {
-            let report = build(state.buttons);
-            state.buttons = buttons;
+            let report = build(state.buttons.unwrap_or(!buttons));
+            state.buttons = Some(buttons);
             Ok(report)
         })
     }
@@ -179,6 +190,12 @@ impl Events {
         let mut state = self.lock();
         state.pending.pop_front();
         state.delivered += 1;
+    }
+
+    /// Test aid: takes every pending event, as if the guest had.
+    #[cfg(test)]
+    pub(crate) fn drain(&self) -> Vec<InputEvent> {
+        self.lock().pending.drain(..).collect()
     }
 
     /// Events handed to the guest so far.

@@ -87,6 +87,13 @@ impl Rig {
     }
 }
 
+/// Events of a process that has delivered its opening SYN.
+fn fresh(kind: Kind, limit: usize) -> Arc<Events> {
+    let events = Arc::new(Events::new(kind, limit).unwrap());
+    assert_eq!(events.drain(), vec![InputEvent::syn()]);
+    events
+}
+
 fn key(code: u16, pressed: bool) -> Vec<InputEvent> {
     vec![
         InputEvent::new(EV_KEY, code, u32::from(pressed)),
@@ -97,7 +104,7 @@ fn key(code: u16, pressed: bool) -> Vec<InputEvent> {
 #[test]
 fn events_fill_posted_buffers_in_order() {
     let mut rig = Rig::new();
-    let events = Arc::new(Events::new(Kind::Keyboard, 64).unwrap());
+    let events = fresh(Kind::Keyboard, 64);
     let mut handler = EventQueue::new(Arc::clone(&events));
     // No events: nothing is taken, however many buffers there are.
     for i in 0..3 {
@@ -132,7 +139,7 @@ fn events_fill_posted_buffers_in_order() {
 #[test]
 fn hostile_event_buffers_are_returned_empty_and_the_event_waits() {
     let mut rig = Rig::new();
-    let events = Arc::new(Events::new(Kind::Tablet, 64).unwrap());
+    let events = fresh(Kind::Tablet, 64);
     let mut handler = EventQueue::new(Arc::clone(&events));
     events
         .push(&[InputEvent::new(3, 0, 77), InputEvent::syn()])
@@ -181,7 +188,7 @@ fn hostile_event_buffers_are_returned_empty_and_the_event_waits() {
 #[test]
 fn status_queue_takes_leds_and_survives_garbage() {
     let mut rig = Rig::new();
-    let events = Arc::new(Events::new(Kind::Keyboard, 64).unwrap());
+    let events = fresh(Kind::Keyboard, 64);
     let mut handler = StatusQueue::new(Arc::clone(&events));
     let put_event = |rig: &Rig, at: u64, e: InputEvent| {
         rig.mem
@@ -215,7 +222,7 @@ fn status_queue_takes_leds_and_survives_garbage() {
     rig.run(&mut handler);
     assert_eq!(events.leds(), 0);
     // A tablet ignores LED events.
-    let tablet = Arc::new(Events::new(Kind::Tablet, 64).unwrap());
+    let tablet = fresh(Kind::Tablet, 64);
     let mut handler = StatusQueue::new(Arc::clone(&tablet));
     put_event(&rig, BUFS + 0x100, InputEvent::new(EV_LED, LED_CAPSL, 1));
     rig.post(&[(BUFS + 0x100, 8, false)]);
@@ -225,7 +232,7 @@ fn status_queue_takes_leds_and_survives_garbage() {
 
 #[test]
 fn the_queue_bound_refuses_whole_reports() {
-    let events = Events::new(Kind::Keyboard, 3).unwrap();
+    let events = fresh(Kind::Keyboard, 3);
     events.push(&key(30, true)).unwrap();
     assert!(matches!(
         events.push(&key(30, false)),
@@ -240,4 +247,19 @@ fn the_queue_bound_refuses_whole_reports() {
         events.push(&[InputEvent::syn(); 4]),
         Err(EventsError::TooLarge(4))
     );
+}
+
+#[test]
+fn a_new_process_first_closes_a_report_its_predecessor_left_open() {
+    let mut rig = Rig::new();
+    let events = Arc::new(Events::new(Kind::Keyboard, 64).unwrap());
+    let mut handler = EventQueue::new(Arc::clone(&events));
+    events.push(&key(30, true)).unwrap();
+    for i in 0..3 {
+        rig.post(&[(BUFS + 8 * i, 8, true)]);
+    }
+    rig.run(&mut handler);
+    assert_eq!(rig.event_at(BUFS), InputEvent::syn());
+    assert_eq!(rig.event_at(BUFS + 8), InputEvent::new(EV_KEY, 30, 1));
+    assert_eq!(rig.event_at(BUFS + 16), InputEvent::syn());
 }
