@@ -194,6 +194,17 @@ mod tests {
     }
 
     #[test]
+    fn only_input_has_driver_written_config() {
+        assert_eq!(DeviceKind::Input.driver_config(), 0..2);
+        for kind in DeviceKind::ALL
+            .into_iter()
+            .filter(|k| *k != DeviceKind::Input)
+        {
+            assert!(kind.driver_config().is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
     fn only_supported_transport_features_are_offered() {
         let all = u64::MAX;
         let offered = DeviceKind::Block.offerable(all);

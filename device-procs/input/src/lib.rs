@@ -106,9 +106,34 @@ impl Config {
                 Kind::Keyboard => targets.keyboard = Some(Arc::clone(&events)),
                 Kind::Tablet => targets.tablet = Some(Arc::clone(&events)),
             }
-            devices.push((Arc::new(InputDevice::new(events)), bind(path)?));
+            devices.push((Arc::new(InputDevice::new(events)), path.clone()));
         }
-        let control = bind(&cli.control_socket)?;
+        // Sockets last, and all or none, so that bad input leaves no socket file behind.
+        let mut bound: Vec<PathBuf> = Vec::new();
+        let mut listen = |path: &PathBuf| -> Result<UnixListener, ConfigError> {
+            match bind(path) {
+                Ok(listener) => {
+                    bound.push(path.clone());
+                    Ok(listener)
+                }
+                Err(e) => {
+                    for path in &bound {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Err(e.into())
+                }
+            }
+        };
+        let mut listeners = Vec::new();
+        for (_, path) in &devices {
+            listeners.push(listen(path)?);
+        }
+        let control = listen(&cli.control_socket)?;
+        let devices = devices
+            .into_iter()
+            .map(|(device, _)| device)
+            .zip(listeners)
+            .collect();
         Ok(Config {
             devices,
             control,
