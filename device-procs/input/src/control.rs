@@ -7,6 +7,7 @@
 //! frame gets an error answer and the connection is closed; at most [`MAX_CLIENTS`]
 //! connections are served at once, further ones are closed at once.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use isola_ipc::input::{
     INPUT_ABS_MAX,
 };
 use isola_ipc::IpcError;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::config::{
     Kind, ABS_X, ABS_Y, BTN_LEFT, BTN_MIDDLE, BTN_RIGHT, EV_ABS, EV_KEY, EV_REL, REL_HWHEEL,
@@ -26,7 +28,7 @@ use crate::device::{Events, InputEvent};
 
 /// Control connections served at once.
 pub const MAX_CLIENTS: usize = 16;
-/// A client that sends half a frame and stalls is dropped after this long.
+/// A client that sends part of a frame and stalls is dropped after this long.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// RFB pointer-mask bits for the wheel: up, down, left, right (one step per press).
@@ -121,11 +123,20 @@ fn status(targets: &Targets) -> InputStatus {
     }
 }
 
-/// Serves one client until it closes the connection or sends something malformed.
+/// Serves one client until it closes the connection or sends something malformed. A client
+/// may stay idle between requests for as long as it likes (a VNC server keeps one
+/// connection), but a frame it has started must arrive within [`READ_TIMEOUT`].
 fn serve_client(targets: &Targets, mut stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     loop {
+        // Wait for the first byte of the next frame (or the end of the connection).
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return,
+        }
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
         let request: InputRequest = match isola_ipc::read_message(&mut stream) {
             Ok(request) => request,
             Err(IpcError::Closed) => return,
