@@ -69,6 +69,16 @@ impl IsolaInput {
             .spawn()
             .expect("isola-input starts");
         wait_for_path(control, Duration::from_secs(20));
+        // The file appears at bind(2); connections succeed once it listens.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(control).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "isola-input does not accept on {}",
+                control.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         child
     }
 

@@ -126,7 +126,7 @@ fn status(targets: &Targets) -> InputStatus {
 /// Serves one client until it closes the connection or sends something malformed. A client
 /// may stay idle between requests for as long as it likes (a VNC server keeps one
 /// connection), but a frame it has started must arrive within [`READ_TIMEOUT`].
-fn serve_client(targets: &Targets, mut stream: UnixStream) {
+fn serve_client(targets: &Targets, stream: &mut UnixStream) {
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     loop {
         // Wait for the first byte of the next frame (or the end of the connection).
@@ -137,7 +137,7 @@ fn serve_client(targets: &Targets, mut stream: UnixStream) {
             Err(_) => return,
         }
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-        let request: InputRequest = match isola_ipc::read_message(&mut stream) {
+        let request: InputRequest = match isola_ipc::read_message(stream) {
             Ok(request) => request,
             Err(IpcError::Closed) => return,
             Err(e) => {
@@ -146,12 +146,12 @@ fn serve_client(targets: &Targets, mut stream: UnixStream) {
                     isola_device_common::logging::chain(&e)
                 );
                 let answer = InputResponse::Error(format!("malformed request: {e}"));
-                let _ = isola_ipc::write_message(&mut stream, &answer);
+                let _ = isola_ipc::write_message(stream, &answer);
                 return;
             }
         };
         let answer = handle(targets, request);
-        if isola_ipc::write_message(&mut stream, &answer).is_err() {
+        if isola_ipc::write_message(stream, &answer).is_err() {
             return;
         }
     }
@@ -179,8 +179,11 @@ pub fn serve(listener: UnixListener, targets: Targets) -> std::io::Result<()> {
         }
         let (targets, count) = (targets.clone(), Arc::clone(&clients));
         let spawned = isola_device_common::thread::spawn_named("input-ctl", move || {
-            serve_client(&targets, stream);
+            let mut stream = stream;
+            serve_client(&targets, &mut stream);
+            // Before the client sees the connection close, its slot is free again.
             count.fetch_sub(1, Ordering::AcqRel);
+            drop(stream);
         });
         if let Err(e) = spawned {
             clients.fetch_sub(1, Ordering::AcqRel);

@@ -62,7 +62,8 @@ impl Input {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + TIMEOUT;
-        while !dir.path("input.sock").exists() {
+        // The socket file appears at bind(2), connections succeed after listen(2).
+        while UnixStream::connect(dir.path("input.sock")).is_err() {
             assert!(Instant::now() < deadline, "no control socket");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -180,6 +181,10 @@ fn hostile_control_clients_get_errors_and_the_socket_keeps_serving() {
         s.write_all(&frame).unwrap();
         let answer: InputResponse = isola_ipc::read_message(&mut s).unwrap();
         assert!(matches!(answer, InputResponse::Error(_)), "{answer:?}");
+        assert!(matches!(
+            isola_ipc::read_message::<_, InputResponse>(&mut s),
+            Err(isola_ipc::IpcError::Closed)
+        ));
     }
     // 16 idle clients: a 17th is closed at once, and a slot frees when one leaves.
     let idle: Vec<UnixStream> = (0..16)
@@ -188,13 +193,15 @@ fn hostile_control_clients_get_errors_and_the_socket_keeps_serving() {
     std::thread::sleep(Duration::from_millis(100));
     let mut extra = UnixStream::connect(&socket).unwrap();
     let _ = isola_ipc::write_message(&mut extra, &InputRequest::Status);
-    assert!(isola_ipc::read_message::<_, InputResponse>(&mut extra).is_err());
+    let answer = isola_ipc::read_message::<_, InputResponse>(&mut extra);
+    assert!(answer.is_err(), "{answer:?}\n{}", input.log_text());
     drop(idle);
     let deadline = Instant::now() + TIMEOUT;
     loop {
+        // Until the server has seen the idle clients go, new ones may still be closed.
         let mut s = UnixStream::connect(&socket).unwrap();
-        isola_ipc::write_message(&mut s, &InputRequest::Status).unwrap();
-        if let Ok(InputResponse::Status(st)) = isola_ipc::read_message(&mut s) {
+        let sent = isola_ipc::write_message(&mut s, &InputRequest::Status).is_ok();
+        if let (true, Ok(InputResponse::Status(st))) = (sent, isola_ipc::read_message(&mut s)) {
             // The opening SYN of each device is waiting for a guest.
             assert_eq!(st.pending, 2);
             break;
