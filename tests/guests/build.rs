@@ -20,6 +20,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("virtio-blk", false, &["virtio.c"]),
     ("virtio-gpu", false, &["virtio.c"]),
     ("virtio-console", false, &["virtio.c"]),
+    ("virtio-input", false, &["virtio.c"]),
 ];
 
 /// Objects linked into every guest.

@@ -278,6 +278,8 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 }
 
 pub mod console;
+pub mod input;
+
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
 pub mod supervisor;
 

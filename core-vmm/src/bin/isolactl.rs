@@ -1,4 +1,5 @@
-//! `isolactl`: talk to a running core over its control socket.
+//! `isolactl`: talk to a running core over its control socket, and to `isola-input`'s
+//! control socket (`key`, `type`, `pointer`, `input-status`).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use isola_ipc::input::{InputRequest, InputResponse};
 use isola_ipc::supervisor::{DaemonStatus, SupervisorRequest, SupervisorResponse};
 use isola_ipc::{ControlRequest, ControlResponse};
 
@@ -25,6 +27,10 @@ struct Cli {
     /// isola-display's control socket (its --control), for `screenshot`.
     #[arg(long, global = true, env = "ISOLA_DISPLAY_SOCKET")]
     display: Option<PathBuf>,
+    /// isola-input's control socket (its --control-socket), for key, type, pointer and
+    /// input-status.
+    #[arg(long, short = 'i', env = "ISOLA_INPUT_SOCKET")]
+    input: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +42,14 @@ impl Cli {
             (None, Some(dir)) => Ok(dir.join("control.sock")),
             (None, None) => bail!("give the core's control socket (--socket) or --run-dir"),
         }
+    }
+
+    fn input_socket(&self) -> Option<PathBuf> {
+        self.input.clone().or_else(|| {
+            self.run_dir
+                .as_ref()
+                .map(|dir| dir.join("input-control.sock"))
+        })
     }
 
     fn display_socket(&self) -> Option<PathBuf> {
@@ -85,6 +99,31 @@ enum Command {
         /// The port's socket.
         path: PathBuf,
     },
+    /// Press and release keys on the guest's keyboard: names such as `a`, `enter`, `f1`,
+    /// codes (`30`, `0x1e`), or chords (`ctrl+alt+delete`: pressed in order, released in
+    /// reverse). Several arguments are typed one after the other.
+    Key {
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// Only press (and hold) the keys.
+        #[arg(long, conflicts_with = "release")]
+        press: bool,
+        /// Only release the keys.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Type text on the guest's keyboard (US layout; `\n` in the text is Enter).
+    Type { text: String },
+    /// Move the guest's tablet pointer to (X, Y), each 0 to 32767, with buttons held.
+    Pointer {
+        x: u32,
+        y: u32,
+        /// Buttons held at the new position: any of left, middle, right, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = ["left", "middle", "right"])]
+        buttons: Vec<String>,
+    },
+    /// Show isola-input's event counters.
+    InputStatus,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -115,7 +154,91 @@ fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Res
     }
 }
 
+/// The requests of `isolactl key`: every chord pressed in order and released in reverse.
+fn key_requests(keys: &[String], press: bool, release: bool) -> anyhow::Result<Vec<InputRequest>> {
+    let mut out = Vec::new();
+    for text in keys {
+        let codes = isola_ipc::keys::chord(text).map_err(anyhow::Error::msg)?;
+        if !release {
+            out.extend(codes.iter().map(|&code| InputRequest::Key {
+                code,
+                pressed: true,
+            }));
+        }
+        if !press {
+            out.extend(codes.iter().rev().map(|&code| InputRequest::Key {
+                code,
+                pressed: false,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+fn type_requests(text: &str) -> anyhow::Result<Vec<InputRequest>> {
+    const SHIFT: u16 = 42;
+    let mut out = Vec::new();
+    for c in text.replace("\\n", "\n").chars() {
+        let (code, shift) = isola_ipc::keys::char_key(c)
+            .with_context(|| format!("no key types {c:?} on a US keyboard"))?;
+        let key = |code, pressed| InputRequest::Key { code, pressed };
+        if shift {
+            out.push(key(SHIFT, true));
+        }
+        out.extend([key(code, true), key(code, false)]);
+        if shift {
+            out.push(key(SHIFT, false));
+        }
+    }
+    Ok(out)
+}
+
+fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {
+    use isola_ipc::input::{BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT};
+    Ok(match command {
+        Command::Key {
+            keys,
+            press,
+            release,
+        } => key_requests(&keys, press, release)?,
+        Command::Type { text } => type_requests(&text)?,
+        Command::Pointer { x, y, buttons } => {
+            let buttons = buttons.iter().fold(0, |mask, b| {
+                mask | match b.as_str() {
+                    "left" => BUTTON_LEFT,
+                    "middle" => BUTTON_MIDDLE,
+                    _ => BUTTON_RIGHT,
+                }
+            });
+            vec![InputRequest::Pointer { x, y, buttons }]
+        }
+        _ => vec![InputRequest::Status],
+    })
+}
+
+/// Sends input requests one by one; stops at the first refusal.
+fn run_input(socket: &std::path::Path, requests: Vec<InputRequest>) -> anyhow::Result<()> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    for request in requests {
+        isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
+        let response: InputResponse =
+            isola_ipc::read_message(&mut stream).context("no answer from isola-input")?;
+        match response {
+            InputResponse::Done => {}
+            InputResponse::Error(e) => bail!("{e}"),
+            InputResponse::Status(s) => {
+                println!("keyboard events: {}", s.keyboard_events);
+                println!("tablet events: {}", s.tablet_events);
+                println!("pending: {}", s.pending);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let input_socket = cli.input_socket();
     let request = match cli.command {
         Command::Console { ref path } => return console::attach(path),
         Command::Screenshot { ref out, scanout } => {
@@ -141,6 +264,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             address,
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
         },
+        input => {
+            let socket = input_socket.context(
+                "--input SOCKET (or ISOLA_INPUT_SOCKET, or --run-dir) is needed for this command",
+            )?;
+            return run_input(&socket, input_requests(input)?);
+        }
     };
     match core_call(&cli.core_socket()?, &request)? {
         ControlResponse::Error(e) => bail!("{e}"),

@@ -84,6 +84,19 @@ impl DeviceKind {
     }
 }
 
+impl DeviceKind {
+    /// Bytes of the configuration space that the driver writes and the device answers: for
+    /// virtio-input, `select` and `subsel`, which choose what the rest of the space shows.
+    /// The core reads the configuration back after every driver write, and replays these
+    /// bytes to a restarted backend before comparing its configuration with the old one.
+    pub fn driver_config(self) -> std::ops::Range<usize> {
+        match self {
+            DeviceKind::Input => 0..2,
+            _ => 0..0,
+        }
+    }
+}
+
 /// `num_queues` (u16) in `struct virtio_blk_config`.
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
 /// `max_nr_ports` (u32) in `struct virtio_console_config`.
@@ -258,6 +271,17 @@ mod tests {
         assert_eq!(ports(&c), 2);
         DeviceKind::Console.fix_config(&mut c, 2);
         assert_eq!(ports(&c), 1);
+    }
+
+    #[test]
+    fn only_input_has_driver_written_config() {
+        assert_eq!(DeviceKind::Input.driver_config(), 0..2);
+        for kind in DeviceKind::ALL
+            .into_iter()
+            .filter(|k| *k != DeviceKind::Input)
+        {
+            assert!(kind.driver_config().is_empty(), "{kind:?}");
+        }
     }
 
     #[test]

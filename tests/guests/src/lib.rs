@@ -266,6 +266,48 @@
 //! capabilities, 12 features, 13 queue set-up, 14 bad parameter, 17 timeout, 18 hostile case
 //! failed, 19 protocol (bad used id or length, `max_nr_ports` the transport has no queues
 //! for).
+//! # `virtio-input` ([`VIRTIO_INPUT_ELF`])
+//!
+//! A virtio-input driver (`guest/virtio-input.c` on `guest/virtio.c`) for every
+//! 0x1af4:0x1052 function on bus 0 (at most 4, numbered `dev=0..` in bus order). Each gets
+//! VERSION_1 and EVENT_IDX (if offered), MSI-X entries 0 (config), 1 (event queue) and 2
+//! (status queue) routed to IDT vectors 0x40 + 4 x dev + entry, and two split queues of
+//! min(device maximum, 64) entries. Command line:
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-input.mode` | `normal` | `normal` or `hostile` (below) |
+//! | `virtio-input.stop` | 1 | key code whose press (value 1) on any device ends the run |
+//! | `virtio-input.timeout` | 60 | seconds without any event before the guest gives up (exit 43) |
+//!
+//! Output, per device, then the events:
+//!
+//! ```text
+//! virtio-input: dev=<n> at 00:<slot>.<fn>
+//! virtio-input: dev=<n> name="<ID_NAME>"
+//! virtio-input: dev=<n> ids=<bustype>:<vendor>:<product>:<version>       (4 hex digits each)
+//! virtio-input: dev=<n> ev=0x<type> size=<bytes> bits=<bitmap, 2 hex digits per byte>
+//!                       (for EV_SYN 0x00, EV_KEY 0x01, EV_REL 0x02, EV_ABS 0x03, EV_LED 0x11, EV_REP 0x14)
+//! virtio-input: dev=<n> abs=<axis> min=<> max=<> fuzz=<> flat=<> res=<>  (axes 0, 1 if present)
+//! virtio-input: dev=<n> leds sent          (devices with EV_LED bits: caps lock on + SYN on
+//!                                           the status queue, returned by the device)
+//! virtio-input: ready devices=<n>
+//! virtio-input: dev=<n> report <type>:<code>:<value> ... 0:0:0   (one line per report, when
+//!                                           its EV_SYN arrives; every event of it, in order)
+//! virtio-input: done reports=<n> events=<n>      (after the report pressing the stop key)
+//! ```
+//!
+//! then powers off. Every event buffer (8 bytes, one descriptor) is re-posted as soon as it
+//! is consumed, so the device always has the whole queue. In `hostile` mode, per device and
+//! before `ready`: out-of-range selectors must read as size 0 and writes to `size`, the
+//! reserved bytes and the union must not change them (else exit 45); five malformed status
+//! buffers (5 bytes; device-writable; at the bad address; an unknown event type; 1 MiB long)
+//! must all be returned within 2 s (`virtio-input: dev=<n> hostile status returned=5`); and
+//! event descriptors 0-3 are malformed (device-readable; 4 bytes; at the bad address; `next`
+//! = 200 outside the queue), posted before the good ones: they must come back first, in
+//! order, with length 0 and nothing written (`virtio-input: dev=<n> hostile events
+//! returned=4` after the first event), else exit 45. The bad address is as in `virtio-blk`.
+//! Exit codes: [`EXIT_VINPUT_NO_DEVICE`] and following.
 
 use std::path::{Path, PathBuf};
 
@@ -286,6 +328,9 @@ pub const VIRTIO_GPU_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-gpu.elf");
 /// `virtio-console` as an ELF with a PVH note.
 pub const VIRTIO_CONSOLE_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-console.elf");
 
+/// `virtio-input` as an ELF with a PVH note.
+pub const VIRTIO_INPUT_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-input.elf");
+
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
     "boot-check.elf",
@@ -295,6 +340,7 @@ pub const IMAGES: &[&str] = &[
     "virtio-blk.elf",
     "virtio-gpu.elf",
     "virtio-console.elf",
+    "virtio-input.elf",
 ];
 
 /// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
@@ -356,6 +402,18 @@ pub const EXIT_VBLK_HOSTILE: u8 = 18;
 /// `virtio-blk` exit: the device broke the protocol (a used id that is not in flight, or a
 /// configuration `num_queues` the transport does not have).
 pub const EXIT_VBLK_PROTOCOL: u8 = 19;
+/// virtio-input: no virtio-input PCI function found.
+pub const EXIT_VINPUT_NO_DEVICE: u8 = 40;
+/// virtio-input: set-up failed (MSI-X vectors, features, queues, DRIVER_OK).
+pub const EXIT_VINPUT_SETUP: u8 = 41;
+/// virtio-input: bad command-line parameter.
+pub const EXIT_VINPUT_BAD_PARAM: u8 = 42;
+/// virtio-input: no event within `virtio-input.timeout`, or a status buffer not returned.
+pub const EXIT_VINPUT_TIMEOUT: u8 = 43;
+/// virtio-input: the device broke the protocol (bad used id or length, a report too long).
+pub const EXIT_VINPUT_PROTOCOL: u8 = 44;
+/// virtio-input: a hostile case was not handled as required.
+pub const EXIT_VINPUT_HOSTILE: u8 = 45;
 /// Debug-exit value: a guest's `guest_main` returned (a guest bug).
 pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
 /// Debug-exit value: unexpected CPU exception (after the `exception:` line).
