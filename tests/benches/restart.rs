@@ -12,7 +12,7 @@
 //! Also reported: death -> restarted (the supervisor's log line), the part of the interval
 //! spent before the core could even reconnect.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use isola_tests::supervisor::{supervisor_status, Supervisor};
@@ -22,12 +22,39 @@ use nix::unistd::Pid;
 
 struct Case {
     name: &'static str,
-    /// Daemon command (the supervisor adds `--fd 3`).
+    /// The supervisor's `--daemon` value.
     daemon: String,
-    /// The core's `--device` value, without the socket.
-    device: &'static str,
+    /// The core's `--device` values.
+    devices: Vec<String>,
     kernel: String,
     cmdline: String,
+    /// isola-input's control socket: the bench sends a key every millisecond until the
+    /// restarted daemon takes one (input completes requests only when there are events).
+    input_control: Option<PathBuf>,
+    /// Other daemons the case needs (e.g. isola-display for the GPU), never killed.
+    helpers: Vec<String>,
+}
+
+/// Sends a key press and release to `control` until the daemon accepts them.
+fn poke_input(control: &Path, deadline: Instant) -> bool {
+    use isola_ipc::input::{InputRequest, InputResponse};
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(control) {
+            let accepted = [true, false].into_iter().all(|pressed| {
+                isola_ipc::write_message(&mut stream, &InputRequest::Key { code: 30, pressed })
+                    .is_ok()
+                    && matches!(
+                        isola_ipc::read_message::<_, InputResponse>(&mut stream),
+                        Ok(InputResponse::Done)
+                    )
+            });
+            if accepted {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -39,41 +66,51 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn measure(case: &Case, dir: &Path, kills: usize) -> Option<(Vec<Duration>, Vec<Duration>)> {
-    let socket = dir.join(format!("{}.sock", case.name));
     let control = dir.join(format!("{}-supervisor.sock", case.name));
     std::env::set_var("RUST_LOG", "info");
+    let mut daemons = vec![case.daemon.clone()];
+    daemons.extend(case.helpers.iter().cloned());
     let mut sup = Supervisor::start(
         &control,
-        &[format!(
-            "{}:{}:{}",
-            case.name,
-            socket.display(),
-            case.daemon
-        )],
+        &daemons,
         &["--restart-limit", "1000", "--min-uptime-ms", "200"],
     );
-    let mut core = Core::start(&[
-        "--kernel",
-        &case.kernel,
-        "--cmdline",
-        &case.cmdline,
-        "--memory",
-        "64",
-        "--device",
-        &format!("{},socket={}", case.device, socket.display()),
-    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut args = vec![
+        "--kernel".to_owned(),
+        case.kernel.clone(),
+        "--cmdline".to_owned(),
+        case.cmdline.clone(),
+        "--memory".to_owned(),
+        "64".to_owned(),
+    ];
+    for device in &case.devices {
+        args.extend(["--device".to_owned(), device.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut core = Core::start(&args);
+    if let Some(input) = &case.input_control {
+        std::thread::sleep(Duration::from_millis(500));
+        poke_input(input, Instant::now() + Duration::from_secs(30));
+    }
     sup.stderr
         .wait_for("first request completed", Duration::from_secs(30))?;
     let mut to_first = Vec::new();
     let mut to_restart = Vec::new();
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(300));
-        let pid = supervisor_status(&control)[0].pid?;
+        let pid = supervisor_status(&control)
+            .into_iter()
+            .find(|d| d.name == case.name)?
+            .pid?;
         let t0 = Instant::now();
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).ok()?;
         sup.stderr
             .wait_for("restarted, pid", Duration::from_secs(10))?;
         to_restart.push(t0.elapsed());
+        if let Some(input) = &case.input_control {
+            poke_input(input, Instant::now() + Duration::from_secs(10));
+        }
         sup.stderr
             .wait_for("first request completed", Duration::from_secs(10))?;
         to_first.push(t0.elapsed());
@@ -93,17 +130,74 @@ fn main() {
     let dir = scratch_dir("bench-restart");
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 4 << 20]).expect("scratch image");
-    let cases = [Case {
-        name: "blk",
-        daemon: format!(
-            "{} --image {}",
-            binary("isola-blk").display(),
-            image.display()
-        ),
-        device: "blk",
-        kernel: guest("virtio-blk.elf").display().to_string(),
-        cmdline: "virtio-blk.mode=loop virtio-blk.sectors=256 virtio-blk.depth=16".into(),
-    }];
+    let sock = |name: &str| dir.join(name).display().to_string();
+    let input_control = dir.join("input-control.sock");
+    let cases = [
+        Case {
+            name: "blk",
+            daemon: format!(
+                "blk:{}:{} --image {}",
+                sock("blk.sock"),
+                binary("isola-blk").display(),
+                image.display()
+            ),
+            devices: vec![format!("blk,socket={}", sock("blk.sock"))],
+            kernel: guest("virtio-blk.elf").display().to_string(),
+            cmdline: "virtio-blk.mode=loop virtio-blk.sectors=256 virtio-blk.depth=16".into(),
+            input_control: None,
+            helpers: vec![],
+        },
+        Case {
+            name: "console",
+            daemon: format!(
+                "console:{}:{} --port socket={}",
+                sock("console.sock"),
+                binary("isola-console").display(),
+                sock("console-user.sock")
+            ),
+            devices: vec![format!("console,socket={}", sock("console.sock"))],
+            kernel: guest("virtio-console.elf").display().to_string(),
+            cmdline: "console.mode=stream console.seconds=3600 console.fill=0".into(),
+            input_control: None,
+            helpers: vec![],
+        },
+        Case {
+            name: "input",
+            daemon: format!(
+                "input:-:{} --keyboard-socket {} --control-socket {}",
+                binary("isola-input").display(),
+                sock("keyboard.sock"),
+                input_control.display()
+            ),
+            devices: vec![format!("input,socket={}", sock("keyboard.sock"))],
+            kernel: guest("virtio-input.elf").display().to_string(),
+            cmdline: "virtio-input.timeout=3600".into(),
+            input_control: Some(input_control.clone()),
+            helpers: vec![],
+        },
+        Case {
+            name: "gpu",
+            daemon: format!(
+                "gpu:{}:{} --resolution 320x200 --state-file {}",
+                sock("gpu.sock"),
+                binary("isola-gpu").display(),
+                sock("gpu.state")
+            ),
+            devices: vec![format!(
+                "gpu,socket={},display={}",
+                sock("gpu.sock"),
+                sock("display.sock")
+            )],
+            kernel: guest("virtio-gpu.elf").display().to_string(),
+            cmdline: "virtio-gpu.frames=1000000".into(),
+            input_control: None,
+            helpers: vec![format!(
+                "display:-:{} --socket {} --width 320 --height 200",
+                binary("isola-display").display(),
+                sock("display.sock")
+            )],
+        },
+    ];
 
     println!("restart: death (SIGKILL) -> first completed request, {kills} kills per device");
     println!(

@@ -322,3 +322,77 @@ fn bad_supervisor_command_lines_exit_2_with_one_line() {
     }
     assert!(!control.exists());
 }
+
+#[test]
+fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_a_kill() {
+    let scratch = scratch_dir("launch-all");
+    let run_dir = scratch.join("run");
+    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--kernel",
+            gpu_guest.to_str().unwrap(),
+            "--cmdline",
+            "virtio-gpu.wait=1",
+            "--display",
+            "640x400",
+            "--console",
+        ],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(30))
+            .is_some(),
+        "{}",
+        launch.report()
+    );
+    let run = run_dir.to_str().unwrap();
+    let sup = launch.supervisor_socket();
+    let mut names: Vec<String> = supervisor_status(&sup)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["console", "display", "gpu", "input"]);
+
+    let shot = scratch.join("shot.png");
+    let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+    assert!(ok && text.contains("640x400"), "{text}");
+    let (ok, text) = isolactl(&["--run-dir", run, "key", "a"]);
+    assert!(ok, "{text}");
+
+    for (round, name) in ["console", "input", "gpu"].iter().enumerate() {
+        let pid = wait_until(name, Duration::from_secs(10), || {
+            supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == *name)?
+                .pid
+        });
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        wait_until("restart and reconnect", Duration::from_secs(20), || {
+            let d = supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == *name)?;
+            let (_, text) = isolactl(&["--run-dir", run, "status"]);
+            let reconnected = text.matches("connected (reconnects 1,").count();
+            (d.restarts == 1 && d.state == DaemonState::Running && reconnected >= round + 1)
+                .then_some(())
+        });
+    }
+    let (ok, text) = isolactl(&["--run-dir", run, "status"]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("reconnecting"), "{text}");
+    // Both input devices (one daemon) reconnected.
+    assert_eq!(text.matches("input 00:").count(), 2, "{text}");
+    let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+    assert!(ok && text.contains("640x400"), "{text}");
+
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+    assert_cleaned_up(&mut launch, &run_dir);
+}

@@ -3,7 +3,9 @@
 //! The supervisor, not the daemon, owns the daemon's listening vhost-user socket and hands it
 //! to every instance as fd 3 (`--fd 3`). The socket file therefore never disappears while a
 //! daemon restarts: the core's reconnect finds it at once, and its connection waits in the
-//! listen backlog until the new instance accepts it.
+//! listen backlog until the new instance accepts it. A daemon with several sockets of its own
+//! (isola-input, isola-display) is given as `NAME:-:COMMAND`: it binds them itself, replacing
+//! the stale socket files a dead instance left, and gets no `--fd`.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -31,10 +33,11 @@ pub enum SpecError {
 }
 
 /// `--daemon NAME:SOCKET:COMMAND`; COMMAND is split like a shell would (quotes, no expansion).
+/// SOCKET `-`: the daemon binds its own sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonSpec {
     pub name: String,
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     pub argv: Vec<String>,
 }
 
@@ -62,7 +65,7 @@ impl FromStr for DaemonSpec {
             .ok_or_else(|| SpecError::Command(name.to_owned()))?;
         Ok(DaemonSpec {
             name: name.to_owned(),
-            socket: PathBuf::from(socket),
+            socket: (socket != "-").then(|| PathBuf::from(socket)),
             argv,
         })
     }
@@ -120,7 +123,7 @@ enum Life {
 
 pub struct Daemon {
     pub spec: DaemonSpec,
-    listener: OwnedFd,
+    listener: Option<OwnedFd>,
     life: Life,
     restarts: u32,
     last_exit: Option<String>,
@@ -129,10 +132,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(spec: DaemonSpec, listener: UnixListener) -> Daemon {
+    pub fn new(spec: DaemonSpec, listener: Option<UnixListener>) -> Daemon {
         Daemon {
             spec,
-            listener: listener.into(),
+            listener: listener.map(OwnedFd::from),
             life: Life::Waiting {
                 until: Instant::now(),
             },
@@ -189,23 +192,29 @@ impl Daemon {
     }
 
     fn spawn(&self) -> std::io::Result<Child> {
-        let listen_fd = self.listener.as_raw_fd();
+        let listen_fd = self.listener.as_ref().map(|l| l.as_raw_fd());
         let mut command = Command::new(&self.spec.argv[0]);
-        command
-            .args(&self.spec.argv[1..])
-            .arg("--fd")
-            .arg(LISTEN_FD.to_string());
+        command.args(&self.spec.argv[1..]);
+        if listen_fd.is_some() {
+            command.arg("--fd").arg(LISTEN_FD.to_string());
+        }
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls (dup2, fcntl, prctl, sigprocmask) on plain integers.
         unsafe {
             command.pre_exec(move || {
-                if listen_fd == LISTEN_FD {
+                match listen_fd {
                     // dup2 onto itself keeps close-on-exec; clear it instead.
-                    if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    Some(LISTEN_FD) => {
+                        if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
-                } else if libc::dup2(listen_fd, LISTEN_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                    Some(fd) => {
+                        if libc::dup2(fd, LISTEN_FD) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    None => {}
                 }
                 // A supervisor that dies takes its daemons with it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
@@ -305,7 +314,12 @@ impl Daemon {
     pub fn status(&self) -> DaemonStatus {
         DaemonStatus {
             name: self.spec.name.clone(),
-            socket: self.spec.socket.display().to_string(),
+            socket: self
+                .spec
+                .socket
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default(),
             pid: self.pid(),
             state: match &self.life {
                 Life::Running { .. } => DaemonState::Running,
@@ -365,7 +379,9 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(spec.name, "blk0");
-        assert_eq!(spec.socket, PathBuf::from("/run/x/blk0.sock"));
+        assert_eq!(spec.socket, Some(PathBuf::from("/run/x/blk0.sock")));
+        let own: DaemonSpec = "input:-:isola-input --control-socket /c".parse().unwrap();
+        assert_eq!(own.socket, None);
         assert_eq!(
             spec.argv,
             ["/usr/bin/isola-blk", "--image", "my disk.img"].map(String::from)
@@ -408,10 +424,10 @@ mod tests {
         Daemon::new(
             DaemonSpec {
                 name: "d".into(),
-                socket,
+                socket: Some(socket),
                 argv: vec!["/bin/true".into()],
             },
-            listener,
+            Some(listener),
         )
     }
 

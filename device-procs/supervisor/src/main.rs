@@ -35,7 +35,8 @@ use daemon::{Daemon, DaemonSpec, RestartPolicy};
 )]
 struct Cli {
     /// A daemon: NAME:SOCKET:COMMAND. COMMAND is split like a shell would and run with
-    /// `--fd 3` appended, fd 3 being the listening socket SOCKET. Repeatable.
+    /// `--fd 3` appended, fd 3 being the listening socket SOCKET; SOCKET `-` for a daemon that
+    /// binds its own sockets (no `--fd`). Repeatable.
     #[arg(long = "daemon", value_name = "NAME:SOCKET:COMMAND", required = true)]
     daemons: Vec<DaemonSpec>,
     /// Serve status and stop requests (`isolactl`) on this Unix socket.
@@ -119,7 +120,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         if daemons.iter().any(|d| d.spec.name == spec.name) {
             return Err(Error::DuplicateName(spec.name));
         }
-        let listener = daemon::listen(&spec.socket)?;
+        let listener = spec.socket.as_deref().map(daemon::listen).transpose()?;
         daemons.push(Daemon::new(spec, listener));
     }
     let mut kernel_log = exit::KernelLog::open();
@@ -265,7 +266,7 @@ fn stop(daemons: &mut [Daemon], timeout: Duration) {
             d.wait_stopped(Instant::now() + Duration::from_secs(5));
         }
     }
-    for d in daemons.iter() {
-        let _ = std::fs::remove_file(&d.spec.socket);
+    for socket in daemons.iter().filter_map(|d| d.spec.socket.as_ref()) {
+        let _ = std::fs::remove_file(socket);
     }
 }
