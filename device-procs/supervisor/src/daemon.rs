@@ -202,19 +202,14 @@ impl Daemon {
         // async-signal-safe system calls (dup2, fcntl, prctl, sigprocmask) on plain integers.
         unsafe {
             command.pre_exec(move || {
-                match listen_fd {
-                    // dup2 onto itself keeps close-on-exec; clear it instead.
-                    Some(LISTEN_FD) => {
-                        if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Some(fd) => {
-                        if libc::dup2(fd, LISTEN_FD) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    None => {}
+                // dup2 onto itself would keep close-on-exec; clear it instead.
+                let failed = match listen_fd {
+                    Some(LISTEN_FD) => libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0,
+                    Some(fd) => libc::dup2(fd, LISTEN_FD) < 0,
+                    None => false,
+                };
+                if failed {
+                    return Err(std::io::Error::last_os_error());
                 }
                 // A supervisor that dies takes its daemons with it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
