@@ -288,6 +288,31 @@ fn a_killed_isola_gpu_restarts_and_the_display_and_vnc_get_the_picture_back() {
     core.wait_for("desktop: ready inputs=2", WAIT);
     desk.display.wait_updates(1);
     desk.wait_screenshot(&dir, 1, WAIT);
+    // A VNC client that stays connected through the crash and the restart.
+    let probe = vncprobe(&dir);
+    let restored_flag = dir.join("restored");
+    let watcher = probe.as_ref().map(|probe| {
+        let addr = desk.display.vnc.expect("VNC on TCP");
+        let (probe, out) = (probe.clone(), dir.join("vnc-watcher.ppm"));
+        let until = format!("until:{}", restored_flag.display());
+        let client = std::thread::spawn(move || {
+            let lines = run_probe(
+                &probe,
+                &addr.ip().to_string(),
+                addr.port(),
+                "zrle",
+                &out,
+                &[&until],
+            );
+            (lines, read_ppm(&out))
+        });
+        let deadline = Instant::now() + WAIT;
+        while desk.display.status().vnc_clients == 0 {
+            assert!(Instant::now() < deadline, "the VNC client never connected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        client
+    });
 
     gpu.kill();
     wait_link(&mut core, &desk.control, DeviceLink::Reconnecting);
@@ -318,10 +343,27 @@ fn a_killed_isola_gpu_restarts_and_the_display_and_vnc_get_the_picture_back() {
     assert!(display_status.gpu_connected);
     assert_eq!(display_status.scanouts, vec![Some((WIDTH, HEIGHT))]);
 
-    let Some(probe) = vncprobe(&dir) else {
+    std::fs::write(&restored_flag, b"").unwrap();
+    let (Some(probe), Some(watcher)) = (probe, watcher) else {
         control(&desk.control, &ControlRequest::Shutdown);
         return;
     };
+    let (lines, (w, h, seen)) = watcher.join().expect("the VNC client thread");
+    assert_eq!((w, h), (WIDTH, HEIGHT));
+    if let Some(diff) = first_difference(&seen, &expected_frame(1), WIDTH) {
+        panic!("the VNC client connected through the restart does not show frame 1: {diff}");
+    }
+    let updates = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("until updates "))
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(
+        updates.is_some_and(|n| n >= 1),
+        "the connected client got no update from the restarted GPU: {lines:?}"
+    );
+
+    // A new client: the restored picture and cursor; its key, click and redraw key reach
+    // the guest.
     let clicks = click_actions();
     let mut actions: Vec<&str> = vec!["key:0x61", clicks[2].as_str(), "key:0x20"];
     let lines = vnc(&probe, &desk, &dir, "vnc-restored", "zrle", 1, &actions);
