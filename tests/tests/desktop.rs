@@ -464,3 +464,36 @@ fn the_guest_keeps_drawing_when_isola_display_dies() {
     press(&desk, KEY_ESC);
     core.finish(WAIT).assert_success();
 }
+
+/// isola-input SIGKILLed and restarted between two VNC sessions: the first key and click
+/// after the restart reach the guest. (isola-display's link to the dead process is stale;
+/// it used to drop that event and, for 200 ms, every following one.)
+#[test]
+fn vnc_input_reaches_the_guest_right_after_isola_input_restarts() {
+    let dir = scratch_dir("desktop-input-restart");
+    let Some(probe) = vncprobe(&dir) else { return };
+    let mut desk = Desk::start(&dir);
+    let _gpu = IsolaGpu::start(&desk.gpu_socket, &["--resolution", RESOLUTION]);
+    let mut core = start_core(&desk);
+    core.wait_for("desktop: ready inputs=2", WAIT);
+    vnc(&probe, &desk, &dir, "before", "raw", 1, &["key:0x61"]);
+    core.wait_for("virtio-input: dev=0 report 1:30:0 0:0:0", WAIT);
+
+    desk.input.kill_and_restart();
+    let click = click_actions();
+    vnc(
+        &probe,
+        &desk,
+        &dir,
+        "after",
+        "raw",
+        1,
+        &["key:0x20", &click[2], "key:0xff1b"],
+    );
+    let done = core.finish(WAIT);
+    done.assert_success();
+    let (tab, max) = tablet(&done.serial);
+    let got = guest_reports(&done.serial);
+    check_keys(&got, tab);
+    check_clicks(&guest_pointer(&got, tab), &[CLICKS[2]], max);
+}
