@@ -4,7 +4,9 @@
 //! `vncprobe`) must show the guest's picture pixel for pixel; the VNC client's key presses
 //! and clicks go isola-display -> isola-input -> isola-core -> guest, which prints them; and
 //! a SIGKILLed isola-gpu, restarted with its state file, puts the picture back on the
-//! display while the guest keeps running and drawing.
+//! display while the guest keeps running and drawing. Also: isola-gpu killed again and again
+//! mid-drawing, isola-display dying under a running guest, and VNC input right after an
+//! isola-input restart.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
