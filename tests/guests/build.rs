@@ -21,6 +21,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("virtio-gpu", false, &["virtio.c"]),
     ("virtio-console", false, &["virtio.c"]),
     ("virtio-input", false, &["virtio.c"]),
+    ("desktop", false, &["virtio.c"]),
 ];
 
 /// Objects linked into every guest.

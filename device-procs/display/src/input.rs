@@ -63,54 +63,97 @@ impl InputSink {
         }
     }
 
-    /// Sends one event; on any failure the event is dropped and the link reset.
+    /// Sends one event; on any failure the event is dropped and the link reset. A link that
+    /// worked before and now cannot even take the request is stale (isola-input was
+    /// restarted): the event goes again, at once, on a fresh connection, so the first
+    /// keystrokes after a restart are not lost. Only an unwritten request is sent again; one
+    /// that was written but not answered may have been taken, and is not repeated.
     pub fn send(&self, request: &InputRequest) {
         let Some(path) = &self.path else {
             self.drop_event("no --input socket configured");
             return;
         };
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
-        if link.stream.is_none() {
-            if link.last_failure.is_some_and(|t| t.elapsed() < RETRY) {
-                drop(link);
-                self.drop_event("isola-input is not reachable");
-                return;
-            }
-            match connect(path) {
-                Ok(stream) => {
-                    log::info!("connected to isola-input at {}", path.display());
-                    link.stream = Some(stream);
-                    link.last_failure = None;
+        let mut fresh = false;
+        loop {
+            let stream = match link.stream.as_mut() {
+                Some(stream) => stream,
+                None => {
+                    if link.last_failure.is_some_and(|t| t.elapsed() < RETRY) {
+                        drop(link);
+                        self.drop_event("isola-input is not reachable");
+                        return;
+                    }
+                    match connect(path) {
+                        Ok(stream) => {
+                            log::info!("connected to isola-input at {}", path.display());
+                            fresh = true;
+                            link.last_failure = None;
+                            link.stream.insert(stream)
+                        }
+                        Err(e) => {
+                            link.last_failure = Some(Instant::now());
+                            drop(link);
+                            self.drop_event(&format!("cannot connect to {}: {e}", path.display()));
+                            return;
+                        }
+                    }
                 }
-                Err(e) => {
+            };
+            let failure = match exchange(stream, request) {
+                Ok(InputResponse::Done | InputResponse::Status(_)) => {
+                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(InputResponse::Error(why)) => {
+                    drop(link);
+                    self.drop_event(&format!("isola-input refused it: {why}"));
+                    return;
+                }
+                Err(failure) => failure,
+            };
+            link.stream = None;
+            match failure {
+                Failure::Unsent(e) if !fresh => {
+                    log::info!(
+                        "the link to isola-input went stale ({}); connecting again",
+                        chain(&e)
+                    );
+                    // `fresh` is set by the connect above: one new attempt, no more.
+                    fresh = true;
+                    link.last_failure = None;
+                    if let Ok(stream) = connect(path) {
+                        log::info!("connected to isola-input at {}", path.display());
+                        link.stream = Some(stream);
+                        continue;
+                    }
                     link.last_failure = Some(Instant::now());
                     drop(link);
-                    self.drop_event(&format!("cannot connect to {}: {e}", path.display()));
+                    self.drop_event("isola-input is not reachable after its link broke");
+                    return;
+                }
+                Failure::Unsent(e) | Failure::Unanswered(e) => {
+                    link.last_failure = Some(Instant::now());
+                    drop(link);
+                    self.drop_event(&format!("isola-input link broke: {}", chain(&e)));
                     return;
                 }
             }
         }
-        let Some(stream) = link.stream.as_mut() else {
-            return;
-        };
-        let result = isola_ipc::write_message(stream, request)
-            .and_then(|()| isola_ipc::read_message::<_, InputResponse>(stream));
-        match result {
-            Ok(InputResponse::Done | InputResponse::Status(_)) => {
-                self.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(InputResponse::Error(why)) => {
-                drop(link);
-                self.drop_event(&format!("isola-input refused it: {why}"));
-            }
-            Err(e) => {
-                link.stream = None;
-                link.last_failure = Some(Instant::now());
-                drop(link);
-                self.drop_event(&format!("isola-input link broke: {}", chain(&e)));
-            }
-        }
     }
+}
+
+/// How one request on the link failed.
+enum Failure {
+    /// Not (completely) written: isola-input did not take it.
+    Unsent(isola_ipc::IpcError),
+    /// Written, then no answer: isola-input may have taken it.
+    Unanswered(isola_ipc::IpcError),
+}
+
+fn exchange(stream: &mut UnixStream, request: &InputRequest) -> Result<InputResponse, Failure> {
+    isola_ipc::write_message(stream, request).map_err(Failure::Unsent)?;
+    isola_ipc::read_message(stream).map_err(Failure::Unanswered)
 }
 
 fn connect(path: &PathBuf) -> std::io::Result<UnixStream> {

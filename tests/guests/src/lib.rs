@@ -309,6 +309,35 @@
 //! returned=4` after the first event), else exit 45. The bad address is as in `virtio-blk`.
 //! Exit codes: [`EXIT_VINPUT_NO_DEVICE`] and following.
 
+//! # `desktop` ([`DESKTOP_ELF`])
+//!
+//! A screen, a keyboard and a tablet (`guest/desktop.c`), for the end-to-end desktop tests.
+//! The GPU half is `guest/virtio-gpu.c` itself, included with its entry point renamed: the
+//! first virtio-gpu function is set up and draws frame 1 of [`gpu_pixel`] and the cursor
+//! exactly as the `virtio-gpu` guest's `draw` mode does, with the same output lines
+//! (`virtio-gpu: display <w>x<h> enabled=1`, `virtio-gpu: frame 1 flushed <w>x<h>`,
+//! `virtio-gpu: cursor set`; `virtio-gpu.chunks` and `virtio-gpu.timeout` apply). Then up to
+//! two virtio-input functions (in bus order, `dev=0..`) get VERSION_1 and EVENT_IDX, MSI-X
+//! entries 0-2 routed to vectors 0x60 + 4 x dev + entry, and a 64-entry event queue kept
+//! full of 8-byte buffers. Command line:
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `desktop.stop` | 1 | key code whose press ends the run |
+//! | `desktop.redraw` | 57 | key code whose press draws the next frame (2, 3, ...) through the GPU |
+//! | `desktop.timeout` | 60 | seconds without any event before the guest gives up (exit 52) |
+//!
+//! ```text
+//! virtio-input: dev=<n> abs=<axis> min=<> max=<>     (devices with absolute axes 0, 1)
+//! desktop: ready inputs=<n>
+//! virtio-input: dev=<n> report <type>:<code>:<value> ... 0:0:0   (as the virtio-input guest)
+//! virtio-gpu: frame <k> flushed <w>x<h>                  (after a report pressing the redraw key)
+//! desktop: done frames=<k>                               (after a report pressing the stop key)
+//! ```
+//!
+//! then powers off. Exit codes: those of `virtio-gpu` for the GPU half, 14 bad parameter,
+//! [`EXIT_DESKTOP_NO_INPUT`] and following for the input half.
+
 use std::path::{Path, PathBuf};
 
 pub mod elf;
@@ -330,6 +359,8 @@ pub const VIRTIO_CONSOLE_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-console.e
 
 /// `virtio-input` as an ELF with a PVH note.
 pub const VIRTIO_INPUT_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-input.elf");
+/// `desktop` as an ELF with a PVH note.
+pub const DESKTOP_ELF: &str = concat!(env!("OUT_DIR"), "/desktop.elf");
 
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
@@ -341,6 +372,7 @@ pub const IMAGES: &[&str] = &[
     "virtio-gpu.elf",
     "virtio-console.elf",
     "virtio-input.elf",
+    "desktop.elf",
 ];
 
 /// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
@@ -414,6 +446,14 @@ pub const EXIT_VINPUT_TIMEOUT: u8 = 43;
 pub const EXIT_VINPUT_PROTOCOL: u8 = 44;
 /// virtio-input: a hostile case was not handled as required.
 pub const EXIT_VINPUT_HOSTILE: u8 = 45;
+/// desktop: no virtio-input PCI function found.
+pub const EXIT_DESKTOP_NO_INPUT: u8 = 50;
+/// desktop: input set-up failed (MSI-X vectors, features, queues, DRIVER_OK).
+pub const EXIT_DESKTOP_SETUP: u8 = 51;
+/// desktop: no event within `desktop.timeout`.
+pub const EXIT_DESKTOP_TIMEOUT: u8 = 52;
+/// desktop: an input device broke the protocol (bad used id or length, a report too long).
+pub const EXIT_DESKTOP_PROTOCOL: u8 = 53;
 /// Debug-exit value: a guest's `guest_main` returned (a guest bug).
 pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
 /// Debug-exit value: unexpected CPU exception (after the `exception:` line).

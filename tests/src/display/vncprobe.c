@@ -13,6 +13,9 @@
  *   click:X,Y         left button down and up at X,Y
  *   size:W,H          wait (up to 10 s) until the framebuffer is W x H, then write OUT.ppm again
  *   frames:SECS       count updates for SECS seconds; prints "frames N pixels P secs S"
+ *   until:PATH        keep taking updates until the file PATH exists (up to 60 s), then for
+ *                     0.5 s more, then write OUT.ppm again; prints "until updates N" (the
+ *                     updates taken meanwhile)
  *
  * It prints "size W H" after the first update and "cursor W H HOTX HOTY OPAQUE" whenever
  * the server sends a cursor shape. Exit status 0 on success.
@@ -22,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 static int updates_done;
 static unsigned long long pixels_seen;
@@ -149,6 +153,20 @@ int main(int argc, char **argv)
                 return 1;
             printf("frames %d pixels %llu secs %.3f\n", updates_done - before, pixels_seen,
                    now() - start);
+        } else if (!strncmp(a, "until:", 6)) {
+            int before = updates_done;
+            deadline = now() + 60;
+            while (access(a + 6, F_OK) != 0) {
+                if (now() > deadline || pump(c, 0.05) < 0) {
+                    fprintf(stderr, "vncprobe: %s never appeared\n", a + 6);
+                    return 1;
+                }
+            }
+            if (pump(c, 0.5) < 0)
+                return 1;
+            printf("until updates %d\n", updates_done - before);
+            if (write_ppm(c, argv[4]) != 0)
+                return 1;
         } else {
             fprintf(stderr, "vncprobe: unknown action %s\n", a);
             return 2;
