@@ -13,8 +13,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use isola_ipc::{
-    ControlRequest, ControlResponse, DeviceLink, DeviceStatus, IpcError, VcpuState, VcpuStatus,
-    VmStatus,
+    ControlRequest, ControlResponse, DeviceLink, DeviceStatus, DisplayLinkStatus, IpcError,
+    VcpuState, VcpuStatus, VmStatus,
 };
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
@@ -22,6 +22,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::pci::virtio_pci::{attempt_reconnect, Link, VirtioPciDevice};
 use crate::vcpu::{ExitNotifier, VcpuEvent, VcpuHandle, VmExit};
+use crate::vhost_user::connect_display;
 use crate::vm::SharedVirtioDevice;
 
 /// How long a client may take to send the rest of a frame it started.
@@ -131,10 +132,11 @@ pub fn serve(
                     .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
             );
             let first_device = fds.len();
-            for (_, fd) in &watched {
-                // SAFETY: the fd belongs to a device's vhost-user session, which only this
-                // thread replaces (in `Reconnector::retry`, after this poll), so it stays open
-                // for as long as the borrow is used.
+            for (_, _, fd) in &watched {
+                // SAFETY: the fd belongs to a device's vhost-user session or to the core's
+                // duplicate of a GPU's display connection; only this thread replaces or drops
+                // either (in `Reconnector`, after this poll), so it stays open for as long as
+                // the borrow is used.
                 let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
                 // No events requested: POLLHUP and POLLERR are always reported, and nothing
                 // else wakes us (replies to a vCPU thread's requests do not).
@@ -152,11 +154,11 @@ pub fn serve(
                 .filter(|(_, f)| ready(f))
                 .map(|(i, _)| i)
                 .collect();
-            let gone: Vec<usize> = fds[first_device..]
+            let gone: Vec<(usize, Watched)> = fds[first_device..]
                 .iter()
                 .zip(&watched)
                 .filter(|(f, _)| ready(f))
-                .map(|(_, (index, _))| *index)
+                .map(|(_, (index, what, _))| (*index, *what))
                 .collect();
             (
                 ready(&fds[0]),
@@ -171,10 +173,15 @@ pub fn serve(
             }
             let _ = exit.eventfd().read();
         }
-        for index in gone {
-            reconnect.gone(index, &devices[index]);
+        // Backends first: a GPU backend that died takes its display link with it.
+        for (index, _) in gone.iter().filter(|(_, w)| *w == Watched::Backend) {
+            reconnect.gone(*index, &devices[*index]);
+        }
+        for (index, _) in gone.iter().filter(|(_, w)| *w == Watched::Display) {
+            reconnect.display_gone(*index, &devices[*index]);
         }
         reconnect.retry(devices);
+        reconnect.retry_displays(devices);
         // Serve clients before accepting, so indices stay valid; drop the ones that are done.
         let mut finished = Vec::new();
         for i in ready_clients {
@@ -197,10 +204,22 @@ fn lock(device: &SharedVirtioDevice) -> std::sync::MutexGuard<'_, VirtioPciDevic
     device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Watches device sockets and brings back devices whose backend went away.
+/// Watches device sockets and brings back devices whose backend went away; watches the
+/// display connections passed to GPU backends and passes a new one when the display process
+/// went away and is back.
 struct Reconnector {
     devices: Vec<DeviceWatch>,
+    displays: Vec<DeviceWatch>,
     any_down: bool,
+}
+
+/// What a watched fd belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// A device's vhost-user session.
+    Backend,
+    /// The core's duplicate of the display connection a GPU backend holds.
+    Display,
 }
 
 #[derive(Default)]
@@ -212,22 +231,43 @@ struct DeviceWatch {
     backoff: Duration,
 }
 
+impl DeviceWatch {
+    /// The peer hung up: the next attempt comes at once, or after a growing back-off when it
+    /// went away within [`FLAP_WINDOW`] of the last success.
+    fn went_away(&mut self) {
+        let flapping = self.back_at.is_some_and(|at| at.elapsed() < FLAP_WINDOW);
+        self.backoff = if flapping {
+            (self.backoff * 2).clamp(FLAP_BACKOFF_MIN, REFUSED_RETRY)
+        } else {
+            Duration::ZERO
+        };
+        self.not_before = Some(Instant::now() + self.backoff);
+    }
+}
+
 impl Reconnector {
     fn new(devices: usize) -> Self {
         Reconnector {
             devices: (0..devices).map(|_| DeviceWatch::default()).collect(),
+            displays: (0..devices).map(|_| DeviceWatch::default()).collect(),
             any_down: false,
         }
     }
 
-    /// (device index, socket fd) of every connected device.
-    fn watched_fds(&mut self, devices: &[SharedVirtioDevice]) -> Vec<(usize, RawFd)> {
+    /// (device index, kind, fd) of every connected device and live display connection.
+    fn watched_fds(&mut self, devices: &[SharedVirtioDevice]) -> Vec<(usize, Watched, RawFd)> {
         let mut watched = Vec::new();
         self.any_down = false;
         for (index, device) in devices.iter().enumerate() {
-            match lock(device).backend_fd() {
-                Some(fd) => watched.push((index, fd)),
+            let device = lock(device);
+            match device.backend_fd() {
+                Some(fd) => watched.push((index, Watched::Backend, fd)),
                 None => self.any_down = true,
+            }
+            match device.display_fd() {
+                Some(fd) => watched.push((index, Watched::Display, fd)),
+                None if device.display_target().is_some() => self.any_down = true,
+                None => {}
             }
         }
         watched
@@ -246,14 +286,42 @@ impl Reconnector {
     /// crash loop, or a request that kills it every time) is retried ever more slowly.
     fn gone(&mut self, index: usize, device: &SharedVirtioDevice) {
         lock(device).backend_gone();
-        let watch = &mut self.devices[index];
-        let flapping = watch.back_at.is_some_and(|at| at.elapsed() < FLAP_WINDOW);
-        watch.backoff = if flapping {
-            (watch.backoff * 2).clamp(FLAP_BACKOFF_MIN, REFUSED_RETRY)
-        } else {
-            Duration::ZERO
-        };
-        watch.not_before = Some(Instant::now() + watch.backoff);
+        self.devices[index].went_away();
+    }
+
+    /// The display process of GPU device `index` hung up: connect again (soon, or more slowly
+    /// when it keeps going away right after being attached).
+    fn display_gone(&mut self, index: usize, device: &SharedVirtioDevice) {
+        lock(device).display_gone();
+        self.displays[index].went_away();
+    }
+
+    /// Passes a new display connection to every connected GPU backend that has none. The
+    /// connect runs without the device's lock and never blocks; a display process that is
+    /// absent just means another attempt on the next tick.
+    fn retry_displays(&mut self, devices: &[SharedVirtioDevice]) {
+        for (device, watch) in devices.iter().zip(&mut self.displays) {
+            if watch.not_before.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            let Some(path) = lock(device).display_target() else {
+                continue;
+            };
+            let stream = match connect_display(&path) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    log::debug!("display {}: connect failed: {e}", path.display());
+                    continue;
+                }
+            };
+            if lock(device).finish_display(stream) {
+                watch.back_at = Some(Instant::now());
+                watch.not_before = None;
+            } else {
+                // Refused by the backend (or it died meanwhile): not on every tick.
+                watch.not_before = Some(Instant::now() + REFUSED_RETRY);
+            }
+        }
     }
 
     fn retry(&mut self, devices: &[SharedVirtioDevice]) {
@@ -362,12 +430,23 @@ fn device_status(index: usize, device: &VirtioPciDevice) -> DeviceStatus {
         name: device.name().to_owned(),
         slot: format!("00:{:02x}.0", index + 1),
         socket: device.socket_path().display().to_string(),
-        link: match device.link() {
-            Link::Connected => DeviceLink::Connected,
-            Link::Reconnecting => DeviceLink::Reconnecting,
-            Link::Refused(why) => DeviceLink::Refused(why.clone()),
-        },
+        link: link_status(device.link()),
         reconnects: device.reconnects(),
+        display: device.display_path().map(|path| DisplayLinkStatus {
+            socket: path.display().to_string(),
+            link: device
+                .display_link()
+                .map_or(DeviceLink::Reconnecting, |l| link_status(&l)),
+            reattaches: device.display_reattaches(),
+        }),
+    }
+}
+
+fn link_status(link: &Link) -> DeviceLink {
+    match link {
+        Link::Connected => DeviceLink::Connected,
+        Link::Reconnecting => DeviceLink::Reconnecting,
+        Link::Refused(why) => DeviceLink::Refused(why.clone()),
     }
 }
 

@@ -124,6 +124,7 @@ impl ReconnectTarget {
         let mut new = VhostUserConnection {
             path: self.path.clone(),
             display: None,
+            display_link: None,
             frontend: session.frontend,
             features: self.features,
             protocol: self.protocol,
@@ -133,11 +134,12 @@ impl ReconnectTarget {
         };
         if let Some(display) = &self.display {
             // A fresh connection for the new backend. If the display process is not there,
-            // the GPU carries on without one rather than stalling the guest's device.
+            // the GPU carries on without one rather than stalling the guest's device; the
+            // control loop keeps trying to attach it (the path stays configured).
             if let Err(e) = new.attach_display(display, Duration::ZERO) {
                 match e {
                     VhostUserError::DisplayTimeout { .. } => log::warn!(
-                        "vhost-user {}: {}; the restarted GPU has no display",
+                        "vhost-user {}: {}; the restarted GPU has no display for now",
                         self.path.display(),
                         crate::error_chain(&e)
                     ),
@@ -152,8 +154,13 @@ impl ReconnectTarget {
 /// A connected backend.
 pub struct VhostUserConnection {
     path: PathBuf,
-    /// The display socket passed to this (GPU) backend, passed again on every reconnect.
+    /// The display socket passed to this (GPU) backend, passed again on every reconnect and
+    /// whenever the display process comes back.
     display: Option<PathBuf>,
+    /// The core's duplicate of the display connection the backend holds: never read or
+    /// written, only watched for a hang-up (the display process went away). `None` while the
+    /// backend has no live display connection.
+    display_link: Option<UnixStream>,
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -243,6 +250,25 @@ fn negotiate(
     })
 }
 
+/// One attempt to connect to the display process listening on `path`. The connect itself
+/// never blocks (a full listen backlog is `WouldBlock`, like a missing listener an error), so
+/// the control thread can retry it on every tick; the connection is made blocking again
+/// before it is passed on, since the GPU backend shares its file status flags.
+pub fn connect_display(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 impl VhostUserConnection {
     /// Connects to `path`, waiting up to `timeout` for the backend to appear, and negotiates
     /// the protocol. `num_queues` is what the device will expose.
@@ -283,6 +309,7 @@ impl VhostUserConnection {
         Ok(VhostUserConnection {
             path: path.to_owned(),
             display: None,
+            display_link: None,
             frontend,
             features,
             protocol,
@@ -313,12 +340,15 @@ impl VhostUserConnection {
     }
 
     /// Connects to the display process listening on `display` (waiting up to `wait` for it)
-    /// and hands that connection to the backend with VHOST_USER_GPU_SET_SOCKET. The core keeps
-    /// no copy of it: scanouts and pixels go from the GPU process straight to the display.
+    /// and hands that connection to the backend with VHOST_USER_GPU_SET_SOCKET. Scanouts and
+    /// pixels go from the GPU process straight to the display; the core keeps a duplicate of
+    /// the connection only to notice when the display goes away ([`Self::display_fd`]).
+    /// `display` stays configured even when this fails, so it can be attached later.
     pub fn attach_display(&mut self, display: &Path, wait: Duration) -> Result<(), VhostUserError> {
+        self.display = Some(display.to_owned());
         let deadline = Instant::now() + wait;
         let stream = loop {
-            match UnixStream::connect(display) {
+            match connect_display(display) {
                 Ok(stream) => break stream,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
                 Err(_) => {
@@ -329,14 +359,40 @@ impl VhostUserConnection {
                 }
             }
         };
+        self.pass_display(stream)
+    }
+
+    /// Hands `stream` (a connection to the display process, from [`connect_display`]) to the
+    /// backend, mid-session or not, and keeps it as the display link. A backend that holds a
+    /// display connection already replaces it (isola-gpu then sends the current picture).
+    pub fn pass_display(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+        self.display_link = None;
         self.send_gpu_socket(&stream)?;
-        self.display = Some(display.to_owned());
+        self.display_link = Some(stream);
         log::info!(
             "vhost-user {}: display connection to {} passed to the backend",
             self.path.display(),
-            display.display()
+            self.display
+                .as_deref()
+                .map_or_else(|| "?".into(), |p| p.display().to_string())
         );
         Ok(())
+    }
+
+    /// The display socket configured for this (GPU) backend.
+    pub fn display_path(&self) -> Option<&Path> {
+        self.display.as_deref()
+    }
+
+    /// The core's duplicate of the live display connection, to watch for a hang-up.
+    pub fn display_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.display_link.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Forgets the display connection (the display went away, or the backend did: dropping
+    /// the duplicate lets the display process see the end of the session).
+    pub fn drop_display_link(&mut self) {
+        self.display_link = None;
     }
 
     /// VHOST_USER_GPU_SET_SOCKET (request 33, no payload, the fd as ancillary data). The

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.
@@ -91,6 +91,22 @@ pub struct DeviceStatus {
     pub link: DeviceLink,
     /// Times the core reconnected to a restarted backend.
     pub reconnects: u32,
+    /// A GPU's link to its display process (`display=` of `--device gpu`), if it has one.
+    /// Added in protocol version 4.
+    pub display: Option<DisplayLinkStatus>,
+}
+
+/// The display connection the core passed to a GPU backend (VHOST_USER_GPU_SET_SOCKET).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayLinkStatus {
+    /// The display process's socket.
+    pub socket: String,
+    /// `Connected`: the GPU backend holds a live connection; `Reconnecting`: the display
+    /// process (or the GPU backend) is away and the core is connecting again; `Refused`: the
+    /// GPU backend did not take the new connection (retried).
+    pub link: DeviceLink,
+    /// Times the core passed a new connection because the display process went away.
+    pub reattaches: u32,
 }
 
 /// The core's connection to a device process.
@@ -224,6 +240,11 @@ mod tests {
                 socket: "/run/blk.sock".into(),
                 link: DeviceLink::Refused("disk size differs".into()),
                 reconnects: 2,
+                display: Some(DisplayLinkStatus {
+                    socket: "/run/display.sock".into(),
+                    link: DeviceLink::Reconnecting,
+                    reattaches: 3,
+                }),
             }],
         });
         assert_eq!(roundtrip(&status), status);

@@ -40,9 +40,20 @@ pub struct Desk {
 impl Desk {
     pub fn start(dir: &Path) -> Desk {
         let input = IsolaInput::start(dir, &[]);
+        let display = Self::start_display(dir, &input);
+        Desk {
+            display,
+            input,
+            gpu_socket: dir.join("gpu.sock"),
+            control: dir.join("control.sock"),
+        }
+    }
+
+    /// isola-display on `dir/display.sock`, VNC on a loopback port, input to `input`.
+    fn start_display(dir: &Path, input: &IsolaInput) -> IsolaDisplay {
         let (w, h) = (WIDTH.to_string(), HEIGHT.to_string());
         // isola-display connects to isola-input on the first VNC event.
-        let display = IsolaDisplay::start(
+        IsolaDisplay::start(
             dir,
             true,
             &[
@@ -53,13 +64,14 @@ impl Desk {
                 "--input",
                 input.control.to_str().expect("utf-8 path"),
             ],
-        );
-        Desk {
-            display,
-            input,
-            gpu_socket: dir.join("gpu.sock"),
-            control: dir.join("control.sock"),
-        }
+        )
+    }
+
+    /// Starts isola-display again on the same sockets, as the supervisor does after it died
+    /// (the caller killed it); the old process is reaped. The new one starts blank.
+    pub fn restart_display(&mut self, dir: &Path) {
+        let new = Self::start_display(dir, &self.input);
+        drop(std::mem::replace(&mut self.display, new));
     }
 
     /// Starts the core on the `desktop` guest: the GPU (display = isola-display), then the

@@ -120,6 +120,13 @@ impl IsolaDisplay {
         self.child.id()
     }
 
+    /// SIGKILL, as a crash, and reap the process: when this returns it is gone, with every
+    /// socket it had.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// How many file descriptors the process has open.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))

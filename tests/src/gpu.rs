@@ -323,6 +323,10 @@ impl IsolaGpu {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -361,6 +365,20 @@ impl QemuGpu {
             .expect("vhost-user-gpu starts");
         wait_for_path(socket, Duration::from_secs(20));
         QemuGpu { child }
+    }
+
+    /// Waits up to `timeout` for the process to end; its exit status, or `None` if it runs on.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -328,6 +328,12 @@ fn status(cli: &Cli) -> anyhow::Result<()> {
             "{} {}: {} (reconnects {}, backend {})",
             device.name, device.slot, device.link, device.reconnects, device.socket
         );
+        if let Some(display) = &device.display {
+            println!(
+                "  display: {} (reattached {}, socket {})",
+                display.link, display.reattaches, display.socket
+            );
+        }
         if let Some(at) = daemons
             .iter()
             .position(|d| same_path(&d.socket, &device.socket))

@@ -126,6 +126,10 @@ pub struct VirtioPciDevice {
     active: bool,
     link: Link,
     reconnects: u32,
+    /// A GPU backend refused the last display connection passed mid-session (the reason).
+    display_refused: Option<String>,
+    /// Display connections passed again because the display process went away.
+    display_reattaches: u32,
     /// The guest set DRIVER_OK while the backend was away: start it when it is back.
     activation_pending: bool,
     /// A driver configuration write could not reach the backend (it was away), so the
@@ -252,6 +256,8 @@ impl VirtioPciDevice {
             active: false,
             link: Link::Connected,
             reconnects: 0,
+            display_refused: None,
+            display_reattaches: 0,
             activation_pending: false,
             config_stale: false,
         };
@@ -548,6 +554,92 @@ impl VirtioPciDevice {
                 self.socket_path().display()
             );
             self.link = Link::Reconnecting;
+            // Let the display process see the session end, as if the core held no copy.
+            self.backend.drop_display_link();
+        }
+    }
+
+    /// The display socket of a GPU device (`display=`), if it has one.
+    pub fn display_path(&self) -> Option<&std::path::Path> {
+        self.backend.display_path()
+    }
+
+    /// State of the display connection: connected while the backend is connected and holds a
+    /// live one; refused when the backend would not take the last one; else reconnecting.
+    pub fn display_link(&self) -> Option<Link> {
+        self.backend.display_path()?;
+        Some(if let Some(why) = &self.display_refused {
+            Link::Refused(why.clone())
+        } else if self.link == Link::Connected && self.backend.display_fd().is_some() {
+            Link::Connected
+        } else {
+            Link::Reconnecting
+        })
+    }
+
+    pub fn display_reattaches(&self) -> u32 {
+        self.display_reattaches
+    }
+
+    /// The core's duplicate of the display connection, to watch for a hang-up.
+    pub fn display_fd(&self) -> Option<std::os::fd::RawFd> {
+        if self.link == Link::Connected {
+            self.backend.display_fd()
+        } else {
+            None
+        }
+    }
+
+    /// The display process went away (its end of the connection hung up).
+    pub fn display_gone(&mut self) {
+        if self.backend.display_fd().is_some() {
+            log::warn!(
+                "{}: display {} went away, reconnecting",
+                self.name(),
+                self.display_path()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            );
+            self.backend.drop_display_link();
+        }
+    }
+
+    /// Where to connect for a new display connection: only while the backend is connected and
+    /// has none.
+    pub fn display_target(&self) -> Option<std::path::PathBuf> {
+        if self.link != Link::Connected || self.backend.display_fd().is_some() {
+            return None;
+        }
+        self.backend.display_path().map(ToOwned::to_owned)
+    }
+
+    /// Hands a new connection to the display process (from `connect_display`) to the running
+    /// backend. Returns whether the backend took it.
+    pub fn finish_display(&mut self, stream: std::os::unix::net::UnixStream) -> bool {
+        if self.display_target().is_none() {
+            return false;
+        }
+        match self.backend.pass_display(stream) {
+            Ok(()) => {
+                self.display_refused = None;
+                self.display_reattaches += 1;
+                log::info!(
+                    "{}: display attached again (#{})",
+                    self.name(),
+                    self.display_reattaches
+                );
+                true
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                if self.display_refused.as_ref() != Some(&why) {
+                    log::warn!(
+                        "{}: passing the display connection failed: {why}",
+                        self.name()
+                    );
+                }
+                self.display_refused = Some(why);
+                false
+            }
         }
     }
 
@@ -602,6 +694,7 @@ impl VirtioPciDevice {
         self.device_config = config;
         self.config_stale = false;
         self.backend.replace_with(new);
+        self.display_refused = None;
         let resume = if self.active {
             self.activate(true)
         } else if self.activation_pending {
