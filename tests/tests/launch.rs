@@ -396,3 +396,91 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
     assert!(status.success(), "{status:?}\n{}", launch.report());
     assert_cleaned_up(&mut launch, &run_dir);
 }
+
+/// isola-display SIGKILLed under the supervisor: the supervisor starts it again on the same
+/// socket, and the core passes a new connection to the running isola-gpu, which sends it the
+/// guest's picture (a screenshot works again: a fresh display has no scanout until a GPU
+/// sets one up). isola-gpu is not restarted and the guest does nothing.
+#[test]
+fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
+    let scratch = scratch_dir("launch-display");
+    let run_dir = scratch.join("run");
+    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--kernel",
+            gpu_guest.to_str().unwrap(),
+            "--cmdline",
+            "virtio-gpu.wait=1",
+            "--display",
+            "640x400",
+        ],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(30))
+            .is_some(),
+        "{}",
+        launch.report()
+    );
+    let run = run_dir.to_str().unwrap();
+    let sup = launch.supervisor_socket();
+    let shot = scratch.join("shot.png");
+    wait_until("a first screenshot", Duration::from_secs(20), || {
+        let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+        (ok && text.contains("640x400")).then_some(())
+    });
+    let pid_of = |name: &str| {
+        wait_until(name, Duration::from_secs(10), || {
+            supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == name)?
+                .pid
+        })
+    };
+    let gpu_pid = pid_of("gpu");
+    let (ok, text) = isolactl(&["--run-dir", run, "status"]);
+    assert!(
+        ok && text.contains("display: connected (reattached 0,"),
+        "{text}"
+    );
+
+    kill(Pid::from_raw(pid_of("display") as i32), Signal::SIGKILL).unwrap();
+    wait_until("display restarted", Duration::from_secs(20), || {
+        let d = supervisor_status(&sup)
+            .into_iter()
+            .find(|d| d.name == "display")?;
+        (d.restarts == 1 && d.state == DaemonState::Running).then_some(())
+    });
+    wait_until("display re-attached", Duration::from_secs(20), || {
+        let (_, text) = isolactl(&["--run-dir", run, "status"]);
+        text.contains("display: connected (reattached 1,")
+            .then_some(())
+    });
+    wait_until(
+        "the picture on the new display",
+        Duration::from_secs(20),
+        || {
+            let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+            (ok && text.contains("640x400")).then_some(())
+        },
+    );
+    let gpu = supervisor_status(&sup)
+        .into_iter()
+        .find(|d| d.name == "gpu")
+        .expect("gpu daemon");
+    assert_eq!((gpu.pid, gpu.restarts), (Some(gpu_pid), 0), "{gpu:?}");
+    let (ok, text) = isolactl(&["--run-dir", run, "status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("vcpu0: running"), "{text}");
+    assert!(!text.contains("reconnecting"), "{text}");
+
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+    assert_cleaned_up(&mut launch, &run_dir);
+}
