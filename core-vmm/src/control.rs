@@ -479,3 +479,28 @@ fn change_state(ctx: &Context<'_>, event: VcpuEvent, target: VcpuState) -> Contr
     }
     ControlResponse::Done
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_keeps_dying_right_after_coming_back_is_retried_ever_more_slowly() {
+        let mut watch = DeviceWatch::default();
+        watch.went_away();
+        assert_eq!(watch.backoff, Duration::ZERO, "first loss: at once");
+        let mut last = Duration::ZERO;
+        for _ in 0..8 {
+            watch.back_at = Some(Instant::now());
+            watch.went_away();
+            assert!(watch.backoff >= FLAP_BACKOFF_MIN && watch.backoff >= last);
+            assert!(watch.backoff <= REFUSED_RETRY);
+            last = watch.backoff;
+        }
+        assert_eq!(last, REFUSED_RETRY, "capped");
+        // Up for longer than the flap window: at once again.
+        watch.back_at = Instant::now().checked_sub(FLAP_WINDOW * 2);
+        watch.went_away();
+        assert_eq!(watch.backoff, Duration::ZERO);
+    }
+}

@@ -639,3 +639,47 @@ impl VhostUserConnection {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("isola-vu-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn connect_display_fails_at_once_without_a_listener_and_hands_back_a_blocking_stream() {
+        let dir = scratch("display");
+        let path = dir.join("display.sock");
+        assert!(connect_display(&path).is_err(), "no socket file");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let stream = connect_display(&path).expect("a listener is there");
+        let (mut peer, _) = listener.accept().expect("accept");
+        // Blocking again: a read waits (bounded here) instead of failing with WouldBlock.
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        let err = (&stream).read(&mut buf).expect_err("nothing sent yet");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        peer.write_all(b"x").expect("write");
+        assert_eq!((&stream).read(&mut buf).expect("read"), 1);
+        // A stale socket file nobody listens on is refused, not waited for.
+        drop(listener);
+        drop(peer);
+        assert!(connect_display(&path).is_err(), "stale socket file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
