@@ -1,6 +1,8 @@
 //! Helpers for Isola's end-to-end tests: build and find the binaries a user runs, start them,
 //! and read what the guest prints.
 
+pub mod net;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -24,6 +24,8 @@ const IFNAMSIZ: usize = 16;
 pub enum TapError {
     #[error("tap name '{0}' is empty or longer than 15 bytes")]
     BadName(String),
+    #[error("there is no network device '{0}' (create the tap first, e.g. `ip tuntap add`)")]
+    NoSuchDevice(String),
     #[error("cannot open /dev/net/tun")]
     OpenTun(#[source] std::io::Error),
     #[error("cannot attach to tap '{name}' (does it exist, and may this user use it?)")]
@@ -93,6 +95,12 @@ impl Tap {
     /// Attaches `queues` queues to the existing tap `name` (multi-queue if more than one).
     pub fn open(name: &str, queues: u16) -> Result<Tap, TapError> {
         check_name(name)?;
+        // TUNSETIFF would create a missing tap if allowed to; this process only attaches.
+        let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.to_owned()))?;
+        // SAFETY: `cname` is a NUL-terminated string alive for the call, which only reads it.
+        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+            return Err(TapError::NoSuchDevice(name.to_owned()));
+        }
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if queues > 1 {
             flags |= libc::IFF_MULTI_QUEUE;

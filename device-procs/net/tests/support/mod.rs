@@ -126,6 +126,22 @@ impl NetProc {
     /// Starts `isola-net --socket SOCKET ARGS`, handing it `fds` as 3, 4, ... (named on the
     /// command line by the caller).
     pub fn start(socket: &Path, log: PathBuf, args: &[&str], fds: Vec<OwnedFd>) -> NetProc {
+        let proc = NetProc::spawn(socket, log, args, fds);
+        let deadline = Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "isola-net did not create {}: {}",
+                socket.display(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        proc
+    }
+
+    /// Starts it without waiting for the socket.
+    pub fn spawn(socket: &Path, log: PathBuf, args: &[&str], fds: Vec<OwnedFd>) -> NetProc {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_isola-net"));
         cmd.arg("--socket")
@@ -163,16 +179,6 @@ impl NetProc {
         }
         let child = cmd.spawn().unwrap();
         drop(fds);
-        let deadline = Instant::now() + TIMEOUT;
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "isola-net did not create {}: {}",
-                socket.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
         NetProc { child, log }
     }
 
