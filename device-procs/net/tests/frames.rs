@@ -310,3 +310,178 @@ fn tso_frame_arrives_segmented_and_checksummed() {
         assert_eq!(segments, data.len().div_ceil(1448));
     });
 }
+
+#[test]
+fn mergeable_buffers_carry_a_frame_across_several_and_without_them_small_buffers_drop_it() {
+    in_netns(|| {
+        let dir = Scratch::new("mrg");
+        make_tap("tap0", false);
+        let net = NetProc::start(
+            &dir.path("net.sock"),
+            dir.path("net.log"),
+            &["--tap", "tap0"],
+            vec![],
+        );
+        let host = host_udp(0);
+        let payload: Vec<u8> = (0..1400u32).map(|i| (i * 13) as u8).collect();
+
+        // MRG_RXBUF: 512-byte buffers; a 1454-byte frame (+ header) takes three.
+        let mut guest = Guest::connect(&dir.path("net.sock"), BASE | bit(VIRTIO_NET_F_MRG_RXBUF));
+        guest.post_rx(8, 512);
+        host.send_to(&payload, "10.0.0.2:6000").unwrap();
+        let (hdr, first) = guest.recv(TIMEOUT).expect("first buffer");
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 3, "num_buffers");
+        let mut frame = first;
+        for _ in 0..2 {
+            let (a, b) = guest.recv(TIMEOUT).expect("next buffer");
+            frame.extend(a);
+            frame.extend(b);
+        }
+        assert_eq!(frame.len(), 14 + 20 + 8 + payload.len());
+        assert_eq!(udp_payload(&frame), &payload[..]);
+        drop(guest);
+
+        // Without it, a frame that does not fit the buffer is dropped and the buffer kept for
+        // the next frame, which fits.
+        let mut guest = Guest::connect(&dir.path("net.sock"), BASE);
+        guest.post_rx(1, 512);
+        host.send_to(&payload, "10.0.0.2:6000").unwrap();
+        host.send_to(b"small", "10.0.0.2:6000").unwrap();
+        let (hdr, frame) = guest.recv(TIMEOUT).expect("the small frame");
+        assert_eq!(hdr[10..12], [1, 0]);
+        assert_eq!(udp_payload(&frame), b"small");
+        assert!(guest.recv(Duration::from_millis(200)).is_none());
+        drop(guest);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(net.last_stat("rx_dropped"), Some(1), "{}", net.log_text());
+    });
+}
+
+impl Guest {
+    /// The next whole frame (mergeable buffers joined): (header, frame).
+    fn recv_frame(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let (hdr, mut frame) = self.recv(TIMEOUT).expect("a frame");
+        let buffers = u16::from_le_bytes([hdr[10], hdr[11]]);
+        for _ in 1..buffers {
+            let (a, b) = self.recv(TIMEOUT).expect("the frame's next buffer");
+            frame.extend(a);
+            frame.extend(b);
+        }
+        self.post_rx(buffers, 4096);
+        (hdr, frame)
+    }
+}
+
+/// A TCP segment from the guest (10.0.0.2:80) to the host's `port`, checksums complete.
+fn tcp_segment(port: u16, seq: u32, ack: u32, flags: u8, options: &[u8]) -> Vec<u8> {
+    let mut f = eth(HOST_MAC, GUEST_MAC, 0x0800);
+    let len = 20 + options.len();
+    f.extend(ipv4(GUEST_IP, HOST_IP, 6, len, 9));
+    let mut t = Vec::new();
+    t.extend_from_slice(&80u16.to_be_bytes());
+    t.extend_from_slice(&port.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(&[((len / 4) as u8) << 4, flags]);
+    t.extend_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    t.extend_from_slice(options);
+    let c = csum(pseudo_sum(GUEST_IP, HOST_IP, 6, t.len()), &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    f.extend(t);
+    f
+}
+
+#[test]
+fn host_tcp_reaches_the_guest_as_tso_frames_over_mergeable_buffers() {
+    in_netns(|| {
+        let dir = Scratch::new("guest-tso");
+        make_tap("tap0", false);
+        let _net = NetProc::start(
+            &dir.path("net.sock"),
+            dir.path("net.log"),
+            &["--tap", "tap0"],
+            vec![],
+        );
+        let mut guest = Guest::connect(
+            &dir.path("net.sock"),
+            BASE | bit(VIRTIO_NET_F_GUEST_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_MRG_RXBUF),
+        );
+        guest.post_rx(200, 4096);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let host = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"10.0.0.2:80".parse().unwrap(),
+                Duration::from_secs(10),
+            )
+            .expect("the guest accepts");
+            s.write_all(&sent).unwrap();
+        });
+
+        // Handshake: answer the SYN with MSS 1460 and window scale 7.
+        let (syn_hdr, syn) = loop {
+            let (h, f) = guest.recv_frame();
+            if f.len() >= 54 && f[23] == 6 && f[47] & 0x02 != 0 {
+                break (h, f);
+            }
+        };
+        let _ = syn_hdr;
+        let port = u16::from_be_bytes([syn[34], syn[35]]);
+        let their_isn = u32::from_be_bytes(syn[38..42].try_into().unwrap());
+        let options = [2, 4, 0x05, 0xb4, 1, 3, 3, 7];
+        let mine = 5000u32;
+        guest.send(
+            [0u8; HDR],
+            &tcp_segment(port, mine, their_isn + 1, 0x12, &options),
+        );
+
+        let mut got = Vec::new();
+        let mut gso_frames = 0;
+        let mut largest = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < data.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} bytes",
+                got.len()
+            );
+            let (hdr, f) = guest.recv_frame();
+            if f.len() < 54 || f[23] != 6 {
+                continue;
+            }
+            let ip_len = usize::from(u16::from_be_bytes([f[16], f[17]]));
+            let doff = usize::from(f[46] >> 4) * 4;
+            let seq = u32::from_be_bytes(f[38..42].try_into().unwrap());
+            let payload = &f[34 + doff..14 + ip_len];
+            if hdr[1] == VIRTIO_NET_HDR_GSO_TCPV4 as u8 {
+                gso_frames += 1;
+                assert_ne!(
+                    hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+                    0,
+                    "GSO needs a partial csum"
+                );
+                let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+                assert!(
+                    gso_size > 0 && usize::from(gso_size) <= 1460,
+                    "gso_size {gso_size}"
+                );
+            }
+            largest = largest.max(f.len());
+            if seq.wrapping_sub(their_isn + 1) as usize == got.len() {
+                got.extend_from_slice(payload);
+            }
+            let ack = their_isn.wrapping_add(1).wrapping_add(got.len() as u32);
+            guest.send([0u8; HDR], &tcp_segment(port, mine + 1, ack, 0x10, &[]));
+        }
+        assert_eq!(got, data);
+        assert!(
+            gso_frames > 0 && largest > 1514,
+            "no TSO frame reached the guest (largest {largest})"
+        );
+        host.join().unwrap();
+    });
+}
