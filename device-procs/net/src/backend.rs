@@ -197,3 +197,41 @@ impl VirtioDevice for NetDevice {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_offloads_follow_the_receive_features() {
+        let f = |bits: &[u32]| bits.iter().fold(0u64, |a, &b| a | bit(b));
+        assert_eq!(
+            NetDevice::tap_offloads(f(&[VIRTIO_NET_F_GUEST_TSO4])),
+            0,
+            "no csum, no TSO"
+        );
+        assert_eq!(
+            NetDevice::tap_offloads(f(&[VIRTIO_NET_F_GUEST_CSUM])),
+            libc::TUN_F_CSUM
+        );
+        assert_eq!(
+            NetDevice::tap_offloads(f(&[
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_ECN,
+                VIRTIO_NET_F_GUEST_UFO
+            ])),
+            libc::TUN_F_CSUM
+                | libc::TUN_F_TSO4
+                | libc::TUN_F_TSO6
+                | libc::TUN_F_TSO_ECN
+                | libc::TUN_F_UFO
+        );
+        assert_eq!(
+            NetDevice::tap_offloads(f(&[VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN])),
+            libc::TUN_F_CSUM,
+            "ECN only with TSO"
+        );
+    }
+}

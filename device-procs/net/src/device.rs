@@ -538,3 +538,125 @@ impl QueueHandler for CtrlQueue {
         Ok(Progress::Idle)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_UDP_L4;
+
+    const ALL: u64 = (1 << VIRTIO_NET_F_CSUM)
+        | (1 << VIRTIO_NET_F_HOST_TSO4)
+        | (1 << VIRTIO_NET_F_HOST_TSO6)
+        | (1 << VIRTIO_NET_F_HOST_UFO)
+        | (1 << VIRTIO_NET_F_HOST_ECN);
+    const CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+
+    fn hdr(flags: u8, gso: u32, gso_size: u16, start: u16, offset: u16) -> VnetHeader {
+        VnetHeader {
+            flags,
+            gso_type: gso as u8,
+            hdr_len: 0,
+            gso_size,
+            csum_start: start,
+            csum_offset: offset,
+        }
+    }
+
+    #[test]
+    fn headers_parse_little_endian() {
+        let b = [1, 4, 0x36, 0, 0xa8, 0x05, 34, 0, 16, 0, 9, 9];
+        assert_eq!(
+            VnetHeader::parse(&b),
+            hdr(1, VIRTIO_NET_HDR_GSO_TCPV6, 1448, 34, 16).with_hdr_len(54)
+        );
+    }
+
+    impl VnetHeader {
+        fn with_hdr_len(mut self, n: u16) -> Self {
+            self.hdr_len = n;
+            self
+        }
+    }
+
+    #[test]
+    fn plain_frames_are_bounded_by_the_mtu() {
+        let plain = hdr(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0);
+        assert_eq!(plain.tx_problem(0, 1518, 1500), None);
+        assert_eq!(plain.tx_problem(0, 1519, 1500), Some("oversized frame"));
+        assert_eq!(plain.tx_problem(0, 13, 1500), Some("runt frame"));
+        assert_eq!(plain.tx_problem(0, 9018, 9000), None);
+    }
+
+    #[test]
+    fn offloads_need_their_features_and_sane_fields() {
+        let tso = hdr(CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 1448, 34, 16);
+        assert_eq!(tso.tx_problem(ALL, 60_000, 1500), None);
+        assert_eq!(
+            tso.tx_problem(ALL, MAX_GSO_FRAME + 1, 1500),
+            Some("oversized frame")
+        );
+        assert_eq!(
+            tso.tx_problem(1 << VIRTIO_NET_F_CSUM, 60_000, 1500),
+            Some("GSO type not negotiated")
+        );
+        assert_eq!(
+            tso.tx_problem(0, 60_000, 1500),
+            Some("checksum offload not negotiated")
+        );
+        let no_size = hdr(CSUM, VIRTIO_NET_HDR_GSO_UDP, 0, 34, 6);
+        assert_eq!(
+            no_size.tx_problem(ALL, 4000, 1500),
+            Some("GSO with a segment size of 0")
+        );
+        let no_csum = hdr(0, VIRTIO_NET_HDR_GSO_TCPV6, 1440, 0, 0);
+        assert_eq!(
+            no_csum.tx_problem(ALL, 4000, 1500),
+            Some("GSO without checksum offload")
+        );
+        let ecn = hdr(
+            CSUM,
+            VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN,
+            1448,
+            34,
+            16,
+        );
+        assert_eq!(ecn.tx_problem(ALL, 4000, 1500), None);
+        assert_eq!(
+            ecn.tx_problem(ALL & !(1 << VIRTIO_NET_F_HOST_ECN), 4000, 1500),
+            Some("ECN segmentation not negotiated")
+        );
+        let uso = hdr(CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 1400, 34, 6);
+        assert_eq!(uso.tx_problem(ALL, 4000, 1500), Some("unknown GSO type"));
+        let outside = hdr(CSUM, VIRTIO_NET_HDR_GSO_NONE, 0, 1000, 100);
+        assert_eq!(
+            outside.tx_problem(ALL, 1101, 1500),
+            Some("checksum position outside the frame")
+        );
+        assert_eq!(outside.tx_problem(ALL, 1102, 1500), None);
+        let flags = hdr(0x82, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0);
+        assert_eq!(
+            flags.tx_problem(ALL, 100, 1500),
+            Some("unknown header flags")
+        );
+    }
+
+    #[test]
+    fn control_commands() {
+        let ctrl = CtrlQueue::new(4);
+        let set = |n: u16| {
+            let [lo, hi] = n.to_le_bytes();
+            [
+                VIRTIO_NET_CTRL_MQ as u8,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+                lo,
+                hi,
+            ]
+        };
+        assert_eq!(ctrl.answer(&set(4)), VIRTIO_NET_OK as u8);
+        assert_eq!(ctrl.answer(&set(1)), VIRTIO_NET_OK as u8);
+        assert_eq!(ctrl.answer(&set(0)), VIRTIO_NET_ERR as u8);
+        assert_eq!(ctrl.answer(&set(5)), VIRTIO_NET_ERR as u8);
+        assert_eq!(ctrl.answer(&[0, 0, 1]), VIRTIO_NET_ERR as u8);
+        assert_eq!(ctrl.answer(&[]), VIRTIO_NET_ERR as u8);
+    }
+}

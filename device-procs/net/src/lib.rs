@@ -174,3 +174,29 @@ pub fn run(config: Config) -> Result<(), RunError> {
     isola_device_common::serve(&config.listener, &Arc::new(device))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_multicast_is_refused() {
+        assert_eq!(
+            parse_mac("02:aB:00:10:ff:09").unwrap(),
+            [2, 0xab, 0, 0x10, 0xff, 9]
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "2:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+        ] {
+            assert!(matches!(parse_mac(bad), Err(ConfigError::Mac(_))), "{bad}");
+        }
+        assert!(matches!(
+            parse_mac("03:00:00:00:00:01"),
+            Err(ConfigError::MulticastMac(_))
+        ));
+    }
+}
