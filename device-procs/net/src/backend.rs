@@ -103,7 +103,10 @@ impl NetDevice {
             2
         };
         if features & bit(VIRTIO_NET_F_CTRL_VQ) != 0 && index == ctrl_index {
-            return Ok(Box::new(CtrlQueue::new(self.pairs)));
+            return Ok(Box::new(CtrlQueue::new(
+                Some(Arc::clone(&self.tap)),
+                self.pairs,
+            )));
         }
         if index >= 2 * self.pairs {
             return Err(SetupError::NoQueue);
@@ -112,6 +115,9 @@ impl NetDevice {
         if index.is_multiple_of(2) {
             // Receive queues start before the driver sends anything; set the offloads here.
             self.tap.set_offload(Self::tap_offloads(features))?;
+            // Every pair is in use until the driver says otherwise (a previous driver may
+            // have detached some).
+            self.tap.set_queue_attached(pair, true)?;
             Ok(Box::new(RxQueue::new(
                 Arc::clone(&self.tap),
                 pair,

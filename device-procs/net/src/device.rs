@@ -472,19 +472,36 @@ impl QueueHandler for RxQueue {
     }
 }
 
-/// The control queue: `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` within the offered count is
-/// acknowledged (every pair is always served); anything else gets `VIRTIO_NET_ERR`.
+/// The control queue: `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` within the offered count attaches
+/// that many tap queues and detaches the rest, so the host steers frames only to pairs the
+/// driver uses; anything else gets `VIRTIO_NET_ERR`.
 pub struct CtrlQueue {
+    tap: Option<Arc<Tap>>,
     max_pairs: u16,
     log: RateLimiter,
 }
 
 impl CtrlQueue {
-    pub fn new(max_pairs: u16) -> Self {
+    pub fn new(tap: Option<Arc<Tap>>, max_pairs: u16) -> Self {
         CtrlQueue {
+            tap,
             max_pairs,
             log: RateLimiter::new(5),
         }
+    }
+
+    fn set_pairs(&self, pairs: u16) -> u8 {
+        let Some(tap) = &self.tap else {
+            return VIRTIO_NET_OK as u8;
+        };
+        for i in 0..self.max_pairs {
+            if let Err(e) = tap.set_queue_attached(usize::from(i), i < pairs) {
+                log::warn!("ctrl: {}", isola_device_common::logging::chain(&e));
+                return VIRTIO_NET_ERR as u8;
+            }
+        }
+        log::info!("ctrl: the driver uses {pairs} queue pairs");
+        VIRTIO_NET_OK as u8
     }
 
     fn answer(&self, cmd: &[u8]) -> u8 {
@@ -495,7 +512,7 @@ impl CtrlQueue {
             {
                 let pairs = u16::from_le_bytes([*lo, *hi]);
                 if (1..=self.max_pairs).contains(&pairs) {
-                    VIRTIO_NET_OK as u8
+                    self.set_pairs(pairs)
                 } else {
                     VIRTIO_NET_ERR as u8
                 }
@@ -642,7 +659,7 @@ mod tests {
 
     #[test]
     fn control_commands() {
-        let ctrl = CtrlQueue::new(4);
+        let ctrl = CtrlQueue::new(None, 4);
         let set = |n: u16| {
             let [lo, hi] = n.to_le_bytes();
             [

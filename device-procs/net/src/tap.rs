@@ -189,6 +189,30 @@ impl Tap {
         self.queues.get(i)
     }
 
+    /// Attaches queue `i` to the tap, or detaches it so the tap steers no frames to it
+    /// (`TUNSETQUEUE`; multi-queue taps only). Already in that state is fine.
+    pub fn set_queue_attached(&self, i: usize, attached: bool) -> Result<(), TapError> {
+        let Some(q) = self.queues.get(i) else {
+            return Ok(());
+        };
+        if self.queues.len() < 2 {
+            return Ok(());
+        }
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq::new("", flag);
+        // SAFETY: TUNSETQUEUE reads one `struct ifreq` (the flags), `req`, alive for the call.
+        let rc = unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETQUEUE, &mut req) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // Already attached (or detached).
+            return Ok(());
+        }
+        self.check(rc, "TUNSETQUEUE")
+    }
+
     /// Which offloads the tap may use on frames it hands us (`TUN_F_*`); per device.
     pub fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
         let Some(q) = self.queues.first() else {
@@ -245,6 +269,8 @@ pub fn read_frame(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Option<
         match e.kind() {
             std::io::ErrorKind::Interrupted => continue,
             std::io::ErrorKind::WouldBlock => return Ok(None),
+            // A detached queue (the driver uses fewer pairs): nothing will come.
+            _ if e.raw_os_error() == Some(libc::EBADFD) => return Ok(None),
             _ => return Err(e),
         }
     }

@@ -70,7 +70,6 @@ fn two_queue_pairs_and_the_control_queue() {
         }
         let mem = ram.memory();
         // The control queue: 2 pairs is fine, 3 is more than the device has.
-        let ctrl = &mut queues[4];
         let set = |n: u16| {
             let mut c = vec![
                 VIRTIO_NET_CTRL_MQ as u8,
@@ -79,9 +78,18 @@ fn two_queue_pairs_and_the_control_queue() {
             c.extend_from_slice(&n.to_le_bytes());
             c
         };
-        assert_eq!(control(&ram, ctrl, &set(2), 1), VIRTIO_NET_OK as u8);
-        assert_eq!(control(&ram, ctrl, &set(3), 2), VIRTIO_NET_ERR as u8);
-        assert_eq!(control(&ram, ctrl, &[0x77, 0], 3), VIRTIO_NET_ERR as u8);
+        assert_eq!(
+            control(&ram, &mut queues[4], &set(2), 1),
+            VIRTIO_NET_OK as u8
+        );
+        assert_eq!(
+            control(&ram, &mut queues[4], &set(3), 2),
+            VIRTIO_NET_ERR as u8
+        );
+        assert_eq!(
+            control(&ram, &mut queues[4], &[0x77, 0], 3),
+            VIRTIO_NET_ERR as u8
+        );
 
         // Transmit on both pairs.
         let host = host_udp(5000);
@@ -144,6 +152,34 @@ fn two_queue_pairs_and_the_control_queue() {
         assert!(
             per_queue.iter().all(|&n| n > 0),
             "flows spread over both pairs: {per_queue:?}"
+        );
+
+        // The driver goes down to one pair: the tap steers every flow to pair 0.
+        assert_eq!(
+            control(&ram, &mut queues[4], &set(1), 4),
+            VIRTIO_NET_OK as u8
+        );
+        let used0 = queues[0].used_idx(mem);
+        for u in 0..used0 {
+            let (head, _) = queues[0].used_elem(mem, u);
+            queues[0].publish(mem, head as u16);
+        }
+        queues[0].kick();
+        let before = [queues[0].used_idx(mem), queues[2].used_idx(mem)];
+        for i in 0..32u16 {
+            let s = host_udp(8000 + i);
+            s.send_to(&i.to_be_bytes(), "10.0.0.2:6000").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            queues[0].used_idx(mem).wrapping_sub(before[0]),
+            32,
+            "all on pair 0"
+        );
+        assert_eq!(
+            queues[2].used_idx(mem),
+            before[1],
+            "nothing on the detached pair"
         );
         drop(frontend);
         drop(net);
