@@ -12,10 +12,11 @@
 //!   soon as the tap has handed them over. Raw: `write(2)` of each frame to the tap fd.
 //! * host -> guest: a thread injecting frames into the tap's transmit side through an
 //!   AF_PACKET socket (qdisc bypassed); what counts is what reaches the reader. Raw: a thread
-//!   `read(2)`ing the tap fd.
+//!   `read(2)`ing the tap fd until it would block, then `poll(2)`.
 //!
-//! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` sets the time per
-//! case (default 2). The `isola-net` used is the release build.
+//! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` (default 1) and
+//! `ISOLA_BENCH_ROUNDS` (default 3) set the rounds; each case reports its best round, the
+//! machines being shared and noisy. The `isola-net` used is the release build.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -125,24 +126,49 @@ fn injector(ifindex: i32, len: usize, stop: Arc<AtomicBool>) -> std::thread::Joi
 }
 
 fn raw_rx(tap: &OwnedFd, ifindex: i32, len: usize, secs: f64) -> Result {
+    // The efficient reader: wait for the fd, then read until it would block (as isola-net
+    // does), so the raw side is not slowed by one wake-up per frame.
+    let flags = unsafe_fcntl_nonblock(tap);
     let stop = Arc::new(AtomicBool::new(false));
     let inject = injector(ifindex, len, Arc::clone(&stop));
     let mut buf = vec![0u8; 65536];
     let mut n = 0u64;
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
-        // SAFETY: read writes at most buf.len() bytes into `buf`.
-        let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r as usize == HDR + len {
-            n += 1;
+        let mut pfd = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd, alive for the call.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+        loop {
+            // SAFETY: read writes at most buf.len() bytes into `buf`.
+            let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r < 0 {
+                break;
+            }
+            if r as usize == HDR + len {
+                n += 1;
+            }
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     inject.join().unwrap();
+    let _ = flags;
     Result {
         pps: n as f64 / elapsed,
         bytes: len,
+    }
+}
+
+/// Makes `fd` non-blocking.
+fn unsafe_fcntl_nonblock(fd: &OwnedFd) -> i32 {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own read and write no memory of ours.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
     }
 }
 
@@ -358,7 +384,11 @@ fn main() {
     let secs: f64 = std::env::var("ISOLA_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
+    let rounds: usize = std::env::var("ISOLA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("net bench: skipped (needs root for a network namespace and taps)");
@@ -368,28 +398,33 @@ fn main() {
         let dir = scratch_dir("net-bench");
         make_tap("tap0");
         let index = ifindex("tap0");
-        println!("net bench: {secs} s per case; frame = Ethernet frame bytes (no FCS)");
+        println!(
+            "net bench: best of {rounds} rounds of {secs} s per case, isola-net and raw \
+             alternating; frame = Ethernet frame bytes (no FCS)"
+        );
         println!(
             "{:<12} {:>6} {:>11} {:>7} {:>11} {:>7} {:>6}",
             "direction", "frame", "isola pps", "Gbit/s", "raw pps", "Gbit/s", "ratio"
         );
         for len in [64usize, 1514] {
             for to_guest in [false, true] {
-                let isola = through_isola(&dir, index, to_guest, len, secs);
-                let raw = raw(index, to_guest, len, secs);
+                let mut isola = Result { pps: 0.0, bytes: len };
+                let mut raw_best = Result { pps: 0.0, bytes: len };
+                for _ in 0..rounds {
+                    let i = through_isola(&dir, index, to_guest, len, secs);
+                    let r = raw(index, to_guest, len, secs);
+                    isola.pps = isola.pps.max(i.pps);
+                    raw_best.pps = raw_best.pps.max(r.pps);
+                }
                 println!(
                     "{:<12} {:>6} {:>11.0} {:>7.2} {:>11.0} {:>7.2} {:>5.0}%",
-                    if to_guest {
-                        "host->guest"
-                    } else {
-                        "guest->host"
-                    },
+                    if to_guest { "host->guest" } else { "guest->host" },
                     len,
                     isola.pps,
                     isola.gbps(),
-                    raw.pps,
-                    raw.gbps(),
-                    100.0 * isola.pps / raw.pps
+                    raw_best.pps,
+                    raw_best.gbps(),
+                    100.0 * isola.pps / raw_best.pps
                 );
             }
         }

@@ -26,6 +26,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_OK,
 };
 
+use vm_memory::{Address, GuestMemoryBackend};
+
 use crate::tap::{self, Tap, VNET_HDR_LEN};
 
 /// Largest frame after the header with a GSO type: a 64 KiB IP packet, Ethernet and VLAN
@@ -188,7 +190,13 @@ pub struct TxQueue {
     mtu: u16,
     stats: Arc<Stats>,
     drops: DropLog,
+    /// The iovecs of the frame being sent, kept to avoid an allocation per frame.
+    iov: Vec<libc::iovec>,
 }
+
+// SAFETY: `iov` only holds pointers between the start and the end of one `send` call (it
+// is cleared first thing); a TxQueue moved to another thread carries no live pointer.
+unsafe impl Send for TxQueue {}
 
 impl TxQueue {
     pub fn new(tap: Arc<Tap>, pair: usize, features: u64, mtu: u16, stats: Arc<Stats>) -> Self {
@@ -199,6 +207,7 @@ impl TxQueue {
             mtu,
             stats,
             drops: DropLog::new("tx"),
+            iov: Vec::with_capacity(16),
         }
     }
 
@@ -223,22 +232,51 @@ impl TxQueue {
         };
         let mut hdr = [0u8; VNET_HDR_LEN];
         chain::read_bytes(mem, &segs, &mut hdr).map_err(|e| e.to_string())?;
-        let parsed = VnetHeader::parse(&hdr);
+        let hdr = &mut hdr;
+        let parsed = VnetHeader::parse(hdr);
         if let Some(problem) = parsed.tx_problem(self.features, len, self.mtu) {
             return Err(problem.into());
         }
-        // num_buffers means nothing on transmit; the tap ignores it.
-        let (_, body) = chain::split_at(&segs, VNET_HDR_LEN as u64);
-        let slices = chain::host_slices(mem, &body).map_err(|e| e.to_string())?;
-        if slices.len() > MAX_TX_SEGMENTS {
-            return Err(format!("{} buffers in one frame", slices.len()));
+        // num_buffers means nothing on transmit; the tap ignores it. The frame goes out as
+        // our checked copy of the header, then the guest's buffers in place.
+        self.iov.clear();
+        self.iov.push(libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: VNET_HDR_LEN,
+        });
+        let mut skip = VNET_HDR_LEN as u64;
+        for seg in &segs {
+            let len = u64::from(seg.len);
+            if len <= skip {
+                skip -= len;
+                continue;
+            }
+            let addr = seg.addr.checked_add(skip).ok_or("buffer address wraps")?;
+            let len = (len - skip) as usize;
+            skip = 0;
+            for slice in mem.get_slices(addr, len) {
+                let slice =
+                    slice.map_err(|_| format!("buffer at {:#x} is not in guest memory", addr.0))?;
+                if self.iov.len() > MAX_TX_SEGMENTS {
+                    return Err("too many buffers in one frame".into());
+                }
+                // The pointer stays valid after `slice` goes: it points into the guest
+                // mapping, which `mem` (held by the chain for this whole call) keeps mapped.
+                self.iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                    iov_len: slice.len(),
+                });
+            }
         }
         let fd = self
             .tap
             .queue(self.pair)
             .ok_or("no tap queue for this pair")?
             .as_fd();
-        match tap::write_frame(fd, &hdr, &slices) {
+        // SAFETY: the first iovec is `hdr`, alive for the call; the others are ranges of
+        // the guest mapping that `get_slices` bounds-checked, kept mapped by `mem` (borrowed
+        // from `chain`, alive for the call). The kernel only reads them.
+        match unsafe { tap::write_iov(fd, &self.iov) } {
             Ok(_) => Ok(len),
             Err(e) => Err(format!("the tap refused it: {e}")),
         }

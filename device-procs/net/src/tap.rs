@@ -13,7 +13,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
-use vm_memory::VolatileSlice;
 
 /// Size of `struct virtio_net_hdr_v1` (with `num_buffers`), used by every virtio 1.x driver.
 pub const VNET_HDR_LEN: usize = 12;
@@ -276,31 +275,18 @@ pub fn read_frame(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Option<
     }
 }
 
-/// Writes one frame, `header` then the guest buffers `body`, as one packet. The guest may
-/// change its buffers meanwhile: the kernel copies them once and validates what it copied.
-pub fn write_frame(
-    fd: BorrowedFd<'_>,
-    header: &[u8],
-    body: &[VolatileSlice<'_>],
-) -> std::io::Result<usize> {
-    let guards: Vec<_> = body.iter().map(|s| (s.ptr_guard(), s.len())).collect();
-    let mut iov = Vec::with_capacity(1 + guards.len());
-    iov.push(libc::iovec {
-        iov_base: header.as_ptr() as *mut libc::c_void,
-        iov_len: header.len(),
-    });
-    for (guard, len) in &guards {
-        iov.push(libc::iovec {
-            iov_base: guard.as_ptr() as *mut libc::c_void,
-            iov_len: *len,
-        });
-    }
-    let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+/// Writes one frame, gathered from `iov`, as one packet.
+///
+/// # Safety
+///
+/// Every iovec must describe memory that stays mapped and readable for the call. (The guest
+/// may change it meanwhile: the kernel copies it once and validates what it copied.)
+pub unsafe fn write_iov(fd: BorrowedFd<'_>, iov: &[libc::iovec]) -> std::io::Result<usize> {
+    let count = libc::c_int::try_from(iov.len())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
-        // SAFETY: writev reads `count` iovecs from `iov` and, through them, `header` (borrowed
-        // for the call) and guest memory described by `body`: each `VolatileSlice` is a
-        // bounds-checked range of the guest mapping, kept mapped by its borrow and by
-        // `guards` for the whole call. The kernel only reads that memory.
+        // SAFETY: writev reads `count` iovecs from `iov` and the memory they describe, which
+        // the caller guarantees is mapped and readable for the call.
         let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), count) };
         if n >= 0 {
             return Ok(n as usize);
