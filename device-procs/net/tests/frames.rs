@@ -485,3 +485,44 @@ fn host_tcp_reaches_the_guest_as_tso_frames_over_mergeable_buffers() {
         host.join().unwrap();
     });
 }
+
+#[test]
+fn an_unprivileged_process_serves_the_tap_fd_its_launcher_opened() {
+    in_netns(|| {
+        const NOBODY: u32 = 65534;
+        let dir = Scratch::new("unprivileged");
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        make_tap("tap0", false);
+        let fd = open_tap("tap0", TAP_FLAGS);
+        let net = NetProc::start_as(
+            &dir.path("net.sock"),
+            dir.path("net.log"),
+            &["--tap-fd", "3"],
+            vec![fd],
+            Some(NOBODY),
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", net.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap()
+        };
+        assert_eq!(field("Uid:")[0], NOBODY.to_string(), "runs as nobody");
+        assert_eq!(field("CapEff:")[0], "0000000000000000", "no capabilities");
+        let mut guest = Guest::connect(&dir.path("net.sock"), BASE);
+        let host = host_udp(5000);
+        guest.send([0u8; HDR], &udp_frame(4000, 5000, b"from nobody", 1));
+        let mut buf = [0u8; 64];
+        let (n, _) = host
+            .recv_from(&mut buf)
+            .expect("the frame reaches the host");
+        assert_eq!(&buf[..n], b"from nobody");
+        guest.post_rx(4, 2048);
+        host_udp(0).send_to(b"to nobody", "10.0.0.2:6000").unwrap();
+        let (_, frame) = guest.recv(TIMEOUT).expect("the frame reaches the guest");
+        assert_eq!(udp_payload(&frame), b"to nobody");
+    });
+}

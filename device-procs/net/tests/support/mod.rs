@@ -126,7 +126,19 @@ impl NetProc {
     /// Starts `isola-net --socket SOCKET ARGS`, handing it `fds` as 3, 4, ... (named on the
     /// command line by the caller).
     pub fn start(socket: &Path, log: PathBuf, args: &[&str], fds: Vec<OwnedFd>) -> NetProc {
-        let proc = NetProc::spawn(socket, log, args, fds);
+        NetProc::start_as(socket, log, args, fds, None)
+    }
+
+    /// As [`NetProc::start`], optionally as user and group `uid` with no supplementary
+    /// groups (root drops everything before exec).
+    pub fn start_as(
+        socket: &Path,
+        log: PathBuf,
+        args: &[&str],
+        fds: Vec<OwnedFd>,
+        uid: Option<u32>,
+    ) -> NetProc {
+        let proc = NetProc::spawn_as(socket, log, args, fds, uid);
         let deadline = Instant::now() + TIMEOUT;
         while !socket.exists() {
             assert!(
@@ -142,6 +154,16 @@ impl NetProc {
 
     /// Starts it without waiting for the socket.
     pub fn spawn(socket: &Path, log: PathBuf, args: &[&str], fds: Vec<OwnedFd>) -> NetProc {
+        NetProc::spawn_as(socket, log, args, fds, None)
+    }
+
+    fn spawn_as(
+        socket: &Path,
+        log: PathBuf,
+        args: &[&str],
+        fds: Vec<OwnedFd>,
+        uid: Option<u32>,
+    ) -> NetProc {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_isola-net"));
         cmd.arg("--socket")
@@ -157,7 +179,8 @@ impl NetProc {
         }
         let count = fds.len();
         // SAFETY: the closure runs in the child between fork and exec, allocates nothing and
-        // only calls fcntl(F_DUPFD) and dup2, which are async-signal-safe, on fds open in the
+        // only calls fcntl(F_DUPFD), dup2, setgroups, setgid and setuid, which are
+        // async-signal-safe, on fds open in the
         // parent (`fds` lives until spawn returns). Every source is first copied above 100,
         // so placing them at 3.. cannot overwrite a source not yet copied.
         unsafe {
@@ -171,6 +194,14 @@ impl NetProc {
                 }
                 for (i, fd) in high.iter().enumerate().take(count) {
                     if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(uid) = uid {
+                    if libc::setgroups(0, std::ptr::null()) < 0
+                        || libc::setgid(uid) < 0
+                        || libc::setuid(uid) < 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
