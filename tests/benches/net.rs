@@ -408,8 +408,14 @@ fn main() {
         );
         for len in [64usize, 1514] {
             for to_guest in [false, true] {
-                let mut isola = Result { pps: 0.0, bytes: len };
-                let mut raw_best = Result { pps: 0.0, bytes: len };
+                let mut isola = Result {
+                    pps: 0.0,
+                    bytes: len,
+                };
+                let mut raw_best = Result {
+                    pps: 0.0,
+                    bytes: len,
+                };
                 for _ in 0..rounds {
                     let i = through_isola(&dir, index, to_guest, len, secs);
                     let r = raw(index, to_guest, len, secs);
@@ -418,7 +424,11 @@ fn main() {
                 }
                 println!(
                     "{:<12} {:>6} {:>11.0} {:>7.2} {:>11.0} {:>7.2} {:>5.0}%",
-                    if to_guest { "host->guest" } else { "guest->host" },
+                    if to_guest {
+                        "host->guest"
+                    } else {
+                        "guest->host"
+                    },
                     len,
                     isola.pps,
                     isola.gbps(),

@@ -200,18 +200,19 @@ fn echo(socket: &UdpSocket, n: u32) -> u32 {
     let mut retries = 0;
     for i in 0..n {
         let msg = format!("echo {i}");
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            assert!(attempts <= 50, "no echo for {msg:?}");
+        let mut sends = 0;
+        'attempt: loop {
+            sends += 1;
+            assert!(sends <= 50, "no echo for {msg:?}");
             socket.send_to(msg.as_bytes(), (GUEST_IP, 7)).unwrap();
             let mut buf = [0u8; 64];
-            match socket.recv_from(&mut buf) {
-                Ok((len, _)) if &buf[..len] == msg.as_bytes() => break,
-                // A late echo of an earlier attempt.
-                Ok(_) => continue,
-                Err(_) => retries += 1,
+            // Late echoes of earlier datagrams (sent before a kill) are skipped.
+            while let Ok((len, _)) = socket.recv_from(&mut buf) {
+                if &buf[..len] == msg.as_bytes() {
+                    break 'attempt;
+                }
             }
+            retries += 1;
         }
     }
     retries
