@@ -20,10 +20,12 @@ use isola_device_common::logging::RateLimiter;
 use isola_device_common::{DescriptorChain, Progress, QueueContext, QueueError, QueueHandler};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_F_DATA_VALID,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_OK,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_OK,
 };
 
 use vm_memory::{Address, GuestMemoryBackend};
@@ -328,6 +330,7 @@ pub struct RxQueue {
     tap: Arc<Tap>,
     pair: usize,
     mergeable: bool,
+    features: u64,
     /// Flags the driver may see: none without VIRTIO_NET_F_GUEST_CSUM.
     flag_mask: u8,
     stats: Arc<Stats>,
@@ -345,6 +348,7 @@ impl RxQueue {
             tap,
             pair,
             mergeable: has(features, VIRTIO_NET_F_MRG_RXBUF),
+            features,
             flag_mask: if has(features, VIRTIO_NET_F_GUEST_CSUM) {
                 (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) as u8
             } else {
@@ -456,6 +460,24 @@ impl RxQueue {
         Ok(true)
     }
 
+    /// Why the frame just read cannot go to this driver: an offload it did not accept.
+    fn unacceptable(&self) -> Option<String> {
+        let (flags, gso) = (self.frame[0], u32::from(self.frame[1]));
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 & !self.flag_mask != 0 {
+            return Some("partial checksum for a driver without GUEST_CSUM".into());
+        }
+        let base = gso & !VIRTIO_NET_HDR_GSO_ECN;
+        let ok = match base {
+            VIRTIO_NET_HDR_GSO_NONE => true,
+            VIRTIO_NET_HDR_GSO_TCPV4 => has(self.features, VIRTIO_NET_F_GUEST_TSO4),
+            VIRTIO_NET_HDR_GSO_TCPV6 => has(self.features, VIRTIO_NET_F_GUEST_TSO6),
+            VIRTIO_NET_HDR_GSO_UDP => has(self.features, VIRTIO_NET_F_GUEST_UFO),
+            _ => false,
+        } && (gso & VIRTIO_NET_HDR_GSO_ECN == 0
+            || has(self.features, VIRTIO_NET_F_GUEST_ECN));
+        (!ok).then(|| format!("GSO type {gso} the driver did not accept"))
+    }
+
     fn read(&mut self) -> Result<Option<usize>, QueueError> {
         let fd = match self.tap.queue(self.pair) {
             Some(f) => f.as_fd(),
@@ -470,6 +492,12 @@ impl RxQueue {
                         .note(&format!("{n}-byte frame from the tap"), total);
                 }
                 Ok(Some(n)) => {
+                    if let Some(why) = self.unacceptable() {
+                        // Queued in the tap under an earlier driver's offloads.
+                        let total = Stats::add(&self.stats.rx_dropped, 1);
+                        self.drops.note(&why, total);
+                        continue;
+                    }
                     // The tap fills everything but num_buffers (set when placed); it may
                     // mark DATA_VALID, which a driver without GUEST_CSUM must not see.
                     self.frame[0] &= self.flag_mask;

@@ -246,7 +246,7 @@ fn tso_frame_arrives_segmented_and_checksummed() {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )
         .unwrap();
-        let _net = NetProc::start(
+        let net = NetProc::start(
             &dir.path("net.sock"),
             dir.path("net.log"),
             &["--tap", "tap0"],
@@ -276,8 +276,11 @@ fn tso_frame_arrives_segmented_and_checksummed() {
         while got.len() < data.len() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "only {} bytes arrived",
-                got.len()
+                "only {} bytes arrived; forwarding={}; {}; {}",
+                got.len(),
+                std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default(),
+                ip(&["-s", "-o", "link"]),
+                net.log_text()
             );
             let mut buf = [0u8; 65536];
             let n = match std::io::Read::read(&mut &far, &mut buf) {
