@@ -735,6 +735,41 @@ mod tests {
     }
 
     #[test]
+    fn received_offloads_must_be_ones_the_driver_accepted() {
+        let rx = |features: u64, flags: u8, gso: u32| {
+            let mut q = RxQueue::new(
+                Arc::new(Tap::detached()),
+                0,
+                features,
+                Arc::new(Stats::default()),
+            );
+            q.frame[0] = flags;
+            q.frame[1] = gso as u8;
+            q.unacceptable()
+        };
+        let csum = 1 << VIRTIO_NET_F_GUEST_CSUM;
+        let tso4 = csum | 1 << VIRTIO_NET_F_GUEST_TSO4;
+        assert_eq!(rx(0, 0, VIRTIO_NET_HDR_GSO_NONE), None);
+        assert!(rx(0, CSUM, VIRTIO_NET_HDR_GSO_NONE).is_some());
+        assert_eq!(rx(csum, CSUM, VIRTIO_NET_HDR_GSO_NONE), None);
+        assert!(rx(csum, CSUM, VIRTIO_NET_HDR_GSO_TCPV4).is_some());
+        assert_eq!(rx(tso4, CSUM, VIRTIO_NET_HDR_GSO_TCPV4), None);
+        assert!(rx(tso4, CSUM, VIRTIO_NET_HDR_GSO_TCPV6).is_some());
+        assert!(rx(
+            tso4,
+            CSUM,
+            VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN
+        )
+        .is_some());
+        let ecn = tso4 | 1 << VIRTIO_NET_F_GUEST_ECN;
+        assert_eq!(
+            rx(ecn, CSUM, VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN),
+            None
+        );
+        assert!(rx(ecn | 1 << VIRTIO_NET_F_GUEST_UFO, CSUM, 9).is_some());
+    }
+
+    #[test]
     fn control_commands() {
         let ctrl = CtrlQueue::new(None, 4);
         let set = |n: u16| {

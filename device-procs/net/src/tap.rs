@@ -175,6 +175,15 @@ impl Tap {
         Ok(())
     }
 
+    /// A tap without queues, for unit tests of frame handling.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Tap {
+        Tap {
+            name: String::new(),
+            queues: Vec::new(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
