@@ -53,7 +53,8 @@ pub struct Cli {
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
     /// A vhost-user device: `KIND,socket=PATH[,queues=N]` with KIND one of blk, net,
-    /// console, gpu, input. Repeat for more devices.
+    /// console, gpu, input; a gpu may add `display=PATH`, the display process's socket,
+    /// whose connection the core hands to the GPU backend. Repeat for more devices.
     #[arg(long = "device")]
     pub devices: Vec<DeviceSpec>,
     /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.

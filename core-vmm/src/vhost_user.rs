@@ -7,13 +7,16 @@
 //! process without passing through the core.
 
 use std::fs::File;
+use std::io::IoSlice;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
-    VhostUserVirtioFeatures,
+    FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -31,8 +34,13 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
+/// Protocol version in a vhost-user header's flags.
+const VERSION_1: u32 = 0x1;
+
 /// Poll interval while waiting for a backend's socket to appear.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Longest wait for a restarted backend to answer the first messages of a reconnect.
+const RECONNECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -53,6 +61,10 @@ pub enum VhostUserError {
     Changed { path: PathBuf, what: String },
     #[error("queue {0} address {1:#x} is not in guest RAM")]
     BadRingAddress(u16, u64),
+    #[error("no display process listening on {} after {waited:?}", .path.display())]
+    DisplayTimeout { path: PathBuf, waited: Duration },
+    #[error("backend at {} failed VHOST_USER_GPU_SET_SOCKET: {what}", .path.display())]
+    GpuSocket { path: PathBuf, what: String },
 }
 
 /// One queue as the guest configured it, ready to hand to the backend.
@@ -71,6 +83,7 @@ pub struct QueueSetup<'a> {
 /// Where and what to reconnect to; taken from a connection with [`VhostUserConnection::target`].
 pub struct ReconnectTarget {
     path: PathBuf,
+    display: Option<PathBuf>,
     features: u64,
     protocol: VhostUserProtocolFeatures,
     num_queues: u16,
@@ -90,8 +103,12 @@ impl ReconnectTarget {
                 waited: Duration::ZERO,
             }
         })?;
-        let frontend = Frontend::from_stream(stream, u64::from(self.num_queues));
-        let session = negotiate(&self.path, frontend, self.num_queues)?;
+        let session = handshake(
+            &self.path,
+            stream,
+            self.num_queues,
+            RECONNECT_HANDSHAKE_TIMEOUT,
+        )?;
         if session.features != self.features || session.protocol != self.protocol {
             return Err(VhostUserError::Changed {
                 path: self.path.clone(),
@@ -104,21 +121,39 @@ impl ReconnectTarget {
                 ),
             });
         }
-        Ok(VhostUserConnection {
+        let mut new = VhostUserConnection {
             path: self.path.clone(),
+            display: None,
             frontend: session.frontend,
             features: self.features,
             protocol: self.protocol,
             num_queues: self.num_queues,
             queue_size: self.queue_size,
             inflight: None,
-        })
+        };
+        if let Some(display) = &self.display {
+            // A fresh connection for the new backend. If the display process is not there,
+            // the GPU carries on without one rather than stalling the guest's device.
+            if let Err(e) = new.attach_display(display, Duration::ZERO) {
+                match e {
+                    VhostUserError::DisplayTimeout { .. } => log::warn!(
+                        "vhost-user {}: {}; the restarted GPU has no display",
+                        self.path.display(),
+                        crate::error_chain(&e)
+                    ),
+                    other => return Err(other),
+                }
+            }
+        }
+        Ok(new)
     }
 }
 
 /// A connected backend.
 pub struct VhostUserConnection {
     path: PathBuf,
+    /// The display socket passed to this (GPU) backend, passed again on every reconnect.
+    display: Option<PathBuf>,
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -133,6 +168,30 @@ struct Session {
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
+}
+
+/// [`negotiate`] on a connected stream, waiting at most `timeout` for each answer.
+///
+/// The socket may be one a supervisor keeps listening while no backend runs: the connection
+/// then waits in the listen backlog, and without a bound the handshake would block the
+/// calling thread for as long as the backend stays away. After the handshake, messages wait
+/// as long as the backend needs (draining in-flight I/O may take a while).
+fn handshake(
+    path: &Path,
+    stream: std::os::unix::net::UnixStream,
+    num_queues: u16,
+    timeout: Duration,
+) -> Result<Session, VhostUserError> {
+    let options = stream.try_clone().ok();
+    if let Some(s) = &options {
+        let _ = s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))));
+    }
+    let frontend = Frontend::from_stream(stream, u64::from(num_queues));
+    let session = negotiate(path, frontend, num_queues)?;
+    if let Some(s) = &options {
+        let _ = s.set_read_timeout(None);
+    }
+    Ok(session)
 }
 
 /// SET_OWNER and feature/protocol negotiation on a freshly connected frontend.
@@ -194,9 +253,9 @@ impl VhostUserConnection {
         timeout: Duration,
     ) -> Result<Self, VhostUserError> {
         let deadline = Instant::now() + timeout;
-        let frontend = loop {
-            match Frontend::connect(path, u64::from(num_queues)) {
-                Ok(frontend) => break frontend,
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(stream) => break stream,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
                 Err(_) => {
                     return Err(VhostUserError::ConnectTimeout {
@@ -210,7 +269,12 @@ impl VhostUserConnection {
             frontend,
             features,
             protocol,
-        } = negotiate(path, frontend, num_queues)?;
+        } = handshake(
+            path,
+            stream,
+            num_queues,
+            deadline.saturating_duration_since(Instant::now()),
+        )?;
         log::info!(
             "vhost-user {}: features {features:#x}, protocol {:#x}",
             path.display(),
@@ -218,6 +282,7 @@ impl VhostUserConnection {
         );
         Ok(VhostUserConnection {
             path: path.to_owned(),
+            display: None,
             frontend,
             features,
             protocol,
@@ -231,6 +296,7 @@ impl VhostUserConnection {
     pub fn target(&self) -> ReconnectTarget {
         ReconnectTarget {
             path: self.path.clone(),
+            display: self.display.clone(),
             features: self.features,
             protocol: self.protocol,
             num_queues: self.num_queues,
@@ -244,6 +310,92 @@ impl VhostUserConnection {
         new.inflight = self.inflight.take();
         *self = new;
         log::info!("vhost-user {}: reconnected", self.path.display());
+    }
+
+    /// Connects to the display process listening on `display` (waiting up to `wait` for it)
+    /// and hands that connection to the backend with VHOST_USER_GPU_SET_SOCKET. The core keeps
+    /// no copy of it: scanouts and pixels go from the GPU process straight to the display.
+    pub fn attach_display(&mut self, display: &Path, wait: Duration) -> Result<(), VhostUserError> {
+        let deadline = Instant::now() + wait;
+        let stream = loop {
+            match UnixStream::connect(display) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
+                Err(_) => {
+                    return Err(VhostUserError::DisplayTimeout {
+                        path: display.to_owned(),
+                        waited: wait,
+                    })
+                }
+            }
+        };
+        self.send_gpu_socket(&stream)?;
+        self.display = Some(display.to_owned());
+        log::info!(
+            "vhost-user {}: display connection to {} passed to the backend",
+            self.path.display(),
+            display.display()
+        );
+        Ok(())
+    }
+
+    /// VHOST_USER_GPU_SET_SOCKET (request 33, no payload, the fd as ancillary data). The
+    /// `vhost` crate's `Frontend` has no method for it (nor a public way to send a raw
+    /// request), so the 12-byte header is written here on the session's socket: request,
+    /// flags (protocol version 1, NEED_REPLY with REPLY_ACK), size 0. The backend's ack is
+    /// awaited as for every other message.
+    fn send_gpu_socket(&mut self, display: &UnixStream) -> Result<(), VhostUserError> {
+        let fail = |what: String| VhostUserError::GpuSocket {
+            path: self.path.clone(),
+            what,
+        };
+        let need_reply = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let flags = if need_reply {
+            VERSION_1 | VhostUserHeaderFlag::NEED_REPLY.bits()
+        } else {
+            VERSION_1
+        };
+        let mut header = [0u8; 12];
+        header[0..4].copy_from_slice(&u32::from(FrontendReq::GPU_SET_SOCKET).to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        let bytes = &header[..];
+        let fds = [display.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            self.frontend.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| fail(format!("send: {e}")))?;
+        if sent != bytes.len() {
+            return Err(fail(format!("short send of {sent} bytes")));
+        }
+        if !need_reply {
+            return Ok(());
+        }
+        // The reply: a 12-byte header (same request, REPLY flag, size 8) and a u64, 0 = success.
+        let mut reply = [0u8; 20];
+        let got = recv(self.frontend.as_raw_fd(), &mut reply, MsgFlags::MSG_WAITALL)
+            .map_err(|e| fail(format!("no reply: {e}")))?;
+        if got != reply.len() {
+            return Err(fail(format!("short reply of {got} bytes")));
+        }
+        let word = |i: usize| u32::from_le_bytes(reply[i..i + 4].try_into().expect("4 bytes"));
+        let value = u64::from_le_bytes(reply[12..20].try_into().expect("8 bytes"));
+        let is_reply = word(4) & VhostUserHeaderFlag::REPLY.bits() != 0;
+        if word(0) != u32::from(FrontendReq::GPU_SET_SOCKET) || !is_reply || word(8) != 8 {
+            return Err(fail(format!(
+                "malformed reply (request {}, flags {:#x}, size {})",
+                word(0),
+                word(4),
+                word(8)
+            )));
+        }
+        if value != 0 {
+            return Err(fail(format!("refused (status {value})")));
+        }
+        Ok(())
     }
 
     /// The session's socket, to watch for the backend going away.

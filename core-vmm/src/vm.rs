@@ -308,13 +308,18 @@ fn build_pci_bus(
     let mut virtio = Vec::new();
     for spec in &config.devices {
         let info = spec.kind.info();
-        let backend = VhostUserConnection::connect(
+        let mut backend = VhostUserConnection::connect(
             &spec.socket,
             spec.queues,
             info.queue_size,
             config.device_timeout,
         )
         .map_err(|e| VmError::Device(info.name, e.into()))?;
+        if let Some(display) = &spec.display {
+            backend
+                .attach_display(display, config.device_timeout)
+                .map_err(|e| VmError::Device(info.name, e.into()))?;
+        }
         let bar = bus
             .allocate_bar(virtio_pci::BAR_SIZE)
             .map_err(|e| VmError::Device(info.name, e.into()))?;

@@ -28,6 +28,8 @@ pub const MAX_FRAME: u32 = 16 << 20;
 
 pub mod display;
 pub mod input;
+pub mod keys;
+pub mod supervisor;
 
 /// Errors of the framing layer.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,9 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("triple-fault", false, &[]),
     ("virtio-blk", false, &["virtio.c"]),
     ("virtio-net", false, &["virtio.c"]),
+    ("virtio-gpu", false, &["virtio.c"]),
+    ("virtio-console", false, &["virtio.c"]),
+    ("virtio-input", false, &["virtio.c"]),
 ];
 
 /// Objects linked into every guest.

@@ -1,6 +1,7 @@
 //! Helpers for Isola's end-to-end tests: build and find the binaries a user runs, start them,
 //! and read what the guest prints.
 
+pub mod display;
 pub mod net;
 
 use std::io::{BufRead, BufReader, Read};
@@ -166,6 +167,22 @@ impl Core {
         ))
     }
 
+    /// Every serial line that arrives within `window` (the core may be running or gone).
+    pub fn lines_for(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    out.push(line);
+                }
+                Err(_) => return out,
+            }
+        }
+    }
+
     /// Asserts that no serial line arrives within `window`.
     pub fn assert_quiet(&mut self, window: Duration) {
         if let Ok(line) = self.lines.recv_timeout(window) {
@@ -261,7 +278,12 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+pub mod console;
+pub mod input;
+
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
+pub mod supervisor;
+
 pub mod qsd {
     use std::fs::File;
     use std::path::{Path, PathBuf};
@@ -409,3 +431,4 @@ impl Drop for IsolaBlk {
         let _ = self.child.wait();
     }
 }
+pub mod gpu;

@@ -1,21 +1,70 @@
-//! `isolactl`: talk to a running core over its control socket.
+//! `isolactl`: talk to a running core over its control socket, and to `isola-input`'s
+//! control socket (`key`, `type`, `pointer`, `input-status`).
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use isola_ipc::input::{InputRequest, InputResponse};
+use isola_ipc::supervisor::{DaemonStatus, SupervisorRequest, SupervisorResponse};
 use isola_ipc::{ControlRequest, ControlResponse};
 
 #[derive(Debug, Parser)]
 #[command(name = "isolactl", version, about = "Control a running Isola VM")]
 struct Cli {
-    /// The core's control socket (its --control-socket).
+    /// The core's control socket (its --control-socket); not needed by `console`.
     #[arg(long, short = 's', env = "ISOLA_CONTROL_SOCKET")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// The supervisor's control socket (isola-supervisor --control).
+    #[arg(long, env = "ISOLA_SUPERVISOR_SOCKET")]
+    supervisor: Option<PathBuf>,
+    /// A VM started by scripts/isola-run: its run directory holds control.sock and
+    /// supervisor.sock.
+    #[arg(long, short = 'r', env = "ISOLA_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// isola-display's control socket (its --control), for `screenshot`.
+    #[arg(long, global = true, env = "ISOLA_DISPLAY_SOCKET")]
+    display: Option<PathBuf>,
+    /// isola-input's control socket (its --control-socket), for key, type, pointer and
+    /// input-status.
+    #[arg(long, short = 'i', env = "ISOLA_INPUT_SOCKET")]
+    input: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn core_socket(&self) -> anyhow::Result<PathBuf> {
+        match (&self.socket, &self.run_dir) {
+            (Some(socket), _) => Ok(socket.clone()),
+            (None, Some(dir)) => Ok(dir.join("control.sock")),
+            (None, None) => bail!("give the core's control socket (--socket) or --run-dir"),
+        }
+    }
+
+    fn input_socket(&self) -> Option<PathBuf> {
+        self.input.clone().or_else(|| {
+            self.run_dir
+                .as_ref()
+                .map(|dir| dir.join("input-control.sock"))
+        })
+    }
+
+    fn display_socket(&self) -> Option<PathBuf> {
+        self.display.clone().or_else(|| {
+            self.run_dir
+                .as_ref()
+                .map(|dir| dir.join("display-control.sock"))
+        })
+    }
+
+    fn supervisor_socket(&self) -> Option<PathBuf> {
+        self.supervisor
+            .clone()
+            .or_else(|| self.run_dir.as_ref().map(|dir| dir.join("supervisor.sock")))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +77,8 @@ enum Command {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Start a device daemon the supervisor gave up on again.
+    Restart { name: String },
     /// Debugging aid: deliver one MSI to the guest.
     InjectMsi {
         #[arg(long, value_parser = parse_u64, default_value = "0xfee00000")]
@@ -35,6 +86,44 @@ enum Command {
         #[arg(long, value_parser = parse_u64)]
         data: u64,
     },
+    /// Save what scanout 0 of the display shows as a PNG file (needs --display).
+    Screenshot {
+        /// The PNG file to write.
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        scanout: u32,
+    },
+    /// Attach this terminal to a console port's Unix socket (isola-console --port
+    /// socket=PATH). The terminal is raw while attached; Ctrl-] detaches.
+    Console {
+        /// The port's socket.
+        path: PathBuf,
+    },
+    /// Press and release keys on the guest's keyboard: names such as `a`, `enter`, `f1`,
+    /// codes (`30`, `0x1e`), or chords (`ctrl+alt+delete`: pressed in order, released in
+    /// reverse). Several arguments are typed one after the other.
+    Key {
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// Only press (and hold) the keys.
+        #[arg(long, conflicts_with = "release")]
+        press: bool,
+        /// Only release the keys.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Type text on the guest's keyboard (US layout; `\n` in the text is Enter).
+    Type { text: String },
+    /// Move the guest's tablet pointer to (X, Y), each 0 to 32767, with buttons held.
+    Pointer {
+        x: u32,
+        y: u32,
+        /// Buttons held at the new position: any of left, middle, right, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = ["left", "middle", "right"])]
+        buttons: Vec<String>,
+    },
+    /// Show isola-input's event counters.
+    InputStatus,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -45,9 +134,129 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     parsed.map_err(|e| format!("'{s}' is not a number: {e}"))
 }
 
+/// `isolactl screenshot`: asks isola-display, not the core.
+fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Result<()> {
+    use isola_ipc::display::{DisplayRequest, DisplayResponse};
+    let socket =
+        display.context("screenshot needs --display SOCKET (isola-display's --control)")?;
+    let mut stream = UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, &DisplayRequest::Screenshot { scanout })
+        .context("cannot send the request")?;
+    match isola_ipc::read_message(&mut stream).context("no answer from isola-display")? {
+        DisplayResponse::Screenshot { width, height, png } => {
+            std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{width}x{height} -> {}", out.display());
+            Ok(())
+        }
+        DisplayResponse::Error(e) => bail!("{e}"),
+        DisplayResponse::Status(_) => bail!("isola-display answered with something else"),
+    }
+}
+
+/// The requests of `isolactl key`: every chord pressed in order and released in reverse.
+fn key_requests(keys: &[String], press: bool, release: bool) -> anyhow::Result<Vec<InputRequest>> {
+    let mut out = Vec::new();
+    for text in keys {
+        let codes = isola_ipc::keys::chord(text).map_err(anyhow::Error::msg)?;
+        if !release {
+            out.extend(codes.iter().map(|&code| InputRequest::Key {
+                code,
+                pressed: true,
+            }));
+        }
+        if !press {
+            out.extend(codes.iter().rev().map(|&code| InputRequest::Key {
+                code,
+                pressed: false,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+fn type_requests(text: &str) -> anyhow::Result<Vec<InputRequest>> {
+    const SHIFT: u16 = 42;
+    let mut out = Vec::new();
+    for c in text.replace("\\n", "\n").chars() {
+        let (code, shift) = isola_ipc::keys::char_key(c)
+            .with_context(|| format!("no key types {c:?} on a US keyboard"))?;
+        let key = |code, pressed| InputRequest::Key { code, pressed };
+        if shift {
+            out.push(key(SHIFT, true));
+        }
+        out.extend([key(code, true), key(code, false)]);
+        if shift {
+            out.push(key(SHIFT, false));
+        }
+    }
+    Ok(out)
+}
+
+fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {
+    use isola_ipc::input::{BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT};
+    Ok(match command {
+        Command::Key {
+            keys,
+            press,
+            release,
+        } => key_requests(&keys, press, release)?,
+        Command::Type { text } => type_requests(&text)?,
+        Command::Pointer { x, y, buttons } => {
+            let buttons = buttons.iter().fold(0, |mask, b| {
+                mask | match b.as_str() {
+                    "left" => BUTTON_LEFT,
+                    "middle" => BUTTON_MIDDLE,
+                    _ => BUTTON_RIGHT,
+                }
+            });
+            vec![InputRequest::Pointer { x, y, buttons }]
+        }
+        _ => vec![InputRequest::Status],
+    })
+}
+
+/// Sends input requests one by one; stops at the first refusal.
+fn run_input(socket: &std::path::Path, requests: Vec<InputRequest>) -> anyhow::Result<()> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    for request in requests {
+        isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
+        let response: InputResponse =
+            isola_ipc::read_message(&mut stream).context("no answer from isola-input")?;
+        match response {
+            InputResponse::Done => {}
+            InputResponse::Error(e) => bail!("{e}"),
+            InputResponse::Status(s) => {
+                println!("keyboard events: {}", s.keyboard_events);
+                println!("tablet events: {}", s.tablet_events);
+                println!("pending: {}", s.pending);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let input_socket = cli.input_socket();
     let request = match cli.command {
-        Command::Status => ControlRequest::Status,
+        Command::Console { ref path } => return console::attach(path),
+        Command::Screenshot { ref out, scanout } => {
+            return screenshot(cli.display_socket(), out, scanout)
+        }
+        Command::Status => return status(&cli),
+        Command::Restart { ref name } => {
+            let socket = cli
+                .supervisor_socket()
+                .context("give the supervisor's socket (--supervisor) or --run-dir")?;
+            return match supervisor_call(
+                &socket,
+                &SupervisorRequest::Restart { name: name.clone() },
+            )? {
+                SupervisorResponse::Error(e) => bail!("{e}"),
+                _ => Ok(()),
+            };
+        }
         Command::Pause => ControlRequest::Pause,
         Command::Resume => ControlRequest::Resume,
         Command::Shutdown => ControlRequest::Shutdown,
@@ -55,32 +264,186 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             address,
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
         },
-    };
-    let mut stream = UnixStream::connect(&cli.socket)
-        .with_context(|| format!("cannot connect to {}", cli.socket.display()))?;
-    isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
-    let response: ControlResponse =
-        isola_ipc::read_message(&mut stream).context("no answer from the core")?;
-    match response {
-        ControlResponse::Done => Ok(()),
-        ControlResponse::Error(e) => bail!("{e}"),
-        ControlResponse::Status(status) => {
-            println!(
-                "uptime: {}.{:03} s",
-                status.uptime_ms / 1000,
-                status.uptime_ms % 1000
-            );
-            for vcpu in status.vcpus {
-                println!("vcpu{}: {}", vcpu.index, vcpu.state);
-            }
-            for device in status.devices {
-                println!(
-                    "{} {}: {} (reconnects {}, backend {})",
-                    device.name, device.slot, device.link, device.reconnects, device.socket
-                );
-            }
-            Ok(())
+        input => {
+            let socket = input_socket.context(
+                "--input SOCKET (or ISOLA_INPUT_SOCKET, or --run-dir) is needed for this command",
+            )?;
+            return run_input(&socket, input_requests(input)?);
         }
+    };
+    match core_call(&cli.core_socket()?, &request)? {
+        ControlResponse::Error(e) => bail!("{e}"),
+        _ => Ok(()),
+    }
+}
+
+fn core_call(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
+    isola_ipc::read_message(&mut stream).context("no answer from the core")
+}
+
+fn supervisor_call(
+    socket: &Path,
+    request: &SupervisorRequest,
+) -> anyhow::Result<SupervisorResponse> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
+    isola_ipc::read_message(&mut stream).context("no answer from the supervisor")
+}
+
+/// The core's view (vCPUs, each device's link) merged with the supervisor's (each device
+/// daemon's pid, restarts and last exit), matched by socket path.
+fn status(cli: &Cli) -> anyhow::Result<()> {
+    let mut daemons = match cli.supervisor_socket() {
+        Some(socket) => match supervisor_call(&socket, &SupervisorRequest::Status)? {
+            SupervisorResponse::Status(daemons) => daemons,
+            SupervisorResponse::Error(e) => bail!("supervisor: {e}"),
+            SupervisorResponse::Done => bail!("the supervisor answered 'done' to status"),
+        },
+        None => Vec::new(),
+    };
+    // With only --supervisor: the daemons alone.
+    if cli.socket.is_none() && cli.run_dir.is_none() && cli.supervisor.is_some() {
+        daemons.iter().for_each(print_daemon);
+        return Ok(());
+    }
+    let status = match core_call(&cli.core_socket()?, &ControlRequest::Status)? {
+        ControlResponse::Status(status) => status,
+        ControlResponse::Error(e) => bail!("{e}"),
+        ControlResponse::Done => bail!("the core answered a status request with 'done'"),
+    };
+    println!(
+        "uptime: {}.{:03} s",
+        status.uptime_ms / 1000,
+        status.uptime_ms % 1000
+    );
+    for vcpu in status.vcpus {
+        println!("vcpu{}: {}", vcpu.index, vcpu.state);
+    }
+    for device in status.devices {
+        println!(
+            "{} {}: {} (reconnects {}, backend {})",
+            device.name, device.slot, device.link, device.reconnects, device.socket
+        );
+        if let Some(at) = daemons
+            .iter()
+            .position(|d| same_path(&d.socket, &device.socket))
+        {
+            print_daemon(&daemons.remove(at));
+        }
+    }
+    // Daemons no device of the core uses (e.g. a display server).
+    for daemon in &daemons {
+        print_daemon(daemon);
+    }
+    Ok(())
+}
+
+fn print_daemon(d: &DaemonStatus) {
+    let pid = d.pid.map_or("-".to_owned(), |pid| pid.to_string());
+    let last = d.last_exit.as_deref().unwrap_or("none");
+    println!(
+        "  daemon {}: pid {pid}, {}, restarts {}, last exit: {last}",
+        d.name, d.state, d.restarts
+    );
+}
+
+fn same_path(a: &str, b: &str) -> bool {
+    let canonical = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+    a == b || canonical(a) == canonical(b)
+}
+
+mod console {
+    //! `isolactl console PATH`: the terminal <-> a console port's socket, byte for byte.
+
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    use anyhow::Context;
+
+    /// Ctrl-]: detach, as telnet does.
+    const DETACH: u8 = 0x1d;
+
+    /// Puts stdin in raw mode while alive (if it is a terminal) and restores it when dropped.
+    struct RawTerminal(Option<libc::termios>);
+
+    impl RawTerminal {
+        fn new() -> RawTerminal {
+            // SAFETY: `termios` is plain data; an all-zero value is valid and is overwritten
+            // by tcgetattr before use.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: tcgetattr writes one termios through the pointer, which points at
+            // `saved`, a live local; on a non-terminal stdin it fails and writes nothing.
+            if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+                return RawTerminal(None);
+            }
+            let mut raw = saved;
+            // SAFETY: cfmakeraw only edits the termios it is given, a live local copy.
+            unsafe { libc::cfmakeraw(&mut raw) };
+            // SAFETY: tcsetattr reads one termios from the pointer, a live local.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+            RawTerminal(Some(saved))
+        }
+    }
+
+    impl Drop for RawTerminal {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                // SAFETY: tcsetattr reads one termios from the pointer, which points at the
+                // settings saved by `new`, alive in `self`.
+                unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+            }
+        }
+    }
+
+    pub fn attach(path: &Path) -> anyhow::Result<()> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("cannot connect to {}", path.display()))?;
+        let mut from_guest = stream.try_clone().context("cannot clone the socket")?;
+        eprintln!(
+            "isolactl: attached to {}; Ctrl-] detaches\r",
+            path.display()
+        );
+        let raw = RawTerminal::new();
+        let output = std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            let mut out = std::io::stdout();
+            loop {
+                match from_guest.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut to_guest = stream;
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let (data, detach) = match buf[..n].iter().position(|&b| b == DETACH) {
+                Some(at) => (&buf[..at], true),
+                None => (&buf[..n], false),
+            };
+            if to_guest.write_all(data).is_err() || detach {
+                break;
+            }
+        }
+        let _ = to_guest.shutdown(std::net::Shutdown::Both);
+        let _ = output.join();
+        drop(raw);
+        eprintln!("isolactl: detached");
+        Ok(())
     }
 }
 

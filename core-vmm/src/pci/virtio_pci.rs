@@ -128,6 +128,9 @@ pub struct VirtioPciDevice {
     reconnects: u32,
     /// The guest set DRIVER_OK while the backend was away: start it when it is back.
     activation_pending: bool,
+    /// A driver configuration write could not reach the backend (it was away), so the
+    /// cached configuration past the driver-written bytes may not match them.
+    config_stale: bool,
 }
 
 /// Byte-wise read of a little-endian value of up to 8 bytes at `offset` within it.
@@ -250,6 +253,7 @@ impl VirtioPciDevice {
             link: Link::Connected,
             reconnects: 0,
             activation_pending: false,
+            config_stale: false,
         };
         device.sync_notify();
         Ok(device)
@@ -558,7 +562,7 @@ impl VirtioPciDevice {
         &mut self,
         attempt: Result<(VhostUserConnection, Vec<u8>), VhostUserError>,
     ) -> bool {
-        let (new, mut config) = match attempt {
+        let (mut new, mut config) = match attempt {
             Ok(session) => session,
             // Nobody listening yet, or a backend that died or was still starting while we
             // talked to it: keep trying. Only a backend that answers differently is refused.
@@ -568,10 +572,35 @@ impl VirtioPciDevice {
             }
             Err(e) => return self.refuse(crate::error_chain(&e)),
         };
+        // The driver's select bytes (virtio-input) are part of the device's state: give them
+        // to the new backend, then compare what it shows with what the guest saw.
+        let replay = self.kind.driver_config();
+        if let Some(bytes) = self
+            .device_config
+            .get(replay.clone())
+            .filter(|b| !b.is_empty())
+        {
+            let size = self.kind.info().config_size;
+            match new
+                .write_config(replay.start as u32, bytes)
+                .and_then(|()| new.read_config(size))
+            {
+                Ok(again) => config = again,
+                Err(e) => {
+                    log::debug!("{}: reconnect attempt failed: {e}", self.name());
+                    return false;
+                }
+            }
+        }
         self.kind.fix_config(&mut config, self.queues.len() as u16);
-        if config != self.device_config {
+        // After a write the old backend never saw, the cache is not a reference: take what
+        // the new backend shows for the driver's latest select bytes.
+        let stale = self.config_stale && !replay.is_empty();
+        if config != self.device_config && !stale {
             return self.refuse("its device configuration (e.g. the disk size) differs".into());
         }
+        self.device_config = config;
+        self.config_stale = false;
         self.backend.replace_with(new);
         let resume = if self.active {
             self.activate(true)
@@ -622,6 +651,17 @@ impl VirtioPciDevice {
         self.device_config[offset as usize..end].copy_from_slice(data);
         if let Err(e) = self.backend.write_config(offset as u32, data) {
             log::warn!("{}: config write failed: {e}", self.kind.info().name);
+            self.config_stale = true;
+            return;
+        }
+        // A write may change what the device shows (virtio-input's select/subsel window), so
+        // the cached copy the guest reads from is refreshed from the backend.
+        match self.backend.read_config(self.kind.info().config_size) {
+            Ok(mut config) => {
+                self.kind.fix_config(&mut config, self.queues.len() as u16);
+                self.device_config = config;
+            }
+            Err(e) => log::warn!("{}: cannot refresh config: {e}", self.kind.info().name),
         }
     }
 

@@ -52,7 +52,7 @@ impl DeviceKind {
             DeviceKind::Block => KindInfo { name: "blk", virtio_id: 2, class: (0x01, 0x80, 0), default_queues: 1, max_queues: 64, queue_size: 256, config_size: 60 },
             DeviceKind::Net => KindInfo { name: "net", virtio_id: 1, class: (0x02, 0x00, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 24 },
             DeviceKind::Console => KindInfo { name: "console", virtio_id: 3, class: (0x07, 0x80, 0), default_queues: 2, max_queues: 64, queue_size: 256, config_size: 12 },
-            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 24 },
+            DeviceKind::Gpu => KindInfo { name: "gpu", virtio_id: 16, class: (0x03, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 256, config_size: 16 },
             DeviceKind::Input => KindInfo { name: "input", virtio_id: 18, class: (0x09, 0x80, 0), default_queues: 2, max_queues: 2, queue_size: 64, config_size: 136 },
         }
     }
@@ -85,7 +85,29 @@ impl DeviceKind {
                     field.copy_from_slice(&pairs.to_le_bytes());
                 }
             }
+            // A MULTIPORT console driver sets up 2 queues per port plus the control pair, as
+            // many ports as `max_nr_ports` says: never more than the transport has queues for.
+            DeviceKind::Console => {
+                if let Some(field) = config.get_mut(CONSOLE_CONFIG_MAX_NR_PORTS) {
+                    let asked = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+                    let fits = u32::from(num_queues.saturating_sub(2) / 2).max(1);
+                    field.copy_from_slice(&asked.min(fits).to_le_bytes());
+                }
+            }
             _ => {}
+        }
+    }
+}
+
+impl DeviceKind {
+    /// Bytes of the configuration space that the driver writes and the device answers: for
+    /// virtio-input, `select` and `subsel`, which choose what the rest of the space shows.
+    /// The core reads the configuration back after every driver write, and replays these
+    /// bytes to a restarted backend before comparing its configuration with the old one.
+    pub fn driver_config(self) -> std::ops::Range<usize> {
+        match self {
+            DeviceKind::Input => 0..2,
+            _ => 0..0,
         }
     }
 }
@@ -94,13 +116,19 @@ impl DeviceKind {
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
 /// `max_virtqueue_pairs` (u16) in `struct virtio_net_config`.
 const NET_CONFIG_MAX_PAIRS: std::ops::Range<usize> = 8..10;
+/// `max_nr_ports` (u32) in `struct virtio_console_config`.
+const CONSOLE_CONFIG_MAX_NR_PORTS: std::ops::Range<usize> = 4..8;
 
-/// One `--device` option: `KIND,socket=PATH[,queues=N]`.
+/// One `--device` option: `KIND,socket=PATH[,queues=N][,display=PATH]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub kind: DeviceKind,
     pub socket: PathBuf,
     pub queues: u16,
+    /// gpu only: the display process's listening socket. The core connects to it and hands
+    /// the connection to the GPU backend (VHOST_USER_GPU_SET_SOCKET), so pixels go from the
+    /// GPU process to the display process without passing through the core.
+    pub display: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -109,8 +137,12 @@ pub enum DeviceSpecError {
     UnknownKind(String),
     #[error("device '{0}' needs socket=PATH")]
     NoSocket(String),
-    #[error("bad option '{0}' in --device (expected socket=PATH or queues=N)")]
+    #[error(
+        "bad option '{0}' in --device (expected socket=PATH, queues=N or, for gpu, display=PATH)"
+    )]
     BadOption(String),
+    #[error("display= is only for gpu devices, not '{0}'")]
+    DisplayNotGpu(String),
     #[error("queues={0} is outside 1..={1} for this device type")]
     BadQueues(String, u16),
 }
@@ -126,10 +158,14 @@ impl FromStr for DeviceSpec {
             .find(|k| k.info().name == name)
             .ok_or_else(|| DeviceSpecError::UnknownKind(name.to_owned()))?;
         let info = kind.info();
-        let (mut socket, mut queues) = (None, info.default_queues);
+        let (mut socket, mut queues, mut display) = (None, info.default_queues, None);
         for part in parts {
             match part.split_once('=') {
                 Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+                Some(("display", _)) if kind != DeviceKind::Gpu => {
+                    return Err(DeviceSpecError::DisplayNotGpu(name.to_owned()))
+                }
+                Some(("display", path)) if !path.is_empty() => display = Some(PathBuf::from(path)),
                 Some(("queues", n)) => {
                     queues = n
                         .parse()
@@ -145,6 +181,7 @@ impl FromStr for DeviceSpec {
             kind,
             socket,
             queues,
+            display,
         })
     }
 }
@@ -161,7 +198,8 @@ mod tests {
             DeviceSpec {
                 kind: DeviceKind::Block,
                 socket: "/run/blk.sock".into(),
-                queues: 4
+                queues: 4,
+                display: None,
             }
         );
         assert_eq!("blk,socket=/s".parse::<DeviceSpec>().unwrap().queues, 1);
@@ -184,6 +222,44 @@ mod tests {
     }
 
     #[test]
+    fn gpu_specs_take_a_display_socket() {
+        assert_eq!(
+            "gpu,socket=/g.sock,display=/d.sock".parse::<DeviceSpec>(),
+            Ok(DeviceSpec {
+                kind: DeviceKind::Gpu,
+                socket: "/g.sock".into(),
+                queues: 2,
+                display: Some("/d.sock".into()),
+            })
+        );
+        assert_eq!(
+            "gpu,display=/d.sock,socket=/g.sock"
+                .parse::<DeviceSpec>()
+                .unwrap()
+                .display,
+            Some("/d.sock".into()),
+            "options in any order"
+        );
+        assert_eq!(
+            "gpu,socket=/g.sock".parse::<DeviceSpec>().unwrap().display,
+            None,
+            "a gpu without a display"
+        );
+        assert_eq!(
+            "blk,socket=/s,display=/d.sock".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::DisplayNotGpu("blk".into()))
+        );
+        assert_eq!(
+            "gpu,socket=/s,display=".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::BadOption("display=".into()))
+        );
+        assert_eq!(
+            "gpu,display=/d.sock".parse::<DeviceSpec>(),
+            Err(DeviceSpecError::NoSocket("gpu".into()))
+        );
+    }
+
+    #[test]
     fn blk_config_num_queues_follows_the_transport() {
         let mut config = vec![0xaa; 60];
         DeviceKind::Block.fix_config(&mut config, 3);
@@ -198,9 +274,34 @@ mod tests {
         assert!(net[..8].iter().chain(&net[10..]).all(|&b| b == 0xaa));
         DeviceKind::Net.fix_config(&mut net, 2);
         assert_eq!(net[8..10], [1, 0]);
-        let mut console = vec![0xaa; 12];
-        DeviceKind::Console.fix_config(&mut console, 3);
-        assert_eq!(console, vec![0xaa; 12]);
+    }
+
+    #[test]
+    fn console_max_nr_ports_fits_the_transport() {
+        let config = |ports: u32| {
+            let mut c = vec![0u8; 12];
+            c[4..8].copy_from_slice(&ports.to_le_bytes());
+            c
+        };
+        let ports = |c: &[u8]| u32::from_le_bytes(c[4..8].try_into().unwrap());
+        let mut c = config(3);
+        DeviceKind::Console.fix_config(&mut c, 8);
+        assert_eq!(ports(&c), 3, "2 * 3 + 2 queues: all three fit");
+        DeviceKind::Console.fix_config(&mut c, 6);
+        assert_eq!(ports(&c), 2);
+        DeviceKind::Console.fix_config(&mut c, 2);
+        assert_eq!(ports(&c), 1);
+    }
+
+    #[test]
+    fn only_input_has_driver_written_config() {
+        assert_eq!(DeviceKind::Input.driver_config(), 0..2);
+        for kind in DeviceKind::ALL
+            .into_iter()
+            .filter(|k| *k != DeviceKind::Input)
+        {
+            assert!(kind.driver_config().is_empty(), "{kind:?}");
+        }
     }
 
     #[test]

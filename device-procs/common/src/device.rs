@@ -56,6 +56,11 @@ pub trait VirtioDevice: Send + Sync + 'static {
         features: u64,
     ) -> Result<Box<dyn QueueHandler>, DeviceError>;
 
+    /// The frontend reset the device (RESET_DEVICE or RESET_OWNER, as on a guest reset), after
+    /// every queue stopped. Device state the driver created (e.g. a GPU's resources) ends
+    /// here; state that lives across connections only (an open image) stays.
+    fn reset(&self) {}
+
     /// The display channel of a GPU device (VHOST_USER_GPU_SET_SOCKET).
     fn set_gpu_socket(&self, _backend: GpuBackend) -> Result<(), DeviceError> {
         Err(DeviceError::Unsupported("VHOST_USER_GPU_SET_SOCKET"))

@@ -315,6 +315,7 @@ impl<D: VirtioDevice> DeviceHandler<D> {
             handler,
             gated,
             connection,
+            served: false,
         };
         let name = format!("{}-q{index}", self.device.name());
         ring.worker = Some(worker.spawn(&name).map_err(HandlerError::Io)?);
@@ -360,12 +361,15 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
 
     fn reset_owner(&mut self) -> VhostResult<()> {
         self.reset().map_err(fail)?;
+        self.device.reset();
         self.owned = false;
         Ok(())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
-        self.reset().map_err(fail)
+        self.reset().map_err(fail)?;
+        self.device.reset();
+        Ok(())
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {

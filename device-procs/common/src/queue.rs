@@ -93,9 +93,24 @@ impl<'a> QueueContext<'a> {
     /// The next request: a resubmitted one first, then the available ring. `None` when there
     /// is nothing more, or when the queue is disabled.
     pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
+        Ok(self.pop_tracked()?.map(|(chain, _)| chain))
+    }
+
+    /// Heads an earlier backend took and did not finish, still to come out of [`Self::pop`],
+    /// oldest first. A device that records its own progress on a request outside this
+    /// process (e.g. how much of it reached a file) uses this to tell a stale record from
+    /// one naming a request that will be resubmitted.
+    pub fn pending_resubmits(&self) -> impl Iterator<Item = u16> + '_ {
+        self.resubmit.iter().copied()
+    }
+
+    /// As [`Self::pop`], also saying whether the chain is a resubmission (taken by an earlier
+    /// backend, which may have done part of its work) rather than new from the ring.
+    pub fn pop_tracked(&mut self) -> Result<Option<(DescriptorChain, bool)>, QueueError> {
         if !self.accept_new {
             return Ok(None);
         }
+        let resubmitted = !self.resubmit.is_empty();
         let head = match self.resubmit.pop_front() {
             Some(head) => head,
             None => {
@@ -118,12 +133,13 @@ impl<'a> QueueContext<'a> {
                 head
             }
         };
-        Ok(Some(DescriptorChain::new(
+        let chain = DescriptorChain::new(
             Arc::clone(&self.mem),
             GuestAddress(self.queue.desc_table()),
             self.queue.size(),
             head,
-        )))
+        );
+        Ok(Some((chain, resubmitted)))
     }
 
     /// Returns `head` to the driver with `len` bytes written. A head outside the queue cannot
@@ -172,8 +188,15 @@ mod tests {
         let mut resubmit = VecDeque::from([6u16]);
         let mut ctx = QueueContext::new(0, &mut queue, Arc::clone(&mem), &mut resubmit)
             .with_tracking(Some(&mut inflight), true);
-        let heads: Vec<u16> = std::iter::from_fn(|| ctx.pop().unwrap().map(|c| c.head())).collect();
-        assert_eq!(heads, vec![6, 0, 1, 2]);
+        assert_eq!(ctx.pending_resubmits().collect::<Vec<_>>(), vec![6]);
+        let heads: Vec<(u16, bool)> = std::iter::from_fn(|| {
+            ctx.pop_tracked()
+                .unwrap()
+                .map(|(c, resubmitted)| (c.head(), resubmitted))
+        })
+        .collect();
+        assert_eq!(heads, vec![(6, true), (0, false), (1, false), (2, false)]);
+        assert_eq!(ctx.pending_resubmits().count(), 0);
         ctx.complete(1, 0).unwrap();
         ctx.complete(200, 0).unwrap();
         assert_eq!(ctx.completed(), 1);

@@ -126,6 +126,9 @@ pub(crate) struct Worker {
     /// Whether PROTOCOL_FEATURES was negotiated: if not, the ring is always enabled.
     pub gated: bool,
     pub connection: UnixStream,
+    /// Whether a request completed since the queue started (logged once: the restart
+    /// benchmark times a restarted daemon's first completion by that line).
+    pub served: bool,
 }
 
 /// What a stopped worker hands back.
@@ -261,6 +264,10 @@ impl Worker {
             drop(ctx);
             if completed > 0 {
                 self.notify(&mem)?;
+                if !self.served {
+                    self.served = true;
+                    log::info!("queue {}: first request completed", self.index);
+                }
             }
             let progress = progress.map_err(|e| self.queue_err(e))?;
             if !enabled || progress == Progress::Blocked {

@@ -38,6 +38,8 @@ struct Echo {
     hold_after: std::sync::Mutex<Option<usize>>,
     completed: AtomicUsize,
     fail: AtomicBool,
+    /// Calls of `VirtioDevice::reset`.
+    resets: AtomicUsize,
 }
 
 struct EchoQueue {
@@ -70,6 +72,9 @@ impl VirtioDevice for EchoDevice {
         Ok(Box::new(EchoQueue {
             device: Arc::clone(&self.0),
         }))
+    }
+    fn reset(&self) {
+        self.0.resets.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -189,7 +194,8 @@ fn connected(server: &Server, ram: &GuestRam) -> Frontend {
 
 #[test]
 fn negotiation_config_and_data_path_with_event_idx() {
-    let server = Server::start("data", Arc::new(Echo::default()));
+    let device = Arc::new(Echo::default());
+    let server = Server::start("data", Arc::clone(&device));
     let ram = GuestRam::new(2 << 20);
     let mut fe = testing::connect(server.path(), 2, TIMEOUT);
     let acked = testing::negotiate(&mut fe, FEATURES, all_protocol());
@@ -252,8 +258,11 @@ fn negotiation_config_and_data_path_with_event_idx() {
     assert!(q.wait_used(ram.memory(), 5, TIMEOUT));
     assert_eq!(&echoed(&ram, 4), b"!deppots");
 
-    // RESET_DEVICE stops everything; the ring can then be set up from scratch.
+    // RESET_DEVICE stops everything and tells the device (it drops what the driver made);
+    // the ring can then be set up from scratch.
+    let resets = device.resets.load(Ordering::SeqCst);
     fe.reset_device().unwrap();
+    assert_eq!(device.resets.load(Ordering::SeqCst), resets + 1);
     testing::start_queue(&mut fe, &q, &ram, 5);
     let head = echo_request(&mut q, &ram, 5, b"afterrst");
     q.publish(ram.memory(), head);

@@ -197,6 +197,155 @@
 //! 13 queue set-up, 14 bad parameter, 17 idle timeout or transmit ring stuck, 19 the device
 //! broke the protocol (used id or length out of range, num_buffers != 1 for a frame that fits
 //! one buffer).
+//!
+//! # `virtio-gpu` ([`VIRTIO_GPU_ELF`])
+//!
+//! A 2D virtio-gpu driver on the same `guest/virtio.c` core (`guest/virtio-gpu.c`): the first
+//! 0x1af4:0x1050 function, VERSION_1 and EDID negotiated, MSI-X entry 0 (config) on vector
+//! 0x41, entry 1 (control queue 0) on 0x40, entry 2 (cursor queue 1) on 0x42, both queues of
+//! up to 64 entries. One command at a time on each queue.
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-gpu.mode` | `draw` | `draw` or `hostile` |
+//! | `virtio-gpu.chunks` | 4 | backing entries the framebuffer is attached in (1..=64) |
+//! | `virtio-gpu.wait` | 0 | draw: after frame 1, wait for an MSI on vector 0x50 (`isolactl inject-msi`), then draw frame 2 |
+//! | `virtio-gpu.reset` | 0 | draw: after frame 1, reset the device, set it up again (resource 1 anew) and draw frame 2 |
+//! | `virtio-gpu.frames` | 0 | draw: then repeat full-screen TRANSFER_TO_HOST_2D + RESOURCE_FLUSH this many times |
+//! | `virtio-gpu.timeout` | 30 | seconds a command may take (exit 17; hostile: 18) |
+//!
+//! **Picture** ([`gpu_pixel`]): resource 1, B8G8R8X8, the size GET_DISPLAY_INFO reports for
+//! scanout 0 (at most 1280x800), pixel (x, y) of frame f has blue `(5x + 40f) & 0xff`, green
+//! `(3y + 64 (x >> 8)) & 0xff`, red `((x ^ y) + 100f) & 0xff`, fourth byte 0xff. Cursor:
+//! resource 2, 64x64 B8G8R8A8, pixel (x, y) = blue `4x`, green `4y`, red 0x80, alpha 0xff if
+//! x + y < 64 else 0, hot spot (3, 5), set at (10, 20) then moved to (30, 40).
+//!
+//! Output:
+//!
+//! ```text
+//! virtio-gpu: features=0x<negotiated> scanouts=<n>
+//! virtio-gpu: display <w>x<h> enabled=<0|1>
+//! virtio-gpu: edid size=<n> checksum=<ok|bad> preferred=<w>x<h>       (if EDID negotiated)
+//! virtio-gpu: frame 1 flushed <w>x<h>
+//! virtio-gpu: cursor set
+//! virtio-gpu: waiting for vector 0x50                                  (wait=1)
+//! virtio-gpu: resetting the device                                   (reset=1; then the set-up lines again)
+//! virtio-gpu: frame 2 flushed <w>x<h>                                  (wait=1 or reset=1)
+//! virtio-gpu: frames=<n> us=<microseconds>                             (frames=n)
+//! virtio-gpu: ok
+//! ```
+//!
+//! `hostile` mode sets up the framebuffer, then sends one malformed command at a time and
+//! checks the response type, printing `virtio-gpu: hostile <case> ok` for each: unknown and
+//! 3D commands and a short header (ERR_UNSPEC), a short CREATE_2D, id 0 and an id in use, a
+//! bad format, zero and 0xffffffff sizes, 16384x16384 (ERR_OUT_OF_MEMORY), unknown ids for
+//! every command, a second ATTACH_BACKING, backing 1 GiB past the end of RAM and wrapping
+//! past 2^64 (ERR_UNSPEC), 0x7fffffff entries that are not there, transfers with no backing,
+//! outside the resource, with an overflowing rectangle, past the backing and with a wrapping
+//! offset, scanout 5, a scanout rectangle outside its resource, an overflowing flush
+//! rectangle, GET_EDID for scanout 9; a response buffer too small and none at all (nothing
+//! written, used length 0: `hostile short-response ok`); bad cursor commands
+//! (`hostile cursor ok`). Then frame 1 as above and `virtio-gpu: hostile ok`.
+//!
+//! Exit codes: 10 no device, 11 capabilities, 12 features, 13 queue set-up, 14 bad parameter
+//! or display too large, 15 a valid command failed, 17 timeout, 18 hostile case answered
+//! wrongly or not at all, 19 protocol violation.
+
+//!
+//! # `virtio-console` ([`VIRTIO_CONSOLE_ELF`])
+//!
+//! Drives the first virtio-console function (0x1af4:0x1043, `guest/virtio-console.c`): offers
+//! VERSION_1 and MULTIPORT; with MULTIPORT it reads `max_nr_ports` (at most 4), sets up
+//! 2 x ports + 2 queues of up to 64 entries (all on MSI-X entry 1), posts 16 control buffers,
+//! sends DEVICE_READY, answers each DEVICE_ADD with PORT_READY, and prints what the device
+//! tells it: `console: port <id> is the console`, `console: port <id> name=<name>`,
+//! `console: port <id> host-open=<0|1>`, `console: resize port=<id> cols=<c> rows=<r>`. It
+//! then uses port 0, or the port named `console.name` (waiting up to 10 s for it to be
+//! added and named), sends
+//! PORT_OPEN 1 for it and prints `console: features=0x<f> multiport=<0|1> ports=<n>
+//! queues=<transport>` (after set-up) and `console: mode=<mode> port=<id>`.
+//!
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `console.mode` | `echo` | `echo`, `stream`, `shell` or `hostile` |
+//! | `console.name` | (none) | use the port with this name (needs MULTIPORT) |
+//! | `console.bytes` | 1048576 | echo: bytes to echo before finishing |
+//! | `console.seconds` | 5 | stream: seconds to write |
+//! | `console.fill` | 1 | stream: 0 sends the buffers without writing the pattern into them (for throughput measurements, where the guest's own filling would be the limit) |
+//!
+//! * `echo`: 16 receive buffers of 4 KiB; each filled buffer is sent back as it is (one
+//!   transmit chain) and posted again when the device returns it. After `console.bytes`
+//!   bytes: `console: echoed bytes=<n> crc=<CRC-32 of them, 8 hex digits>`. No progress for
+//!   60 s: exit 17.
+//! * `stream` (on the chosen port): transmit chains of 1 to 65536 bytes (xorshift lengths; over 1 KiB split into
+//!   two descriptors), 8 in flight, carrying the stream whose byte `p` is byte `p % 4` of the
+//!   little-endian u32 `p / 4`. Every 50 ms `console: tick rounds=<loop rounds> sent=<bytes
+//!   queued> buffers-done=<returned>` (rounds advance on a 10 ms timer even when the device
+//!   is gone). Input on the port ends the stream early (`console: stream stopped by input`). At
+//!   the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
+//! * `shell`: writes `guest> ` on the port, prints `console: shell ready`; each line the user
+//!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
+//!   port with `you typed: <line>\r\nguest> `; the line `exit` is answered with `bye\r\n`.
+//!
+//! * `hostile` (needs MULTIPORT): `console: hostile: bad-address=0x<a>` (0x3_0000_0000, or
+//!   the first GiB boundary at least 1 GiB past RAM), then one chain at a time, each of which
+//!   must be returned within 2 s with nothing written (`console: hostile <case>: returned
+//!   len=0`, else exit 18): on the control transmit queue `unknown-event` (event 99),
+//!   `device-only-event` (DEVICE_ADD from the driver), `bad-port-ready` (port 9),
+//!   `bad-port-open` (port 0xffffffff), `short-message` (4 bytes), `control-outside-ram`,
+//!   `control-oversized` (0xfffff000 bytes from a valid address), `control-device-writable`;
+//!   none may make the device send a control message. On port 0 `tx-outside-ram`,
+//!   `tx-oversized`, `tx-device-writable`, `tx-half-outside` (8 valid bytes `LEAKED!!`, then
+//!   8 outside RAM: nothing of it may be written anywhere), `rx-device-readable`,
+//!   `rx-outside-ram`. Then it writes `after hostile\n` on port 0 and prints `console:
+//!   hostile ok`.
+//!
+//! Every mode ends with `console: ok` and powers off. Exit codes: 10 no device, 11 bad
+//! capabilities, 12 features, 13 queue set-up, 14 bad parameter, 17 timeout, 18 hostile case
+//! failed, 19 protocol (bad used id or length, `max_nr_ports` the transport has no queues
+//! for).
+//! # `virtio-input` ([`VIRTIO_INPUT_ELF`])
+//!
+//! A virtio-input driver (`guest/virtio-input.c` on `guest/virtio.c`) for every
+//! 0x1af4:0x1052 function on bus 0 (at most 4, numbered `dev=0..` in bus order). Each gets
+//! VERSION_1 and EVENT_IDX (if offered), MSI-X entries 0 (config), 1 (event queue) and 2
+//! (status queue) routed to IDT vectors 0x40 + 4 x dev + entry, and two split queues of
+//! min(device maximum, 64) entries. Command line:
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-input.mode` | `normal` | `normal` or `hostile` (below) |
+//! | `virtio-input.stop` | 1 | key code whose press (value 1) on any device ends the run |
+//! | `virtio-input.timeout` | 60 | seconds without any event before the guest gives up (exit 43) |
+//!
+//! Output, per device, then the events:
+//!
+//! ```text
+//! virtio-input: dev=<n> at 00:<slot>.<fn>
+//! virtio-input: dev=<n> name="<ID_NAME>"
+//! virtio-input: dev=<n> ids=<bustype>:<vendor>:<product>:<version>       (4 hex digits each)
+//! virtio-input: dev=<n> ev=0x<type> size=<bytes> bits=<bitmap, 2 hex digits per byte>
+//!                       (for EV_SYN 0x00, EV_KEY 0x01, EV_REL 0x02, EV_ABS 0x03, EV_LED 0x11, EV_REP 0x14)
+//! virtio-input: dev=<n> abs=<axis> min=<> max=<> fuzz=<> flat=<> res=<>  (axes 0, 1 if present)
+//! virtio-input: dev=<n> leds sent          (devices with EV_LED bits: caps lock on + SYN on
+//!                                           the status queue, returned by the device)
+//! virtio-input: ready devices=<n>
+//! virtio-input: dev=<n> report <type>:<code>:<value> ... 0:0:0   (one line per report, when
+//!                                           its EV_SYN arrives; every event of it, in order)
+//! virtio-input: done reports=<n> events=<n>      (after the report pressing the stop key)
+//! ```
+//!
+//! then powers off. Every event buffer (8 bytes, one descriptor) is re-posted as soon as it
+//! is consumed, so the device always has the whole queue. In `hostile` mode, per device and
+//! before `ready`: out-of-range selectors must read as size 0 and writes to `size`, the
+//! reserved bytes and the union must not change them (else exit 45); five malformed status
+//! buffers (5 bytes; device-writable; at the bad address; an unknown event type; 1 MiB long)
+//! must all be returned within 2 s (`virtio-input: dev=<n> hostile status returned=5`); and
+//! event descriptors 0-3 are malformed (device-readable; 4 bytes; at the bad address; `next`
+//! = 200 outside the queue), posted before the good ones: they must come back first, in
+//! order, with length 0 and nothing written (`virtio-input: dev=<n> hostile events
+//! returned=4` after the first event), else exit 45. The bad address is as in `virtio-blk`.
+//! Exit codes: [`EXIT_VINPUT_NO_DEVICE`] and following.
 
 use std::path::{Path, PathBuf};
 
@@ -214,6 +363,13 @@ pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf")
 pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
 /// `virtio-net` as an ELF with a PVH note.
 pub const VIRTIO_NET_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-net.elf");
+/// `virtio-gpu` as an ELF with a PVH note.
+pub const VIRTIO_GPU_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-gpu.elf");
+/// `virtio-console` as an ELF with a PVH note.
+pub const VIRTIO_CONSOLE_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-console.elf");
+
+/// `virtio-input` as an ELF with a PVH note.
+pub const VIRTIO_INPUT_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-input.elf");
 
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
@@ -223,7 +379,23 @@ pub const IMAGES: &[&str] = &[
     "triple-fault.elf",
     "virtio-blk.elf",
     "virtio-net.elf",
+    "virtio-gpu.elf",
+    "virtio-console.elf",
+    "virtio-input.elf",
 ];
+
+/// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
+pub fn gpu_pixel(x: u32, y: u32, frame: u32) -> [u8; 3] {
+    let b = x.wrapping_mul(5).wrapping_add(frame * 40) & 0xff;
+    let g = y.wrapping_mul(3).wrapping_add((x >> 8) * 64) & 0xff;
+    let r = (x ^ y).wrapping_add(frame * 100) & 0xff;
+    [r as u8, g as u8, b as u8]
+}
+
+/// Exit codes of the `virtio-gpu` guest.
+pub const EXIT_VGPU_COMMAND: u8 = 15;
+pub const EXIT_VGPU_TIMEOUT: u8 = 17;
+pub const EXIT_VGPU_HOSTILE: u8 = 18;
 
 /// Guest-physical address every image is linked and loaded at.
 pub const IMAGE_BASE: u64 = 0x10_0000;
@@ -271,6 +443,18 @@ pub const EXIT_VBLK_HOSTILE: u8 = 18;
 /// `virtio-blk` exit: the device broke the protocol (a used id that is not in flight, or a
 /// configuration `num_queues` the transport does not have).
 pub const EXIT_VBLK_PROTOCOL: u8 = 19;
+/// virtio-input: no virtio-input PCI function found.
+pub const EXIT_VINPUT_NO_DEVICE: u8 = 40;
+/// virtio-input: set-up failed (MSI-X vectors, features, queues, DRIVER_OK).
+pub const EXIT_VINPUT_SETUP: u8 = 41;
+/// virtio-input: bad command-line parameter.
+pub const EXIT_VINPUT_BAD_PARAM: u8 = 42;
+/// virtio-input: no event within `virtio-input.timeout`, or a status buffer not returned.
+pub const EXIT_VINPUT_TIMEOUT: u8 = 43;
+/// virtio-input: the device broke the protocol (bad used id or length, a report too long).
+pub const EXIT_VINPUT_PROTOCOL: u8 = 44;
+/// virtio-input: a hostile case was not handled as required.
+pub const EXIT_VINPUT_HOSTILE: u8 = 45;
 /// Debug-exit value: a guest's `guest_main` returned (a guest bug).
 pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
 /// Debug-exit value: unexpected CPU exception (after the `exception:` line).

@@ -1,0 +1,487 @@
+//! One supervised device daemon: how it is started, and when it is started again.
+//!
+//! The supervisor, not the daemon, owns the daemon's listening vhost-user socket and hands it
+//! to every instance as fd 3 (`--fd 3`). The socket file therefore never disappears while a
+//! daemon restarts: the core's reconnect finds it at once, and its connection waits in the
+//! listen backlog until the new instance accepts it. A daemon with several sockets of its own
+//! (isola-input, isola-display) is given as `NAME:-:COMMAND`: it binds them itself, replacing
+//! the stale socket files a dead instance left, and gets no `--fd`.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use isola_ipc::supervisor::{DaemonState, DaemonStatus};
+
+/// The descriptor number the listening socket has in a daemon.
+pub const LISTEN_FD: i32 = 3;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("--daemon '{0}' is not NAME:SOCKET:COMMAND")]
+    Shape(String),
+    #[error("daemon name '{0}' must be 1-32 letters, digits, '-' or '_'")]
+    Name(String),
+    #[error("the command of daemon '{0}' is empty or has unbalanced quotes")]
+    Command(String),
+}
+
+/// `--daemon NAME:SOCKET:COMMAND`; COMMAND is split like a shell would (quotes, no expansion).
+/// SOCKET `-`: the daemon binds its own sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSpec {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+    pub argv: Vec<String>,
+}
+
+impl FromStr for DaemonSpec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.splitn(3, ':');
+        let (Some(name), Some(socket), Some(command)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(SpecError::Shape(s.to_owned()));
+        };
+        let name_ok = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(SpecError::Name(name.to_owned()));
+        }
+        if socket.is_empty() {
+            return Err(SpecError::Shape(s.to_owned()));
+        }
+        let argv = shlex::split(command)
+            .filter(|argv| !argv.is_empty())
+            .ok_or_else(|| SpecError::Command(name.to_owned()))?;
+        Ok(DaemonSpec {
+            name: name.to_owned(),
+            socket: (socket != "-").then(|| PathBuf::from(socket)),
+            argv,
+        })
+    }
+}
+
+/// When a dead daemon is started again, and when the supervisor gives up on it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// An instance that lived at least this long is restarted at once.
+    pub min_uptime: Duration,
+    /// Instances that die sooner are restarted after a back-off that doubles from
+    /// `backoff_min` up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Give up when the daemon died more than `limit` times within `window`.
+    pub limit: u32,
+    pub window: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {}", .0.display())]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("another process already listens on {}", .0.display())]
+    InUse(PathBuf),
+}
+
+/// Binds `path`, replacing a socket file that nobody listens on any more.
+pub fn listen(path: &Path) -> Result<UnixListener, ListenError> {
+    match UnixListener::bind(path) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let meta =
+                std::fs::symlink_metadata(path).map_err(|e| ListenError::Bind(path.into(), e))?;
+            if !meta.file_type().is_socket() {
+                return Err(ListenError::NotASocket(path.into()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(ListenError::InUse(path.into()));
+            }
+            std::fs::remove_file(path).map_err(|e| ListenError::Bind(path.into(), e))?;
+            UnixListener::bind(path).map_err(|e| ListenError::Bind(path.into(), e))
+        }
+        Err(e) => Err(ListenError::Bind(path.into(), e)),
+    }
+}
+
+enum Life {
+    Running { child: Child, since: Instant },
+    Waiting { until: Instant },
+    Failed(String),
+}
+
+pub struct Daemon {
+    pub spec: DaemonSpec,
+    listener: Option<OwnedFd>,
+    life: Life,
+    restarts: u32,
+    last_exit: Option<String>,
+    deaths: VecDeque<Instant>,
+    backoff: Duration,
+}
+
+impl Daemon {
+    pub fn new(spec: DaemonSpec, listener: Option<UnixListener>) -> Daemon {
+        Daemon {
+            spec,
+            listener: listener.map(OwnedFd::from),
+            life: Life::Waiting {
+                until: Instant::now(),
+            },
+            restarts: 0,
+            last_exit: None,
+            deaths: VecDeque::new(),
+            backoff: Duration::ZERO,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match &self.life {
+            Life::Running { child, .. } => Some(child.id()),
+            _ => None,
+        }
+    }
+
+    /// When this daemon is due to be started, if it is waiting.
+    pub fn due(&self) -> Option<Instant> {
+        match self.life {
+            Life::Waiting { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Starts an instance if one is due. A failure to start at all (no such program) counts
+    /// as a death, so a bad command ends in `Failed` rather than a tight loop.
+    pub fn start_if_due(&mut self, policy: &RestartPolicy, now: Instant) {
+        if self.due().is_none_or(|until| until > now) {
+            return;
+        }
+        let first = self.last_exit.is_none() && self.restarts == 0 && self.deaths.is_empty();
+        match self.spawn() {
+            Ok(child) => {
+                if first {
+                    log::info!("{}: started, pid {}", self.spec.name, child.id());
+                } else {
+                    self.restarts += 1;
+                    log::warn!(
+                        "{}: restarted, pid {} (restart {})",
+                        self.spec.name,
+                        child.id(),
+                        self.restarts
+                    );
+                }
+                self.life = Life::Running { child, since: now };
+            }
+            Err(e) => {
+                let reason = format!("cannot start {}: {e}", self.spec.argv[0]);
+                log::error!("{}: {reason}", self.spec.name);
+                self.died(reason, Duration::ZERO, policy, now);
+            }
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        let listen_fd = self.listener.as_ref().map(|l| l.as_raw_fd());
+        let mut command = Command::new(&self.spec.argv[0]);
+        command.args(&self.spec.argv[1..]);
+        if listen_fd.is_some() {
+            command.arg("--fd").arg(LISTEN_FD.to_string());
+        }
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (dup2, fcntl, prctl, sigprocmask) on plain integers.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself would keep close-on-exec; clear it instead.
+                let failed = match listen_fd {
+                    Some(LISTEN_FD) => libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0,
+                    Some(fd) => libc::dup2(fd, LISTEN_FD) < 0,
+                    None => false,
+                };
+                if failed {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A supervisor that dies takes its daemons with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor blocks the signals it reads from a signalfd; the daemon
+                // must not inherit that mask.
+                let mut empty = std::mem::zeroed::<libc::sigset_t>();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        command.spawn()
+    }
+
+    /// Reaps the instance if it has exited, and schedules the next one (or gives up).
+    pub fn reap(&mut self, policy: &RestartPolicy, now: Instant) -> Option<ExitReport> {
+        let Life::Running { child, since } = &mut self.life else {
+            return None;
+        };
+        let status = match child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) => return None,
+            Err(e) => {
+                log::error!(
+                    "{}: cannot wait for pid {}: {e}",
+                    self.spec.name,
+                    child.id()
+                );
+                return None;
+            }
+        };
+        let report = ExitReport {
+            pid: child.id(),
+            status,
+        };
+        let uptime = now.saturating_duration_since(*since);
+        self.died(crate::exit::describe(status), uptime, policy, now);
+        Some(report)
+    }
+
+    /// Adds what the kernel said about a seccomp kill to the last exit reason.
+    pub fn annotate_exit(&mut self, note: &str) {
+        if let Some(last) = &mut self.last_exit {
+            last.push_str(": ");
+            last.push_str(note);
+        }
+    }
+
+    fn died(&mut self, reason: String, uptime: Duration, policy: &RestartPolicy, now: Instant) {
+        self.deaths.push_back(now);
+        while self
+            .deaths
+            .front()
+            .is_some_and(|&at| now.saturating_duration_since(at) > policy.window)
+        {
+            self.deaths.pop_front();
+        }
+        self.backoff = if uptime >= policy.min_uptime {
+            Duration::ZERO
+        } else {
+            (self.backoff * 2).clamp(policy.backoff_min, policy.backoff_max)
+        };
+        self.last_exit = Some(reason.clone());
+        if self.deaths.len() > policy.limit as usize {
+            let why = format!(
+                "died {} times within {} s, last: {reason}",
+                self.deaths.len(),
+                policy.window.as_secs()
+            );
+            log::error!("{}: {why}; giving up", self.spec.name);
+            self.life = Life::Failed(why);
+        } else {
+            log::warn!(
+                "{}: {reason}; restarting in {} ms",
+                self.spec.name,
+                self.backoff.as_millis()
+            );
+            self.life = Life::Waiting {
+                until: now + self.backoff,
+            };
+        }
+    }
+
+    /// `isolactl restart NAME` on a daemon that was given up on: a fresh retry budget.
+    pub fn revive(&mut self, now: Instant) -> bool {
+        if !matches!(self.life, Life::Failed(_)) {
+            return false;
+        }
+        self.deaths.clear();
+        self.backoff = Duration::ZERO;
+        self.life = Life::Waiting { until: now };
+        true
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            name: self.spec.name.clone(),
+            socket: self
+                .spec
+                .socket
+                .as_ref()
+                .map(|s| s.display().to_string())
+                .unwrap_or_default(),
+            pid: self.pid(),
+            state: match &self.life {
+                Life::Running { .. } => DaemonState::Running,
+                Life::Waiting { .. } => DaemonState::Restarting,
+                Life::Failed(why) => DaemonState::Failed(why.clone()),
+            },
+            restarts: self.restarts,
+            last_exit: self.last_exit.clone(),
+        }
+    }
+
+    /// Sends `signal` to the running instance.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Waits for the running instance to end (after [`Daemon::signal`]); true if it did.
+    pub fn wait_stopped(&mut self, deadline: Instant) -> bool {
+        let Life::Running { child, .. } = &mut self.life else {
+            return true;
+        };
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    log::info!(
+                        "{}: stopped ({})",
+                        self.spec.name,
+                        crate::exit::describe(status)
+                    );
+                    self.life = Life::Failed("stopped".into());
+                    return true;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// A reaped instance.
+pub struct ExitReport {
+    pub pid: u32,
+    pub status: std::process::ExitStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let spec: DaemonSpec = "blk0:/run/x/blk0.sock:/usr/bin/isola-blk --image 'my disk.img'"
+            .parse()
+            .unwrap();
+        assert_eq!(spec.name, "blk0");
+        assert_eq!(spec.socket, Some(PathBuf::from("/run/x/blk0.sock")));
+        let own: DaemonSpec = "input:-:isola-input --control-socket /c".parse().unwrap();
+        assert_eq!(own.socket, None);
+        assert_eq!(
+            spec.argv,
+            ["/usr/bin/isola-blk", "--image", "my disk.img"].map(String::from)
+        );
+        assert_eq!(
+            "blk0:/s".parse::<DaemonSpec>(),
+            Err(SpecError::Shape("blk0:/s".into()))
+        );
+        assert_eq!(
+            "b/a:/s:x".parse::<DaemonSpec>(),
+            Err(SpecError::Name("b/a".into()))
+        );
+        assert_eq!(
+            "b::x".parse::<DaemonSpec>(),
+            Err(SpecError::Shape("b::x".into()))
+        );
+        assert_eq!(
+            "b:/s:'unbalanced".parse::<DaemonSpec>(),
+            Err(SpecError::Command("b".into()))
+        );
+        assert_eq!(
+            "b:/s:   ".parse::<DaemonSpec>(),
+            Err(SpecError::Command("b".into()))
+        );
+    }
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy {
+            min_uptime: Duration::from_millis(500),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(80),
+            limit: 3,
+            window: Duration::from_secs(10),
+        }
+    }
+
+    fn daemon(dir: &Path) -> Daemon {
+        let socket = dir.join("d.sock");
+        let listener = listen(&socket).unwrap();
+        Daemon::new(
+            DaemonSpec {
+                name: "d".into(),
+                socket: Some(socket),
+                argv: vec!["/bin/true".into()],
+            },
+            Some(listener),
+        )
+    }
+
+    #[test]
+    fn healthy_instances_restart_at_once_quick_deaths_back_off_and_give_up() {
+        let dir = std::env::temp_dir().join(format!("isola-sup-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = daemon(&dir);
+        let p = policy();
+        let t0 = Instant::now();
+        d.died("killed".into(), Duration::from_secs(5), &p, t0);
+        assert_eq!(d.due(), Some(t0), "a healthy instance restarts at once");
+        d.died("exited".into(), Duration::ZERO, &p, t0);
+        assert_eq!(d.due(), Some(t0 + Duration::from_millis(10)));
+        d.died("exited".into(), Duration::ZERO, &p, t0);
+        assert_eq!(d.due(), Some(t0 + Duration::from_millis(20)));
+        assert_eq!(d.status().state, DaemonState::Restarting);
+        d.died("exited with status 1".into(), Duration::ZERO, &p, t0);
+        let DaemonState::Failed(why) = d.status().state else {
+            panic!("not given up: {:?}", d.status());
+        };
+        assert!(why.contains("died 4 times within 10 s"), "{why}");
+        assert!(why.contains("exited with status 1"), "{why}");
+        assert!(d.revive(t0));
+        assert_eq!(d.due(), Some(t0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn deaths_outside_the_window_are_forgotten() {
+        let dir = std::env::temp_dir().join(format!("isola-sup-unit2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = daemon(&dir);
+        let p = policy();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            d.died(
+                "killed".into(),
+                Duration::from_secs(5),
+                &p,
+                t0 + Duration::from_secs(11 * i),
+            );
+        }
+        assert_eq!(d.status().state, DaemonState::Restarting);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_live_socket_is_not_stolen() {
+        let dir = std::env::temp_dir().join(format!("isola-sup-unit3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("live.sock");
+        let _first = listen(&path).unwrap();
+        assert!(matches!(listen(&path), Err(ListenError::InUse(_))));
+        std::fs::write(dir.join("file"), b"x").unwrap();
+        assert!(matches!(
+            listen(&dir.join("file")),
+            Err(ListenError::NotASocket(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

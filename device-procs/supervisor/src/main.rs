@@ -1,0 +1,272 @@
+//! `isola-supervisor`: starts Isola's device daemons and starts again any that dies.
+//!
+//! It is a separate small process rather than a role of the core: restarting a daemon means
+//! fork + exec, which the core's seccomp filters forbid on purpose, and a supervisor that
+//! outlives a daemon crash must not share its fate with the VM either. See ARCHITECTURE.md.
+//!
+//! For each `--daemon NAME:SOCKET:COMMAND` it binds SOCKET itself and runs `COMMAND --fd 3`
+//! with the listening socket as fd 3. It binds its control socket (`--control`) last, so once
+//! that exists every device socket does too. SIGTERM, SIGINT, SIGHUP or a `Stop` request stop
+//! every daemon (SIGTERM, then SIGKILL after `--stop-timeout-ms`) and remove the sockets.
+
+mod daemon;
+mod exit;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use isola_ipc::supervisor::{SupervisorRequest, SupervisorResponse};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use daemon::{Daemon, DaemonSpec, RestartPolicy};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isola-supervisor",
+    version,
+    about = "Start Isola's device daemons on sockets this process owns; restart any that dies"
+)]
+struct Cli {
+    /// A daemon: NAME:SOCKET:COMMAND. COMMAND is split like a shell would and run with
+    /// `--fd 3` appended, fd 3 being the listening socket SOCKET; SOCKET `-` for a daemon that
+    /// binds its own sockets (no `--fd`). Repeatable.
+    #[arg(long = "daemon", value_name = "NAME:SOCKET:COMMAND", required = true)]
+    daemons: Vec<DaemonSpec>,
+    /// Serve status and stop requests (`isolactl`) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+    /// A daemon that ran at least this long is restarted at once.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    min_uptime_ms: u64,
+    /// Give up on a daemon that died more than this many times within --restart-window.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    restart_limit: u32,
+    #[arg(long, default_value_t = 60, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    restart_window: u64,
+    /// How long daemons get to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    stop_timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let pid = std::process::id();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "isola-supervisor[{pid}]: {}: {}",
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isola-supervisor: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("daemon name '{0}' is given twice")]
+    DuplicateName(String),
+    #[error(transparent)]
+    Listen(#[from] daemon::ListenError),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::Error),
+    #[error("cannot serve the control socket: {0}")]
+    Control(std::io::Error),
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let policy = RestartPolicy {
+        min_uptime: Duration::from_millis(cli.min_uptime_ms),
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_secs(2),
+        limit: cli.restart_limit,
+        window: Duration::from_secs(cli.restart_window),
+    };
+    // Signals arrive on a signalfd; the mask is reset in every daemon before exec.
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(Error::Signals)?;
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(Error::Signals)?;
+    // Stop the daemons if whoever started us (the launch script) goes away.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
+
+    let mut daemons: Vec<Daemon> = Vec::new();
+    for spec in cli.daemons {
+        if daemons.iter().any(|d| d.spec.name == spec.name) {
+            return Err(Error::DuplicateName(spec.name));
+        }
+        let listener = spec.socket.as_deref().map(daemon::listen).transpose()?;
+        daemons.push(Daemon::new(spec, listener));
+    }
+    let mut kernel_log = exit::KernelLog::open();
+    let now = Instant::now();
+    for d in &mut daemons {
+        d.start_if_due(&policy, now);
+    }
+    let control = daemon::listen(&cli.control)?;
+    control.set_nonblocking(true).map_err(Error::Control)?;
+    log::info!(
+        "supervising {} daemon(s); control socket {}",
+        daemons.len(),
+        cli.control.display()
+    );
+
+    let stop_reason = serve(&mut daemons, &policy, &signal_fd, &control, &mut kernel_log);
+    log::info!("stopping: {stop_reason}");
+    stop(&mut daemons, Duration::from_millis(cli.stop_timeout_ms));
+    let _ = std::fs::remove_file(&cli.control);
+    Ok(())
+}
+
+/// The main loop; returns why it ended.
+fn serve(
+    daemons: &mut [Daemon],
+    policy: &RestartPolicy,
+    signal_fd: &SignalFd,
+    control: &UnixListener,
+    kernel_log: &mut exit::KernelLog,
+) -> String {
+    loop {
+        let now = Instant::now();
+        let timeout = daemons
+            .iter()
+            .filter_map(Daemon::due)
+            .min()
+            .map(|due| {
+                let ms = due.saturating_duration_since(now).as_millis();
+                PollTimeout::try_from(ms.min(60_000) as i32 + 1).unwrap_or(PollTimeout::NONE)
+            })
+            .unwrap_or(PollTimeout::NONE);
+        let mut fds = [
+            PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Err(e) = poll(&mut fds, timeout) {
+            if e != nix::errno::Errno::EINTR {
+                return format!("poll failed: {e}");
+            }
+        }
+        while let Ok(Some(info)) = signal_fd.read_signal() {
+            let signal = info.ssi_signo as i32;
+            if signal != libc::SIGCHLD {
+                let name = Signal::try_from(signal).map_or("?", |s| s.as_str());
+                return format!("received {name}");
+            }
+        }
+        let now = Instant::now();
+        for d in daemons.iter_mut() {
+            if let Some(report) = d.reap(policy, now) {
+                if exit::is_seccomp_kill(report.status) {
+                    let note = kernel_log.seccomp_note(report.pid, &d.spec.argv[0]);
+                    log::error!("{}: {note}", d.spec.name);
+                    d.annotate_exit(&note);
+                }
+            }
+        }
+        for d in daemons.iter_mut() {
+            d.start_if_due(policy, Instant::now());
+        }
+        loop {
+            match control.accept() {
+                Ok((stream, _)) => {
+                    if serve_client(daemons, stream) {
+                        return "stop requested".into();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("control socket: accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Answers one request; true if it asked the supervisor to stop.
+fn serve_client(daemons: &mut [Daemon], mut stream: UnixStream) -> bool {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let request: SupervisorRequest = match isola_ipc::read_message(&mut stream) {
+        Ok(request) => request,
+        Err(e) => {
+            log::warn!("control socket: bad request: {e}");
+            let _ = isola_ipc::write_message(
+                &mut stream,
+                &SupervisorResponse::Error(format!("bad request: {e}")),
+            );
+            return false;
+        }
+    };
+    let (response, stop) = match request {
+        SupervisorRequest::Status => (
+            SupervisorResponse::Status(daemons.iter().map(Daemon::status).collect()),
+            false,
+        ),
+        SupervisorRequest::Restart { name } => {
+            let found = daemons.iter_mut().find(|d| d.spec.name == name);
+            match found.map(|d| d.revive(Instant::now())) {
+                // The main loop starts it right after this answer.
+                Some(true) => {
+                    log::info!("{name}: restart requested");
+                    (SupervisorResponse::Done, false)
+                }
+                Some(false) => (
+                    SupervisorResponse::Error(format!("{name} has not been given up on")),
+                    false,
+                ),
+                None => (
+                    SupervisorResponse::Error(format!("no daemon named '{name}'")),
+                    false,
+                ),
+            }
+        }
+        SupervisorRequest::Stop => (SupervisorResponse::Done, true),
+    };
+    let _ = isola_ipc::write_message(&mut stream, &response);
+    stop
+}
+
+/// SIGTERM to every daemon, SIGKILL to those still there after `timeout`; removes the sockets.
+fn stop(daemons: &mut [Daemon], timeout: Duration) {
+    for d in daemons.iter() {
+        d.signal(Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + timeout;
+    for d in daemons.iter_mut() {
+        if !d.wait_stopped(deadline) {
+            log::warn!("{}: still running after SIGTERM; killing it", d.spec.name);
+            d.signal(Signal::SIGKILL);
+            d.wait_stopped(Instant::now() + Duration::from_secs(5));
+        }
+    }
+    for socket in daemons.iter().filter_map(|d| d.spec.socket.as_ref()) {
+        let _ = std::fs::remove_file(socket);
+    }
+}

@@ -1,0 +1,398 @@
+//! The launch script and the supervisor, as a user runs them: `scripts/isola-run` starts the
+//! device daemons under `isola-supervisor` and then the core; a daemon that dies is started
+//! again; `isolactl` shows it; shutdown and Ctrl-C leave nothing behind.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use isola_ipc::supervisor::{DaemonState, SupervisorRequest, SupervisorResponse};
+use isola_tests::supervisor::{
+    processes_mentioning, supervisor_call, supervisor_status, wait_until, Launch, Supervisor,
+};
+use isola_tests::{binary, scratch_dir, wait_for_path};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+fn isolactl(args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary("isolactl"))
+        .args(args)
+        .output()
+        .expect("isolactl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Zombies count as gone: /proc/PID/cmdline is empty for them.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// After a run: the run directory is gone and no process still names it.
+fn assert_cleaned_up(launch: &mut Launch, run_dir: &Path) {
+    assert!(
+        !run_dir.exists(),
+        "run directory {} is left behind",
+        run_dir.display()
+    );
+    let left = wait_until_empty(run_dir);
+    assert!(
+        left.is_empty(),
+        "processes left behind: {left:?}\n{}",
+        launch.report()
+    );
+}
+
+fn wait_until_empty(run_dir: &Path) -> Vec<(u32, String)> {
+    let needle = run_dir.display().to_string();
+    for _ in 0..200 {
+        let left = processes_mentioning(&needle);
+        if left.is_empty() {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    processes_mentioning(&needle)
+}
+
+#[test]
+fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
+    let scratch = scratch_dir("launch-kill");
+    let run_dir = scratch.join("run");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--cmdline",
+            "virtio-blk.mode=loop virtio-blk.seconds=4 virtio-blk.sectors=512 virtio-blk.depth=16",
+        ],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    let sup = launch.supervisor_socket();
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30))
+            .is_some(),
+        "the guest made no progress\n{}",
+        launch.report()
+    );
+    let mut killed = Vec::new();
+    for round in 1..=5u32 {
+        let pid = wait_until("blk0 running", Duration::from_secs(10), || {
+            let d = supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == "blk0")?;
+            (d.state == DaemonState::Running).then_some(d.pid?)
+        });
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the daemon");
+        killed.push(pid);
+        wait_until("blk0 restarted", Duration::from_secs(10), || {
+            let d = supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == "blk0")?;
+            (d.restarts == round && d.state == DaemonState::Running).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("vcpu0: running"), "{text}");
+    assert!(
+        text.contains("restarts 5, last exit: killed by signal 9 (SIGKILL)"),
+        "{text}"
+    );
+    assert!(text.contains("daemon blk0: pid "), "{text}");
+
+    let status = launch.finish(Duration::from_secs(60));
+    let report = launch.report();
+    assert!(
+        status.success(),
+        "isola-run ended with {status:?}\n{report}"
+    );
+    assert!(
+        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
+        "{report}"
+    );
+    for pid in killed {
+        assert!(!pid_alive(pid), "killed daemon {pid} still there");
+    }
+    assert_cleaned_up(&mut launch, &run_dir);
+}
+
+#[test]
+fn isolactl_shutdown_stops_the_vm_and_every_daemon_and_removes_the_run_directory() {
+    let scratch = scratch_dir("launch-shutdown");
+    let run_dir = scratch.join("run");
+    let mut launch = Launch::start(
+        &run_dir,
+        &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(launch
+        .stdout
+        .wait_for("virtio-blk: mode=loop", Duration::from_secs(30))
+        .is_some());
+    let daemon_pid = supervisor_status(&launch.supervisor_socket())[0]
+        .pid
+        .expect("running");
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+    assert!(!pid_alive(daemon_pid));
+    assert_cleaned_up(&mut launch, &run_dir);
+}
+
+#[test]
+fn ctrl_c_stops_the_vm_and_every_daemon_and_removes_the_run_directory() {
+    let scratch = scratch_dir("launch-ctrl-c");
+    let run_dir = scratch.join("run");
+    let mut launch = Launch::start(
+        &run_dir,
+        &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(launch
+        .stdout
+        .wait_for("virtio-blk: mode=loop", Duration::from_secs(30))
+        .is_some());
+    let daemon_pid = supervisor_status(&launch.supervisor_socket())[0]
+        .pid
+        .expect("running");
+    // What a terminal does on Ctrl-C: SIGINT to the foreground process group.
+    killpg(Pid::from_raw(launch.child.id() as i32), Signal::SIGINT).expect("SIGINT");
+    let status = launch.finish(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(130), "{status:?}\n{}", launch.report());
+    assert!(!pid_alive(daemon_pid));
+    assert_cleaned_up(&mut launch, &run_dir);
+}
+
+#[test]
+fn the_launch_script_refuses_a_missing_disk_and_unknown_options() {
+    let scratch = scratch_dir("launch-bad");
+    let run_dir = scratch.join("run");
+    let mut launch = Launch::start(&run_dir, &["--disk", "/nonexistent/disk.img"]);
+    let status = launch.finish(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(2));
+    let report = launch.report();
+    assert!(
+        report.contains("disk image '/nonexistent/disk.img' does not exist"),
+        "{report}"
+    );
+    assert!(!run_dir.exists());
+    let mut launch = Launch::start(&run_dir, &["--frobnicate"]);
+    assert_eq!(launch.finish(Duration::from_secs(60)).code(), Some(2));
+    assert!(launch.report().contains("unknown option '--frobnicate'"));
+}
+
+#[test]
+fn a_daemon_that_keeps_failing_is_given_up_on_and_can_be_restarted_by_hand() {
+    let dir = scratch_dir("supervisor-give-up");
+    let image = dir.join("later.img");
+    let socket = dir.join("blk0.sock");
+    let control = dir.join("supervisor.sock");
+    let blk = binary("isola-blk");
+    let sup = Supervisor::start(
+        &control,
+        &[format!(
+            "blk0:{}:{} --image {}",
+            socket.display(),
+            blk.display(),
+            image.display()
+        )],
+        &["--restart-limit", "3"],
+    );
+    // The socket is the supervisor's, there from the start, even while no daemon runs.
+    assert!(socket.exists());
+    let why = wait_until("blk0 given up on", Duration::from_secs(20), || {
+        match sup.daemon("blk0").state {
+            DaemonState::Failed(why) => Some(why),
+            _ => None,
+        }
+    });
+    assert!(why.contains("died 4 times within 60 s"), "{why}");
+    assert!(why.contains("exited with status 2"), "{why}");
+    let d = sup.daemon("blk0");
+    assert_eq!(d.pid, None);
+    assert_eq!(d.restarts, 3);
+
+    let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("daemon blk0: pid -, failed (died 4 times"),
+        "{text}"
+    );
+
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "restart", "blk0"]);
+    assert!(ok, "{text}");
+    wait_until("blk0 running again", Duration::from_secs(10), || {
+        (sup.daemon("blk0").state == DaemonState::Running).then_some(())
+    });
+    let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "restart", "blk0"]);
+    assert!(
+        !ok && text.contains("blk0 has not been given up on"),
+        "{text}"
+    );
+    let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "restart", "nope"]);
+    assert!(!ok && text.contains("no daemon named 'nope'"), "{text}");
+
+    let pid = sup.daemon("blk0").pid.unwrap();
+    assert_eq!(
+        supervisor_call(&control, &SupervisorRequest::Stop),
+        SupervisorResponse::Done
+    );
+    let mut sup = sup;
+    let status = sup.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!pid_alive(pid));
+    assert!(!socket.exists() && !control.exists());
+}
+
+#[test]
+fn daemons_die_with_their_supervisor() {
+    let dir = scratch_dir("supervisor-dies");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.join("blk0.sock");
+    let mut sup = Supervisor::start(
+        &dir.join("supervisor.sock"),
+        &[format!(
+            "blk0:{}:{} --image {}",
+            socket.display(),
+            binary("isola-blk").display(),
+            image.display()
+        )],
+        &[],
+    );
+    let pid = wait_until("blk0 pid", Duration::from_secs(10), || {
+        sup.daemon("blk0").pid
+    });
+    sup.child.kill().unwrap();
+    sup.child.wait().unwrap();
+    wait_until("daemon gone", Duration::from_secs(10), || {
+        (!pid_alive(pid)).then_some(())
+    });
+}
+
+#[test]
+fn bad_supervisor_command_lines_exit_2_with_one_line() {
+    let dir = scratch_dir("supervisor-bad");
+    let control = dir.join("s.sock");
+    let c = control.to_str().unwrap();
+    let (y, z) = (
+        format!("a:{}:true", dir.join("y.sock").display()),
+        format!("a:{}:true", dir.join("z.sock").display()),
+    );
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--control", c, "--daemon", "blk0"],
+            "is not NAME:SOCKET:COMMAND",
+        ),
+        (
+            &["--control", c, "--daemon", "a b:/x:true"],
+            "daemon name 'a b'",
+        ),
+        (
+            &["--control", c, "--daemon", "a:/x:'oops"],
+            "unbalanced quotes",
+        ),
+        (
+            &["--control", c, "--daemon", &y, "--daemon", &z],
+            "daemon name 'a' is given twice",
+        ),
+        (
+            &["--control", c, "--daemon", "a:/nonexistent/dir/a.sock:true"],
+            "cannot listen on /nonexistent/dir/a.sock",
+        ),
+        (&["--control", c], "--daemon"),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(binary("isola-supervisor"))
+            .args(*args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(out.status.signal().is_none());
+    }
+    assert!(!control.exists());
+}
+
+#[test]
+fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_a_kill() {
+    let scratch = scratch_dir("launch-all");
+    let run_dir = scratch.join("run");
+    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--kernel",
+            gpu_guest.to_str().unwrap(),
+            "--cmdline",
+            "virtio-gpu.wait=1",
+            "--display",
+            "640x400",
+            "--console",
+        ],
+    );
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(30))
+            .is_some(),
+        "{}",
+        launch.report()
+    );
+    let run = run_dir.to_str().unwrap();
+    let sup = launch.supervisor_socket();
+    let mut names: Vec<String> = supervisor_status(&sup)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["console", "display", "gpu", "input"]);
+
+    let shot = scratch.join("shot.png");
+    let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+    assert!(ok && text.contains("640x400"), "{text}");
+    let (ok, text) = isolactl(&["--run-dir", run, "key", "a"]);
+    assert!(ok, "{text}");
+
+    for (round, name) in ["console", "input", "gpu"].iter().enumerate() {
+        let pid = wait_until(name, Duration::from_secs(10), || {
+            supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == *name)?
+                .pid
+        });
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        wait_until("restart and reconnect", Duration::from_secs(20), || {
+            let d = supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == *name)?;
+            let (_, text) = isolactl(&["--run-dir", run, "status"]);
+            let reconnected = text.matches("connected (reconnects 1,").count();
+            (d.restarts == 1 && d.state == DaemonState::Running && reconnected > round)
+                .then_some(())
+        });
+    }
+    let (ok, text) = isolactl(&["--run-dir", run, "status"]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("reconnecting"), "{text}");
+    // Both input devices (one daemon) reconnected.
+    assert_eq!(text.matches("input 00:").count(), 2, "{text}");
+    let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
+    assert!(ok && text.contains("640x400"), "{text}");
+
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+    assert_cleaned_up(&mut launch, &run_dir);
+}
