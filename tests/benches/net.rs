@@ -16,7 +16,8 @@
 //!
 //! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` (default 1) and
 //! `ISOLA_BENCH_ROUNDS` (default 3) set the rounds; each case reports its best round, the
-//! machines being shared and noisy. The `isola-net` used is the release build.
+//! machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net` (e.g.
+//! `--queue-size 1024`). The `isola-net` used is the release build.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -326,6 +327,15 @@ fn ifindex(name: &str) -> i32 {
     i as i32
 }
 
+/// Extra `isola-net` options from `ISOLA_NET_ARGS`.
+fn extra_args() -> Vec<String> {
+    std::env::var("ISOLA_NET_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 fn start_net(socket: &Path, tap: OwnedFd, log: &Path) -> Child {
     let _ = std::fs::remove_file(socket);
     let fd = tap.as_raw_fd();
@@ -333,6 +343,7 @@ fn start_net(socket: &Path, tap: OwnedFd, log: &Path) -> Child {
     cmd.arg("--socket")
         .arg(socket)
         .args(["--tap-fd", "3"])
+        .args(extra_args())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     // SAFETY: between fork and exec only fcntl and dup2 (async-signal-safe, no allocation)
@@ -400,7 +411,8 @@ fn main() {
         let index = ifindex("tap0");
         println!(
             "net bench: best of {rounds} rounds of {secs} s per case, isola-net and raw \
-             alternating; frame = Ethernet frame bytes (no FCS)"
+             alternating; frame = Ethernet frame bytes (no FCS); isola-net options: {:?}",
+            extra_args()
         );
         println!(
             "{:<12} {:>6} {:>11} {:>7} {:>11} {:>7} {:>6}",
