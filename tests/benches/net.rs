@@ -16,7 +16,8 @@
 //!
 //! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` (default 1) and
 //! `ISOLA_BENCH_ROUNDS` (default 3) set the rounds; each case reports its best round, the
-//! machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net`. The `isola-net` used is the release build.
+//! machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net`. The
+//! `isola-net` used is the release build.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
