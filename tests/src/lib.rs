@@ -2,6 +2,7 @@
 //! and read what the guest prints.
 
 pub mod display;
+pub mod net;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

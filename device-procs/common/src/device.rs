@@ -84,6 +84,15 @@ pub trait QueueHandler: Send {
         None
     }
 
+    /// A file the worker watches for input (edge-triggered) without reading it, e.g. a tap
+    /// device the handler reads in [`QueueHandler::process`]. Each new arrival wakes the
+    /// worker once, so the handler must read until the file would block, or until it cannot
+    /// take more and returns [`Progress::Idle`] (the driver's next kick resumes it). Asked
+    /// once, when the queue starts.
+    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
     /// Takes requests with [`QueueContext::pop`] and returns them with
     /// [`QueueContext::complete`]. Called on every kick and every completion event.
     ///

@@ -28,6 +28,7 @@ use crate::queue::{QueueContext, QueueError};
 const EV_KICK: u64 = 1;
 const EV_WAKE: u64 = 2;
 const EV_COMPLETION: u64 = 3;
+const EV_INPUT: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -181,9 +182,17 @@ impl Worker {
                 .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, EV_COMPLETION))
                 .map_err(poll_err)?;
         }
+        if let Some(fd) = self.handler.input_fd() {
+            epoll
+                .add(
+                    fd,
+                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, EV_INPUT),
+                )
+                .map_err(poll_err)?;
+        }
         // Resubmitted requests, and anything made available while no backend was listening.
         self.pass()?;
-        let mut events = [EpollEvent::empty(); 4];
+        let mut events = [EpollEvent::empty(); 5];
         loop {
             let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
@@ -197,6 +206,8 @@ impl Worker {
                         // Nonblocking: EAGAIN just means another wake already consumed it.
                         let _ = self.shared.wake.read();
                     }
+                    // Edge-triggered and read by the handler itself.
+                    EV_INPUT => {}
                     _ => self.clear_completion()?,
                 }
             }
