@@ -7,6 +7,7 @@
 //! taken from slices those accessors validated, kept mapped until the I/O completes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use isola_device_common::chain::{self, Segment};
 use isola_device_common::logging::{chain as error_chain, RateLimiter};
@@ -71,6 +72,7 @@ pub struct BlkQueue {
     free: Vec<usize>,
     done: Vec<Completion>,
     log: RateLimiter,
+    poll: Duration,
     #[cfg(feature = "debug-hold")]
     hold: Option<u64>,
 }
@@ -86,9 +88,16 @@ impl BlkQueue {
             free: Vec::new(),
             done: Vec::new(),
             log: RateLimiter::new(10),
+            poll: Duration::ZERO,
             #[cfg(feature = "debug-hold")]
             hold: None,
         }
+    }
+
+    /// Polls the ring for `poll` after each burst ([`QueueHandler::poll_time`]).
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 
     #[cfg(feature = "debug-hold")]
@@ -354,6 +363,14 @@ fn copy_back(p: &Pending) -> std::io::Result<()> {
 impl QueueHandler for BlkQueue {
     fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.engine.completion_fd()
+    }
+
+    fn poll_time(&self) -> Duration {
+        self.poll
+    }
+
+    fn ready(&mut self) -> bool {
+        self.engine.ready()
     }
 
     fn process(&mut self, q: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
