@@ -21,6 +21,8 @@ use crate::engine::{Completion, Engine, EngineError, IoVecs, Op};
 use crate::request::{self, Action, Range, Refusal, STATUS_IOERR};
 
 const STATUS_OK: u8 = 0;
+/// Requests a pass starts before it first returns finished ones and signals the driver.
+const FIRST_STEP: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -321,8 +323,9 @@ impl BlkQueue {
     /// Returns every request the engine has finished.
     fn complete_finished(&mut self, q: &mut QueueContext<'_>) -> Result<(), QueueError> {
         self.engine.reap(&mut self.done);
-        let done = std::mem::take(&mut self.done);
-        for c in done {
+        // Reuse the vector (and its capacity) across calls.
+        let mut done = std::mem::take(&mut self.done);
+        for c in done.drain(..) {
             let Some(p) = self.pending.get_mut(c.token).and_then(Option::take) else {
                 continue;
             };
@@ -337,6 +340,7 @@ impl BlkQueue {
             };
             self.finish(q, &p.mem, p.head, p.status, status, written)?;
         }
+        self.done = done;
         Ok(())
     }
 }
@@ -375,12 +379,21 @@ impl QueueHandler for BlkQueue {
 
     fn process(&mut self, q: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
         self.complete_finished(q)?;
+        let mut taken = 0usize;
         while let Some(chain) = q.pop()? {
             if self.holds(&chain) {
                 // Taken (so marked in flight) and never finished.
                 continue;
             }
             self.start(q, chain)?;
+            taken += 1;
+            if taken == FIRST_STEP {
+                // Start (and, on the page cache, finish) the first few at once, and wake a
+                // waiting driver while the rest of the batch runs.
+                self.engine.commit().map_err(engine_err)?;
+                self.complete_finished(q)?;
+                q.notify()?;
+            }
         }
         self.engine.commit().map_err(engine_err)?;
         self.complete_finished(q)?;
