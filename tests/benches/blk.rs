@@ -47,6 +47,8 @@ struct Stats {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU time of the backend process over the run, in cores (1.0: one CPU busy all along).
+    cpu: Option<f64>,
 }
 
 fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
@@ -56,6 +58,7 @@ fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
         iops: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50_us: pick(0.5),
         p99_us: pick(0.99),
+        cpu: None,
     }
 }
 
@@ -235,6 +238,18 @@ fn run_raw(
     Ok(stats(latencies, elapsed))
 }
 
+/// User + system CPU time of process `pid` (all its threads) so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
 /// Sum of voluntary and involuntary context switches of every thread of `pid` whose name
 /// starts with `prefix`.
 fn context_switches(pid: u32, prefix: &str) -> u64 {
@@ -385,8 +400,15 @@ fn main() {
                     } else {
                         let socket = dir.join(format!("{target}.sock"));
                         match start_backend(target, &image, &socket) {
-                            Some(_backend) => {
-                                run_blkio(&socket, pattern, depth, duration).map(Some)
+                            Some(backend) => {
+                                let pid = backend.child.id();
+                                let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+                                run_blkio(&socket, pattern, depth, duration).map(|mut s| {
+                                    s.cpu = cpu_seconds(pid)
+                                        .zip(cpu0)
+                                        .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+                                    Some(s)
+                                })
                             }
                             None => Ok(None),
                         }
@@ -394,7 +416,12 @@ fn main() {
                     match result {
                         Ok(Some(stats)) => {
                             if repeat > 1 {
-                                println!("  {label} {target}: {:.0} IOPS", stats.iops);
+                                println!(
+                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {}",
+                                    stats.iops,
+                                    stats.p50_us,
+                                    stats.cpu.map_or("-".into(), |c| format!("{c:.2}"))
+                                );
                             }
                             runs[t].push(stats)
                         }
@@ -414,7 +441,7 @@ fn main() {
         std::env::var("ISOLA_BLK_ARGS").unwrap_or_else(|_| "none".into())
     );
     println!(
-        "{:<16}{:>40}{:>40}{:>40}",
+        "{:<16}{:>50}{:>50}{:>40}",
         "", targets[0], targets[1], targets[2]
     );
     for (label, cells) in &rows {
@@ -422,13 +449,16 @@ fn main() {
             .iter()
             .map(|c| match c {
                 Some(s) => format!(
-                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us",
-                    s.iops, s.p50_us, s.p99_us
+                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us{}",
+                    s.iops,
+                    s.p50_us,
+                    s.p99_us,
+                    s.cpu.map(|c| format!(" cpu {c:.2}")).unwrap_or_default()
                 ),
                 None => "skipped".into(),
             })
             .collect();
-        println!("{label:<16}{:>40}{:>40}{:>40}", text[0], text[1], text[2]);
+        println!("{label:<16}{:>50}{:>50}{:>40}", text[0], text[1], text[2]);
     }
     let core = std::env::var("ISOLA_BENCH_CORE").map_or(true, |v| v != "0");
     if core {
@@ -450,5 +480,21 @@ fn main() {
                 100.0 * isola.iops / raw.iops
             );
         }
+    }
+    println!("backend CPU time per request (all threads):");
+    for (label, cells) in &rows {
+        let per = |c: &Option<Stats>| match c {
+            Some(Stats {
+                cpu: Some(cpu),
+                iops,
+                ..
+            }) => format!("{:.1}us", cpu * 1e6 / iops),
+            _ => "-".into(),
+        };
+        println!(
+            "{label:<16} isola-blk {:>8}   qemu-storage-daemon {:>8}",
+            per(&cells[0]),
+            per(&cells[1])
+        );
     }
 }

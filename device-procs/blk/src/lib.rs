@@ -55,10 +55,11 @@ pub struct Cli {
     /// buffered image (and falls back to `sync` where io_uring is not available).
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
-    /// After a burst of requests, keep watching the ring this many microseconds before
-    /// sleeping (0: never). Saves the driver's kick and this thread's wakeup when requests
-    /// follow each other closely, at the price of a busy thread for that long.
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// Longest time a queue thread keeps watching its ring after a burst before it sleeps
+    /// (0: never). The window adapts from 0 up to this while requests follow each other
+    /// closely; it saves the driver's kick and this thread's wakeup, at the price of a busy
+    /// thread for that long after each burst.
+    #[arg(long, value_name = "US", default_value_t = 64)]
     pub poll_us: u32,
     /// Open the image with O_DIRECT; the device then has 4 KiB blocks, and unaligned guest
     /// buffers go through a bounce buffer.
