@@ -104,7 +104,17 @@ pub fn new_engine(
         EngineKind::IoUring => Box::new(UringEngine::new(disk, depth)?),
         EngineKind::Auto => {
             let sync_writes = !disk.direct();
-            Box::new(UringEngine::with_sync_writes(disk, depth, sync_writes)?)
+            match UringEngine::with_sync_writes(Arc::clone(&disk), depth, sync_writes) {
+                Ok(engine) => Box::new(engine),
+                // E.g. a sandbox that refuses io_uring after the start-up check passed.
+                Err(e) => {
+                    log::warn!(
+                        "io_uring is not available ({}); this queue uses the sync engine",
+                        isola_device_common::logging::chain(&e)
+                    );
+                    Box::new(SyncEngine::new(disk))
+                }
+            }
         }
     })
 }
