@@ -44,6 +44,10 @@ fn bad_input_is_one_line_and_exit_status_2() {
             "--queue-size 100",
         ),
         (
+            vec!["--socket", sock, "--image", image, "--poll-us", "1000001"],
+            "--poll-us 1000001",
+        ),
+        (
             vec!["--socket", sock, "--image", image, "--engine", "aio"],
             "'aio'",
         ),
