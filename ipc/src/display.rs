@@ -12,7 +12,11 @@ pub enum DisplayRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DisplayResponse {
-    Screenshot { width: u32, height: u32, png: Vec<u8> },
+    Screenshot {
+        width: u32,
+        height: u32,
+        png: Vec<u8>,
+    },
     Status(DisplayStatus),
     /// The request was refused; the text says why.
     Error(String),

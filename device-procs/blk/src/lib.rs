@@ -11,6 +11,7 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod request;
+pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 
 use crate::backend::BlkDevice;
@@ -59,6 +61,8 @@ pub struct Cli {
     /// file name).
     #[arg(long, value_name = "ID")]
     pub serial: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// Test hook: requests whose header names sector S are taken and never finished.
     #[cfg(feature = "debug-hold")]
     #[arg(long, value_name = "S")]
@@ -77,12 +81,16 @@ pub enum ConfigError {
     Engine(#[source] EngineError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("serving the image")]
     Serve(#[from] ServeError),
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// A validated configuration: the image is open and the socket listening.
@@ -93,6 +101,7 @@ pub struct Config {
     num_queues: u16,
     queue_size: u16,
     engine: EngineKind,
+    sandbox: SandboxArgs,
     #[cfg(feature = "debug-hold")]
     hold_sector: Option<u64>,
 }
@@ -105,6 +114,7 @@ impl Config {
         if !cli.queue_size.is_power_of_two() || !(4..=32768).contains(&cli.queue_size) {
             return Err(ConfigError::QueueSize(cli.queue_size));
         }
+        common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let options = DiskOptions {
             readonly: cli.readonly,
             direct: cli.direct,
@@ -123,14 +133,16 @@ impl Config {
             num_queues: cli.num_queues,
             queue_size: cli.queue_size,
             engine: cli.engine,
+            sandbox: cli.sandbox,
             #[cfg(feature = "debug-hold")]
             hold_sector: cli.debug_hold_sector,
         })
     }
 }
 
-/// Serves the image to one frontend at a time, for ever.
+/// Enters the sandbox, then serves the image to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
     log::info!(
         "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine",
         config.image.display(),
