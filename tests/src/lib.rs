@@ -260,6 +260,8 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 }
 
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
+pub mod sandbox;
+
 pub mod qsd {
     use std::fs::File;
     use std::path::{Path, PathBuf};
@@ -392,6 +394,12 @@ impl IsolaBlk {
 
     pub fn start(socket: &Path, image: &Path) -> IsolaBlk {
         Self::start_with(socket, image, &[])
+    }
+
+    /// The pid a supervisor waits on (with the sandbox on: the reaper, see
+    /// `isola_device_common::sandbox`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, as a crash.

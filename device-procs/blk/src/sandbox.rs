@@ -36,3 +36,131 @@ pub fn policy() -> Policy {
         max_data: 1 << 30,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under isola-blk's filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(&policy(), SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn exited(status: libc::c_int) -> Option<i32> {
+        libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+
+    #[test]
+    fn what_isola_blk_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 7] = [
+            || {
+                let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+                raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+            },
+            || {
+                let path = c"/etc/passwd".as_ptr() as usize;
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            // A new process (clone without CLONE_THREAD).
+            || raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_ioctl, [0, libc::TIOCSTI as usize, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_DUMPABLE as usize, 1, 0, 0, 0, 0],
+                ) as i32
+            },
+        ];
+        for (i, body) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_isola_blk_does_is_allowed() {
+        // Invalid fds and null buffers: each fails with an errno if the filter lets it
+        // through.
+        let allowed: [fn() -> i32; 5] = [
+            || {
+                fails_with(
+                    raw(libc::SYS_preadv, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_fallocate, [usize::MAX, 0, 0, 1, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_io_uring_enter, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                let name = c"blk-q0".as_ptr() as usize;
+                raw(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_NAME as usize, name, 0, 0, 0, 0],
+                ) as i32
+            },
+            // clone3 fails with ENOSYS (glibc then uses clone, whose flags a filter can see).
+            || fails_with(raw(libc::SYS_clone3, [0; 6]), libc::ENOSYS),
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert_eq!(exited(status), Some(0), "case {i}: status {status:#x}");
+        }
+    }
+}

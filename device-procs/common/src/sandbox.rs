@@ -40,7 +40,7 @@ use std::ffi::CString;
 use std::io::Write;
 
 pub use filter::{device_programs, reaper_program, syscall_name, Policy, SeccompMode, BASE};
-pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+pub use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
 /// The uid and gid a device process switches to when started as root (nobody, nogroup).
 pub const NOBODY: u32 = 65534;
@@ -221,11 +221,7 @@ fn device_side(
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let programs = device_programs(policy, args.seccomp)?;
-    // Installing a filter calls prctl and seccomp, which the allowlist does not allow: it
-    // goes last.
-    for program in programs.iter().rev() {
-        seccompiler::apply_filter(program).map_err(SandboxError::Install)?;
-    }
+    install(&programs)?;
     if programs.is_empty() {
         log::warn!("seccomp is off: the device may make any system call (debugging only)");
     }
@@ -241,6 +237,16 @@ fn device_side(
     #[cfg(feature = "debug-forbidden")]
     if let Some(call) = args.debug_forbidden_syscall {
         debug_forbidden(call);
+    }
+    Ok(())
+}
+
+/// Installs [`device_programs`] on the calling thread (threads it starts later inherit them).
+/// Installing a filter calls prctl and seccomp, which the allowlist does not allow: it goes
+/// last.
+pub fn install(programs: &[seccompiler::BpfProgram]) -> Result<(), SandboxError> {
+    for program in programs.iter().rev() {
+        seccompiler::apply_filter(program).map_err(SandboxError::Install)?;
     }
     Ok(())
 }
