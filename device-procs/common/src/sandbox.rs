@@ -272,7 +272,7 @@ fn become_reaper(child: libc::pid_t, ready: libc::c_int, mode: SeccompMode) -> !
     if let Err(e) = drop_privileges() {
         reaper_failed(child, "drop privileges", &e);
     }
-    match reaper_program(mode) {
+    match reaper_program(mode, std::process::id()) {
         Ok(Some(program)) => {
             if let Err(e) = seccompiler::apply_filter(&program) {
                 reaper_failed(child, "install its seccomp filter", &e);
@@ -360,6 +360,15 @@ fn set_limits(policy: &Policy) -> Result<(), SandboxError> {
         (libc::RLIMIT_DATA, policy.max_data, "limit private memory"),
     ];
     for (resource, value, what) in limits {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into `limit`.
+        let ret = unsafe { libc::getrlimit(resource, &mut limit) };
+        check(ret as libc::c_long, what)?;
+        // Never above what the process was given (only root could raise a hard limit).
+        let value = value.min(limit.rlim_max);
         let limit = libc::rlimit {
             rlim_cur: value,
             rlim_max: value,

@@ -229,12 +229,12 @@ pub fn device_programs(
 }
 
 /// The reaper's program: wait for the device, read a dead thread's registers, report, and
-/// pass the device's ending on (exit, or re-raise its signal on itself).
-pub fn reaper_program(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
+/// pass the device's ending on (exit, or re-raise its signal on itself, `own_pid`).
+pub fn reaper_program(mode: SeccompMode, own_pid: u32) -> Result<Option<BpfProgram>, SandboxError> {
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
-    let own = std::process::id() as u64;
+    let own = u64::from(own_pid);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_wait4,
         libc::SYS_waitid,
@@ -304,5 +304,103 @@ pub fn syscall_name(nr: i64) -> &'static str {
         libc::SYS_dup2 => "dup2",
         libc::SYS_dup3 => "dup3",
         _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(nr: libc::c_long, a: [usize; 3]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2]) }
+    }
+
+    /// Forks; the child installs the reaper's filter and runs `body`, exiting with what it
+    /// returns. The wait status.
+    fn reaper_child(body: fn() -> i32) -> libc::c_int {
+        // SAFETY: the child builds the filter for its own pid, which allocates: glibc's
+        // malloc takes its locks around fork and resets them in the child, so that is safe
+        // even though other test threads may be allocating. It then makes raw syscalls and
+        // _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let program = reaper_program(SeccompMode::Kill, std::process::id());
+            let code = match program {
+                Ok(Some(p)) if seccompiler::apply_filter(&p).is_ok() => body(),
+                _ => 100,
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    #[test]
+    fn the_reaper_may_wait_and_signal_itself_and_nothing_else() {
+        // wait4 with no child: ECHILD; kill(own pid, 0): allowed.
+        let allowed = reaper_child(|| {
+            let waited = raw(libc::SYS_wait4, [usize::MAX, 0, 0]);
+            let own = std::process::id() as usize;
+            i32::from(!(waited == -1 && raw(libc::SYS_kill, [own, 0, 0]) == 0))
+        });
+        assert!(
+            libc::WIFEXITED(allowed) && libc::WEXITSTATUS(allowed) == 0,
+            "status {allowed:#x}"
+        );
+        for body in [
+            (|| raw(libc::SYS_kill, [1, 0, 0]) as i32) as fn() -> i32,
+            || {
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, c"/".as_ptr() as usize, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0]) as i32,
+        ] {
+            let status = reaper_child(body);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "status {status:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn device_rules_merge_without_losing_an_unconditional_entry() {
+        let thread = rule(vec![cond(0, SeccompCmpOp::Eq, 1).unwrap()]).unwrap();
+        let mut rules = BTreeMap::from([(1, Vec::new()), (2, vec![thread.clone()])]);
+        merge(
+            &mut rules,
+            vec![
+                (1, vec![thread.clone()]),
+                (2, Vec::new()),
+                (3, vec![thread]),
+            ],
+        );
+        assert!(rules[&1].is_empty() && rules[&2].is_empty());
+        assert_eq!(rules[&3].len(), 1);
+    }
+
+    #[test]
+    fn off_builds_nothing() {
+        let policy = Policy {
+            name: "t",
+            syscalls: &[],
+            rules: Vec::new(),
+            host_network: false,
+            max_fds: 64,
+            max_data: 1 << 20,
+        };
+        assert!(device_programs(&policy, SeccompMode::Off)
+            .unwrap()
+            .is_empty());
+        assert_eq!(device_programs(&policy, SeccompMode::Log).unwrap().len(), 2);
+        assert!(reaper_program(SeccompMode::Off, 1).unwrap().is_none());
     }
 }
