@@ -8,7 +8,8 @@
 //!   thread after the sandbox is complete, kills the process with SIGSYS, and the reaper's
 //!   log line names the syscall number;
 //! - with `--seccomp log` the same open is let through and fails: the host's paths are not
-//!   there.
+//!   there;
+//! - a supervisor's SIGTERM to the reaper ends the device too.
 
 mod support;
 
@@ -204,4 +205,34 @@ fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
     );
     // Still serving.
     let _session = read_once(&socket, &data);
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn stopping_the_reaper_stops_the_device() {
+    let dir = Scratch::new("term");
+    let image = dir.path("disk.img");
+    let data = patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::start(&socket, &image, dir.path("stderr"), &[]);
+    let _session = read_once(&socket, &data);
+    let device = device_pid(backend.child.id());
+    // SAFETY: kill takes integers; the pid is our own child.
+    unsafe { libc::kill(backend.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_end(&mut backend);
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    let deadline = Instant::now() + TIMEOUT;
+    while !gone(device) {
+        assert!(Instant::now() < deadline, "the device outlived its reaper");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

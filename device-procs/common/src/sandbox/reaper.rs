@@ -13,7 +13,7 @@
 
 use super::filter::syscall_name;
 
-/// Why the reaper stopped tracing (the device keeps running untraced, or is gone).
+/// One ptrace request; -1 with errno on failure.
 fn ptrace(request: libc::c_uint, pid: libc::pid_t, addr: usize, data: usize) -> libc::c_long {
     // SAFETY: every request made here either takes integer arguments (SEIZE, CONT) or writes
     // into the buffer `data` points to, which the callers size for the request (GETEVENTMSG:
