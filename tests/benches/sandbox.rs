@@ -54,11 +54,21 @@ fn start(image: &Path, socket: &Path, engine: &str, extra: &[&str]) -> Backend {
 
 /// IOPS of 4 KiB random reads or writes at `depth` for `duration`.
 fn iops(socket: &Path, write: bool, depth: usize, duration: Duration) -> f64 {
-    let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
-    blkio
-        .set_str("path", socket.to_str().expect("utf-8 path"))
-        .unwrap();
-    blkio.connect().expect("blkio connects");
+    // The socket file appears at bind, a moment before listen: retry a refused connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut blkio = loop {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+        blkio
+            .set_str("path", socket.to_str().expect("utf-8 path"))
+            .unwrap();
+        match blkio.connect() {
+            Ok(()) => break blkio,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("blkio cannot connect: {}", e.message()),
+        }
+    };
     blkio.set_i32("num-queues", 1).unwrap();
     let mut queue = blkio.start().expect("blkio starts").queues.remove(0);
     let region = blkio.alloc_mem_region(depth * BLOCK).unwrap();
