@@ -2,8 +2,10 @@
 //! empty root and dropped capabilities but no seccomp filter, and fully sandboxed (the
 //! default), side by side in one run. 4 KiB random reads and writes at queue depth 1 and 32
 //! from libblkio's virtio-blk-vhost-user client, on both engines; variants interleaved in
-//! rounds (a different one first in each) so background noise hits each alike; the median of
-//! the rounds is reported, and the ratio sandboxed / off.
+//! rounds (a different one first in each) so background noise hits each alike. Reported: the
+//! median over the rounds of IOPS and of the device's CPU time per request (all its threads,
+//! from schedstat), and the ratios sandboxed / off of both. On a shared machine the CPU time
+//! per request is the steadier figure.
 //!
 //! `cargo bench -p isola-tests --bench sandbox`; `ISOLA_BENCH_SECONDS` sets the time per
 //! case (default 1), `ISOLA_BENCH_ROUNDS` the rounds (default 3).
@@ -52,8 +54,35 @@ fn start(image: &Path, socket: &Path, engine: &str, extra: &[&str]) -> Backend {
     Backend(child)
 }
 
-/// IOPS of 4 KiB random reads or writes at `depth` for `duration`.
-fn iops(socket: &Path, write: bool, depth: usize, duration: Duration) -> f64 {
+/// CPU time (ns) every thread of `pid` has run so far (schedstat: exact, unlike ticks).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The process doing the device's work: the reaper's child when sandboxed, else itself.
+fn worker_pid(started: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{started}/task/{started}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(started)
+}
+
+struct Measured {
+    iops: f64,
+    /// Device CPU time per request, in microseconds: far less sensitive than IOPS to what
+    /// else runs on the machine.
+    cpu_us: f64,
+}
+
+/// 4 KiB random reads or writes at `depth` for `duration` against the device `pid`.
+fn measure(socket: &Path, pid: u32, write: bool, depth: usize, duration: Duration) -> Measured {
     // The socket file appears at bind, a moment before listen: retry a refused connection.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut blkio = loop {
@@ -92,6 +121,8 @@ fn iops(socket: &Path, write: bool, depth: usize, duration: Duration) -> f64 {
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
     let mut done = 0u64;
+    let worker = worker_pid(pid);
+    let cpu_start = cpu_ns(worker);
     let start = Instant::now();
     while start.elapsed() < duration {
         let n = queue.do_io(&mut completions, 1, None, None).expect("do_io");
@@ -103,7 +134,13 @@ fn iops(socket: &Path, write: bool, depth: usize, duration: Duration) -> f64 {
             submit(&mut queue, c.user_data);
         }
     }
-    done as f64 / start.elapsed().as_secs_f64()
+    let elapsed = start.elapsed();
+    // Before disconnecting: the queue threads end with the connection.
+    let cpu = cpu_ns(worker).saturating_sub(cpu_start);
+    Measured {
+        iops: done as f64 / elapsed.as_secs_f64(),
+        cpu_us: cpu as f64 / 1000.0 / done.max(1) as f64,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,7 +158,14 @@ fn main() {
     let duration = Duration::from_secs_f64(env("ISOLA_BENCH_SECONDS", 1.0));
     let rounds = env("ISOLA_BENCH_ROUNDS", 3.0) as usize;
     let dir = scratch_dir("bench-sandbox");
-    let image = dir.join("bench.img");
+    // On tmpfs when there is one: this measures the device's own cost, and the host disk's
+    // writeback would only add noise.
+    let shm = Path::new("/dev/shm");
+    let image = if shm.is_dir() {
+        shm.join(format!("isola-bench-sandbox-{}.img", std::process::id()))
+    } else {
+        dir.join("bench.img")
+    };
     let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i >> 3) as u8 ^ 0x5a).collect();
     let mut file = File::create(&image).expect("image is writable");
     for _ in 0..IMAGE_SIZE >> 20 {
@@ -130,37 +174,49 @@ fn main() {
     file.sync_all().expect("image syncs");
     let socket = dir.join("blk.sock");
     println!(
-        "isola-blk, 4 KiB random I/O on a {} MiB file, {:?} per case, median of {rounds} rounds",
+        "isola-blk, 4 KiB random I/O on a {} MiB file ({}), {:?} per case, median of {rounds} rounds",
         IMAGE_SIZE >> 20,
+        image.display(),
         duration
     );
     println!(
-        "{:<28}{:>14}{:>14}{:>14}{:>22}",
-        "", VARIANTS[0].0, VARIANTS[1].0, VARIANTS[2].0, "sandboxed / off"
+        "{:<26}{:>26}{:>26}{:>26}{:>20}",
+        "IOPS | device CPU us/request",
+        VARIANTS[0].0,
+        VARIANTS[1].0,
+        VARIANTS[2].0,
+        "sandboxed / off"
     );
     for engine in ["io-uring", "sync"] {
         for (write, depth) in [(false, 1), (false, 32), (true, 1), (true, 32)] {
-            let mut results = vec![Vec::new(); VARIANTS.len()];
+            let mut iops = vec![Vec::new(); VARIANTS.len()];
+            let mut cpu = vec![Vec::new(); VARIANTS.len()];
             for round in 0..rounds {
                 // A different variant goes first in each round.
                 for k in 0..VARIANTS.len() {
                     let i = (round + k) % VARIANTS.len();
-                    let _backend = start(&image, &socket, engine, VARIANTS[i].1);
-                    results[i].push(iops(&socket, write, depth, duration));
+                    let backend = start(&image, &socket, engine, VARIANTS[i].1);
+                    let m = measure(&socket, backend.0.id(), write, depth, duration);
+                    iops[i].push(m.iops);
+                    cpu[i].push(m.cpu_us);
                 }
             }
-            let medians: Vec<f64> = results.into_iter().map(median).collect();
+            let iops: Vec<f64> = iops.into_iter().map(median).collect();
+            let cpu: Vec<f64> = cpu.into_iter().map(median).collect();
             let label = format!(
                 "{engine} {} QD{depth}",
                 if write { "randwrite" } else { "randread" }
             );
+            let cell = |i: usize| format!("{:.0} | {:.2}", iops[i], cpu[i]);
             println!(
-                "{label:<28}{:>14.0}{:>14.0}{:>14.0}{:>21.3}x",
-                medians[0],
-                medians[1],
-                medians[2],
-                medians[2] / medians[0]
+                "{label:<26}{:>26}{:>26}{:>26}{:>10.3}x |{:>6.3}x",
+                cell(0),
+                cell(1),
+                cell(2),
+                iops[2] / iops[0],
+                cpu[2] / cpu[0]
             );
         }
     }
+    let _ = std::fs::remove_file(&image);
 }
