@@ -11,6 +11,7 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod request;
+pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 
 use crate::backend::BlkDevice;
@@ -69,6 +71,8 @@ pub struct Cli {
     /// file name).
     #[arg(long, value_name = "ID")]
     pub serial: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// Test hook: requests whose header names sector S are taken and never finished.
     #[cfg(feature = "debug-hold")]
     #[arg(long, value_name = "S")]
@@ -89,12 +93,16 @@ pub enum ConfigError {
     Engine(#[source] EngineError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("serving the image")]
     Serve(#[from] ServeError),
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// A validated configuration: the image is open and the socket listening.
@@ -106,6 +114,7 @@ pub struct Config {
     queue_size: u16,
     engine: EngineKind,
     poll: Duration,
+    sandbox: SandboxArgs,
     #[cfg(feature = "debug-hold")]
     hold_sector: Option<u64>,
 }
@@ -121,6 +130,7 @@ impl Config {
         if cli.poll_us > MAX_POLL_US {
             return Err(ConfigError::PollUs(cli.poll_us));
         }
+        common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let options = DiskOptions {
             readonly: cli.readonly,
             direct: cli.direct,
@@ -151,14 +161,16 @@ impl Config {
             queue_size: cli.queue_size,
             engine,
             poll: Duration::from_micros(u64::from(cli.poll_us)),
+            sandbox: cli.sandbox,
             #[cfg(feature = "debug-hold")]
             hold_sector: cli.debug_hold_sector,
         })
     }
 }
 
-/// Serves the image to one frontend at a time, for ever.
+/// Enters the sandbox, then serves the image to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::enter(&config.sandbox, &sandbox::policy(config.engine))?;
     log::info!(
         "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine",
         config.image.display(),

@@ -70,6 +70,19 @@ fn bad_input_is_one_line_and_exit_status_2() {
             ],
             "longer than 20 bytes",
         ),
+        // Root may not pick uid 0; anyone else may not pick a uid at all.
+        (
+            vec!["--socket", sock, "--image", image, "--uid", "0"],
+            "--uid/--gid",
+        ),
+        (
+            vec!["--socket", sock, "--image", image, "--sandbox", "maybe"],
+            "'maybe'",
+        ),
+        (
+            vec!["--socket", sock, "--image", image, "--seccomp", "trap"],
+            "'trap'",
+        ),
     ];
     for (args, needle) in cases {
         let (code, stderr) = run(&args);
