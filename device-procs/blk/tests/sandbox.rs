@@ -236,3 +236,85 @@ fn stopping_the_reaper_stops_the_device() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `isola-supervisor`, built next to this test's `isola-blk` (same profile and target dir).
+fn supervisor_binary() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "isola-supervisor"]);
+    let blk = Path::new(env!("CARGO_BIN_EXE_isola-blk"));
+    if blk.parent().is_some_and(|p| p.ends_with("release")) {
+        build.arg("--release");
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cargo build -p isola-supervisor"
+    );
+    blk.with_file_name("isola-supervisor")
+}
+
+#[test]
+fn the_supervisor_restarts_a_device_killed_by_seccomp_and_logs_the_syscall() {
+    let dir = Scratch::new("supervisor-sigsys");
+    let image = dir.path("disk.img");
+    patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let control = dir.path("supervisor.sock");
+    let out = std::process::Command::new(supervisor_binary())
+        .arg("--control")
+        .arg(&control)
+        .arg("--daemon")
+        .arg(format!(
+            "blk0:{}:{} --image {} --debug-forbidden-syscall execve",
+            socket.display(),
+            env!("CARGO_BIN_EXE_isola-blk"),
+            image.display()
+        ))
+        .args(["--restart-limit", "2", "--stop-timeout-ms", "500"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let supervisor = out.id();
+    // Give up after three SIGSYS deaths, then stop: the supervisor exits on its own request.
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        let asked = std::os::unix::net::UnixStream::connect(&control)
+            .ok()
+            .and_then(|mut s| {
+                isola_ipc::write_message(&mut s, &isola_ipc::supervisor::SupervisorRequest::Status)
+                    .ok()?;
+                match isola_ipc::read_message(&mut s).ok()? {
+                    isola_ipc::supervisor::SupervisorResponse::Status(d) => d.into_iter().next(),
+                    _ => None,
+                }
+            });
+        if let Some(d) = asked {
+            if let isola_ipc::supervisor::DaemonState::Failed(why) = &d.state {
+                break (d.restarts, why.clone(), d.last_exit.clone());
+            }
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not give up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (restarts, why, last_exit) = status;
+    assert_eq!(restarts, 2, "restarted after each SIGSYS until the limit");
+    let nr = libc::SYS_execve;
+    assert!(why.contains("killed by signal 31 (SIGSYS)"), "{why}");
+    assert!(
+        why.contains(&format!("seccomp blocked syscall={nr} ")),
+        "{why}"
+    );
+    assert!(last_exit.is_some_and(|l| l.contains(&format!("syscall={nr} "))));
+    // SAFETY: plain kill(2) of the child we started.
+    unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
+    let output = out.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.matches(&format!("blk0: seccomp blocked syscall={nr} "))
+            .count()
+            >= 3,
+        "{log}"
+    );
+}

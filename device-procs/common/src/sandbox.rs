@@ -187,7 +187,8 @@ pub fn enter(args: &SandboxArgs, policy: &Policy) -> Result<(), SandboxError> {
     }
     if pid > 0 {
         close(ready_read);
-        become_reaper(pid, ready_write, args.seccomp);
+        let allowlist = filter::allowlist_split(policy);
+        become_reaper(pid, ready_write, args.seccomp, &allowlist);
     }
     close(ready_write);
     device_side(args, policy, ready_read)
@@ -252,7 +253,12 @@ pub fn install(programs: &[seccompiler::BpfProgram]) -> Result<(), SandboxError>
 }
 
 /// The reaper: trace the device, let it go on, shed everything, wait.
-fn become_reaper(child: libc::pid_t, ready: libc::c_int, mode: SeccompMode) -> ! {
+fn become_reaper(
+    child: libc::pid_t,
+    ready: libc::c_int,
+    mode: SeccompMode,
+    allowlist: &(Vec<i64>, Vec<i64>),
+) -> ! {
     if let Err(e) = reaper::seize(child) {
         reaper_failed(child, "trace the device process", &e);
     }
@@ -281,7 +287,7 @@ fn become_reaper(child: libc::pid_t, ready: libc::c_int, mode: SeccompMode) -> !
         Ok(None) => {}
         Err(e) => reaper_failed(child, "build its seccomp filter", &e),
     }
-    reaper::wait_and_pass_on(child)
+    reaper::wait_and_pass_on(child, allowlist)
 }
 
 fn reaper_failed(child: libc::pid_t, what: &str, e: &dyn std::error::Error) -> ! {

@@ -200,6 +200,23 @@ fn merge(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, more: Vec<(i64, Vec<Seccom
     }
 }
 
+/// The device's allowlist split in two: syscalls allowed whatever their arguments, and
+/// syscalls allowed only with some arguments. The reaper uses it to tell which of the threads
+/// a seccomp kill ended is the one the filter caught (each dies in whatever syscall it was in).
+pub fn allowlist_split(policy: &Policy) -> (Vec<i64>, Vec<i64>) {
+    let mut conditional: Vec<i64> = base_rules()
+        .map(|rules| rules.into_iter().map(|(nr, _)| nr).collect())
+        .unwrap_or_default();
+    conditional.extend(policy.rules.iter().map(|(nr, _)| *nr));
+    let unconditional = BASE
+        .iter()
+        .chain(policy.syscalls)
+        .copied()
+        .filter(|nr| !conditional.contains(nr))
+        .collect();
+    (unconditional, conditional)
+}
+
 /// The device's programs: the allowlist, then the clone3 -> ENOSYS filter (install them in
 /// reverse: installing one needs prctl and seccomp, which the allowlist forbids). Empty when
 /// `mode` is off.

@@ -53,7 +53,14 @@ fn seccomp_victim(tid: libc::pid_t) -> Option<u64> {
 
 /// Waits for the device, resuming its threads at each stop, and ends this process as the
 /// device ended.
-pub(super) fn wait_and_pass_on(child: libc::pid_t) -> ! {
+///
+/// Every thread of a process killed by seccomp stops at its exit with SIGSYS, each in the
+/// syscall it was blocked in, in no set order. When the device is gone, the one named is the
+/// first whose syscall the allowlist does not have at all; else one allowed only with some
+/// arguments (refused for its arguments); else the first.
+pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i64>)) -> ! {
+    let (unconditional, conditional) = allowlist;
+    let mut victims: Vec<(i64, libc::pid_t)> = Vec::new();
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: waits for our own children; `status` is a valid out-pointer.
@@ -69,6 +76,17 @@ pub(super) fn wait_and_pass_on(child: libc::pid_t) -> ! {
             exit(1);
         }
         if tid == child && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+            let culprit = victims
+                .iter()
+                .find(|(nr, _)| !unconditional.contains(nr) && !conditional.contains(nr))
+                .or_else(|| victims.iter().find(|(nr, _)| conditional.contains(nr)))
+                .or(victims.first());
+            if let Some(&(nr, tid)) = culprit {
+                log::error!(
+                    "killed by seccomp: syscall={nr} ({}) thread={tid}",
+                    syscall_name(nr)
+                );
+            }
             pass_on(status);
         }
         if !libc::WIFSTOPPED(status) {
@@ -79,11 +97,7 @@ pub(super) fn wait_and_pass_on(child: libc::pid_t) -> ! {
         let mut inject = 0;
         if event == libc::PTRACE_EVENT_EXIT {
             if let Some(nr) = seccomp_victim(tid) {
-                let nr = nr as i64;
-                log::error!(
-                    "killed by seccomp: syscall={nr} ({}) thread={tid}",
-                    syscall_name(nr)
-                );
+                victims.push((nr as i64, tid));
             }
         } else if event == 0 {
             // A signal on its way to the device: deliver it.
