@@ -4,9 +4,16 @@
 //! the same pattern with io_uring straight on the file from this process. All in one run,
 //! cases interleaved per target so background noise hits every target alike.
 //!
-//! `cargo bench -p isola-tests --bench blk`; `ISOLA_BENCH_SECONDS` sets the time per case
-//! (default 2) and `ISOLA_BLK_ENGINE` isola-blk's engine (`io-uring`, the default, or `sync`). Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not
-//! built) are reported as skipped.
+//! `cargo bench -p isola-tests --bench blk`. Environment:
+//! - `ISOLA_BENCH_SECONDS`: time per case (default 2);
+//! - `ISOLA_BENCH_REPEAT`: runs per case and target, interleaved; the median is reported;
+//! - `ISOLA_BENCH_CASES` / `ISOLA_BENCH_TARGETS`: comma-separated subsets (`randread QD32`,
+//!   `isola-blk,raw`); `ISOLA_BENCH_CORE=0` skips the guest context-switch count;
+//! - `ISOLA_BLK_ENGINE`: isola-blk's engine (`auto`, `io-uring` or `sync`; default: isola-blk's
+//!   own default); `ISOLA_BLK_ARGS`: more isola-blk arguments.
+//!
+//! Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not built) are
+//! reported as skipped.
 
 use std::fs::File;
 use std::mem::MaybeUninit;
@@ -40,6 +47,8 @@ struct Stats {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU time of the backend process over the run, in cores (1.0: one CPU busy all along).
+    cpu: Option<f64>,
 }
 
 fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
@@ -49,6 +58,7 @@ fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
         iops: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50_us: pick(0.5),
         p99_us: pick(0.99),
+        cpu: None,
     }
 }
 
@@ -81,16 +91,13 @@ fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
     let mut cmd = match target {
         "isola-blk" => {
             let mut cmd = Command::new(binary_if_built("isola-blk")?);
-            cmd.arg("--socket")
-                .arg(socket)
-                .arg("--image")
-                .arg(image)
-                .args([
-                    "--engine",
-                    std::env::var("ISOLA_BLK_ENGINE")
-                        .as_deref()
-                        .unwrap_or("io-uring"),
-                ]);
+            cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+            if let Ok(engine) = std::env::var("ISOLA_BLK_ENGINE") {
+                cmd.args(["--engine", &engine]);
+            }
+            if let Ok(extra) = std::env::var("ISOLA_BLK_ARGS") {
+                cmd.args(extra.split_whitespace());
+            }
             cmd
         }
         _ => {
@@ -231,6 +238,18 @@ fn run_raw(
     Ok(stats(latencies, elapsed))
 }
 
+/// User + system CPU time of process `pid` (all its threads) so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
+}
+
 /// Sum of voluntary and involuntary context switches of every thread of `pid` whose name
 /// starts with `prefix`.
 fn context_switches(pid: u32, prefix: &str) -> u64 {
@@ -323,41 +342,106 @@ fn prepare_image(dir: &Path) -> PathBuf {
     path
 }
 
+/// `ISOLA_BENCH_<name>` as a list of comma-separated words, if set.
+fn env_list(name: &str) -> Option<Vec<String>> {
+    std::env::var(format!("ISOLA_BENCH_{name}"))
+        .ok()
+        .map(|v| v.split(',').map(|w| w.trim().to_owned()).collect())
+}
+
+/// The median of `runs` by IOPS (the upper one of an even count).
+fn median(mut runs: Vec<Stats>) -> Option<Stats> {
+    runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = runs.len() / 2;
+    runs.into_iter().nth(mid)
+}
+
 fn main() {
     let seconds: f64 = std::env::var("ISOLA_BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2.0);
+    let repeat: usize = std::env::var("ISOLA_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let only_cases = env_list("CASES");
+    let only_targets = env_list("TARGETS");
     let duration = Duration::from_secs_f64(seconds);
     let dir = scratch_dir("bench-blk");
     let image = prepare_image(&dir);
     let targets = ["isola-blk", "qemu-storage-daemon", "raw io_uring"];
+    let wanted = |target: &str| {
+        only_targets
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|t| target.starts_with(t.as_str())))
+    };
     let mut rows: Vec<(String, Vec<Option<Stats>>)> = Vec::new();
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
         for depth in [1usize, 32] {
-            let mut cells = Vec::new();
-            for target in targets {
-                let result = if target == "raw io_uring" {
-                    run_raw(&image, pattern, depth, duration).map(Some)
-                } else {
-                    let socket = dir.join(format!("{target}.sock"));
-                    match start_backend(target, &image, &socket) {
-                        Some(_backend) => run_blkio(&socket, pattern, depth, duration).map(Some),
-                        None => Ok(None),
-                    }
-                };
-                cells.push(result.unwrap_or_else(|e| {
-                    println!("{target} {} QD{depth}: {e}", pattern.name());
-                    None
-                }));
+            let label = format!("{} QD{depth}", pattern.name());
+            if only_cases.as_ref().is_some_and(|list| {
+                !list
+                    .iter()
+                    .any(|c| c.replace(' ', "") == label.replace(' ', ""))
+            }) {
+                continue;
             }
-            rows.push((format!("{} QD{depth}", pattern.name()), cells));
+            // Repetitions interleave the targets, so slow phases of the machine hit all alike.
+            let mut runs: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
+            for _ in 0..repeat {
+                for (t, target) in targets.iter().enumerate() {
+                    if !wanted(target) {
+                        continue;
+                    }
+                    let result = if *target == "raw io_uring" {
+                        run_raw(&image, pattern, depth, duration).map(Some)
+                    } else {
+                        let socket = dir.join(format!("{target}.sock"));
+                        match start_backend(target, &image, &socket) {
+                            Some(backend) => {
+                                let pid = backend.child.id();
+                                let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+                                run_blkio(&socket, pattern, depth, duration).map(|mut s| {
+                                    s.cpu = cpu_seconds(pid)
+                                        .zip(cpu0)
+                                        .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+                                    Some(s)
+                                })
+                            }
+                            None => Ok(None),
+                        }
+                    };
+                    match result {
+                        Ok(Some(stats)) => {
+                            if repeat > 1 {
+                                println!(
+                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {}",
+                                    stats.iops,
+                                    stats.p50_us,
+                                    stats.cpu.map_or("-".into(), |c| format!("{c:.2}"))
+                                );
+                            }
+                            runs[t].push(stats)
+                        }
+                        Ok(None) => {}
+                        Err(e) => println!("{target} {label}: {e}"),
+                    }
+                }
+            }
+            rows.push((label, runs.into_iter().map(median).collect()));
         }
     }
 
-    println!("4 KiB random I/O on a {} MiB file, {seconds} s per case, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
+    println!("4 KiB random I/O on a {} MiB file, {seconds} s per case, median of {repeat}, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
     println!(
-        "{:<16}{:>40}{:>40}{:>40}",
+        "isola-blk engine: {}, extra arguments: {}",
+        std::env::var("ISOLA_BLK_ENGINE").unwrap_or_else(|_| "default".into()),
+        std::env::var("ISOLA_BLK_ARGS").unwrap_or_else(|_| "none".into())
+    );
+    println!(
+        "{:<16}{:>50}{:>50}{:>40}",
         "", targets[0], targets[1], targets[2]
     );
     for (label, cells) in &rows {
@@ -365,21 +449,27 @@ fn main() {
             .iter()
             .map(|c| match c {
                 Some(s) => format!(
-                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us",
-                    s.iops, s.p50_us, s.p99_us
+                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us{}",
+                    s.iops,
+                    s.p50_us,
+                    s.p99_us,
+                    s.cpu.map(|c| format!(" cpu {c:.2}")).unwrap_or_default()
                 ),
                 None => "skipped".into(),
             })
             .collect();
-        println!("{label:<16}{:>40}{:>40}{:>40}", text[0], text[1], text[2]);
+        println!("{label:<16}{:>50}{:>50}{:>40}", text[0], text[1], text[2]);
     }
-    println!("core context switches per guest request (virtio-blk guest I/O loop, 4 KiB requests, depth 16):");
-    for target in &targets[..2] {
-        match core_switches_per_request(target, &image, &dir, duration.max(Duration::from_secs(2))) {
+    let core = std::env::var("ISOLA_BENCH_CORE").map_or(true, |v| v != "0");
+    if core {
+        println!("core context switches per guest request (virtio-blk guest I/O loop, 4 KiB requests, depth 16):");
+        for target in &targets[..2] {
+            match core_switches_per_request(target, &image, &dir, duration.max(Duration::from_secs(2))) {
             Some((control, vcpu, requests)) => println!(
                 "  backend {target:<20} control thread {control:.4}/request   vCPU thread {vcpu:.4}/request   ({requests} requests)"
             ),
             None => println!("  backend {target:<20} skipped"),
+        }
         }
     }
     for (label, cells) in &rows {
@@ -390,5 +480,21 @@ fn main() {
                 100.0 * isola.iops / raw.iops
             );
         }
+    }
+    println!("backend CPU time per request (all threads):");
+    for (label, cells) in &rows {
+        let per = |c: &Option<Stats>| match c {
+            Some(Stats {
+                cpu: Some(cpu),
+                iops,
+                ..
+            }) => format!("{:.1}us", cpu * 1e6 / iops),
+            _ => "-".into(),
+        };
+        println!(
+            "{label:<16} isola-blk {:>8}   qemu-storage-daemon {:>8}",
+            per(&cells[0]),
+            per(&cells[1])
+        );
     }
 }

@@ -18,6 +18,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("msi", false, &[]),
     ("triple-fault", false, &[]),
     ("virtio-blk", false, &["virtio.c"]),
+    ("virtio-net", false, &["virtio.c"]),
     ("virtio-gpu", false, &["virtio.c"]),
     ("virtio-console", false, &["virtio.c"]),
     ("virtio-input", false, &["virtio.c"]),

@@ -2,6 +2,7 @@
 //! and read what the guest prints.
 
 pub mod display;
+pub mod net;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -281,6 +282,7 @@ pub mod console;
 pub mod desktop;
 pub mod input;
 
+pub mod sandbox;
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
 pub mod supervisor;
 
@@ -416,6 +418,12 @@ impl IsolaBlk {
 
     pub fn start(socket: &Path, image: &Path) -> IsolaBlk {
         Self::start_with(socket, image, &[])
+    }
+
+    /// The pid a supervisor waits on (with the sandbox on: the reaper, see
+    /// `isola_device_common::sandbox`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, as a crash.

@@ -68,18 +68,33 @@ impl DeviceKind {
     /// configuration's `num_queues` says; a backend serving more queues than `--device ...,
     /// queues=N` exposes would make it select queues the transport does not have (Linux then
     /// fails the probe). So, as QEMU's vhost-user-blk frontend does, ours overrides the field.
+    ///
+    /// Likewise a virtio-net driver with VIRTIO_NET_F_MQ uses `max_virtqueue_pairs` pairs and
+    /// finds the control queue after them: the field becomes the pairs the transport has
+    /// (`queues=2N+1` exposes N pairs and the control queue).
     pub fn fix_config(self, config: &mut [u8], num_queues: u16) {
-        if let (DeviceKind::Block, Some(field)) = (self, config.get_mut(BLK_CONFIG_NUM_QUEUES)) {
-            field.copy_from_slice(&num_queues.to_le_bytes());
-        }
-        // A MULTIPORT console driver sets up 2 queues per port plus the control pair, as many
-        // ports as `max_nr_ports` says: never more than the transport has queues for.
-        if let (DeviceKind::Console, Some(field)) =
-            (self, config.get_mut(CONSOLE_CONFIG_MAX_NR_PORTS))
-        {
-            let asked = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
-            let fits = u32::from(num_queues.saturating_sub(2) / 2).max(1);
-            field.copy_from_slice(&asked.min(fits).to_le_bytes());
+        match self {
+            DeviceKind::Block => {
+                if let Some(field) = config.get_mut(BLK_CONFIG_NUM_QUEUES) {
+                    field.copy_from_slice(&num_queues.to_le_bytes());
+                }
+            }
+            DeviceKind::Net => {
+                let pairs = (num_queues / 2).max(1);
+                if let Some(field) = config.get_mut(NET_CONFIG_MAX_PAIRS) {
+                    field.copy_from_slice(&pairs.to_le_bytes());
+                }
+            }
+            // A MULTIPORT console driver sets up 2 queues per port plus the control pair, as
+            // many ports as `max_nr_ports` says: never more than the transport has queues for.
+            DeviceKind::Console => {
+                if let Some(field) = config.get_mut(CONSOLE_CONFIG_MAX_NR_PORTS) {
+                    let asked = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+                    let fits = u32::from(num_queues.saturating_sub(2) / 2).max(1);
+                    field.copy_from_slice(&asked.min(fits).to_le_bytes());
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -99,6 +114,8 @@ impl DeviceKind {
 
 /// `num_queues` (u16) in `struct virtio_blk_config`.
 const BLK_CONFIG_NUM_QUEUES: std::ops::Range<usize> = 34..36;
+/// `max_virtqueue_pairs` (u16) in `struct virtio_net_config`.
+const NET_CONFIG_MAX_PAIRS: std::ops::Range<usize> = 8..10;
 /// `max_nr_ports` (u32) in `struct virtio_console_config`.
 const CONSOLE_CONFIG_MAX_NR_PORTS: std::ops::Range<usize> = 4..8;
 
@@ -252,8 +269,11 @@ mod tests {
         DeviceKind::Block.fix_config(&mut short, 3);
         assert_eq!(short, vec![0xaa; 20], "no such field: untouched");
         let mut net = vec![0xaa; 24];
-        DeviceKind::Net.fix_config(&mut net, 3);
-        assert_eq!(net, vec![0xaa; 24]);
+        DeviceKind::Net.fix_config(&mut net, 5);
+        assert_eq!(net[8..10], [2, 0], "two pairs and the control queue");
+        assert!(net[..8].iter().chain(&net[10..]).all(|&b| b == 0xaa));
+        DeviceKind::Net.fix_config(&mut net, 2);
+        assert_eq!(net[8..10], [1, 0]);
     }
 
     #[test]

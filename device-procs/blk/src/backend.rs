@@ -2,6 +2,7 @@
 //! and a [`BlkQueue`] with its own I/O engine for each queue that starts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use isola_device_common::{DeviceError, QueueHandler, VirtioDevice};
 use virtio_bindings::virtio_blk::{
@@ -29,6 +30,7 @@ pub struct BlkDevice {
     num_queues: u16,
     queue_size: u16,
     engine: EngineKind,
+    poll: Duration,
     #[cfg(feature = "debug-hold")]
     hold: Option<u64>,
 }
@@ -40,9 +42,16 @@ impl BlkDevice {
             num_queues,
             queue_size,
             engine,
+            poll: Duration::ZERO,
             #[cfg(feature = "debug-hold")]
             hold: None,
         }
+    }
+
+    /// Each queue polls its ring for `poll` after a burst before it sleeps.
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 
     /// Test hook: requests naming sector `sector` are taken and never finished.
@@ -124,7 +133,8 @@ impl VirtioDevice for BlkDevice {
                     source: Box::new(e),
                 }
             })?;
-        let queue = BlkQueue::new(index, Arc::clone(&self.disk), engine, features);
+        let queue =
+            BlkQueue::new(index, Arc::clone(&self.disk), engine, features).with_poll(self.poll);
         #[cfg(feature = "debug-hold")]
         let queue = queue.with_hold(self.hold);
         Ok(Box::new(queue))

@@ -193,6 +193,9 @@ fn round_trip(kind: EngineKind) {
         (high, 512, true),
         (r_status, 1, true),
     ]);
+    // And into one buffer (io_uring: READ rather than READV).
+    let one = rig.buf(1024);
+    let (o, o_status) = rig.simple(VIRTIO_BLK_T_IN, 2, Some((one, 1024, true)));
     let (f, f_status) = rig.simple(VIRTIO_BLK_T_FLUSH, 0, None);
     let id = rig.buf(20);
     let (g, g_status) = rig.simple(VIRTIO_BLK_T_GET_ID, 0, Some((id, 20, true)));
@@ -204,6 +207,7 @@ fn round_trip(kind: EngineKind) {
     for (head, status, len) in [
         (w, w_status, 1),
         (r, r_status, 1025),
+        (o, o_status, 1025),
         (f, f_status, 1),
         (g, g_status, 21),
         (d, d_status, 1),
@@ -218,6 +222,7 @@ fn round_trip(kind: EngineKind) {
     }
     assert_eq!(rig.bytes(low, 512), vec![0x5a; 512]);
     assert_eq!(rig.bytes(high, 512), vec![0x5a; 512]);
+    assert_eq!(rig.bytes(one, 1024), vec![0x5a; 1024]);
     assert_eq!(&rig.bytes(id, 20)[..14], b"serial-of-test");
     assert_eq!(rig.file(1024, 1024), vec![0x5a; 1024]);
     assert_eq!(rig.file(8 * 512, 1024), vec![0; 1024], "discarded");
@@ -233,6 +238,11 @@ fn requests_round_trip_on_the_sync_engine() {
 #[test]
 fn requests_round_trip_on_io_uring() {
     round_trip(EngineKind::IoUring);
+}
+
+#[test]
+fn requests_round_trip_on_the_auto_engine() {
+    round_trip(EngineKind::Auto);
 }
 
 #[test]

@@ -44,6 +44,10 @@ fn bad_input_is_one_line_and_exit_status_2() {
             "--queue-size 100",
         ),
         (
+            vec!["--socket", sock, "--image", image, "--poll-us", "1000001"],
+            "--poll-us 1000001",
+        ),
+        (
             vec!["--socket", sock, "--image", image, "--engine", "aio"],
             "'aio'",
         ),
@@ -65,6 +69,19 @@ fn bad_input_is_one_line_and_exit_status_2() {
                 "123456789012345678901",
             ],
             "longer than 20 bytes",
+        ),
+        // Root may not pick uid 0; anyone else may not pick a uid at all.
+        (
+            vec!["--socket", sock, "--image", image, "--uid", "0"],
+            "--uid/--gid",
+        ),
+        (
+            vec!["--socket", sock, "--image", image, "--sandbox", "maybe"],
+            "'maybe'",
+        ),
+        (
+            vec!["--socket", sock, "--image", image, "--seccomp", "trap"],
+            "'trap'",
         ),
     ];
     for (args, needle) in cases {

@@ -65,7 +65,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
             if !meta.file_type().is_socket() {
                 return Err(ListenError::NotASocket(path.to_owned()));
             }
-            if UnixStream::connect(path).is_ok() {
+            if still_listening(path) {
                 return Err(ListenError::InUse(path.to_owned()));
             }
             std::fs::remove_file(path).map_err(bind_err)?;
@@ -73,6 +73,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
         }
         Err(e) => Err(bind_err(e)),
     }
+}
+
+/// Whether a process still accepts connections on `path`. A sandboxed device process that
+/// was just stopped through its reaper may hold its listener for a few more milliseconds
+/// after the reaper is gone, so a listener must answer for a while to count as live.
+fn still_listening(path: &Path) -> bool {
+    for _ in 0..20 {
+        if UnixStream::connect(path).is_err() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
 }
 
 /// Takes ownership of an inherited listening socket after checking that it is one.

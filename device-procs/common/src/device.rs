@@ -2,6 +2,7 @@
 //! the vhost-user protocol, queue workers, notifications and in-flight tracking are shared.
 
 use std::os::fd::BorrowedFd;
+use std::time::Duration;
 
 use vhost::vhost_user::GpuBackend;
 
@@ -84,12 +85,35 @@ pub trait QueueHandler: Send {
         None
     }
 
+    /// A file the worker watches for input (edge-triggered) without reading it, e.g. a tap
+    /// device the handler reads in [`QueueHandler::process`]. Each new arrival wakes the
+    /// worker once, so the handler must read until the file would block, or until it cannot
+    /// take more and returns [`Progress::Idle`] (the driver's next kick resumes it). Asked
+    /// once, when the queue starts.
+    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
     /// Takes requests with [`QueueContext::pop`] and returns them with
     /// [`QueueContext::complete`]. Called on every kick and every completion event.
     ///
     /// Errors end the connection: return them only for failures of the device itself, never
     /// for a malformed request (complete that one with an error status instead).
     fn process(&mut self, queue: &mut QueueContext<'_>) -> Result<Progress, QueueError>;
+
+    /// How long the worker keeps watching the available ring (and [`QueueHandler::ready`])
+    /// after a pass finds nothing more, before it re-enables kicks and sleeps. While it polls
+    /// the driver sends no kicks, and a new request costs neither side a wakeup; the price is
+    /// a busy thread for up to this long after each burst. Zero (the default): never poll.
+    fn poll_time(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Whether the handler has work it can do without waiting (e.g. finished I/O waiting to
+    /// be reaped). Asked while polling; a `true` starts another pass.
+    fn ready(&mut self) -> bool {
+        false
+    }
 
     /// The queue is stopping: finish what is in flight and complete it. Requests a handler
     /// drops here stay marked in flight and are resubmitted after a reconnect.

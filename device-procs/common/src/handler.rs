@@ -136,12 +136,30 @@ pub(crate) struct DeviceHandler<D: VirtioDevice> {
     config_log: RateLimiter,
 }
 
-fn is_eventfd(file: &File) -> bool {
-    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-        Ok(target) => target.as_os_str() == "anon_inode:[eventfd]",
-        // Without /proc the check cannot be made; the eventfd reads will fail instead.
-        Err(_) => !std::path::Path::new("/proc/self/fd").exists(),
+/// The (device, inode) of a descriptor, from fstat (no path is looked up, so this works
+/// inside the sandbox's empty root).
+fn inode_of(fd: std::os::fd::RawFd) -> Option<(u64, u64)> {
+    // SAFETY: `libc::stat` is plain integers, so all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into `st`; on a bad fd it fails with EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
     }
+    Some((st.st_dev, st.st_ino))
+}
+
+/// Eventfds live on the kernel's one shared anonymous inode (as epoll, timerfd and signalfd
+/// files do): a descriptor on any other inode (a pipe, a socket, a regular file or memfd, a
+/// device) is refused. An anonymous file of another kind passes, and then fails its first
+/// eventfd read or write, which ends the connection. This replaces a readlink of
+/// /proc/self/fd, which a sandboxed device process has neither the /proc nor the syscall for.
+fn is_eventfd(file: &File) -> bool {
+    static ANON_INODE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    let anon = ANON_INODE.get_or_init(|| {
+        let reference = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).ok()?;
+        inode_of(reference.as_raw_fd())
+    });
+    anon.is_some() && inode_of(file.as_raw_fd()) == *anon
 }
 
 fn checked_eventfd(file: Option<File>, what: &'static str) -> VhostResult<Option<File>> {

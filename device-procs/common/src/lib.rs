@@ -10,6 +10,8 @@
 //!   had taken but not finished.
 //! - [`cli`], [`logging`], [`thread`]: `--socket`/`--fd`, log lines that name the process,
 //!   named threads.
+//! - [`sandbox`]: namespaces, empty root, no capabilities, limits and a seccomp allowlist,
+//!   entered by every device process before it serves.
 
 pub mod chain;
 pub mod cli;
@@ -19,6 +21,7 @@ pub mod inflight;
 pub mod logging;
 pub mod memory;
 pub mod queue;
+pub mod sandbox;
 pub mod server;
 pub mod thread;
 mod worker;

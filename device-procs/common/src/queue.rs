@@ -13,6 +13,7 @@ use vm_memory::GuestAddress;
 use crate::chain::DescriptorChain;
 use crate::inflight::{InflightError, InflightQueue};
 use crate::memory::Memory;
+use crate::worker::RingShared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -41,6 +42,10 @@ pub struct QueueContext<'a> {
     resubmit: &'a mut VecDeque<u16>,
     accept_new: bool,
     completed: u32,
+    /// Where [`QueueContext::notify`] signals the driver (none in hand-built contexts).
+    ring: Option<&'a RingShared>,
+    /// Used elements added since the driver was last considered for a signal.
+    unsignalled: u32,
 }
 
 impl<'a> QueueContext<'a> {
@@ -59,7 +64,37 @@ impl<'a> QueueContext<'a> {
             resubmit,
             accept_new: true,
             completed: 0,
+            ring: None,
+            unsignalled: 0,
         }
+    }
+
+    pub(crate) fn with_signal(mut self, ring: &'a RingShared) -> Self {
+        self.ring = Some(ring);
+        self
+    }
+
+    /// Signals the driver now, if it asked to hear about the used elements added so far
+    /// (with EVENT_IDX: its `used_event` was passed), rather than when the pass ends. A handler
+    /// that finishes a batch in steps calls this after the first step, so that a driver
+    /// waiting for completions wakes up while the rest of the batch runs. Without EVENT_IDX
+    /// every check says "signal", so this only signals when the pass ends.
+    pub fn notify(&mut self) -> Result<(), QueueError> {
+        let Some(ring) = self.ring else {
+            return Ok(());
+        };
+        if self.unsignalled == 0 || !self.queue.event_idx_enabled() {
+            return Ok(());
+        }
+        self.unsignalled = 0;
+        if self
+            .queue
+            .needs_notification(&*self.mem)
+            .map_err(QueueError::Ring)?
+        {
+            ring.signal_call().map_err(QueueError::Signal)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn with_tracking(
@@ -88,6 +123,11 @@ impl<'a> QueueContext<'a> {
     /// Used elements added in this pass.
     pub fn completed(&self) -> u32 {
         self.completed
+    }
+
+    /// Used elements added since the last [`QueueContext::notify`] looked.
+    pub(crate) fn unsignalled(&self) -> u32 {
+        self.unsignalled
     }
 
     /// The next request: a resubmitted one first, then the available ring. `None` when there
@@ -158,6 +198,7 @@ impl<'a> QueueContext<'a> {
             inflight.end_used(head, self.queue.next_used())?;
         }
         self.completed += 1;
+        self.unsignalled += 1;
         Ok(())
     }
 }
@@ -218,5 +259,48 @@ mod tests {
             .unwrap();
         assert!(disabled.is_none());
         assert!(mem.num_regions() == 1);
+    }
+
+    #[test]
+    fn notify_signals_mid_pass_only_when_the_driver_asked() {
+        use std::os::fd::AsFd;
+        let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let mut driver = SplitQueue::new(0, 8, GuestAddress(0));
+        for _ in 0..3 {
+            let head = driver.add(&mem, &[(GuestAddress(0x8000), 1, true)]);
+            driver.publish(&mem, head);
+        }
+        // The driver wants a call once the first used element is there.
+        driver.set_used_event(&mem, 0);
+        let mut queue = Queue::new(8).unwrap();
+        queue.try_set_desc_table_address(driver.desc).unwrap();
+        queue.try_set_avail_ring_address(driver.avail).unwrap();
+        queue.try_set_used_ring_address(driver.used).unwrap();
+        queue.set_event_idx(true);
+        queue.set_ready(true);
+        let ring = RingShared::new().unwrap();
+        let call = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .unwrap();
+        let dup = call.as_fd().try_clone_to_owned().unwrap();
+        ring.set_call(Some(std::fs::File::from(dup)));
+        let signals = || call.read().unwrap_or(0);
+        let mut resubmit = VecDeque::new();
+        let mut ctx =
+            QueueContext::new(0, &mut queue, Arc::clone(&mem), &mut resubmit).with_signal(&ring);
+        ctx.notify().unwrap();
+        assert_eq!(signals(), 0, "nothing used yet");
+        let heads: Vec<u16> = std::iter::from_fn(|| ctx.pop().unwrap().map(|c| c.head())).collect();
+        ctx.complete(heads[0], 1).unwrap();
+        ctx.notify().unwrap();
+        assert_eq!(signals(), 1, "used_event 0 passed: signalled at once");
+        ctx.complete(heads[1], 1).unwrap();
+        ctx.notify().unwrap();
+        assert_eq!(signals(), 0, "the driver has not asked again");
+        assert_eq!(ctx.unsignalled(), 0);
+        ctx.complete(heads[2], 1).unwrap();
+        assert_eq!(ctx.unsignalled(), 1, "left for the end of the pass");
     }
 }

@@ -8,13 +8,15 @@
 //! the stale socket files a dead instance left, and gets no `--fd`.
 
 use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use isola_ipc::supervisor::{DaemonState, DaemonStatus};
@@ -116,8 +118,15 @@ pub fn listen(path: &Path) -> Result<UnixListener, ListenError> {
 }
 
 enum Life {
-    Running { child: Child, since: Instant },
-    Waiting { until: Instant },
+    Running {
+        child: Child,
+        since: Instant,
+        /// What the instance's stderr said about a seccomp kill (see [`forward_stderr`]).
+        seccomp: Receiver<String>,
+    },
+    Waiting {
+        until: Instant,
+    },
     Failed(String),
 }
 
@@ -169,7 +178,7 @@ impl Daemon {
         }
         let first = self.last_exit.is_none() && self.restarts == 0 && self.deaths.is_empty();
         match self.spawn() {
-            Ok(child) => {
+            Ok(mut child) => {
                 if first {
                     log::info!("{}: started, pid {}", self.spec.name, child.id());
                 } else {
@@ -181,7 +190,12 @@ impl Daemon {
                         self.restarts
                     );
                 }
-                self.life = Life::Running { child, since: now };
+                let seccomp = forward_stderr(&self.spec.name, &mut child);
+                self.life = Life::Running {
+                    child,
+                    since: now,
+                    seccomp,
+                };
             }
             Err(e) => {
                 let reason = format!("cannot start {}: {e}", self.spec.argv[0]);
@@ -223,12 +237,23 @@ impl Daemon {
                 Ok(())
             });
         }
-        command.spawn()
+        command.stderr(Stdio::piped()).spawn()
     }
 
     /// Reaps the instance if it has exited, and schedules the next one (or gives up).
-    pub fn reap(&mut self, policy: &RestartPolicy, now: Instant) -> Option<ExitReport> {
-        let Life::Running { child, since } = &mut self.life else {
+    /// `explain` adds to the exit reason, e.g. which syscall a seccomp filter killed it for.
+    pub fn reap(
+        &mut self,
+        policy: &RestartPolicy,
+        now: Instant,
+        explain: &mut dyn FnMut(&ExitReport) -> Option<String>,
+    ) -> Option<ExitReport> {
+        let Life::Running {
+            child,
+            since,
+            seccomp,
+        } = &mut self.life
+        else {
             return None;
         };
         let status = match child.try_wait() {
@@ -243,21 +268,25 @@ impl Daemon {
                 return None;
             }
         };
+        // The forwarder ends with the instance's stderr, just after the instance.
+        let seccomp_line = if crate::exit::is_seccomp_kill(status) {
+            seccomp.recv_timeout(Duration::from_millis(200)).ok()
+        } else {
+            None
+        };
         let report = ExitReport {
             pid: child.id(),
             status,
+            seccomp_line,
         };
         let uptime = now.saturating_duration_since(*since);
-        self.died(crate::exit::describe(status), uptime, policy, now);
-        Some(report)
-    }
-
-    /// Adds what the kernel said about a seccomp kill to the last exit reason.
-    pub fn annotate_exit(&mut self, note: &str) {
-        if let Some(last) = &mut self.last_exit {
-            last.push_str(": ");
-            last.push_str(note);
+        let mut reason = crate::exit::describe(status);
+        if let Some(note) = explain(&report) {
+            reason.push_str(": ");
+            reason.push_str(&note);
         }
+        self.died(reason, uptime, policy, now);
+        Some(report)
     }
 
     fn died(&mut self, reason: String, uptime: Duration, policy: &RestartPolicy, now: Instant) {
@@ -362,6 +391,33 @@ impl Daemon {
 pub struct ExitReport {
     pub pid: u32,
     pub status: std::process::ExitStatus,
+    /// The daemon's own "killed by seccomp: syscall=N ..." line, if it printed one.
+    pub seccomp_line: Option<String>,
+}
+
+/// Copies a daemon's stderr to ours line by line, and hands over the line in which the
+/// sandbox's reaper reports a seccomp kill ("killed by seccomp: syscall=N (name) ...").
+fn forward_stderr(name: &str, child: &mut Child) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let Some(stderr) = child.stderr.take() else {
+        return rx;
+    };
+    let spawned = std::thread::Builder::new()
+        .name(format!("log-{name}"))
+        .spawn(move || {
+            let mut out = std::io::stderr();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(out, "{line}");
+                if let Some(at) = line.find("killed by seccomp: syscall=") {
+                    let _ = tx.send(line[at + "killed by seccomp: ".len()..].to_owned());
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("{name}: cannot forward its stderr: {e}");
+    }
+    rx
 }
 
 #[cfg(test)]

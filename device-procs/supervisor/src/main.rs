@@ -180,13 +180,20 @@ fn serve(
         }
         let now = Instant::now();
         for d in daemons.iter_mut() {
-            if let Some(report) = d.reap(policy, now) {
-                if exit::is_seccomp_kill(report.status) {
-                    let note = kernel_log.seccomp_note(report.pid, &d.spec.argv[0]);
-                    log::error!("{}: {note}", d.spec.name);
-                    d.annotate_exit(&note);
+            let (name, program) = (d.spec.name.clone(), d.spec.argv[0].clone());
+            d.reap(policy, now, &mut |report| {
+                if !exit::is_seccomp_kill(report.status) {
+                    return None;
                 }
-            }
+                // The daemon's own report first; the kernel's audit record otherwise
+                // (printk rate-limits it).
+                let note = match &report.seccomp_line {
+                    Some(line) => format!("seccomp blocked {line}"),
+                    None => kernel_log.seccomp_note(report.pid, &program),
+                };
+                log::error!("{name}: {note}");
+                Some(note)
+            });
         }
         for d in daemons.iter_mut() {
             d.start_if_due(policy, Instant::now());

@@ -160,6 +160,44 @@
 //! `virtio-blk: verify failed: first bad sector=<lowest bad sector of the pass> (<n> bad
 //! sectors)`.
 //!
+//! # `virtio-net` ([`VIRTIO_NET_ELF`])
+//!
+//! A virtio-net driver on the same `guest/virtio.c` core (`guest/virtio-net.c`): the first
+//! 0x1af4:0x1041 function, VERSION_1, MAC, STATUS, MTU and, per the command line, EVENT_IDX,
+//! MRG_RXBUF and CSUM; MSI-X entry 0 (config) -> vector 0x42, 1 (receive queue 0) -> 0x40,
+//! 2 (transmit queue 1) -> 0x41; both queues min(device maximum, 256) entries, every receive
+//! buffer 2048 bytes (one descriptor each). It is host 10.0.0.2 with the MAC from the
+//! configuration space, and runs one polling loop (sleeping on interrupts after ~200 us idle):
+//!
+//! * ARP requests for 10.0.0.2 get a reply; ICMP echo requests to it an echo reply; UDP to port
+//!   7 is echoed to its sender.
+//! * UDP to port 6001 carries commands, two big-endian u32s `cmd, arg`: 1 = START (stream `arg`
+//!   datagrams to the sender's MAC/IP/port, from port 6001; datagram `s` has a `payload`-byte
+//!   payload: `s` as big-endian u32, then byte `i` = `(s + i) & 0xff`; IP id = `s & 0xffff`),
+//!   2 = CREDIT (the stream may have sent up to `arg` datagrams in total; it starts at 0),
+//!   3 = BYE (print the counters and power off).
+//! * UDP to port 6000 is a host stream with the same payload format, verified in order; every
+//!   32 datagrams the guest answers the sender (from port 6000) with two big-endian u32s:
+//!   datagrams received so far and how many of them were wrong (sequence or bytes).
+//! * Received UDP with a complete checksum (no NEEDS_CSUM flag) is verified; with CSUM
+//!   negotiated, transmitted UDP uses checksum offload (NEEDS_CSUM, csum_start 34, offset 6).
+//!
+//! | key | default | meaning |
+//! |-----|---------|---------|
+//! | `virtio-net.event_idx`, `.mrg`, `.csum` | 1, 1, 1 | negotiate EVENT_IDX, MRG_RXBUF, CSUM if offered |
+//! | `virtio-net.payload` | 64 | UDP payload bytes of the guest's stream, 8..=1472 |
+//! | `virtio-net.idle` | 60 | seconds without any traffic before it gives up (exit 17) |
+//!
+//! Output: `virtio-net: ready mac=<xx:..> link=<0|1> mtu=<n> features=0x<negotiated>
+//! queue-size=<n> mrg=<0|1> csum=<0|1> event-idx=<0|1>`; on START `virtio-net: stream start
+//! frames=<n> payload=<n>`, when all are sent `virtio-net: stream sent=<n>`; on BYE
+//! `virtio-net: stream-in received=<n> errors=<n>`, `virtio-net: counters rx=<n> tx=<n>
+//! arp=<n> icmp=<n> echo=<n> bad=<n> interrupts=<n>`, `virtio-net: ok`, then poweroff.
+//! Exits: 10 no device, 11 capabilities / fewer than 3 MSI-X vectors, 12 features (no MAC),
+//! 13 queue set-up, 14 bad parameter, 17 idle timeout or transmit ring stuck, 19 the device
+//! broke the protocol (used id or length out of range, num_buffers != 1 for a frame that fits
+//! one buffer).
+//!
 //! # `virtio-gpu` ([`VIRTIO_GPU_ELF`])
 //!
 //! A 2D virtio-gpu driver on the same `guest/virtio.c` core (`guest/virtio-gpu.c`): the first
@@ -352,6 +390,8 @@ pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
 pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
 /// `virtio-blk` as an ELF with a PVH note.
 pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
+/// `virtio-net` as an ELF with a PVH note.
+pub const VIRTIO_NET_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-net.elf");
 /// `virtio-gpu` as an ELF with a PVH note.
 pub const VIRTIO_GPU_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-gpu.elf");
 /// `virtio-console` as an ELF with a PVH note.
@@ -369,6 +409,7 @@ pub const IMAGES: &[&str] = &[
     "msi.elf",
     "triple-fault.elf",
     "virtio-blk.elf",
+    "virtio-net.elf",
     "virtio-gpu.elf",
     "virtio-console.elf",
     "virtio-input.elf",

@@ -4,6 +4,11 @@
 //!   at a time. Simple, and the lowest latency at queue depth 1.
 //! - [`UringEngine`]: io_uring, many requests in flight per queue, completions signalled on
 //!   an eventfd the queue worker also waits on.
+//! - `auto` (the default): io_uring for reads and flushes; on a buffered image writes run
+//!   synchronously like the sync engine, because buffered writes are copies into the page
+//!   cache that io_uring hands to a kernel worker thread on filesystems without nonblocking
+//!   buffered writes (ext4), which costs more than the copy. With `--direct` all of it goes
+//!   through io_uring.
 //!
 //! Both take a request with a token, and hand back `(token, result)` completions; a request
 //! is only ever reported complete once every byte has been transferred.
@@ -33,6 +38,8 @@ pub enum EngineKind {
     Sync,
     #[value(name = "io-uring")]
     IoUring,
+    /// io_uring for reads and flushes, synchronous writes on a buffered image.
+    Auto,
 }
 
 /// Scatter-gather list of one request: host addresses inside mapped guest memory or a
@@ -80,6 +87,10 @@ pub trait Engine: Send {
     fn in_flight(&self) -> usize;
     /// Eventfd signalled when operations finish (io_uring only).
     fn completion_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Whether finished operations wait to be reaped (a cheap check, for polling).
+    fn ready(&mut self) -> bool {
+        false
+    }
 }
 
 /// An engine of `kind` for one queue of `depth` entries.
@@ -91,6 +102,20 @@ pub fn new_engine(
     Ok(match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(disk)),
         EngineKind::IoUring => Box::new(UringEngine::new(disk, depth)?),
+        EngineKind::Auto => {
+            let sync_writes = !disk.direct();
+            match UringEngine::with_sync_writes(Arc::clone(&disk), depth, sync_writes) {
+                Ok(engine) => Box::new(engine),
+                // E.g. a sandbox that refuses io_uring after the start-up check passed.
+                Err(e) => {
+                    log::warn!(
+                        "io_uring is not available ({}); this queue uses the sync engine",
+                        isola_device_common::logging::chain(&e)
+                    );
+                    Box::new(SyncEngine::new(disk))
+                }
+            }
+        }
     })
 }
 

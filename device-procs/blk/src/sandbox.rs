@@ -1,0 +1,198 @@
+//! isola-blk's additions to the shared sandbox (`isola_device_common::sandbox`): positional
+//! I/O on the image that was opened before the sandbox, and io_uring for `--engine io-uring` and `auto`.
+//! No network (a new, empty network namespace), no paths, no new processes.
+
+use isola_device_common::sandbox::Policy;
+
+use crate::engine::EngineKind;
+
+/// Syscalls beyond the shared base, and who makes them.
+const SYSCALLS: &[i64] = &[
+    // The sync engine and the tail of a short io_uring transfer (disk.rs).
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    // FLUSH (Disk::flush).
+    libc::SYS_fdatasync,
+    // DISCARD and WRITE_ZEROES: punch a hole or zero a range (Disk::fallocate).
+    libc::SYS_fallocate,
+];
+
+/// With `--engine io-uring` or `auto` only: one ring per queue, created when the queue starts
+/// (UringEngine::new), its completion eventfd registered, then submit and wait. (io_uring's
+/// own operations are not seen by seccomp: docs/threat-model.md.)
+const SYSCALLS_IO_URING: &[i64] = &[
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+    libc::SYS_io_uring_enter,
+];
+
+/// The policy `run` enters before serving, for `engine`.
+pub fn policy(engine: EngineKind) -> Policy {
+    Policy {
+        name: "isola-blk",
+        syscalls: match engine {
+            EngineKind::Sync => SYSCALLS,
+            // `auto` reads through io_uring (and falls back to sync if it cannot).
+            EngineKind::Auto | EngineKind::IoUring => SYSCALLS_IO_URING,
+        },
+        rules: Vec::new(),
+        host_network: false,
+        // Per queue (at most 64): kick, call and error eventfds, a stop eventfd, the epoll
+        // fd, an io_uring fd and its eventfd; plus up to 64 memory regions, the in-flight
+        // region, the connection and the image.
+        max_fds: 1024,
+        // Heap, one 2 MiB stack per queue thread, bounce buffers (--direct) and the 1 MiB
+        // zero buffer of WRITE_ZEROES; guest RAM is a shared mapping and does not count.
+        max_data: 1 << 30,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under isola-blk's filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(engine: EngineKind, body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(&policy(engine), SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn exited(status: libc::c_int) -> Option<i32> {
+        libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+
+    #[test]
+    fn what_isola_blk_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 7] = [
+            || {
+                let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+                raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+            },
+            || {
+                let path = c"/etc/passwd".as_ptr() as usize;
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            // A new process (clone without CLONE_THREAD).
+            || raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_ioctl, [0, libc::TIOCSTI as usize, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_DUMPABLE as usize, 1, 0, 0, 0, 0],
+                ) as i32
+            },
+        ];
+        for engine in [EngineKind::Sync, EngineKind::IoUring] {
+            for (i, body) in forbidden.into_iter().enumerate() {
+                let status = in_filtered_child(engine, body);
+                assert!(
+                    killed_by_sigsys(status),
+                    "{engine:?} case {i}: status {status:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_sync_engine_may_not_use_io_uring() {
+        let setup = || {
+            fails_with(
+                raw(libc::SYS_io_uring_setup, [1, 0, 0, 0, 0, 0]),
+                libc::EFAULT,
+            )
+        };
+        assert!(killed_by_sigsys(in_filtered_child(EngineKind::Sync, setup)));
+        let status = in_filtered_child(EngineKind::IoUring, setup);
+        assert_eq!(exited(status), Some(0), "status {status:#x}");
+    }
+
+    #[test]
+    fn what_isola_blk_does_is_allowed() {
+        // Invalid fds and null buffers: each fails with an errno if the filter lets it
+        // through.
+        let allowed: [fn() -> i32; 5] = [
+            || {
+                fails_with(
+                    raw(libc::SYS_preadv, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_fallocate, [usize::MAX, 0, 0, 1, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_io_uring_enter, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                let name = c"blk-q0".as_ptr() as usize;
+                raw(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_NAME as usize, name, 0, 0, 0, 0],
+                ) as i32
+            },
+            // clone3 fails with ENOSYS (glibc then uses clone, whose flags a filter can see).
+            || fails_with(raw(libc::SYS_clone3, [0; 6]), libc::ENOSYS),
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(EngineKind::IoUring, body);
+            assert_eq!(exited(status), Some(0), "case {i}: status {status:#x}");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `--poll-us`: after a burst the queue worker keeps watching the available ring, kicks
+//! suppressed, so a request published without a kick inside the window is served. The window
+//! starts at zero and grows while requests come sooner than the limit; after the window the
+//! worker sleeps again and needs a kick; and a stop (GET_VRING_BASE) does not wait for the
+//! window to end.
+//!
+//! The test is the frontend (guest RAM in a memfd it owns, no EVENT_IDX, so suppression is
+//! the used ring's NO_NOTIFY flag and can be read back).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use isola_device_common::testing::{self, GuestRam, SplitQueue};
+use support::{patterned_image, Backend, Scratch, TIMEOUT};
+use vhost::VhostBackend;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
+use vm_memory::{Bytes, GuestAddress};
+
+const QSIZE: u16 = 64;
+/// The limit: long, so that a loaded machine cannot make a window end before the test looks.
+const POLL: Duration = Duration::from_secs(1);
+/// Time between the test's requests while the window grows (doubling from 4 µs it passes
+/// this after 16 sleeps).
+const CADENCE: Duration = Duration::from_millis(200);
+
+/// Publishes a 4 KiB read of sector `n * 8` into slot `n` of RAM (without kicking).
+fn publish_read(q: &mut SplitQueue, ram: &GuestRam, n: u64) -> GuestAddress {
+    let base = 0x10_0000 + (n % 32) * 0x4000;
+    let (hdr, data, status) = (
+        GuestAddress(base),
+        GuestAddress(base + 0x1000),
+        GuestAddress(base + 0x3000),
+    );
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    raw[8..].copy_from_slice(&(n * 8).to_le_bytes());
+    let mem = ram.memory();
+    mem.write_slice(&raw, hdr).unwrap();
+    mem.write_obj(0xffu8, status).unwrap();
+    let head = q.add(
+        mem,
+        &[(hdr, 16, false), (data, 4096, true), (status, 1, true)],
+    );
+    q.publish(mem, head);
+    status
+}
+
+fn used_flags(q: &SplitQueue, ram: &GuestRam) -> u16 {
+    ram.memory().read_obj(q.used).unwrap()
+}
+
+#[test]
+fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
+    let dir = Scratch::new("polling");
+    let image = dir.path("disk.img");
+    patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let poll_us = POLL.as_micros().to_string();
+    let backend = Backend::start(
+        &socket,
+        &image,
+        dir.path("blk.log"),
+        &["--queue-size", "64", "--poll-us", &poll_us],
+    );
+    let ram = GuestRam::new(4 << 20);
+    let mut q = SplitQueue::new(0, QSIZE, GuestAddress(0));
+    let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
+    testing::start_queue(&mut fe, &q, &ram, 0);
+
+    // One request every CADENCE, published without a kick; kicked only if it is not served.
+    // The window starts at zero, so the first ones need their kick.
+    let mut n: u16 = 0;
+    let mut served_unkicked = None;
+    while n < 40 {
+        std::thread::sleep(CADENCE);
+        let status = publish_read(&mut q, &ram, u64::from(n));
+        n += 1;
+        if q.wait_used(ram.memory(), n, Duration::from_millis(50)) {
+            assert_eq!(
+                used_flags(&q, &ram),
+                VRING_USED_F_NO_NOTIFY as u16,
+                "kicks are suppressed while the worker polls"
+            );
+            assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+            served_unkicked = Some(n);
+            break;
+        }
+        q.kick();
+        assert!(
+            q.wait_used(ram.memory(), n, TIMEOUT),
+            "{}",
+            backend.log_text()
+        );
+        assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+    }
+    let served_at = served_unkicked.expect("no unkicked request was ever served");
+    assert!(
+        served_at > 3,
+        "the window did not start small (request {served_at})"
+    );
+
+    // After the window the worker re-enables kicks and sleeps.
+    let deadline = Instant::now() + POLL + TIMEOUT;
+    while used_flags(&q, &ram) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(used_flags(&q, &ram), 0, "kicks were never re-enabled");
+    publish_read(&mut q, &ram, u64::from(n));
+    n += 1;
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        q.used_idx(ram.memory()),
+        n - 1,
+        "a sleeping worker served a request nobody kicked"
+    );
+    q.kick();
+    assert!(q.wait_used(ram.memory(), n, TIMEOUT));
+
+    // The worker polls again, for CADENCE or more; stopping the ring must not wait for that.
+    let stop = Instant::now();
+    let base = fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(base, u32::from(n));
+    assert!(
+        stop.elapsed() < CADENCE / 2,
+        "GET_VRING_BASE waited {:?} for the poll window",
+        stop.elapsed()
+    );
+}

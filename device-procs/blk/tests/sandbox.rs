@@ -1,0 +1,320 @@
+//! The sandbox of the real `isola-blk` process (needs `--features debug-forbidden`):
+//!
+//! - while it serves a frontend, both its processes (the reaper a supervisor waits on, and
+//!   the device, pid 1 of its own pid namespace) show `Seccomp: 2`, `NoNewPrivs: 1`, no
+//!   capabilities, an unprivileged uid when started as root, namespaces of their own and an
+//!   empty root; a second frontend is served after the first leaves;
+//! - each forbidden syscall (execve, open of a host path, socket, fork), made from a device
+//!   thread after the sandbox is complete, kills the process with SIGSYS, and the reaper's
+//!   log line names the syscall number;
+//! - with `--seccomp log` the same open is let through and fails: the host's paths are not
+//!   there;
+//! - a supervisor's SIGTERM to the reaper ends the device too.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use isola_device_common::testing::{self, GuestRam, SplitQueue};
+use support::{patterned_image, Backend, Scratch, TIMEOUT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Reads 4 KiB at sector 8 through a fresh frontend connection and checks the data; returns
+/// the frontend and memory so the caller can keep the connection open.
+fn read_once(socket: &Path, image: &[u8]) -> (vhost::vhost_user::Frontend, GuestRam) {
+    let ram = GuestRam::new(2 << 20);
+    let mut fe = testing::connect_with_memory(socket, &ram, TIMEOUT);
+    let mut q = SplitQueue::new(0, 16, GuestAddress(0));
+    testing::start_queue(&mut fe, &q, &ram, 0);
+    let (hdr, data, status) = (
+        GuestAddress(0x10_0000),
+        GuestAddress(0x11_0000),
+        GuestAddress(0x12_0000),
+    );
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    raw[8..].copy_from_slice(&8u64.to_le_bytes());
+    ram.memory().write_slice(&raw, hdr).unwrap();
+    let head = q.add(
+        ram.memory(),
+        &[(hdr, 16, false), (data, 4096, true), (status, 1, true)],
+    );
+    q.publish(ram.memory(), head);
+    q.kick();
+    assert!(q.wait_used(ram.memory(), 1, TIMEOUT));
+    assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+    let mut got = vec![0u8; 4096];
+    ram.memory().read_slice(&mut got, data).unwrap();
+    assert!(got == image[4096..8192]);
+    (fe, ram)
+}
+
+/// The value of `key:` in /proc/PID/status.
+fn status_field(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn assert_sandboxed(pid: u32, what: &str) {
+    assert_eq!(
+        status_field(pid, "Seccomp"),
+        "2",
+        "{what}: seccomp filter mode"
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(pid, caps),
+            "0000000000000000",
+            "{what}: {caps}"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let uid = status_field(pid, "Uid");
+        assert!(
+            uid.split_whitespace().all(|u| u == "65534"),
+            "{what}: Uid {uid}"
+        );
+    }
+    for ns in ["user", "mnt", "ipc", "uts", "net"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{what}: {ns} namespace");
+    }
+    // Its root is not the host's, and holds nothing.
+    let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
+    let host = std::fs::metadata("/").unwrap();
+    assert_ne!((root.dev(), root.ino()), (host.dev(), host.ino()), "{what}");
+    let entries = std::fs::read_dir(format!("/proc/{pid}/root/"))
+        .unwrap()
+        .count();
+    assert_eq!(entries, 0, "{what}: its root is not empty");
+}
+
+/// The device process: the reaper's only child.
+fn device_pid(reaper: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{reaper}/task/{reaper}/children"))
+        .unwrap_or_default();
+    let pids: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 1, "the reaper has one child: {children:?}");
+    pids[0]
+}
+
+#[test]
+fn both_processes_are_sandboxed_while_serving_and_a_second_frontend_is_served() {
+    let dir = Scratch::new("proc");
+    let image_path = dir.path("disk.img");
+    let image = patterned_image(&image_path, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let backend = Backend::start(&socket, &image_path, dir.path("stderr"), &[]);
+    let session = read_once(&socket, &image);
+    let reaper = backend.child.id();
+    let device = device_pid(reaper);
+    assert_sandboxed(reaper, "reaper");
+    assert_sandboxed(device, "device");
+    // The device is pid 1 of its own pid namespace; the reaper is not in it.
+    let nspid = status_field(device, "NSpid");
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "NSpid {nspid}");
+    assert_eq!(status_field(reaper, "NSpid"), reaper.to_string());
+    drop(session);
+    assert!(backend.wait_log("frontend disconnected", 1));
+    let _again = read_once(&socket, &image);
+    let log = backend.log_text();
+    assert!(log.contains("sandboxed: "), "{log}");
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
+
+/// Waits for the backend to end; its status.
+fn wait_end(backend: &mut Backend) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = backend.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "isola-blk did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
+    let dir = Scratch::new("sigsys");
+    let image = dir.path("disk.img");
+    patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let cases = [
+        ("execve", libc::SYS_execve),
+        ("open", libc::SYS_openat),
+        ("socket", libc::SYS_socket),
+        ("fork", libc::SYS_clone),
+    ];
+    for (engine, (call, nr)) in ["sync", "io-uring"].iter().cycle().zip(cases) {
+        let log = dir.path(&format!("stderr-{call}"));
+        let mut backend = Backend::start(
+            &socket,
+            &image,
+            log,
+            &["--engine", engine, "--debug-forbidden-syscall", call],
+        );
+        let status = wait_end(&mut backend);
+        let text = backend.log_text();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{call}: {status:?}\n{text}"
+        );
+        let line = format!("killed by seccomp: syscall={nr} ");
+        assert!(text.contains(&line), "{call}: no '{line}' in\n{text}");
+        assert!(text.contains("thread="), "{text}");
+    }
+}
+
+#[test]
+fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
+    let dir = Scratch::new("logmode");
+    let image = dir.path("disk.img");
+    let data = patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let backend = Backend::start(
+        &socket,
+        &image,
+        dir.path("stderr"),
+        &["--seccomp", "log", "--debug-forbidden-syscall", "open"],
+    );
+    assert!(
+        backend.wait_log("forbidden syscall Open returned -1", 1),
+        "{}",
+        backend.log_text()
+    );
+    assert!(
+        backend.log_text().contains("No such file or directory"),
+        "{}",
+        backend.log_text()
+    );
+    // Still serving.
+    let _session = read_once(&socket, &data);
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn stopping_the_reaper_stops_the_device() {
+    let dir = Scratch::new("term");
+    let image = dir.path("disk.img");
+    let data = patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::start(&socket, &image, dir.path("stderr"), &[]);
+    let _session = read_once(&socket, &data);
+    let device = device_pid(backend.child.id());
+    // SAFETY: kill takes integers; the pid is our own child.
+    unsafe { libc::kill(backend.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_end(&mut backend);
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    let deadline = Instant::now() + TIMEOUT;
+    while !gone(device) {
+        assert!(Instant::now() < deadline, "the device outlived its reaper");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `isola-supervisor`, built next to this test's `isola-blk` (same profile and target dir).
+fn supervisor_binary() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "isola-supervisor"]);
+    let blk = Path::new(env!("CARGO_BIN_EXE_isola-blk"));
+    if blk.parent().is_some_and(|p| p.ends_with("release")) {
+        build.arg("--release");
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cargo build -p isola-supervisor"
+    );
+    blk.with_file_name("isola-supervisor")
+}
+
+#[test]
+fn the_supervisor_restarts_a_device_killed_by_seccomp_and_logs_the_syscall() {
+    let dir = Scratch::new("supervisor-sigsys");
+    let image = dir.path("disk.img");
+    patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let control = dir.path("supervisor.sock");
+    let out = std::process::Command::new(supervisor_binary())
+        .arg("--control")
+        .arg(&control)
+        .arg("--daemon")
+        .arg(format!(
+            "blk0:{}:{} --image {} --debug-forbidden-syscall execve",
+            socket.display(),
+            env!("CARGO_BIN_EXE_isola-blk"),
+            image.display()
+        ))
+        .args(["--restart-limit", "2", "--stop-timeout-ms", "500"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let supervisor = out.id();
+    // Give up after three SIGSYS deaths, then stop: the supervisor exits on its own request.
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        let asked = std::os::unix::net::UnixStream::connect(&control)
+            .ok()
+            .and_then(|mut s| {
+                isola_ipc::write_message(&mut s, &isola_ipc::supervisor::SupervisorRequest::Status)
+                    .ok()?;
+                match isola_ipc::read_message(&mut s).ok()? {
+                    isola_ipc::supervisor::SupervisorResponse::Status(d) => d.into_iter().next(),
+                    _ => None,
+                }
+            });
+        if let Some(d) = asked {
+            if let isola_ipc::supervisor::DaemonState::Failed(why) = &d.state {
+                break (d.restarts, why.clone(), d.last_exit.clone());
+            }
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not give up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (restarts, why, last_exit) = status;
+    assert_eq!(restarts, 2, "restarted after each SIGSYS until the limit");
+    let nr = libc::SYS_execve;
+    assert!(why.contains("killed by signal 31 (SIGSYS)"), "{why}");
+    assert!(
+        why.contains(&format!("seccomp blocked syscall={nr} ")),
+        "{why}"
+    );
+    assert!(last_exit.is_some_and(|l| l.contains(&format!("syscall={nr} "))));
+    // SAFETY: plain kill(2) of the child we started.
+    unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
+    let output = out.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.matches(&format!("blk0: seccomp blocked syscall={nr} "))
+            .count()
+            >= 3,
+        "{log}"
+    );
+}
