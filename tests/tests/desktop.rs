@@ -6,8 +6,8 @@
 //! a SIGKILLed isola-gpu, restarted with its state file, puts the picture back on the
 //! display while the guest keeps running and drawing. Also: isola-gpu killed again and again
 //! mid-drawing, isola-display dying under a running guest, isola-display killed and started
-//! again (the core re-attaches it to the running GPU backend, isola-gpu or QEMU's), and VNC
-//! input right after an isola-input restart.
+//! again (the core re-attaches it to the running isola-gpu; QEMU's vhost-user-gpu dies with
+//! its display, which a test pins), and VNC input right after an isola-input restart.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
