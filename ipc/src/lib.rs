@@ -105,7 +105,9 @@ pub struct DisplayLinkStatus {
     /// process (or the GPU backend) is away and the core is connecting again; `Refused`: the
     /// GPU backend did not take the new connection (retried).
     pub link: DeviceLink,
-    /// Times the core passed a new connection because the display process went away.
+    /// Times the core passed a new connection because the display process went away. One
+    /// restart usually counts once; twice when the first attempt reached the dying process
+    /// in the instant before its listening socket closed (that connection hung up at once).
     pub reattaches: u32,
 }
 
