@@ -47,9 +47,10 @@ pub fn policy() -> Policy {
         // A thread or two and a socket per GPU session, control connection and VNC client;
         // the listeners and the input link.
         max_fds: 1024,
-        // The framebuffer (at most 16384 x 16384 x 4 = 1 GiB), a copy per VNC client being
-        // encoded, zlib state per client, thread stacks.
-        max_data: 8 << 30,
+        // The framebuffer (at most MAX_PIXELS, 4096 x 2400 x 4 bytes = 38 MiB), an UPDATE's
+        // payload, a copy and zlib state per VNC client (at most 32), a PNG per screenshot,
+        // 2 MiB stacks for about 100 threads: 4 GiB leaves room for all at once.
+        max_data: 4 << 30,
     }
 }
 

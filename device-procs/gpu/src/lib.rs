@@ -142,7 +142,7 @@ impl Config {
 
 /// Enters the sandbox, then serves the device to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
-    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
+    common_sandbox::enter(&config.sandbox, &sandbox::policy(config.budget))?;
     log::info!(
         "scanout {}x{}, {} MiB for resources{}",
         config.width,

@@ -25,8 +25,8 @@ fn sol_socket_option(option: libc::c_int) -> SeccompRule {
     SeccompRule::new(vec![eq(1, libc::SOL_SOCKET), eq(2, option)]).expect("a valid rule")
 }
 
-/// The policy `run` enters before serving.
-pub fn policy() -> Policy {
+/// The policy `run` enters before serving, for a resource budget of `budget` bytes.
+pub fn policy(budget: u64) -> Policy {
     Policy {
         name: "isola-gpu",
         syscalls: SYSCALLS,
@@ -45,11 +45,10 @@ pub fn policy() -> Policy {
         // 64 memory regions, the in-flight region, the connection, the display connection and
         // the state file.
         max_fds: 256,
-        // Resources live in private memory: up to --max-memory (at most 64 GiB) of them, plus
-        // a frame-sized update buffer per flush kept in the heap (main's mmap threshold),
-        // thread stacks and the heap. The limit is the most the command line allows plus
-        // 1 GiB; --max-memory is what actually bounds the guest.
-        max_data: (64 << 30) + (1 << 30),
+        // Resources live in private memory: up to --max-memory of them, plus a frame-sized
+        // update buffer per flush kept in the heap (main's mmap threshold; a frame is at
+        // most 4095 x 4095 x 4 bytes, 64 MiB), thread stacks and the heap: 1 GiB more.
+        max_data: budget.saturating_add(1 << 30),
     }
 }
 
@@ -61,7 +60,7 @@ mod tests {
     /// Runs `body` in a forked child under isola-gpu's filters; returns its wait status.
     /// The child makes raw syscalls only: the filters are built before the fork.
     fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
-        let programs = device_programs(&policy(), SeccompMode::Kill).unwrap();
+        let programs = device_programs(&policy(256 << 20), SeccompMode::Kill).unwrap();
         // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
         // _exits; it takes no lock another thread of the test binary could hold.
         let pid = unsafe { libc::fork() };
