@@ -323,6 +323,7 @@ impl IsolaGpu {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The pid the test started (the sandbox's reaper; the device is its child).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

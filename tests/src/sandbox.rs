@@ -69,3 +69,20 @@ pub fn assert_sandboxed(pid: u32, what: &str) {
         .count();
     assert_eq!(entries, 0, "{what}: its root is not empty");
 }
+
+/// The children of `pid` (a reaper's: its device, and any helper it forked before the
+/// sandbox, such as isola-display's input connector).
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is pid 1 of a pid namespace of its own (a sandboxed device process).
+pub fn is_namespace_init(pid: u32) -> bool {
+    let nspid = status_field(pid, "NSpid");
+    let ids: Vec<&str> = nspid.split_whitespace().collect();
+    ids.len() > 1 && ids.last() == Some(&"1")
+}

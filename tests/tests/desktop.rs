@@ -21,6 +21,9 @@ use isola_tests::display::{
 };
 use isola_tests::gpu::{IsolaGpu, QemuGpu, QEMU_VHOST_USER_GPU};
 use isola_tests::input::{reports, request as input_request, Report};
+use isola_tests::sandbox::{
+    assert_sandboxed, children, device_pid, is_namespace_init, status_field,
+};
 use isola_tests::{control, scratch_dir, Core};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -234,8 +237,37 @@ fn draw_type_click(dir: &Path, desk: &Desk) {
 fn isola_gpu_picture_reaches_screenshot_and_vnc_and_vnc_input_reaches_the_guest() {
     let dir = scratch_dir("desktop-isola-gpu");
     let desk = Desk::start(&dir);
-    let _gpu = IsolaGpu::start(&desk.gpu_socket, &["--resolution", RESOLUTION]);
+    let gpu = IsolaGpu::start(&desk.gpu_socket, &["--resolution", RESOLUTION]);
     draw_type_click(&dir, &desk);
+    // Issue #6: all of that with isola-display and isola-gpu sandboxed (VNC over the TCP
+    // listener bound before the display's new network namespace; keys through the input
+    // connector).
+    assert_display_sandboxed(desk.display.pid());
+    let gpu_device = device_pid(gpu.pid());
+    assert_sandboxed(gpu.pid(), "isola-gpu reaper");
+    assert_sandboxed(gpu_device, "isola-gpu device");
+}
+
+/// isola-display's reaper and device are sandboxed; its input connector (the reaper's other
+/// child) runs under its own filter with no_new_privs and no capabilities.
+fn assert_display_sandboxed(reaper: u32) {
+    assert_sandboxed(reaper, "isola-display reaper");
+    let kids = children(reaper);
+    assert_eq!(kids.len(), 2, "device and input connector: {kids:?}");
+    let (device, connector): (Vec<u32>, Vec<u32>) =
+        kids.into_iter().partition(|&p| is_namespace_init(p));
+    assert_eq!((device.len(), connector.len()), (1, 1));
+    assert_sandboxed(device[0], "isola-display device");
+    let connector = connector[0];
+    assert_eq!(status_field(connector, "Seccomp"), "2", "connector");
+    assert_eq!(status_field(connector, "NoNewPrivs"), "1", "connector");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(connector, caps),
+            "0000000000000000",
+            "connector {caps}"
+        );
+    }
 }
 
 /// Issue #7: the same with QEMU's vhost-user-gpu in place of isola-gpu.
@@ -451,6 +483,20 @@ fn isola_gpu_killed_repeatedly_while_the_guest_draws() {
         // reach this round's process, or the next kill could hit it before the core did and
         // two kills would make one reconnect.
         wait_reconnects(&mut core, &desk.control, round as u32 + 1);
+    }
+    // The guest may have drawn a round's frames before that round's kill, so the last
+    // reconnect can still be under way here.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reconnects = gpu_status(&mut core, &desk.control).reconnects;
+        if reconnects == 5 {
+            break;
+        }
+        assert!(
+            reconnects < 5 && Instant::now() < deadline,
+            "one reconnect per kill: {reconnects}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
     press(&desk, KEY_ESC);
     let done = core.finish(WAIT);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use isola_guests::gpu_pixel;
 use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
 use isola_tests::gpu::{DisplayState, IsolaGpu, QemuGpu, TestDisplay};
+use isola_tests::sandbox::{assert_sandboxed, device_pid, status_field};
 use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
 
 const W: u32 = 320;
@@ -318,4 +319,51 @@ fn a_killed_isola_gpu_comes_back_with_the_picture_and_keeps_serving() {
     display.wait_until("frame 2", WAIT, |s| shows_frame(s, 2));
     let done = core.finish(WAIT);
     done.assert_success();
+}
+
+/// isola-gpu sandboxed while it serves the guest (seccomp, no_new_privs, no capabilities,
+/// namespaces, an empty root), its state file still written through the descriptor it
+/// opened before the sandbox, and the guest's whole workload (frame 2 after the wait) passes.
+#[test]
+fn isola_gpu_is_sandboxed_while_it_serves_the_guest() {
+    let dir = scratch_dir("gpu-sandbox");
+    let gpu_socket = dir.join("gpu.sock");
+    let state_file = dir.join("gpu.state");
+    let gpu = IsolaGpu::start(
+        &gpu_socket,
+        &[
+            "--resolution",
+            RESOLUTION,
+            "--state-file",
+            state_file.to_str().unwrap(),
+        ],
+    );
+    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
+    let (mut core, control_socket) = start_core(
+        &dir,
+        &gpu_socket,
+        Some(&display.socket),
+        "virtio-gpu.mode=draw virtio-gpu.wait=1",
+    );
+    core.wait_for("virtio-gpu: waiting for vector 0x50", WAIT);
+    display.wait_until("frame 1", WAIT, |s| shows_frame(s, 1));
+    let reaper = gpu.pid();
+    let device = device_pid(reaper);
+    assert_sandboxed(reaper, "reaper");
+    assert_sandboxed(device, "device");
+    let nspid = status_field(device, "NSpid");
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "NSpid {nspid}");
+    // The resources the guest made are in the state file (written after the sandbox).
+    assert!(std::fs::metadata(&state_file).unwrap().len() > 0);
+    let go = ControlRequest::InjectMsi {
+        address: 0xfee0_0000,
+        data: 0x50,
+    };
+    assert!(matches!(
+        control(&control_socket, &go),
+        ControlResponse::Done
+    ));
+    core.wait_for("virtio-gpu: frame 2 flushed 320x200", WAIT);
+    display.wait_until("frame 2", WAIT, |s| shows_frame(s, 2));
+    core.finish(WAIT).assert_success();
 }

@@ -270,10 +270,25 @@ fn daemons_die_with_their_supervisor() {
     let pid = wait_until("blk0 pid", Duration::from_secs(10), || {
         sup.daemon("blk0").pid
     });
+    // Sandboxed and serving: its uid changed, which clears a parent-death signal unless the
+    // sandbox keeps it.
+    assert!(
+        sup.stderr
+            .wait_for("serving", Duration::from_secs(20))
+            .is_some(),
+        "{:?}",
+        sup.stderr.seen
+    );
+    let needle = image.display().to_string();
+    assert_eq!(
+        processes_mentioning(&needle).len(),
+        3,
+        "the supervisor, the reaper and the device"
+    );
     sup.child.kill().unwrap();
     sup.child.wait().unwrap();
     wait_until("daemon gone", Duration::from_secs(10), || {
-        (!pid_alive(pid)).then_some(())
+        (!pid_alive(pid) && processes_mentioning(&needle).is_empty()).then_some(())
     });
 }
 

@@ -306,14 +306,34 @@ fn thread_count() -> usize {
 }
 
 fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
-    // SAFETY: setgroups with size 0 reads no memory; setresgid/setresuid take integers.
+    // A change of credentials clears the parent-death signal a supervisor asked for
+    // (PR_SET_PDEATHSIG in its pre-exec): keep it, so a dead supervisor still takes this
+    // process (and, through PTRACE_O_EXITKILL, the device) along.
+    let mut death_signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int to the valid pointer; getppid has no
+    // preconditions; setgroups with size 0 reads no memory; the rest take integers.
     unsafe {
+        libc::prctl(
+            libc::PR_GET_PDEATHSIG,
+            &mut death_signal as *mut libc::c_int,
+        );
+        let parent = libc::getppid();
         check(
             libc::setgroups(0, std::ptr::null()) as libc::c_long,
             "drop supplementary groups",
         )?;
         check(libc::setresgid(gid, gid, gid) as libc::c_long, "switch gid")?;
         check(libc::setresuid(uid, uid, uid) as libc::c_long, "switch uid")?;
+        if death_signal != 0 {
+            check(
+                libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) as libc::c_long,
+                "keep the parent-death signal",
+            )?;
+            // The parent may have died between the two prctl calls.
+            if libc::getppid() != parent {
+                libc::raise(death_signal);
+            }
+        }
     }
     set_dumpable(true)
 }

@@ -4,7 +4,6 @@
 //! never queued.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,8 +11,8 @@ use std::time::{Duration, Instant};
 use isola_device_common::logging::chain;
 use isola_ipc::input::{InputRequest, InputResponse};
 
-/// How long one request may take before the link is considered broken.
-const TIMEOUT: Duration = Duration::from_secs(1);
+use crate::connector::InputPath;
+
 /// After a failed connect, events are dropped without trying again for this long.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -26,7 +25,7 @@ struct Link {
 /// Where VNC input goes.
 #[derive(Debug)]
 pub struct InputSink {
-    path: Option<PathBuf>,
+    path: Option<InputPath>,
     link: Mutex<Link>,
     sent: AtomicU64,
     dropped: AtomicU64,
@@ -34,7 +33,7 @@ pub struct InputSink {
 
 impl InputSink {
     /// `None`: no `--input`; every event is dropped (and counted).
-    pub fn new(path: Option<PathBuf>) -> InputSink {
+    pub fn new(path: Option<InputPath>) -> InputSink {
         InputSink {
             path,
             link: Mutex::new(Link {
@@ -84,9 +83,9 @@ impl InputSink {
                         self.drop_event("isola-input is not reachable");
                         return;
                     }
-                    match connect(path) {
+                    match path.connect() {
                         Ok(stream) => {
-                            log::info!("connected to isola-input at {}", path.display());
+                            log::info!("connected to isola-input at {}", path.path().display());
                             fresh = true;
                             link.last_failure = None;
                             link.stream.insert(stream)
@@ -94,7 +93,10 @@ impl InputSink {
                         Err(e) => {
                             link.last_failure = Some(Instant::now());
                             drop(link);
-                            self.drop_event(&format!("cannot connect to {}: {e}", path.display()));
+                            self.drop_event(&format!(
+                                "cannot connect to {}: {e}",
+                                path.path().display()
+                            ));
                             return;
                         }
                     }
@@ -122,8 +124,8 @@ impl InputSink {
                     // `fresh` is set by the connect above: one new attempt, no more.
                     fresh = true;
                     link.last_failure = None;
-                    if let Ok(stream) = connect(path) {
-                        log::info!("connected to isola-input at {}", path.display());
+                    if let Ok(stream) = path.connect() {
+                        log::info!("connected to isola-input at {}", path.path().display());
                         link.stream = Some(stream);
                         continue;
                     }
@@ -154,11 +156,4 @@ enum Failure {
 fn exchange(stream: &mut UnixStream, request: &InputRequest) -> Result<InputResponse, Failure> {
     isola_ipc::write_message(stream, request).map_err(Failure::Unsent)?;
     isola_ipc::read_message(stream).map_err(Failure::Unanswered)
-}
-
-fn connect(path: &PathBuf) -> std::io::Result<UnixStream> {
-    let stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    Ok(stream)
 }

@@ -12,12 +12,14 @@
 //! control connections plus one per connection, one per VNC listener, and two per VNC
 //! client.
 
+pub mod connector;
 pub mod control;
 pub mod edid;
 pub mod framebuffer;
 pub mod input;
 pub mod keymap;
 pub mod protocol;
+pub mod sandbox;
 pub mod session;
 pub mod vnc;
 
@@ -28,8 +30,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{bind, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError, Switch};
 use isola_device_common::thread::spawn_named;
 
+use crate::connector::{Connector, ConnectorError, InputPath};
 use crate::edid::MAX_EDID_SIDE;
 use crate::framebuffer::Display;
 use crate::input::InputSink;
@@ -68,6 +72,8 @@ pub struct Cli {
     /// isola-input's control socket, where VNC key and pointer events go.
     #[arg(long, value_name = "PATH")]
     pub input: Option<PathBuf>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +86,16 @@ pub enum ConfigError {
     VncBind(SocketAddr, #[source] std::io::Error),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
 }
@@ -96,6 +108,7 @@ pub struct Config {
     vnc_tcp: Option<TcpListener>,
     vnc_unix: Option<UnixListener>,
     input: Option<PathBuf>,
+    sandbox: SandboxArgs,
 }
 
 impl Config {
@@ -107,6 +120,7 @@ impl Config {
         {
             return Err(ConfigError::Size(w, h));
         }
+        common_sandbox::validate(&cli.sandbox)?;
         if let Some(addr) = cli.vnc {
             if !addr.ip().is_loopback() && !cli.vnc_allow_remote {
                 return Err(ConfigError::Remote(addr));
@@ -126,6 +140,7 @@ impl Config {
             vnc_tcp,
             vnc_unix: cli.vnc_unix.as_deref().map(bind).transpose()?,
             input: cli.input,
+            sandbox: cli.sandbox,
         })
     }
 
@@ -135,10 +150,20 @@ impl Config {
     }
 }
 
-/// Serves until the process is killed.
+/// Enters the sandbox (with the input connector started first, outside it), then serves
+/// until the process is killed.
 pub fn run(config: Config) -> Result<(), RunError> {
+    let input = match config.input {
+        None => None,
+        Some(path) if config.sandbox.sandbox == Switch::Off => Some(InputPath::Direct(path)),
+        Some(path) => {
+            let connector = Connector::spawn(&path, &config.sandbox)?;
+            Some(InputPath::Connector(path, connector))
+        }
+    };
+    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
     let display = Arc::new(Display::new(config.screen.width, config.screen.height));
-    let input = Arc::new(InputSink::new(config.input));
+    let input = Arc::new(InputSink::new(input));
     if let Some(listener) = config.control {
         let display = Arc::clone(&display);
         spawn_named("control-accept", move || control::serve(listener, display))

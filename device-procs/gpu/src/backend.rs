@@ -3,7 +3,6 @@
 //! restarted process needs.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use isola_device_common::chain::{self, Segment};
@@ -21,7 +20,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::device::{Gpu, MAX_REQUEST, NUM_SCANOUTS};
 use crate::display::Display;
 use crate::protocol::HDR_LEN;
-use crate::state::{self, Snapshot};
+use crate::state::{Snapshot, StateFile};
 
 /// VIRTIO_GPU_F_EDID.
 const F_EDID: u32 = 1;
@@ -34,7 +33,7 @@ const CURSOR_QUEUE: u16 = 1;
 pub struct Shared {
     gpu: Mutex<Gpu>,
     display: Display,
-    state_file: Option<PathBuf>,
+    state_file: Option<Mutex<StateFile>>,
     /// A snapshot left by a previous process, restored once guest memory is known.
     pending: Mutex<Option<Snapshot>>,
     /// (st_dev, st_ino) of the guest memory the current state refers to.
@@ -53,11 +52,12 @@ impl Shared {
     }
 
     fn save(&self, gpu: &Gpu) {
-        let Some(path) = &self.state_file else {
+        let Some(file) = &self.state_file else {
             return;
         };
         let id = *self.memory_id.lock().expect("memory id lock");
-        if let Err(e) = state::save(path, &gpu.snapshot(id)) {
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.save(&gpu.snapshot(id)) {
             self.warn(format_args!("{}", error_chain(&e)));
         }
     }
@@ -117,14 +117,14 @@ impl GpuDevice {
         height: u32,
         budget: u64,
         queue_size: u16,
-        state_file: Option<PathBuf>,
+        state_file: Option<StateFile>,
         snapshot: Option<Snapshot>,
     ) -> GpuDevice {
         GpuDevice {
             shared: Arc::new(Shared {
                 gpu: Mutex::new(Gpu::new(width, height, budget)),
                 display: Display::default(),
-                state_file,
+                state_file: state_file.map(Mutex::new),
                 pending: Mutex::new(snapshot),
                 memory_id: Mutex::new(None),
                 last_memory: Mutex::new(Weak::new()),

@@ -11,6 +11,7 @@ pub mod device;
 pub mod display;
 pub mod edid;
 pub mod protocol;
+pub mod sandbox;
 pub mod state;
 
 use std::os::unix::net::UnixListener;
@@ -19,11 +20,12 @@ use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 
 use crate::backend::GpuDevice;
 use crate::edid::MAX_EDID_DIM;
-use crate::state::{Snapshot, StateError};
+use crate::state::{Snapshot, StateError, StateFile};
 
 /// Smallest scanout side.
 pub const MIN_DIM: u32 = 16;
@@ -50,6 +52,8 @@ pub struct Cli {
     /// Largest virtqueue the frontend may set up: a power of two, 4 to 32768.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +68,14 @@ pub enum ConfigError {
     State(#[from] StateError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
     #[error("serving the device")]
     Serve(#[from] ServeError),
 }
@@ -89,9 +97,10 @@ pub struct Config {
     height: u32,
     budget: u64,
     queue_size: u16,
-    state_file: Option<PathBuf>,
+    state_file: Option<StateFile>,
     snapshot: Option<Snapshot>,
     listener: UnixListener,
+    sandbox: SandboxArgs,
 }
 
 impl Config {
@@ -104,16 +113,18 @@ impl Config {
         if !cli.queue_size.is_power_of_two() || !(4..=32768).contains(&cli.queue_size) {
             return Err(ConfigError::QueueSize(cli.queue_size));
         }
-        let snapshot = match &cli.state_file {
-            Some(path) => match state::load(path) {
-                Ok(snap) => snap,
-                Err(StateError::Decode(p)) => {
+        common_sandbox::validate(&cli.sandbox)?;
+        // Opened now: inside the sandbox there is no path to open.
+        let (state_file, snapshot) = match &cli.state_file {
+            Some(path) => match StateFile::open(path) {
+                Ok((file, snap)) => (Some(file), snap),
+                Err(StateError::Unusable(p, file)) => {
                     log::warn!("{} is not a usable state file; starting empty", p.display());
-                    None
+                    (Some(*file), None)
                 }
                 Err(e) => return Err(e.into()),
             },
-            None => None,
+            None => (None, None),
         };
         let listener = cli.listen.listener()?;
         Ok(Config {
@@ -121,15 +132,17 @@ impl Config {
             height,
             budget: cli.max_memory << 20,
             queue_size: cli.queue_size,
-            state_file: cli.state_file,
+            state_file,
             snapshot,
             listener,
+            sandbox: cli.sandbox,
         })
     }
 }
 
-/// Serves the device to one frontend at a time, for ever.
+/// Enters the sandbox, then serves the device to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::enter(&config.sandbox, &sandbox::policy(config.budget))?;
     log::info!(
         "scanout {}x{}, {} MiB for resources{}",
         config.width,
@@ -137,7 +150,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.budget >> 20,
         match (&config.state_file, &config.snapshot) {
             (Some(_), Some(s)) => format!(", {} saved resource(s) to restore", s.resources.len()),
-            (Some(p), None) => format!(", state in {}", p.display()),
+            (Some(f), None) => format!(", state in {}", f.path().display()),
             (None, _) => String::new(),
         }
     );

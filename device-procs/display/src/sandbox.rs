@@ -1,0 +1,219 @@
+//! isola-display's additions to the shared sandbox (`isola_device_common::sandbox`). It is
+//! not a vhost-user backend, but it parses what a GPU backend (and, over VNC, anyone who
+//! reaches the port) sends, so it runs as sandboxed as one. Every listener (GPU socket,
+//! control socket, VNC on TCP and on a Unix socket) is bound before the sandbox; a TCP
+//! listener keeps its original network namespace, so VNC on TCP keeps working in the new,
+//! empty one. Screenshots (PNG) and VNC encodings (zlib) need only memory.
+//!
+//! The one thing it cannot do from an empty root is reach isola-input by path (`--input`,
+//! again after each isola-input restart): [`crate::connector`] does that from outside and
+//! hands over the connected socket, so the display itself makes no socket and no connect.
+
+use isola_device_common::sandbox::{
+    Policy, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
+};
+
+/// Syscalls beyond the shared base, any arguments, and who makes them.
+const SYSCALLS: &[i64] = &[
+    // TcpListener::local_addr for the "VNC on ADDR" log line (lib.rs::run).
+    libc::SYS_getsockname,
+];
+
+fn eq(arg: u8, value: libc::c_int) -> SeccompCondition {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
+        .expect("a valid condition")
+}
+
+/// `setsockopt(fd, level, option, ...)` for that level and option only.
+fn option(level: libc::c_int, option: libc::c_int) -> SeccompRule {
+    SeccompRule::new(vec![eq(1, level), eq(2, option)]).expect("a valid rule")
+}
+
+/// The policy `run` enters before serving.
+pub fn policy() -> Policy {
+    Policy {
+        name: "isola-display",
+        syscalls: SYSCALLS,
+        rules: vec![(
+            libc::SYS_setsockopt,
+            vec![
+                // The VNC handshake's read timeout (vnc::serve_client, set_read_timeout).
+                option(libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+                // VNC over TCP: no Nagle delay on updates (vnc::serve_tcp, set_nodelay).
+                option(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            ],
+        )],
+        host_network: false,
+        // A thread or two and a socket per GPU session, control connection and VNC client;
+        // the listeners and the input link.
+        max_fds: 1024,
+        // The framebuffer (at most MAX_PIXELS, 4096 x 2400 x 4 bytes = 38 MiB), an UPDATE's
+        // payload, a copy and zlib state per VNC client (at most 32), a PNG per screenshot,
+        // 2 MiB stacks for about 100 threads: 4 GiB leaves room for all at once.
+        max_data: 4 << 30,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connector::connector_policy;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under `policy`'s filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(policy: &Policy, body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(policy, SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+
+    fn execve() -> i32 {
+        let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+        raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+    }
+
+    fn open_host_path() -> i32 {
+        let path = c"/etc/passwd".as_ptr() as usize;
+        raw(
+            libc::SYS_openat,
+            [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+        ) as i32
+    }
+
+    fn new_process() -> i32 {
+        raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32
+    }
+
+    fn inet_socket() -> i32 {
+        raw(libc::SYS_socket, [libc::AF_INET as usize, 1, 0, 0, 0, 0]) as i32
+    }
+
+    #[test]
+    fn what_isola_display_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 10] = [
+            execve,
+            open_host_path,
+            new_process,
+            inet_socket,
+            // No socket of any kind, no connect, no bind: isola-input is reached through the
+            // connector.
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            || {
+                let a = c"a".as_ptr() as usize;
+                raw(libc::SYS_connect, [3, a, 2, 0, 0, 0]) as i32
+            },
+            || raw(libc::SYS_bind, [3, 0, 0, 0, 0, 0]) as i32,
+            // setsockopt beyond the two it uses (here SO_BINDTODEVICE).
+            || {
+                let opt = [libc::SOL_SOCKET as usize, libc::SO_BINDTODEVICE as usize];
+                raw(libc::SYS_setsockopt, [usize::MAX, opt[0], opt[1], 0, 0, 0]) as i32
+            },
+            || raw(libc::SYS_ioctl, [0, libc::TIOCSTI as usize, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+        ];
+        for (i, body) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(&policy(), body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_isola_display_does_is_allowed() {
+        let allowed: [fn() -> i32; 4] = [
+            || {
+                let opt = [libc::IPPROTO_TCP as usize, libc::TCP_NODELAY as usize];
+                fails_with(
+                    raw(libc::SYS_setsockopt, [usize::MAX, opt[0], opt[1], 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                let opt = [libc::SOL_SOCKET as usize, libc::SO_RCVTIMEO as usize];
+                fails_with(
+                    raw(libc::SYS_setsockopt, [usize::MAX, opt[0], opt[1], 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_getsockname, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_accept4, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(&policy(), body);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "case {i}: status {status:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_input_connector_may_make_unix_sockets_only_and_nothing_else() {
+        let connector = connector_policy().unwrap();
+        for (i, body) in [execve, open_host_path, new_process, inet_socket]
+            .into_iter()
+            .enumerate()
+        {
+            let status = in_filtered_child(&connector, body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+        let unix_socket: fn() -> i32 = || {
+            let fd = raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]);
+            i32::from(fd < 0)
+        };
+        let status = in_filtered_child(&connector, unix_socket);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! The sandbox of the real `isola-display` process (needs `--features debug-forbidden`): each
+//! forbidden syscall (execve, open of a host path, socket, fork), made from a device thread
+//! once the sandbox is complete, kills the process with SIGSYS and the reaper names the
+//! syscall; with `--seccomp log` the open goes through and finds no host path, and the
+//! input connector (`--input`) ends with the process. (The /proc checks while it serves a
+//! guest are in tests/tests/display.rs.)
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "isola-display-sandbox-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_isola-display"))
+        .arg("--socket")
+        .arg(dir.join("display.sock"))
+        .arg("--input")
+        .arg(dir.join("input.sock"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_end(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "isola-display did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
+    let dir = scratch("sigsys");
+    for (call, nr) in [
+        ("execve", libc::SYS_execve),
+        ("open", libc::SYS_openat),
+        ("socket", libc::SYS_socket),
+        ("fork", libc::SYS_clone),
+    ] {
+        let log = format!("stderr-{call}");
+        let mut child = start(&dir, &log, &["--debug-forbidden-syscall", call]);
+        let status = wait_end(&mut child);
+        let text = std::fs::read_to_string(dir.join(&log)).unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{call}: {status:?}\n{text}"
+        );
+        let line = format!("killed by seccomp: syscall={nr} ");
+        assert!(text.contains(&line), "{call}: no '{line}' in\n{text}");
+        assert!(text.contains("sandboxed: "), "{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
+    let dir = scratch("logmode");
+    let mut child = start(
+        &dir,
+        "stderr",
+        &["--seccomp", "log", "--debug-forbidden-syscall", "open"],
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    let text = loop {
+        let text = std::fs::read_to_string(dir.join("stderr")).unwrap();
+        if text.contains("forbidden syscall Open returned -1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(text.contains("No such file or directory"), "{text}");
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    // The reaper's children: the device and the input connector.
+    let reaper = child.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{reaper}/task/{reaper}/children")).unwrap();
+    let pids: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "device and connector: {children:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    for pid in pids {
+        while !gone(pid) {
+            assert!(Instant::now() < deadline, "{pid} outlived the reaper");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}

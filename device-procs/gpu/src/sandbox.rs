@@ -1,0 +1,192 @@
+//! isola-gpu's additions to the shared sandbox (`isola_device_common::sandbox`): the
+//! positional write of `--state-file` through the descriptor opened before the sandbox
+//! ([`crate::state::StateFile`]: two slots rewritten in place, so no open, no rename and no
+//! path is needed), and two getsockopt queries on the display connection. Everything else it does (the vhost-user connection, guest memory, the
+//! display connection that arrives as a descriptor with `VHOST_USER_GPU_SET_SOCKET` and is
+//! spoken to with sendmsg/recvmsg, its handshake thread, pixel conversion in memory) is in
+//! the base. No network (a new, empty network namespace), no paths, no new processes.
+
+use isola_device_common::sandbox::{
+    Policy, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
+};
+
+/// Syscalls beyond the shared base, and who makes them.
+const SYSCALLS: &[i64] = &[
+    // StateFile::save: write_all_at on the state file's descriptor.
+    libc::SYS_pwrite64,
+];
+
+/// `getsockopt(fd, SOL_SOCKET, option, ...)` for `option` only.
+fn sol_socket_option(option: libc::c_int) -> SeccompRule {
+    let eq = |arg, value: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
+            .expect("a valid condition")
+    };
+    SeccompRule::new(vec![eq(1, libc::SOL_SOCKET), eq(2, option)]).expect("a valid rule")
+}
+
+/// The policy `run` enters before serving, for a resource budget of `budget` bytes.
+pub fn policy(budget: u64) -> Policy {
+    Policy {
+        name: "isola-gpu",
+        syscalls: SYSCALLS,
+        // The vhost crate checks that the descriptor of VHOST_USER_GPU_SET_SOCKET is an
+        // AF_UNIX stream socket (validate_unix_stream_socket_fd): SO_DOMAIN and SO_TYPE,
+        // nothing else of getsockopt.
+        rules: vec![(
+            libc::SYS_getsockopt,
+            vec![
+                sol_socket_option(libc::SO_DOMAIN),
+                sol_socket_option(libc::SO_TYPE),
+            ],
+        )],
+        host_network: false,
+        // Two queues (kick, call, error eventfds, a stop eventfd and an epoll fd each), up to
+        // 64 memory regions, the in-flight region, the connection, the display connection and
+        // the state file.
+        max_fds: 256,
+        // Resources live in private memory: up to --max-memory of them, plus a frame-sized
+        // update buffer per flush kept in the heap (main's mmap threshold; a frame is at
+        // most 4095 x 4095 x 4 bytes, 64 MiB), thread stacks and the heap: 1 GiB more.
+        max_data: budget.saturating_add(1 << 30),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under isola-gpu's filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(&policy(256 << 20), SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+
+    #[test]
+    fn what_isola_gpu_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 11] = [
+            // getsockopt beyond SO_DOMAIN/SO_TYPE (here SO_PEERCRED).
+            || {
+                let opt = [libc::SOL_SOCKET as usize, libc::SO_PEERCRED as usize];
+                raw(libc::SYS_getsockopt, [usize::MAX, opt[0], opt[1], 0, 0, 0]) as i32
+            },
+            || {
+                let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+                raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+            },
+            || {
+                let path = c"/etc/passwd".as_ptr() as usize;
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            || raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32,
+            // The state file is rewritten in place: no rename, no new file, no unlink.
+            || {
+                let (a, b) = (c"a".as_ptr() as usize, c"b".as_ptr() as usize);
+                let cwd = libc::AT_FDCWD as usize;
+                raw(libc::SYS_renameat2, [cwd, a, cwd, b, 0, 0]) as i32
+            },
+            || {
+                let a = c"a".as_ptr() as usize;
+                raw(libc::SYS_unlinkat, [libc::AT_FDCWD as usize, a, 0, 0, 0, 0]) as i32
+            },
+            || {
+                let a = c"a".as_ptr() as usize;
+                raw(libc::SYS_connect, [3, a, 2, 0, 0, 0]) as i32
+            },
+            || raw(libc::SYS_ioctl, [0, libc::TIOCSTI as usize, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+            // Reading files: nothing is read after the sandbox (the state is loaded before).
+            || raw(libc::SYS_pread64, [usize::MAX, 0, 0, 0, 0, 0]) as i32,
+        ];
+        for (i, body) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_isola_gpu_does_is_allowed() {
+        let allowed: [fn() -> i32; 5] = [
+            || {
+                let opt = [libc::SOL_SOCKET as usize, libc::SO_TYPE as usize];
+                fails_with(
+                    raw(libc::SYS_getsockopt, [usize::MAX, opt[0], opt[1], 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_pwrite64, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_sendmsg, [usize::MAX, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || {
+                let name = c"gpu-display".as_ptr() as usize;
+                raw(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_NAME as usize, name, 0, 0, 0, 0],
+                ) as i32
+            },
+            || fails_with(raw(libc::SYS_clone3, [0; 6]), libc::ENOSYS),
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "case {i}: status {status:#x}"
+            );
+        }
+    }
+}
