@@ -20,6 +20,7 @@ use isola_tests::{binary, guest, scratch_dir, Core};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+#[derive(Clone)]
 struct Case {
     name: &'static str,
     /// The supervisor's `--daemon` value.
@@ -122,11 +123,85 @@ fn measure(case: &Case, dir: &Path, kills: usize) -> Option<(Vec<Duration>, Vec<
     Some((to_first, to_restart))
 }
 
+/// The tap of the net case, in a network namespace of this process's own.
+const TAP: &str = "rst0";
+
+/// As root: a private network namespace (inherited by every process the bench starts) with a
+/// tap for isola-net. Returns the tap's interface index.
+fn private_tap() -> Option<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"],
+        &["link", "set", TAP, "up"],
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+    }
+    let name = std::ffi::CString::new(TAP).ok()?;
+    // SAFETY: if_nametoindex reads the NUL-terminated name only.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index as i32)
+}
+
+/// Sends a broadcast ARP request for the guest's address out of the tap every millisecond,
+/// from a thread, for the rest of the run: isola-net completes a receive request for each
+/// one it hands the guest.
+fn arp_every_millisecond(ifindex: i32) {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET socket");
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x06]);
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 10, 0, 0, 1]);
+    frame.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
+    std::thread::spawn(move || {
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields set below make it complete.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex;
+        to.sll_halen = 6;
+        to.sll_addr[..6].fill(0xff);
+        loop {
+            // SAFETY: sends `frame` (valid for its length) to a valid sockaddr_ll.
+            unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
+
 fn main() {
     let kills: usize = std::env::var("ISOLA_BENCH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    // Before any thread starts: unshare needs a single-threaded process.
+    let tap = private_tap();
     let dir = scratch_dir("bench-restart");
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 4 << 20]).expect("scratch image");
@@ -198,6 +273,26 @@ fn main() {
             )],
         },
     ];
+    let mut cases = Vec::from(cases);
+    match tap {
+        Some(ifindex) => {
+            arp_every_millisecond(ifindex);
+            cases.push(Case {
+                name: "net",
+                daemon: format!(
+                    "net:{}:{} --tap {TAP}",
+                    sock("net.sock"),
+                    binary("isola-net").display()
+                ),
+                devices: vec![format!("net,socket={}", sock("net.sock"))],
+                kernel: guest("virtio-net.elf").display().to_string(),
+                cmdline: "virtio-net.idle=3600".into(),
+                input_control: None,
+                helpers: vec![],
+            });
+        }
+        None => println!("(net skipped: needs root, `ip` and a tap)"),
+    }
 
     println!("restart: death (SIGKILL) -> first completed request, {kills} kills per device");
     println!(
