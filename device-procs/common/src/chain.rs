@@ -103,6 +103,16 @@ impl DescriptorChain {
     /// range, no loops, at most one level of indirection, readable buffers before writable
     /// ones, under 4 GiB in total. Buffer addresses are checked when they are used.
     pub fn segments(&self) -> Result<Vec<Segment>, ChainError> {
+        let mut out = Vec::new();
+        self.segments_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Self::segments`], into `out` (cleared first): a device that walks a chain per
+    /// frame reuses one vector instead of allocating each time. On error `out` holds the
+    /// segments walked so far.
+    pub fn segments_into(&self, out: &mut Vec<Segment>) -> Result<(), ChainError> {
+        out.clear();
         if self.head >= self.queue_size {
             return Err(ChainError::HeadOutOfRange(self.head));
         }
@@ -114,7 +124,6 @@ impl DescriptorChain {
             indirect: false,
             total: 0,
         };
-        let mut out: Vec<Segment> = Vec::new();
         loop {
             if walk.budget == 0 {
                 return Err(ChainError::TooLong);
@@ -140,7 +149,7 @@ impl DescriptorChain {
                 writable,
             });
             if flags & VRING_DESC_F_NEXT == 0 {
-                return Ok(out);
+                return Ok(());
             }
             walk.index = desc.next();
             if walk.index >= walk.size {
@@ -326,6 +335,33 @@ mod tests {
         put(&m, 0x3000, 1, 0x6000, 1, F_WRITE, 0);
         let segs = chain(&m, 0).segments().unwrap();
         assert_eq!(segs.iter().map(|s| s.len).collect::<Vec<_>>(), vec![16, 1]);
+    }
+
+    #[test]
+    fn segments_into_reuses_the_vector_it_is_given() {
+        let m = mem();
+        put(&m, 0x1000, 3, 0x4000, 16, F_NEXT, 5);
+        put(&m, 0x1000, 5, 0x5000, 512, F_WRITE, 0);
+        put(&m, 0x1000, 6, 0x6000, 7, 0, 0);
+        let mut out = Vec::with_capacity(8);
+        chain(&m, 3).segments_into(&mut out).unwrap();
+        assert_eq!(out, chain(&m, 3).segments().unwrap());
+        let capacity = out.capacity();
+        // The previous chain's segments are gone, and no new allocation was needed.
+        chain(&m, 6).segments_into(&mut out).unwrap();
+        assert_eq!(
+            out,
+            [Segment {
+                addr: GuestAddress(0x6000),
+                len: 7,
+                writable: false
+            }]
+        );
+        assert_eq!(out.capacity(), capacity);
+        assert_eq!(
+            chain(&m, 8).segments_into(&mut out),
+            Err(ChainError::HeadOutOfRange(8))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use isola_device_common::chain::{self, Segment};
 use isola_device_common::logging::RateLimiter;
+use isola_device_common::memory::Memory;
 use isola_device_common::{DescriptorChain, Progress, QueueContext, QueueError, QueueHandler};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM,
@@ -44,6 +45,11 @@ pub const MIN_FRAME: usize = 14;
 const BATCH: u32 = 64;
 /// Most buffers in one transmitted frame (the kernel's iovec limit, minus the header).
 const MAX_TX_SEGMENTS: usize = 1023;
+/// Frames (header included) up to this size are copied out of guest memory and written
+/// with one plain `write(2)`; larger ones (GSO) are gathered from guest memory in place.
+/// For small frames the copy costs less than the kernel's import of an iovec array, and
+/// what the kernel sees is exactly what was checked.
+const TX_COPY_MAX: usize = 4096;
 
 /// Counters of one device, across queues and connections.
 #[derive(Debug, Default)]
@@ -161,6 +167,27 @@ impl VnetHeader {
     }
 }
 
+/// Copies the first `buf.len()` bytes of `segs` into `buf` (which they hold: the caller
+/// sized it from their total). A buffer in one region is one bounds-checked lookup and one
+/// copy; anything else goes the general way, which also names the buffer at fault.
+fn copy_out(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Result<(), chain::ChainError> {
+    let mut done = 0usize;
+    for (i, seg) in segs.iter().enumerate() {
+        let n = (buf.len() - done).min(seg.len as usize);
+        if n == 0 {
+            continue;
+        }
+        match mem.get_slice(seg.addr, n) {
+            Ok(slice) => {
+                slice.copy_to(&mut buf[done..done + n]);
+            }
+            Err(_) => return chain::read_bytes(mem, &segs[i..], &mut buf[done..]),
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// A rate-limited log of dropped frames.
 struct DropLog {
     limiter: RateLimiter,
@@ -197,6 +224,10 @@ pub struct TxQueue {
     drops: DropLog,
     /// The iovecs of the frame being sent, kept to avoid an allocation per frame.
     iov: Vec<libc::iovec>,
+    /// The buffers of the frame being sent, kept for the same reason.
+    segs: Vec<Segment>,
+    /// A small frame, header included, copied out of guest memory.
+    copy: Vec<u8>,
 }
 
 // SAFETY: `iov` only holds pointers between the start and the end of one `send` call (it
@@ -213,6 +244,8 @@ impl TxQueue {
             stats,
             drops: DropLog::new("tx"),
             iov: Vec::with_capacity(16),
+            segs: Vec::with_capacity(16),
+            copy: vec![0u8; TX_COPY_MAX],
         }
     }
 
@@ -224,19 +257,46 @@ impl TxQueue {
     /// Sends one chain's frame; `Err` is a reason to drop it.
     fn send(&mut self, chain: &DescriptorChain) -> Result<usize, String> {
         let mem = chain.memory();
-        let segs = chain.segments().map_err(|e| e.to_string())?;
+        let mut segs = std::mem::take(&mut self.segs);
+        let result = chain
+            .segments_into(&mut segs)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.send_segments(mem, &segs));
+        self.segs = segs;
+        result
+    }
+
+    fn send_segments(&mut self, mem: &Memory, segs: &[Segment]) -> Result<usize, String> {
         if segs.iter().any(|s| s.writable) {
             return Err("device-writable buffer in a transmit chain".into());
         }
-        let total = chain::total_len(&segs);
+        let total = chain::total_len(segs);
         let Some(len) = usize::try_from(total)
             .ok()
             .and_then(|t| t.checked_sub(VNET_HDR_LEN))
         else {
             return Err("chain shorter than the virtio-net header".into());
         };
+        let fd = self
+            .tap
+            .queue(self.pair)
+            .ok_or("no tap queue for this pair")?
+            .as_fd();
+        if let Some(copy) = self.copy.get_mut(..VNET_HDR_LEN + len) {
+            copy_out(mem, segs, copy).map_err(|e| e.to_string())?;
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            hdr.copy_from_slice(&copy[..VNET_HDR_LEN]);
+            let parsed = VnetHeader::parse(&hdr);
+            if let Some(problem) = parsed.tx_problem(self.features, len, self.mtu) {
+                return Err(problem.into());
+            }
+            return match tap::write_frame(fd, copy) {
+                Ok(_) => Ok(len),
+                Err(e) => Err(format!("the tap refused it: {e}")),
+            };
+        }
         let mut hdr = [0u8; VNET_HDR_LEN];
-        chain::read_bytes(mem, &segs, &mut hdr).map_err(|e| e.to_string())?;
+        chain::read_bytes(mem, segs, &mut hdr).map_err(|e| e.to_string())?;
         let hdr = &mut hdr;
         let parsed = VnetHeader::parse(hdr);
         if let Some(problem) = parsed.tx_problem(self.features, len, self.mtu) {
@@ -250,7 +310,7 @@ impl TxQueue {
             iov_len: VNET_HDR_LEN,
         });
         let mut skip = VNET_HDR_LEN as u64;
-        for seg in &segs {
+        for seg in segs {
             let len = u64::from(seg.len);
             if len <= skip {
                 skip -= len;
@@ -259,6 +319,18 @@ impl TxQueue {
             let addr = seg.addr.checked_add(skip).ok_or("buffer address wraps")?;
             let len = (len - skip) as usize;
             skip = 0;
+            // Nearly every buffer lies in one region: one lookup, no iterator.
+            if let Ok(slice) = mem.get_slice(addr, len) {
+                if self.iov.len() > MAX_TX_SEGMENTS {
+                    return Err("too many buffers in one frame".into());
+                }
+                // The pointer stays valid after `slice` goes, as below.
+                self.iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                    iov_len: slice.len(),
+                });
+                continue;
+            }
             for slice in mem.get_slices(addr, len) {
                 let slice =
                     slice.map_err(|_| format!("buffer at {:#x} is not in guest memory", addr.0))?;
@@ -273,14 +345,10 @@ impl TxQueue {
                 });
             }
         }
-        let fd = self
-            .tap
-            .queue(self.pair)
-            .ok_or("no tap queue for this pair")?
-            .as_fd();
         // SAFETY: the first iovec is `hdr`, alive for the call; the others are ranges of
-        // the guest mapping that `get_slices` bounds-checked, kept mapped by `mem` (borrowed
-        // from `chain`, alive for the call). The kernel only reads them.
+        // the guest mapping that `get_slice`/`get_slices` bounds-checked, kept mapped by
+        // `mem` (borrowed from the chain by `send`, alive for the call). The kernel only
+        // reads them.
         match unsafe { tap::write_iov(fd, &self.iov) } {
             Ok(_) => Ok(len),
             Err(e) => Err(format!("the tap refused it: {e}")),
@@ -288,24 +356,44 @@ impl TxQueue {
     }
 }
 
-impl QueueHandler for TxQueue {
-    fn process(&mut self, queue: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
-        // Idle after a batch: the worker signals the driver and calls again while the ring
-        // has more.
+impl TxQueue {
+    /// Sends up to [`BATCH`] frames; `sent` counts frames and bytes that went out.
+    fn send_batch(
+        &mut self,
+        queue: &mut QueueContext<'_>,
+        sent: &mut (u64, u64),
+    ) -> Result<(), QueueError> {
         for _ in 0..BATCH {
             let Some(chain) = queue.pop()? else {
                 break;
             };
             match self.send(&chain) {
                 Ok(len) => {
-                    Stats::add(&self.stats.tx_frames, 1);
-                    Stats::add(&self.stats.tx_bytes, len as u64);
+                    sent.0 += 1;
+                    sent.1 += len as u64;
                 }
                 Err(reason) => self.drop_frame(&reason),
             }
             queue.complete(chain.head(), 0)?;
+            // A driver that asked to hear once part of the ring is used (EVENT_IDX) hears it
+            // now, not at the end of the batch: it refills while the rest is sent, and the
+            // ring does not run dry while its call waits behind up to a batch of frames.
+            queue.notify()?;
         }
-        Ok(Progress::Idle)
+        Ok(())
+    }
+}
+
+impl QueueHandler for TxQueue {
+    fn process(&mut self, queue: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
+        // Idle after a batch: the worker signals the driver and calls again while the ring
+        // has more.
+        // The shared counters are added to once per batch, not twice per frame.
+        let mut sent = (0u64, 0u64);
+        let result = self.send_batch(queue, &mut sent);
+        Stats::add(&self.stats.tx_frames, sent.0);
+        Stats::add(&self.stats.tx_bytes, sent.1);
+        result.map(|()| Progress::Idle)
     }
 
     fn drain(&mut self, _queue: &mut QueueContext<'_>) -> Result<(), QueueError> {

@@ -284,6 +284,21 @@ pub fn read_frame(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Option<
     }
 }
 
+/// Writes one frame (header included) from `buf`, as one packet.
+pub fn write_frame(fd: BorrowedFd<'_>, buf: &[u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`, a live buffer.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Writes one frame, gathered from `iov`, as one packet.
 ///
 /// # Safety
