@@ -171,7 +171,13 @@ pub fn enter(args: &SandboxArgs, policy: &Policy) -> Result<(), SandboxError> {
     }
     let ids = target_ids(args)?;
     if let Some((uid, gid)) = ids {
+        // A uid change clears the parent-death signal a supervisor set (PR_SET_PDEATHSIG
+        // before exec): set it again, so that the device still dies with its supervisor.
+        let deathsig = parent_death_signal();
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
         switch_ids(uid, gid)?;
+        restore_parent_death_signal(deathsig, parent)?;
     }
     unshare(policy)?;
     set_limits(policy)?;
@@ -297,6 +303,33 @@ fn reaper_failed(child: libc::pid_t, what: &str, e: &dyn std::error::Error) -> !
         libc::kill(child, libc::SIGKILL);
         libc::_exit(1)
     }
+}
+
+/// The signal the process gets when its parent dies (0: none).
+fn parent_death_signal() -> libc::c_int {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which points at `sig`.
+    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut sig as *mut libc::c_int) };
+    sig
+}
+
+/// Sets the parent-death signal `sig` again (after a credential change cleared it); if the
+/// parent died meanwhile (no longer `parent`), the process ends as the signal would have
+/// ended it.
+fn restore_parent_death_signal(sig: libc::c_int, parent: libc::pid_t) -> Result<(), SandboxError> {
+    if sig == 0 {
+        return Ok(());
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes integer arguments only.
+    let ret = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) };
+    check(ret as libc::c_long, "set the parent-death signal")?;
+    // SAFETY: getppid has no preconditions.
+    let parent_now = unsafe { libc::getppid() };
+    if parent_now != parent {
+        // SAFETY: raise sends a signal to this process only.
+        unsafe { libc::raise(sig) };
+    }
+    Ok(())
 }
 
 fn thread_count() -> usize {
