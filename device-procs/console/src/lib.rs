@@ -141,6 +141,12 @@ impl Config {
 pub fn run(config: Config) -> Result<(), RunError> {
     sandbox::single_arena();
     common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
+    if config.sandbox.sandbox == common_sandbox::Switch::On {
+        // A dropped Port removes its socket file or pty link: a path, which the sandbox has
+        // no access to and the filter kills for (unlink). Keep every port alive to the end,
+        // even if serving fails; a stale socket file is replaced at the next start.
+        std::mem::forget(config.ports.clone());
+    }
     let control = if config.multiport {
         let event =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)

@@ -5,9 +5,9 @@
 //! listening socket of a `socket=` port, and the pty (with its `pty=LINK` symlink) of a `pty`
 //! port. None is opened per connection: a user attaching is an `accept` on the listener that
 //! already exists, and a pty stays open for the process's life. So the device needs no path
-//! at all once it serves: no open, no unlink (a port's files are removed only when the
-//! `Port` is dropped, which never happens while the I/O thread holds it; a stale socket file
-//! left by a killed process is replaced at the next start, before the sandbox), no socket,
+//! at all once it serves: no open, no unlink (a dropped `Port` would remove its socket file or
+//! pty link, so `run` keeps every port alive once sandboxed; a stale socket file left by a
+//! killed or failed process is replaced at the next start, before the sandbox), no socket,
 //! no network (a new, empty network namespace).
 //!
 //! Beyond the base, while it serves:
