@@ -121,6 +121,11 @@ impl IsolaNet {
         IsolaNet { child, log }
     }
 
+    /// The pid it was started as (with the sandbox: the reaper's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();

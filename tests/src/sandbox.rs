@@ -31,6 +31,17 @@ pub fn device_pid(reaper: u32) -> u32 {
 /// unprivileged uid (when the test runs as root), namespaces other than the test's, and an
 /// empty root that is not the host's.
 pub fn assert_sandboxed(pid: u32, what: &str) {
+    check_sandboxed(pid, what, false);
+}
+
+/// [`assert_sandboxed`] for `isola-net`, which keeps its launcher's network namespace: the
+/// calling thread's (the network tests run in a namespace of their own); every other
+/// namespace must still differ.
+pub fn assert_sandboxed_on_host_network(pid: u32, what: &str) {
+    check_sandboxed(pid, what, true);
+}
+
+fn check_sandboxed(pid: u32, what: &str, host_network: bool) {
     assert_eq!(
         status_field(pid, "Seccomp"),
         "2",
@@ -54,8 +65,15 @@ pub fn assert_sandboxed(pid: u32, what: &str) {
     }
     for ns in ["user", "mnt", "ipc", "uts", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{what}: {ns} namespace");
+        let ours = std::fs::read_link(format!("/proc/thread-self/ns/{ns}")).unwrap();
+        if ns == "net" && host_network {
+            assert_eq!(
+                theirs, ours,
+                "{what}: keeps its launcher's network namespace"
+            );
+        } else {
+            assert_ne!(theirs, ours, "{what}: {ns} namespace");
+        }
     }
     let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
     let host = std::fs::metadata("/").unwrap();

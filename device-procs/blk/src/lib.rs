@@ -170,6 +170,7 @@ impl Config {
 
 /// Enters the sandbox, then serves the image to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::single_arena();
     common_sandbox::enter(&config.sandbox, &sandbox::policy(config.engine))?;
     log::info!(
         "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine",

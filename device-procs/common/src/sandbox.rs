@@ -156,6 +156,17 @@ pub fn validate(args: &SandboxArgs) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Makes every thread allocate from glibc's main arena (`M_ARENA_MAX` 1). Call it before the
+/// sandbox, while the process has one thread. Why: with its default of one arena per thread,
+/// glibc reads `/sys/devices/system/cpu/online` when the ninth thread first allocates (to
+/// size its arena limit) and `/proc/sys/vm/overcommit_memory` when it first trims a thread
+/// arena; inside the sandbox either open is a seccomp kill (it was: isola-input with 16
+/// control clients). The main arena grows with brk and opens nothing.
+pub fn single_arena() {
+    // SAFETY: mallopt only changes allocator tuning; the process is still single-threaded.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// Enters the sandbox described in the module documentation, or (with `--sandbox off`) only
 /// says loudly that it does not. Returns in the device process; the reaper never returns.
 pub fn enter(args: &SandboxArgs, policy: &Policy) -> Result<(), SandboxError> {
@@ -171,7 +182,13 @@ pub fn enter(args: &SandboxArgs, policy: &Policy) -> Result<(), SandboxError> {
     }
     let ids = target_ids(args)?;
     if let Some((uid, gid)) = ids {
+        // A uid change clears the parent-death signal a supervisor set (PR_SET_PDEATHSIG
+        // before exec): set it again, so that the device still dies with its supervisor.
+        let deathsig = parent_death_signal();
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
         switch_ids(uid, gid)?;
+        restore_parent_death_signal(deathsig, parent)?;
     }
     unshare(policy)?;
     set_limits(policy)?;
@@ -299,6 +316,33 @@ fn reaper_failed(child: libc::pid_t, what: &str, e: &dyn std::error::Error) -> !
     }
 }
 
+/// The signal the process gets when its parent dies (0: none).
+fn parent_death_signal() -> libc::c_int {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which points at `sig`.
+    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut sig as *mut libc::c_int) };
+    sig
+}
+
+/// Sets the parent-death signal `sig` again (after a credential change cleared it); if the
+/// parent died meanwhile (no longer `parent`), the process ends as the signal would have
+/// ended it.
+fn restore_parent_death_signal(sig: libc::c_int, parent: libc::pid_t) -> Result<(), SandboxError> {
+    if sig == 0 {
+        return Ok(());
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes integer arguments only.
+    let ret = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) };
+    check(ret as libc::c_long, "set the parent-death signal")?;
+    // SAFETY: getppid has no preconditions.
+    let parent_now = unsafe { libc::getppid() };
+    if parent_now != parent {
+        // SAFETY: raise sends a signal to this process only.
+        unsafe { libc::raise(sig) };
+    }
+    Ok(())
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
@@ -306,34 +350,14 @@ fn thread_count() -> usize {
 }
 
 fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
-    // A change of credentials clears the parent-death signal a supervisor asked for
-    // (PR_SET_PDEATHSIG in its pre-exec): keep it, so a dead supervisor still takes this
-    // process (and, through PTRACE_O_EXITKILL, the device) along.
-    let mut death_signal: libc::c_int = 0;
-    // SAFETY: PR_GET_PDEATHSIG writes one int to the valid pointer; getppid has no
-    // preconditions; setgroups with size 0 reads no memory; the rest take integers.
+    // SAFETY: setgroups with size 0 reads no memory; setresgid/setresuid take integers.
     unsafe {
-        libc::prctl(
-            libc::PR_GET_PDEATHSIG,
-            &mut death_signal as *mut libc::c_int,
-        );
-        let parent = libc::getppid();
         check(
             libc::setgroups(0, std::ptr::null()) as libc::c_long,
             "drop supplementary groups",
         )?;
         check(libc::setresgid(gid, gid, gid) as libc::c_long, "switch gid")?;
         check(libc::setresuid(uid, uid, uid) as libc::c_long, "switch uid")?;
-        if death_signal != 0 {
-            check(
-                libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) as libc::c_long,
-                "keep the parent-death signal",
-            )?;
-            // The parent may have died between the two prctl calls.
-            if libc::getppid() != parent {
-                libc::raise(death_signal);
-            }
-        }
     }
     set_dumpable(true)
 }

@@ -13,12 +13,14 @@ pub mod device;
 pub mod io;
 pub mod port;
 pub mod record;
+pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -51,6 +53,8 @@ pub struct Cli {
     /// Largest virtqueue the frontend may set up: a power of two, 4 to 32768.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,8 @@ pub enum ConfigError {
     EventFd(#[source] nix::Error),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,8 @@ pub enum RunError {
     Io(#[source] std::io::Error),
     #[error("serving the console")]
     Serve(#[from] ServeError),
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// A validated configuration: logs open, sockets listening, ptys created.
@@ -84,6 +92,7 @@ pub struct Config {
     queue_size: u16,
     io_wake: Arc<EventFd>,
     listener: UnixListener,
+    sandbox: SandboxArgs,
 }
 
 impl Config {
@@ -99,6 +108,7 @@ impl Config {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::DuplicateName(w[0].to_owned()));
         }
+        common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let io_wake = Arc::new(
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(ConfigError::EventFd)?,
@@ -121,12 +131,22 @@ impl Config {
             queue_size: cli.queue_size,
             io_wake,
             listener,
+            sandbox: cli.sandbox,
         })
     }
 }
 
-/// Serves the console to one frontend at a time, for ever.
+/// Enters the sandbox ([`sandbox`]: every file, socket and pty is already open), then
+/// serves the console to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::single_arena();
+    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
+    if config.sandbox.sandbox == common_sandbox::Switch::On {
+        // A dropped Port removes its socket file or pty link: a path, which the sandbox has
+        // no access to and the filter kills for (unlink). Keep every port alive to the end,
+        // even if serving fails; a stale socket file is replaced at the next start.
+        std::mem::forget(config.ports.clone());
+    }
     let control = if config.multiport {
         let event =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)

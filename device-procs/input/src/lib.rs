@@ -15,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod sandbox;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{bind, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 
 use crate::backend::InputDevice;
@@ -51,6 +53,8 @@ pub struct Cli {
     /// Events each device holds while the guest takes none; reports beyond it are refused.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PENDING)]
     pub max_pending: usize,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,8 @@ pub enum ConfigError {
     Listen(#[from] ListenError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Sandbox(SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,8 @@ pub enum RunError {
     Thread(#[source] std::io::Error),
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// A validated configuration: every socket is listening.
@@ -83,6 +91,7 @@ pub struct Config {
     control: UnixListener,
     control_path: PathBuf,
     targets: Targets,
+    sandbox: SandboxArgs,
 }
 
 impl Config {
@@ -93,6 +102,7 @@ impl Config {
         if cli.keyboard_socket.is_some() && cli.keyboard_socket == cli.tablet_socket {
             return Err(ConfigError::SameSocket);
         }
+        common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let mut targets = Targets::default();
         let mut devices = Vec::new();
         for (kind, path) in [
@@ -139,12 +149,16 @@ impl Config {
             control,
             control_path: cli.control_socket,
             targets,
+            sandbox: cli.sandbox,
         })
     }
 }
 
-/// Serves the devices and the control socket for ever.
+/// Enters the sandbox ([`sandbox`]: the three sockets are already bound), then serves the
+/// devices and the control socket for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::single_arena();
+    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
     let mut threads = Vec::new();
     for (device, listener) in config.devices {
         let kind = device.events().kind();

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod sandbox;
 pub mod tap;
 
 use std::os::fd::RawFd;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
 use isola_device_common::ServeError;
 
 use crate::backend::NetDevice;
@@ -50,6 +52,8 @@ pub struct Cli {
     /// Largest virtqueue the frontend may set up: a power of two, 4 to 32768.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// `--tap NAME` or `--tap-fd N` (repeatable).
@@ -85,12 +89,16 @@ pub enum ConfigError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Sandbox(SandboxError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("serving the network device")]
     Serve(#[from] ServeError),
+    #[error("entering the sandbox")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -121,6 +129,7 @@ pub struct Config {
     mac: [u8; 6],
     mtu: u16,
     queue_size: u16,
+    sandbox: SandboxArgs,
 }
 
 impl Config {
@@ -135,6 +144,7 @@ impl Config {
             return Err(ConfigError::Mtu(cli.mtu));
         }
         let mac = parse_mac(&cli.mac)?;
+        common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let tap = match &cli.tap.tap {
             Some(name) => Tap::open(name, cli.queue_pairs)?,
             None => {
@@ -155,12 +165,16 @@ impl Config {
             mac,
             mtu: cli.mtu,
             queue_size: cli.queue_size,
+            sandbox: cli.sandbox,
         })
     }
 }
 
-/// Serves the tap to one frontend at a time, for ever.
+/// Enters the sandbox (keeping the host's network namespace: [`sandbox`]), then serves the
+/// tap to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    common_sandbox::single_arena();
+    common_sandbox::enter(&config.sandbox, &sandbox::policy())?;
     let m = config.mac;
     log::info!(
         "serving tap {} ({} queue pairs), mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, mtu {}, queues of up to {}",

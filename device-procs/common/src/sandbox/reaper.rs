@@ -56,8 +56,9 @@ fn seccomp_victim(tid: libc::pid_t) -> Option<u64> {
 ///
 /// Every thread of a process killed by seccomp stops at its exit with SIGSYS, each in the
 /// syscall it was blocked in, in no set order. When the device is gone, the one named is the
-/// first whose syscall the allowlist does not have at all; else one allowed only with some
-/// arguments (refused for its arguments); else the first.
+/// first whose syscall the allowlist does not have at all (a thread outside any syscall,
+/// `orig_rax` -1, does not count); else one allowed only with some arguments (refused for
+/// its arguments); else the first.
 pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i64>)) -> ! {
     let (unconditional, conditional) = allowlist;
     let mut victims: Vec<(i64, libc::pid_t)> = Vec::new();
@@ -76,9 +77,13 @@ pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i6
             exit(1);
         }
         if tid == child && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+            // A thread that was not in a syscall when the process died (running, or
+            // between calls) shows orig_rax -1: never the one the filter caught.
             let culprit = victims
                 .iter()
-                .find(|(nr, _)| !unconditional.contains(nr) && !conditional.contains(nr))
+                .find(|(nr, _)| {
+                    *nr >= 0 && !unconditional.contains(nr) && !conditional.contains(nr)
+                })
                 .or_else(|| victims.iter().find(|(nr, _)| conditional.contains(nr)))
                 .or(victims.first());
             if let Some(&(nr, tid)) = culprit {

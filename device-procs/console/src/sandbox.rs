@@ -1,0 +1,213 @@
+//! isola-console's additions to the shared sandbox (`isola_device_common::sandbox`).
+//!
+//! Everything with a path is opened by `Config::from_cli`, before the sandbox: each port's
+//! log file (append-only) and its delivery record (`LOG.isola-record`), the user-side
+//! listening socket of a `socket=` port, and the pty (with its `pty=LINK` symlink) of a `pty`
+//! port. None is opened per connection: a user attaching is an `accept` on the listener that
+//! already exists, and a pty stays open for the process's life. So the device needs no path
+//! at all once it serves: no open, no unlink (a dropped `Port` would remove its socket file or
+//! pty link, so `run` keeps every port alive once sandboxed; a stale socket file left by a
+//! killed or failed process is replaced at the next start, before the sandbox), no socket,
+//! no network (a new, empty network namespace).
+//!
+//! Beyond the base, while it serves:
+//! - `pwrite64`: the delivery record is rewritten in place at offset 0 before and after each
+//!   transmit buffer is appended to a log (`Record::store`).
+//! - `ioctl`, three request numbers only:
+//!   - `TIOCGWINSZ`: the I/O thread polls each pty's window size to send a resize to the
+//!     driver (`port::winsize`, from `io.rs`);
+//!   - `FIONREAD`: how many bytes a user socket still holds when it hangs up, so the last
+//!     bytes reach the guest (`io.rs`, `stream_ready`);
+//!   - `FIONBIO`: a newly accepted user connection is made non-blocking
+//!     (`UnixStream::set_nonblocking`, `io.rs`, `accept`).
+//!
+//!   In particular `TIOCSTI` (push characters into a terminal's input) and every other tty
+//!   ioctl are forbidden.
+
+use isola_device_common::sandbox::{
+    Policy, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
+};
+
+/// Syscalls beyond the shared base, any arguments.
+const SYSCALLS: &[i64] = &[
+    // The delivery record, rewritten in place (record.rs, Record::store).
+    libc::SYS_pwrite64,
+];
+
+/// The ioctls the device makes while serving (module documentation).
+pub const IOCTLS: [u64; 3] = [libc::TIOCGWINSZ, libc::FIONREAD, libc::FIONBIO];
+
+/// The policy `run` enters before serving.
+pub fn policy() -> Policy {
+    let ioctl_rules = IOCTLS
+        .iter()
+        .filter_map(|&request| {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                .ok()?;
+            SeccompRule::new(vec![cond]).ok()
+        })
+        .collect();
+    Policy {
+        name: "isola-console",
+        syscalls: SYSCALLS,
+        rules: vec![(libc::SYS_ioctl, ioctl_rules)],
+        host_network: false,
+        // Per port (at most 31): a log, its record, a listener and a user, or a pty's master
+        // and slave, and a receive eventfd; per queue (at most 64): kick, call, error and
+        // stop eventfds and an epoll fd; up to 64 memory regions, the in-flight region, the
+        // listener and the connection.
+        max_fds: 1024,
+        // Heap (port buffers), one 2 MiB stack per thread; guest RAM is a shared mapping and
+        // does not count.
+        max_data: 1 << 30,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under isola-console's filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(&policy(), SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+    /// An fd number nothing has open.
+    const BAD_FD: usize = 0x7fff_ffff;
+
+    #[test]
+    fn what_isola_console_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 9] = [
+            || {
+                let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+                raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+            },
+            || {
+                let path = c"/etc/passwd".as_ptr() as usize;
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            // A log is never reopened, a socket file never removed, while serving.
+            || {
+                let path = c"/tmp/x.log".as_ptr() as usize;
+                raw(
+                    libc::SYS_unlinkat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            || raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32,
+            // Typing into a terminal, and setting a pty's size or modes: not the device's.
+            || {
+                raw(
+                    libc::SYS_ioctl,
+                    [BAD_FD, libc::TIOCSTI as usize, 0, 0, 0, 0],
+                ) as i32
+            },
+            || {
+                raw(
+                    libc::SYS_ioctl,
+                    [BAD_FD, libc::TIOCSWINSZ as usize, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_ioctl, [BAD_FD, libc::TCSETS as usize, 0, 0, 0, 0]) as i32,
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+        ];
+        for (i, body) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_isola_console_does_is_allowed() {
+        // On an fd nothing has open each fails with EBADF if the filter lets it through.
+        let allowed: [fn() -> i32; 5] = [
+            || {
+                fails_with(
+                    raw(
+                        libc::SYS_ioctl,
+                        [BAD_FD, libc::TIOCGWINSZ as usize, 0, 0, 0, 0],
+                    ),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(
+                        libc::SYS_ioctl,
+                        [BAD_FD, libc::FIONREAD as usize, 0, 0, 0, 0],
+                    ),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(
+                        libc::SYS_ioctl,
+                        [BAD_FD, libc::FIONBIO as usize, 0, 0, 0, 0],
+                    ),
+                    libc::EBADF,
+                )
+            },
+            || {
+                fails_with(
+                    raw(libc::SYS_pwrite64, [BAD_FD, 0, 0, 0, 0, 0]),
+                    libc::EBADF,
+                )
+            },
+            || fails_with(raw(libc::SYS_accept4, [BAD_FD, 0, 0, 0, 0, 0]), libc::EBADF),
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "case {i}: status {status:#x}"
+            );
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! isola-input's additions to the shared sandbox (`isola_device_common::sandbox`).
+//!
+//! `Config::from_cli` binds all three sockets before the sandbox: the keyboard's and the
+//! tablet's vhost-user sockets and the control socket (replacing a stale socket file a
+//! killed predecessor left, as a supervisor's restart finds it: `cli::bind`). Once it serves,
+//! the process only accepts on those listeners: frontends on the two device sockets, control
+//! clients (`isolactl`, isola-display) on the third, each client on a thread of its own
+//! (clone with CLONE_THREAD, which the base allows; no new process). No path, no socket, no
+//! network (a new, empty network namespace).
+//!
+//! Beyond the base, one call with checked arguments:
+//! - `setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO | SO_SNDTIMEO, ...)`: a control client's frame
+//!   must arrive, and an answer be taken, within `control::READ_TIMEOUT`
+//!   (`UnixStream::set_read_timeout` / `set_write_timeout` in `control::serve_client`). No
+//!   other level or option.
+
+use isola_device_common::sandbox::{
+    Policy, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
+};
+
+/// Syscalls beyond the shared base, any arguments: none.
+const SYSCALLS: &[i64] = &[];
+
+/// The socket options the control thread sets (module documentation).
+pub const SOCKET_OPTIONS: [u64; 2] = [libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
+
+fn condition(arg: u8, value: u64) -> Option<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).ok()
+}
+
+/// The policy `run` enters before serving.
+pub fn policy() -> Policy {
+    let setsockopt_rules = SOCKET_OPTIONS
+        .iter()
+        .filter_map(|&option| {
+            let level = condition(1, libc::SOL_SOCKET as u64)?;
+            SeccompRule::new(vec![level, condition(2, option)?]).ok()
+        })
+        .collect();
+    Policy {
+        name: "isola-input",
+        syscalls: SYSCALLS,
+        rules: vec![(libc::SYS_setsockopt, setsockopt_rules)],
+        host_network: false,
+        // Three listeners, two frontend connections with their memory regions (up to 64
+        // each), in-flight regions and per-queue eventfds, at most 16 control clients.
+        max_fds: 1024,
+        // Heap (bounded event queues), one 2 MiB stack per thread (at most 16 control
+        // clients, two servers and their queue workers); guest RAM does not count.
+        max_data: 1 << 30,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+
+    /// Runs `body` in a forked child under isola-input's filters; returns its wait status.
+    /// The child makes raw syscalls only: the filters are built before the fork.
+    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
+        let programs = device_programs(&policy(), SeccompMode::Kill).unwrap();
+        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+        // _exits; it takes no lock another thread of the test binary could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if install(&programs).is_ok() {
+                body()
+            } else {
+                100
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+        let got = std::io::Error::last_os_error().raw_os_error();
+        i32::from(!(ret == -1 && got == Some(errno)))
+    }
+
+    /// A raw syscall with six integer arguments.
+    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+        // strings or arrays; the kernel rejects or only reads what they point to.
+        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    }
+
+    static NO_ARGS: [usize; 1] = [0];
+    /// An fd number nothing has open.
+    const BAD_FD: usize = 0x7fff_ffff;
+    const SOL_SOCKET: usize = libc::SOL_SOCKET as usize;
+
+    #[test]
+    fn what_isola_input_must_never_do_kills_it() {
+        let forbidden: [fn() -> i32; 9] = [
+            || {
+                let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+                raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+            },
+            || {
+                let path = c"/etc/passwd".as_ptr() as usize;
+                raw(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+                ) as i32
+            },
+            || raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]) as i32,
+            // Binding or connecting anew: every socket was bound before the sandbox.
+            || raw(libc::SYS_bind, [BAD_FD, 0, 0, 0, 0, 0]) as i32,
+            || raw(libc::SYS_connect, [BAD_FD, 0, 0, 0, 0, 0]) as i32,
+            || raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32,
+            // Socket options other than the two timeouts.
+            || {
+                let option = libc::SO_PASSCRED as usize;
+                raw(libc::SYS_setsockopt, [BAD_FD, SOL_SOCKET, option, 0, 0, 0]) as i32
+            },
+            || {
+                raw(
+                    libc::SYS_ioctl,
+                    [BAD_FD, libc::TIOCSTI as usize, 0, 0, 0, 0],
+                ) as i32
+            },
+            || {
+                raw(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+                ) as i32
+            },
+        ];
+        for (i, body) in forbidden.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
+        }
+    }
+
+    #[test]
+    fn what_isola_input_does_is_allowed() {
+        // On an fd nothing has open each fails with EBADF if the filter lets it through.
+        let allowed: [fn() -> i32; 4] = [
+            || {
+                let option = libc::SO_RCVTIMEO as usize;
+                let ret = raw(libc::SYS_setsockopt, [BAD_FD, SOL_SOCKET, option, 0, 0, 0]);
+                fails_with(ret, libc::EBADF)
+            },
+            || {
+                let option = libc::SO_SNDTIMEO as usize;
+                let ret = raw(libc::SYS_setsockopt, [BAD_FD, SOL_SOCKET, option, 0, 0, 0]);
+                fails_with(ret, libc::EBADF)
+            },
+            || fails_with(raw(libc::SYS_accept4, [BAD_FD, 0, 0, 0, 0, 0]), libc::EBADF),
+            // A control client's thread (CLONE_THREAD) is allowed; clone3 falls back to it.
+            || fails_with(raw(libc::SYS_clone3, [0; 6]), libc::ENOSYS),
+        ];
+        for (i, body) in allowed.into_iter().enumerate() {
+            let status = in_filtered_child(body);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "case {i}: status {status:#x}"
+            );
+        }
+    }
+}
