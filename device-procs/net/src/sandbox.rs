@@ -54,49 +54,12 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isola_device_common::sandbox::{device_programs, install, SeccompMode};
+    use isola_device_common::testing::seccomp::{self, fails_with, killed_by_sigsys, raw, NO_ARGS};
 
-    /// Runs `body` in a forked child under isola-net's filters; returns its wait status.
-    /// The child makes raw syscalls only: the filters are built before the fork.
+    /// Runs `body` in a forked child under isola-net's filters.
     fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
-        let programs = device_programs(&policy(), SeccompMode::Kill).unwrap();
-        // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
-        // _exits; it takes no lock another thread of the test binary could hold.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let code = if install(&programs).is_ok() {
-                body()
-            } else {
-                100
-            };
-            // SAFETY: _exit never returns.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a valid out-pointer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        status
+        seccomp::in_filtered_child(&policy(), body)
     }
-
-    fn killed_by_sigsys(status: libc::c_int) -> bool {
-        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
-    }
-
-    /// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
-    fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
-        let got = std::io::Error::last_os_error().raw_os_error();
-        i32::from(!(ret == -1 && got == Some(errno)))
-    }
-
-    /// A raw syscall with six integer arguments.
-    fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
-        // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
-        // strings or arrays; the kernel rejects or only reads what they point to.
-        unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
-    }
-
-    static NO_ARGS: [usize; 1] = [0];
 
     #[test]
     fn what_isola_net_must_never_do_kills_it() {

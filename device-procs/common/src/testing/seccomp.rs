@@ -1,0 +1,58 @@
+//! A harness for unit tests of a device's seccomp [`Policy`]: run a function that makes raw
+//! syscalls in a forked child under the policy's filters (in kill mode) and look at how the
+//! child ended. Each device keeps its own cases (what it must never do, what it may do);
+//! only the machinery lives here. Test code: failures panic.
+
+use crate::sandbox::{device_programs, install, Policy, SeccompMode};
+
+/// Runs `body` in a forked child under `policy`'s filters; returns its wait status.
+/// The child makes raw syscalls only: the filters are built before the fork. The child
+/// exits with `body`'s result, or 100 if the filters could not be installed.
+pub fn in_filtered_child(policy: &Policy, body: fn() -> i32) -> libc::c_int {
+    let programs = device_programs(policy, SeccompMode::Kill).unwrap();
+    // SAFETY: the child only installs the prebuilt filters, makes raw syscalls and
+    // _exits; it takes no lock another thread of the test binary could hold.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = if install(&programs).is_ok() {
+            body()
+        } else {
+            100
+        };
+        // SAFETY: _exit never returns.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` is a valid out-pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    status
+}
+
+/// Whether a wait status says the filter killed the child (SIGSYS).
+pub fn killed_by_sigsys(status: libc::c_int) -> bool {
+    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+}
+
+/// The exit code in a wait status, if the child exited.
+pub fn exited(status: libc::c_int) -> Option<i32> {
+    libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
+}
+
+/// 0 if the syscall returned -1 with `errno`, else 1 (the child's exit code).
+pub fn fails_with(ret: libc::c_long, errno: i32) -> i32 {
+    let got = std::io::Error::last_os_error().raw_os_error();
+    i32::from(!(ret == -1 && got == Some(errno)))
+}
+
+/// A raw syscall with six integer arguments.
+pub fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
+    // SAFETY: the tests pass only integers, null pointers and pointers to 'static C
+    // strings or arrays; the kernel rejects or only reads what they point to.
+    unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+}
+
+/// An empty, null-terminated argv/envp array for `execve`.
+pub static NO_ARGS: [usize; 1] = [0];
+/// An fd number nothing has open.
+pub const BAD_FD: usize = 0x7fff_ffff;
