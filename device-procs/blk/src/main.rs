@@ -3,44 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use isola_blk::{run, Cli, Config};
-use isola_device_common::logging;
-
-/// A clap error on one line: its first paragraph, whitespace collapsed.
-fn one_line(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let message = text.split("\n\n").next().unwrap_or(&text);
-    let message = message.strip_prefix("error: ").unwrap_or(message);
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+use isola_blk::{run, Config};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help, --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("isola-blk: {}", one_line(&e));
-            return ExitCode::from(2);
-        }
-    };
-    logging::init("isola-blk");
-    let config = match Config::from_cli(cli) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("isola-blk: {}", logging::chain(&e));
-            return ExitCode::from(2);
-        }
-    };
-    match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{}", logging::chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    isola_device_common::cli::main("isola-blk", Config::from_cli, run)
 }

@@ -116,6 +116,62 @@ fn adopt(fd: RawFd) -> Result<UnixListener, ListenError> {
     Ok(UnixListener::from(owned))
 }
 
+/// A device process's `main`: command line -> validated configuration -> run.
+///
+/// Bad input (a clap error, or `from_cli` failing) is one line on stderr, `NAME: message`,
+/// and exit status 2; `--help` and `--version` print and exit 0. Logging starts once the
+/// command line parses. A failure while running is logged (with its causes) and exit
+/// status 1. Anything a device must do before all of this (allocator tuning) stays in its
+/// own `main`, before calling this.
+pub fn main<C, Cfg, E1, E2>(
+    name: &str,
+    from_cli: impl FnOnce(C) -> Result<Cfg, E1>,
+    run: impl FnOnce(Cfg) -> Result<(), E2>,
+) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    E1: std::error::Error,
+    E2: std::error::Error,
+{
+    use std::process::ExitCode;
+
+    let cli = match C::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{name}: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(name);
+    let config = match from_cli(cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{name}: {}", crate::logging::chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{}", crate::logging::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A clap error on one line: its first paragraph, whitespace collapsed.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let message = text.split("\n\n").next().unwrap_or(&text);
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

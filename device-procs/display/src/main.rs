@@ -3,17 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use isola_device_common::logging;
-use isola_display::{run, Cli, Config};
-
-/// A clap error on one line: its first paragraph, whitespace collapsed.
-fn one_line(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let message = text.split("\n\n").next().unwrap_or(&text);
-    let message = message.strip_prefix("error: ").unwrap_or(message);
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+use isola_display::{run, Config};
 
 fn main() -> ExitCode {
     // Two files glibc's malloc reads on its own, which the sandbox (empty root, no open)
@@ -31,30 +21,5 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
         libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(4096) as libc::c_int);
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("isola-display: {}", one_line(&e));
-            return ExitCode::from(2);
-        }
-    };
-    logging::init("isola-display");
-    let config = match Config::from_cli(cli) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("isola-display: {}", logging::chain(&e));
-            return ExitCode::from(2);
-        }
-    };
-    match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{}", logging::chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    isola_device_common::cli::main("isola-display", Config::from_cli, run)
 }
