@@ -13,11 +13,13 @@
 
 mod support;
 
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use isola_device_common::testing::process::{
+    assert_sandboxed, device_pid, gone, status_field, wait_end,
+};
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
 use support::{patterned_image, Backend, Scratch, TIMEOUT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
@@ -53,65 +55,6 @@ fn read_once(socket: &Path, image: &[u8]) -> (vhost::vhost_user::Frontend, Guest
     (fe, ram)
 }
 
-/// The value of `key:` in /proc/PID/status.
-fn status_field(pid: u32, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .trim()
-        .to_owned()
-}
-
-fn assert_sandboxed(pid: u32, what: &str) {
-    assert_eq!(
-        status_field(pid, "Seccomp"),
-        "2",
-        "{what}: seccomp filter mode"
-    );
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
-    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(
-            status_field(pid, caps),
-            "0000000000000000",
-            "{what}: {caps}"
-        );
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let uid = status_field(pid, "Uid");
-        assert!(
-            uid.split_whitespace().all(|u| u == "65534"),
-            "{what}: Uid {uid}"
-        );
-    }
-    for ns in ["user", "mnt", "ipc", "uts", "net"] {
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{what}: {ns} namespace");
-    }
-    // Its root is not the host's, and holds nothing.
-    let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
-    let host = std::fs::metadata("/").unwrap();
-    assert_ne!((root.dev(), root.ino()), (host.dev(), host.ino()), "{what}");
-    let entries = std::fs::read_dir(format!("/proc/{pid}/root/"))
-        .unwrap()
-        .count();
-    assert_eq!(entries, 0, "{what}: its root is not empty");
-}
-
-/// The device process: the reaper's only child.
-fn device_pid(reaper: u32) -> u32 {
-    let children = std::fs::read_to_string(format!("/proc/{reaper}/task/{reaper}/children"))
-        .unwrap_or_default();
-    let pids: Vec<u32> = children
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 1, "the reaper has one child: {children:?}");
-    pids[0]
-}
-
 #[test]
 fn both_processes_are_sandboxed_while_serving_and_a_second_frontend_is_served() {
     let dir = Scratch::new("proc");
@@ -136,18 +79,6 @@ fn both_processes_are_sandboxed_while_serving_and_a_second_frontend_is_served() 
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
 }
 
-/// Waits for the backend to end; its status.
-fn wait_end(backend: &mut Backend) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = backend.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "isola-blk did not end");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     let dir = Scratch::new("sigsys");
@@ -168,7 +99,7 @@ fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
             log,
             &["--engine", engine, "--debug-forbidden-syscall", call],
         );
-        let status = wait_end(&mut backend);
+        let status = wait_end(&mut backend.child, "isola-blk");
         let text = backend.log_text();
         assert_eq!(
             status.signal(),
@@ -207,16 +138,6 @@ fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
     let _session = read_once(&socket, &data);
 }
 
-/// Whether `pid` is gone (or a zombie nobody has reaped yet).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
 #[test]
 fn stopping_the_reaper_stops_the_device() {
     let dir = Scratch::new("term");
@@ -228,7 +149,7 @@ fn stopping_the_reaper_stops_the_device() {
     let device = device_pid(backend.child.id());
     // SAFETY: kill takes integers; the pid is our own child.
     unsafe { libc::kill(backend.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = wait_end(&mut backend);
+    let status = wait_end(&mut backend.child, "isola-blk");
     assert_eq!(status.signal(), Some(libc::SIGTERM));
     let deadline = Instant::now() + TIMEOUT;
     while !gone(device) {

@@ -2,6 +2,7 @@
 //! owns, a minimal split-virtqueue driver on it, and a vhost-user frontend (the `vhost`
 //! crate's `Frontend`) set up the way the core sets one up. Test code: failures panic.
 
+pub mod process;
 pub mod seccomp;
 
 use std::fs::File;

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_device_common::testing::process::{gone, wait_end};
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn scratch(name: &str) -> PathBuf {
@@ -37,17 +39,6 @@ fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
         .unwrap()
 }
 
-fn wait_end(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "isola-display did not end");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     let dir = scratch("sigsys");
@@ -59,7 +50,7 @@ fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     ] {
         let log = format!("stderr-{call}");
         let mut child = start(&dir, &log, &["--debug-forbidden-syscall", call]);
-        let status = wait_end(&mut child);
+        let status = wait_end(&mut child, "isola-display");
         let text = std::fs::read_to_string(dir.join(&log)).unwrap();
         assert_eq!(
             status.signal(),
@@ -111,14 +102,4 @@ fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Whether `pid` is gone (or a zombie nobody has reaped yet).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_device_common::testing::process::wait_end;
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn scratch(name: &str) -> PathBuf {
@@ -33,17 +35,6 @@ fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
         .unwrap()
 }
 
-fn wait_end(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "isola-gpu did not end");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     let dir = scratch("sigsys");
@@ -55,7 +46,7 @@ fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     ] {
         let log = format!("stderr-{call}");
         let mut child = start(&dir, &log, &["--debug-forbidden-syscall", call]);
-        let status = wait_end(&mut child);
+        let status = wait_end(&mut child, "isola-gpu");
         let text = std::fs::read_to_string(dir.join(&log)).unwrap();
         assert_eq!(
             status.signal(),
