@@ -4,14 +4,12 @@
 //! syscall; with `--seccomp log` the open goes through and finds no host path. (The /proc
 //! checks while it serves a guest are in tests/tests/gpu.rs.)
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use isola_device_common::testing::process::wait_end;
-
-const TIMEOUT: Duration = Duration::from_secs(20);
+use isola_device_common::testing::process::{
+    each_forbidden_syscall_kills, in_log_mode_the_open_finds_no_host_path,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("isola-gpu-sandbox-{}-{name}", std::process::id()));
@@ -20,7 +18,8 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
+/// The device with its sockets, stderr to `log`, plus `args`.
+fn start(dir: &Path, log: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_isola-gpu"))
         .arg("--socket")
         .arg(dir.join("gpu.sock"))
@@ -30,7 +29,7 @@ fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
 }
@@ -38,48 +37,13 @@ fn start(dir: &Path, log: &str, args: &[&str]) -> Child {
 #[test]
 fn forbidden_syscalls_kill_with_sigsys_and_the_number_is_logged() {
     let dir = scratch("sigsys");
-    for (call, nr) in [
-        ("execve", libc::SYS_execve),
-        ("open", libc::SYS_openat),
-        ("socket", libc::SYS_socket),
-        ("fork", libc::SYS_clone),
-    ] {
-        let log = format!("stderr-{call}");
-        let mut child = start(&dir, &log, &["--debug-forbidden-syscall", call]);
-        let status = wait_end(&mut child, "isola-gpu");
-        let text = std::fs::read_to_string(dir.join(&log)).unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGSYS),
-            "{call}: {status:?}\n{text}"
-        );
-        let line = format!("killed by seccomp: syscall={nr} ");
-        assert!(text.contains(&line), "{call}: no '{line}' in\n{text}");
-        assert!(text.contains("sandboxed: "), "{text}");
-    }
+    each_forbidden_syscall_kills(&dir, |args, log| start(&dir, log, args));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn in_log_mode_the_open_goes_through_and_finds_no_host_path() {
     let dir = scratch("logmode");
-    let mut child = start(
-        &dir,
-        "stderr",
-        &["--seccomp", "log", "--debug-forbidden-syscall", "open"],
-    );
-    let deadline = Instant::now() + TIMEOUT;
-    let text = loop {
-        let text = std::fs::read_to_string(dir.join("stderr")).unwrap();
-        if text.contains("forbidden syscall Open returned -1") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(text.contains("No such file or directory"), "{text}");
-    assert!(child.try_wait().unwrap().is_none(), "still serving");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    in_log_mode_the_open_finds_no_host_path(&dir, |args, log| start(&dir, log, args));
     std::fs::remove_dir_all(&dir).unwrap();
 }
