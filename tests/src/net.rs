@@ -66,22 +66,36 @@ struct IfReq {
 }
 
 /// Opens a queue of tap `name` as the launcher does: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+///
+/// A single-queue tap is busy while another process holds it open. A killed isola-net is two
+/// processes (the sandbox's reaper and the device it traces), and the device's descriptors
+/// close a moment after the reaper is reaped, so EBUSY is retried for a while.
 pub fn open_tap(name: &str) -> OwnedFd {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .expect("/dev/net/tun opens");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes one ifreq, `req`, alive for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-    OwnedFd::from(file)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun opens");
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one ifreq, `req`, alive for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        let err = std::io::Error::last_os_error();
+        if rc == 0 {
+            return OwnedFd::from(file);
+        }
+        assert!(
+            err.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline,
+            "TUNSETIFF: {err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// An `isola-net` process serving a tap fd handed to it as fd 3; killed on drop.
