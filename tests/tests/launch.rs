@@ -185,6 +185,20 @@ fn the_launch_script_refuses_a_missing_disk_and_unknown_options() {
     let mut launch = Launch::start(&run_dir, &["--frobnicate"]);
     assert_eq!(launch.finish(Duration::from_secs(60)).code(), Some(2));
     assert!(launch.report().contains("unknown option '--frobnicate'"));
+    // A run directory with something in it is refused, and left alone.
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("precious.txt"), b"keep me").unwrap();
+    let mut launch = Launch::start(&run_dir, &[]);
+    assert_eq!(launch.finish(Duration::from_secs(60)).code(), Some(2));
+    assert!(
+        launch.report().contains("exists and is not empty"),
+        "{}",
+        launch.report()
+    );
+    assert_eq!(
+        std::fs::read(run_dir.join("precious.txt")).unwrap(),
+        b"keep me"
+    );
 }
 
 #[test]
