@@ -141,8 +141,30 @@ impl Io {
         }
     }
 
+    /// Whether the attached user (if any) has shut down its side.
+    fn client_hung_up(port: &Port) -> bool {
+        let Some(ep) = port.endpoint() else {
+            return false;
+        };
+        let Endpoint::Socket {
+            client: Some(c), ..
+        } = &*ep
+        else {
+            return false;
+        };
+        let mut fds = [pollfd(c.as_raw_fd(), libc::POLLRDHUP)];
+        // SAFETY: polls one valid pollfd for an open socket we hold locked; no waiting.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        n == 1 && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+    }
+
     fn accept(&mut self, i: usize) {
         let port = Arc::clone(&self.ports[i]);
+        // A user that left in the same poll round as the next one arrives is let go first
+        // (unless it left input for the guest), so the newcomer is not turned away.
+        if Self::client_hung_up(&port) {
+            self.peer_closed(&port);
+        }
         let Some(mut ep) = port.endpoint() else {
             return;
         };
