@@ -57,27 +57,35 @@ fn wait_until_empty(run_dir: &Path) -> Vec<(u32, String)> {
     processes_mentioning(&needle)
 }
 
+/// `scripts/isola-run` with `args`, once the core is up and the guest has printed a line
+/// containing `guest_line`.
+fn launch_running(run_dir: &Path, args: &[&str], guest_line: &str) -> Launch {
+    let mut launch = Launch::start(run_dir, args);
+    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+    assert!(
+        launch
+            .stdout
+            .wait_for(guest_line, Duration::from_secs(30))
+            .is_some(),
+        "the guest never printed {guest_line:?}\n{}",
+        launch.report()
+    );
+    launch
+}
+
 #[test]
 fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     let scratch = scratch_dir("launch-kill");
     let run_dir = scratch.join("run");
-    let mut launch = Launch::start(
+    let mut launch = launch_running(
         &run_dir,
         &[
             "--cmdline",
             "virtio-blk.mode=loop virtio-blk.seconds=4 virtio-blk.sectors=512 virtio-blk.depth=16",
         ],
+        "virtio-blk: loop cycles=",
     );
-    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
     let sup = launch.supervisor_socket();
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30))
-            .is_some(),
-        "the guest made no progress\n{}",
-        launch.report()
-    );
     let mut killed = Vec::new();
     for round in 1..=5u32 {
         let pid = wait_until("blk0 running", Duration::from_secs(10), || {
@@ -125,15 +133,11 @@ fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
 fn isolactl_shutdown_stops_the_vm_and_every_daemon_and_removes_the_run_directory() {
     let scratch = scratch_dir("launch-shutdown");
     let run_dir = scratch.join("run");
-    let mut launch = Launch::start(
+    let mut launch = launch_running(
         &run_dir,
         &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+        "virtio-blk: mode=loop",
     );
-    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
-    assert!(launch
-        .stdout
-        .wait_for("virtio-blk: mode=loop", Duration::from_secs(30))
-        .is_some());
     let daemon_pid = supervisor_status(&launch.supervisor_socket())[0]
         .pid
         .expect("running");
@@ -149,15 +153,11 @@ fn isolactl_shutdown_stops_the_vm_and_every_daemon_and_removes_the_run_directory
 fn ctrl_c_stops_the_vm_and_every_daemon_and_removes_the_run_directory() {
     let scratch = scratch_dir("launch-ctrl-c");
     let run_dir = scratch.join("run");
-    let mut launch = Launch::start(
+    let mut launch = launch_running(
         &run_dir,
         &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+        "virtio-blk: mode=loop",
     );
-    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
-    assert!(launch
-        .stdout
-        .wait_for("virtio-blk: mode=loop", Duration::from_secs(30))
-        .is_some());
     let daemon_pid = supervisor_status(&launch.supervisor_socket())[0]
         .pid
         .expect("running");
@@ -357,7 +357,7 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
     let scratch = scratch_dir("launch-all");
     let run_dir = scratch.join("run");
     let gpu_guest = isola_tests::guest("virtio-gpu.elf");
-    let mut launch = Launch::start(
+    let mut launch = launch_running(
         &run_dir,
         &[
             "--kernel",
@@ -368,15 +368,7 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
             "640x400",
             "--console",
         ],
-    );
-    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(30))
-            .is_some(),
-        "{}",
-        launch.report()
+        "virtio-gpu: waiting for vector",
     );
     let run = run_dir.to_str().unwrap();
     let sup = launch.supervisor_socket();
@@ -435,7 +427,7 @@ fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
     let scratch = scratch_dir("launch-display");
     let run_dir = scratch.join("run");
     let gpu_guest = isola_tests::guest("virtio-gpu.elf");
-    let mut launch = Launch::start(
+    let mut launch = launch_running(
         &run_dir,
         &[
             "--kernel",
@@ -445,15 +437,7 @@ fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
             "--display",
             "640x400",
         ],
-    );
-    wait_for_path(&launch.control_socket(), Duration::from_secs(60));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(30))
-            .is_some(),
-        "{}",
-        launch.report()
+        "virtio-gpu: waiting for vector",
     );
     let run = run_dir.to_str().unwrap();
     let sup = launch.supervisor_socket();
