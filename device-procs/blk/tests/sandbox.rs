@@ -20,40 +20,7 @@ use std::time::{Duration, Instant};
 use isola_device_common::testing::process::{
     assert_sandboxed, device_pid, gone, status_field, wait_end,
 };
-use isola_device_common::testing::{self, GuestRam, SplitQueue};
-use support::{patterned_image, Backend, Scratch, TIMEOUT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
-use vm_memory::{Bytes, GuestAddress};
-
-/// Reads 4 KiB at sector 8 through a fresh frontend connection and checks the data; returns
-/// the frontend and memory so the caller can keep the connection open.
-fn read_once(socket: &Path, image: &[u8]) -> (vhost::vhost_user::Frontend, GuestRam) {
-    let ram = GuestRam::new(2 << 20);
-    let mut fe = testing::connect_with_memory(socket, &ram, TIMEOUT);
-    let mut q = SplitQueue::new(0, 16, GuestAddress(0));
-    testing::start_queue(&mut fe, &q, &ram, 0);
-    let (hdr, data, status) = (
-        GuestAddress(0x10_0000),
-        GuestAddress(0x11_0000),
-        GuestAddress(0x12_0000),
-    );
-    let mut raw = [0u8; 16];
-    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    raw[8..].copy_from_slice(&8u64.to_le_bytes());
-    ram.memory().write_slice(&raw, hdr).unwrap();
-    let head = q.add(
-        ram.memory(),
-        &[(hdr, 16, false), (data, 4096, true), (status, 1, true)],
-    );
-    q.publish(ram.memory(), head);
-    q.kick();
-    assert!(q.wait_used(ram.memory(), 1, TIMEOUT));
-    assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
-    let mut got = vec![0u8; 4096];
-    ram.memory().read_slice(&mut got, data).unwrap();
-    assert!(got == image[4096..8192]);
-    (fe, ram)
-}
+use support::{patterned_image, read_once, Backend, Scratch, TIMEOUT};
 
 #[test]
 fn both_processes_are_sandboxed_while_serving_and_a_second_frontend_is_served() {

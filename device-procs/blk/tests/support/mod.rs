@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_device_common::testing::{self, GuestRam, SplitQueue};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use vm_memory::{Bytes, GuestAddress};
+
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A scratch directory, removed on drop.
@@ -115,4 +119,34 @@ pub fn patterned_image(path: &Path, size: u64) -> Vec<u8> {
         .collect();
     std::fs::write(path, &data).unwrap();
     data
+}
+
+/// Reads 4 KiB at sector 8 through a fresh frontend connection and checks the data; returns
+/// the frontend and memory so the caller can keep the connection open.
+pub fn read_once(socket: &Path, image: &[u8]) -> (vhost::vhost_user::Frontend, GuestRam) {
+    let ram = GuestRam::new(2 << 20);
+    let mut fe = testing::connect_with_memory(socket, &ram, TIMEOUT);
+    let mut q = SplitQueue::new(0, 16, GuestAddress(0));
+    testing::start_queue(&mut fe, &q, &ram, 0);
+    let (hdr, data, status) = (
+        GuestAddress(0x10_0000),
+        GuestAddress(0x11_0000),
+        GuestAddress(0x12_0000),
+    );
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    raw[8..].copy_from_slice(&8u64.to_le_bytes());
+    ram.memory().write_slice(&raw, hdr).unwrap();
+    let head = q.add(
+        ram.memory(),
+        &[(hdr, 16, false), (data, 4096, true), (status, 1, true)],
+    );
+    q.publish(ram.memory(), head);
+    q.kick();
+    assert!(q.wait_used(ram.memory(), 1, TIMEOUT));
+    assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+    let mut got = vec![0u8; 4096];
+    ram.memory().read_slice(&mut got, data).unwrap();
+    assert!(got == image[4096..8192]);
+    (fe, ram)
 }
