@@ -265,6 +265,41 @@ pub fn control(socket: &Path, request: &isola_ipc::ControlRequest) -> isola_ipc:
     isola_ipc::read_message(&mut stream).expect("core answers")
 }
 
+/// The core's status of its first (or only) device, asked on its control socket; panics with
+/// the core's output if the core has ended.
+pub fn device(core: &mut Core, socket: &Path) -> isola_ipc::DeviceStatus {
+    if let Some(report) = core.exit_report() {
+        panic!("{report}");
+    }
+    match control(socket, &isola_ipc::ControlRequest::Status) {
+        isola_ipc::ControlResponse::Status(status) => {
+            status.devices.into_iter().next().expect("one device")
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+/// Polls [`device`] until `pred` holds (20 s at most); `what` names the awaited state.
+pub fn wait_device(
+    core: &mut Core,
+    socket: &Path,
+    what: &str,
+    pred: impl Fn(&isola_ipc::DeviceStatus) -> bool,
+) -> isola_ipc::DeviceStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = device(core, socket);
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device never became {what}: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `path` exists (a socket the core creates at start).
 pub fn wait_for_path(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;

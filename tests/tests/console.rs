@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
+use isola_ipc::DeviceLink;
 use isola_tests::console::{console_guest, field, stream_mismatch, IsolaConsole};
-use isola_tests::{control, scratch_dir, wait_for_path, Core};
+use isola_tests::{device, scratch_dir, wait_for_path, Core};
 
 fn start_core(dir: &Path, vu: &Path, queues: u16, cmdline: &str) -> (Core, std::path::PathBuf) {
     let control_socket = dir.join("control.sock");
@@ -225,16 +225,6 @@ fn interactive_shell_and_resize_through_a_pty() {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
-
-fn device(core: &mut Core, socket: &Path) -> DeviceStatus {
-    if let Some(report) = core.exit_report() {
-        panic!("{report}");
-    }
-    match control(socket, &ControlRequest::Status) {
-        ControlResponse::Status(status) => status.devices.into_iter().next().expect("one device"),
-        other => panic!("unexpected answer {other:?}"),
-    }
-}
 
 /// A user on the console socket who reads slowly and attaches again whenever the device
 /// process is restarted, so transmit buffers are usually held when the kill comes.

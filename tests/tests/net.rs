@@ -9,9 +9,9 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
+use isola_ipc::DeviceLink;
 use isola_tests::net::*;
-use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{guest, scratch_dir, wait_device, wait_for_path, Core};
 
 const STREAM: u32 = 100_000;
 const PAYLOAD: usize = 64;
@@ -159,36 +159,6 @@ fn guest_answers_arp_and_ping_and_streams_100k_datagrams_each_way() {
         );
         drop(net);
     });
-}
-
-fn device(core: &mut Core, socket: &Path) -> DeviceStatus {
-    if let Some(report) = core.exit_report() {
-        panic!("{report}");
-    }
-    match control(socket, &ControlRequest::Status) {
-        ControlResponse::Status(status) => status.devices.into_iter().next().expect("one device"),
-        other => panic!("unexpected answer {other:?}"),
-    }
-}
-
-fn wait_device(
-    core: &mut Core,
-    socket: &Path,
-    what: &str,
-    pred: impl Fn(&DeviceStatus) -> bool,
-) -> DeviceStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = device(core, socket);
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device never became {what}: {status:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Echoes `n` datagrams through the guest's UDP echo port; frames lost on the wire are

@@ -9,12 +9,12 @@
 //! at queue depth 1; deep queues need a backend that keeps the in-flight region.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
+use isola_ipc::DeviceLink;
 use isola_tests::qsd::{qsd_installed, Daemon};
 use isola_tests::IsolaBlk;
-use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{guest, scratch_dir, wait_device, wait_for_path, Core};
 
 const SECTOR: u64 = 512;
 /// Queue depth for qemu-storage-daemon: see the module documentation.
@@ -27,37 +27,6 @@ fn image(dir: &Path, name: &str, sectors: u64) -> std::path::PathBuf {
         .set_len(sectors * SECTOR)
         .unwrap();
     path
-}
-
-fn device(core: &mut Core, socket: &Path) -> DeviceStatus {
-    if let Some(report) = core.exit_report() {
-        panic!("{report}");
-    }
-    match control(socket, &ControlRequest::Status) {
-        ControlResponse::Status(status) => status.devices.into_iter().next().expect("one device"),
-        other => panic!("unexpected answer {other:?}"),
-    }
-}
-
-/// Polls the core's status until `pred` holds for the block device.
-fn wait_device(
-    core: &mut Core,
-    socket: &Path,
-    what: &str,
-    pred: impl Fn(&DeviceStatus) -> bool,
-) -> DeviceStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = device(core, socket);
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device never became {what}: {status:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// The virtio-blk guest's I/O loop for `seconds` at queue `depth` on `blk`, with a control socket.
