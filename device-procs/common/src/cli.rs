@@ -53,25 +53,78 @@ impl ListenArgs {
 }
 
 /// Binds `path`, replacing a socket file nobody listens on any more (left by a crash).
+///
+/// The path appears only once the socket listens: bind and listen are two system calls, and
+/// a client that connects the moment the file exists (a test, the core) would otherwise be
+/// refused. So the socket is bound under a temporary name beside `path`, and moved into place
+/// with a rename that never replaces a file that appeared meanwhile.
 pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
     let bind_err = |source| ListenError::Bind {
         path: path.to_owned(),
         source,
     };
-    match UnixListener::bind(path) {
-        Ok(listener) => Ok(listener),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
-            if !meta.file_type().is_socket() {
-                return Err(ListenError::NotASocket(path.to_owned()));
+    let name = path.file_name().ok_or_else(|| {
+        bind_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.binding", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp).map_err(bind_err)?;
+    let placed = loop {
+        match rename_noreplace(&temp, path) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let stale = match std::fs::symlink_metadata(path) {
+                    Ok(meta) if !meta.file_type().is_socket() => {
+                        break Err(ListenError::NotASocket(path.to_owned()))
+                    }
+                    Ok(_) => !still_listening(path),
+                    Err(_) => true, // gone meanwhile: try again
+                };
+                if !stale {
+                    break Err(ListenError::InUse(path.to_owned()));
+                }
+                if let Err(e) = std::fs::remove_file(path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        break Err(bind_err(e));
+                    }
+                }
             }
-            if still_listening(path) {
-                return Err(ListenError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(bind_err)?;
-            UnixListener::bind(path).map_err(bind_err)
+            other => break other.map_err(bind_err),
         }
-        Err(e) => Err(bind_err(e)),
+    };
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    placed.map(|()| listener)
+}
+
+/// rename(2) that fails with EEXIST instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -190,6 +243,12 @@ mod tests {
         let path = dir.join("dev.sock");
         let first = bind(&path).unwrap();
         assert!(matches!(bind(&path), Err(ListenError::InUse(_))));
+        // Bound under a temporary name and renamed into place: nothing else is left.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["dev.sock"]);
         drop(first);
         // The file is still there, but nobody listens: replaced.
         let _second = bind(&path).unwrap();

@@ -10,10 +10,9 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver};
@@ -85,36 +84,6 @@ pub struct RestartPolicy {
     /// Give up when the daemon died more than `limit` times within `window`.
     pub limit: u32,
     pub window: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    #[error("cannot listen on {}", .0.display())]
-    Bind(PathBuf, #[source] std::io::Error),
-    #[error("{} exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("another process already listens on {}", .0.display())]
-    InUse(PathBuf),
-}
-
-/// Binds `path`, replacing a socket file that nobody listens on any more.
-pub fn listen(path: &Path) -> Result<UnixListener, ListenError> {
-    match UnixListener::bind(path) {
-        Ok(listener) => Ok(listener),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let meta =
-                std::fs::symlink_metadata(path).map_err(|e| ListenError::Bind(path.into(), e))?;
-            if !meta.file_type().is_socket() {
-                return Err(ListenError::NotASocket(path.into()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(ListenError::InUse(path.into()));
-            }
-            std::fs::remove_file(path).map_err(|e| ListenError::Bind(path.into(), e))?;
-            UnixListener::bind(path).map_err(|e| ListenError::Bind(path.into(), e))
-        }
-        Err(e) => Err(ListenError::Bind(path.into(), e)),
-    }
 }
 
 enum Life {
@@ -469,9 +438,9 @@ mod tests {
         }
     }
 
-    fn daemon(dir: &Path) -> Daemon {
+    fn daemon(dir: &std::path::Path) -> Daemon {
         let socket = dir.join("d.sock");
-        let listener = listen(&socket).unwrap();
+        let listener = isola_device_common::cli::bind(&socket).unwrap();
         Daemon::new(
             DaemonSpec {
                 name: "d".into(),
@@ -523,21 +492,6 @@ mod tests {
             );
         }
         assert_eq!(d.status().state, DaemonState::Restarting);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_live_socket_is_not_stolen() {
-        let dir = std::env::temp_dir().join(format!("isola-sup-unit3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("live.sock");
-        let _first = listen(&path).unwrap();
-        assert!(matches!(listen(&path), Err(ListenError::InUse(_))));
-        std::fs::write(dir.join("file"), b"x").unwrap();
-        assert!(matches!(
-            listen(&dir.join("file")),
-            Err(ListenError::NotASocket(_))
-        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

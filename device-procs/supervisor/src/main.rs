@@ -83,7 +83,7 @@ enum Error {
     #[error("daemon name '{0}' is given twice")]
     DuplicateName(String),
     #[error(transparent)]
-    Listen(#[from] daemon::ListenError),
+    Listen(#[from] isola_device_common::cli::ListenError),
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::Error),
     #[error("cannot serve the control socket: {0}")]
@@ -120,7 +120,11 @@ fn run(cli: Cli) -> Result<(), Error> {
         if daemons.iter().any(|d| d.spec.name == spec.name) {
             return Err(Error::DuplicateName(spec.name));
         }
-        let listener = spec.socket.as_deref().map(daemon::listen).transpose()?;
+        let listener = spec
+            .socket
+            .as_deref()
+            .map(isola_device_common::cli::bind)
+            .transpose()?;
         daemons.push(Daemon::new(spec, listener));
     }
     let mut kernel_log = exit::KernelLog::open();
@@ -128,7 +132,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     for d in &mut daemons {
         d.start_if_due(&policy, now);
     }
-    let control = daemon::listen(&cli.control)?;
+    let control = isola_device_common::cli::bind(&cli.control)?;
     control.set_nonblocking(true).map_err(Error::Control)?;
     log::info!(
         "supervising {} daemon(s); control socket {}",
