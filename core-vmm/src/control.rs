@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use isola_ipc::listen::BindError;
 use isola_ipc::{
     ControlRequest, ControlResponse, DeviceLink, DeviceStatus, DisplayLinkStatus, IpcError,
     VcpuState, VcpuStatus, VmStatus,
@@ -45,13 +46,18 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("cannot create control socket {}", .0.display())]
     Bind(PathBuf, #[source] io::Error),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
     #[error("waiting for control or vCPU events failed")]
     Poll(#[source] nix::Error),
 }
 
 impl ControlError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, ControlError::InUse(_) | ControlError::Bind(..))
+        matches!(
+            self,
+            ControlError::InUse(_) | ControlError::NotASocket(_) | ControlError::Bind(..)
+        )
     }
 }
 
@@ -62,16 +68,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path`. A stale socket file nobody listens on is replaced; a live one is an error.
+    /// Binds `path`. A stale socket file nobody listens on is replaced; a live one, or a file
+    /// that is not a socket, is an error. The path appears only once the socket listens.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(|e| ControlError::Bind(path.to_owned(), e))?;
-        }
-        let listener =
-            UnixListener::bind(path).map_err(|e| ControlError::Bind(path.to_owned(), e))?;
+        let listener = isola_ipc::listen::bind(path).map_err(|e| match e {
+            BindError::InUse(path) => ControlError::InUse(path),
+            BindError::NotASocket(path) => ControlError::NotASocket(path),
+            BindError::Bind { path, source } => ControlError::Bind(path, source),
+        })?;
         listener
             .set_nonblocking(true)
             .map_err(|e| ControlError::Bind(path.to_owned(), e))?;

@@ -29,6 +29,7 @@ pub const MAX_FRAME: u32 = 16 << 20;
 pub mod display;
 pub mod input;
 pub mod keys;
+pub mod listen;
 pub mod supervisor;
 
 /// Errors of the framing layer.

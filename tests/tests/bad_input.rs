@@ -185,4 +185,18 @@ fn unwritable_serial_log_and_control_socket() {
         ],
         &["cannot create control socket"],
     );
+    // A file that is not a socket is refused, and left as it was.
+    let dir = isola_tests::scratch_dir("control-not-a-socket");
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    refused(
+        &[
+            "--kernel",
+            &elf(),
+            "--control-socket",
+            file.to_str().unwrap(),
+        ],
+        &["exists and is not a socket"],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
