@@ -49,6 +49,8 @@ struct Stats {
     p99_us: f64,
     /// CPU time of the backend process over the run, in cores (1.0: one CPU busy all along).
     cpu: Option<f64>,
+    /// CPU time of the client (this process) over the run, in cores.
+    client_cpu: f64,
 }
 
 fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
@@ -59,6 +61,7 @@ fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
         p50_us: pick(0.5),
         p99_us: pick(0.99),
         cpu: None,
+        client_cpu: 0.0,
     }
 }
 
@@ -73,6 +76,10 @@ impl Rng {
         self.0 % (IMAGE_SIZE / BLOCK as u64)
     }
 }
+
+/// isola-blk with a kernel thread polling each io_uring (`--sq-poll-ms`).
+const SQPOLL: &str = "isola-blk sq-poll";
+const RAW: &str = "raw io_uring";
 
 /// A vhost-user-blk backend process serving `image` on `socket`.
 struct Backend {
@@ -89,9 +96,12 @@ impl Drop for Backend {
 fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = match target {
-        "isola-blk" => {
+        "isola-blk" | SQPOLL => {
             let mut cmd = Command::new(binary_if_built("isola-blk")?);
             cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+            if target == SQPOLL {
+                cmd.args(["--sq-poll-ms", "10"]);
+            }
             if let Ok(engine) = std::env::var("ISOLA_BLK_ENGINE") {
                 cmd.args(["--engine", &engine]);
             }
@@ -156,7 +166,7 @@ fn run_blkio(
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
     let mut latencies = Vec::with_capacity(1 << 20);
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), own_cpu_seconds());
     while start.elapsed() < duration {
         let n = queue.do_io(&mut completions, 1, None, None).map_err(err)?;
         for c in &completions[..n] {
@@ -170,7 +180,11 @@ fn run_blkio(
         }
     }
     let elapsed = start.elapsed();
-    Ok(stats(latencies, elapsed))
+    let client_cpu = (own_cpu_seconds() - cpu0) / elapsed.as_secs_f64();
+    Ok(Stats {
+        client_cpu,
+        ..stats(latencies, elapsed)
+    })
 }
 
 /// The raw limit: io_uring on the image file from this process.
@@ -212,7 +226,7 @@ fn run_raw(
         push(&mut ring, slot, &mut submitted, &mut bufs);
     }
     let mut latencies = Vec::with_capacity(1 << 20);
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), own_cpu_seconds());
     while start.elapsed() < duration {
         ring.submit_and_wait(1).map_err(|e| e.to_string())?;
         let done: Vec<(u64, i32)> = ring
@@ -228,6 +242,7 @@ fn run_raw(
         }
     }
     let elapsed = start.elapsed();
+    let client_cpu = (own_cpu_seconds() - cpu0) / elapsed.as_secs_f64();
     // Drain what is still in flight before the buffers go away.
     let outstanding = depth;
     let mut reaped = 0;
@@ -235,19 +250,56 @@ fn run_raw(
         ring.submit_and_wait(1).map_err(|e| e.to_string())?;
         reaped += ring.completion().count();
     }
-    Ok(stats(latencies, elapsed))
+    Ok(Stats {
+        client_cpu,
+        ..stats(latencies, elapsed)
+    })
 }
 
-/// User + system CPU time of process `pid` (all its threads) so far, in seconds.
+/// User + system CPU time of process `pid` and every process below it (a sandboxed
+/// isola-blk is a reaper whose worker is a grandchild), all threads, so far, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // (pid, parent, user + system ticks) of every process on the machine.
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ppid: u32 = fields.get(1)?.parse().ok()?;
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((pid, ppid, utime + stime))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut ticks = 0.0;
+    while let Some(p) = tree.pop() {
+        for &(child, parent, t) in &procs {
+            if child == p {
+                ticks += t;
+            }
+            if parent == p {
+                tree.push(child);
+            }
+        }
+    }
     // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks)
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_second)
+}
+
+/// User + system CPU time of this process (the client) so far, in seconds.
+fn own_cpu_seconds() -> f64 {
+    let mut usage = MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Sum of voluntary and involuntary context switches of every thread of `pid` whose name
@@ -371,11 +423,16 @@ fn main() {
     let duration = Duration::from_secs_f64(seconds);
     let dir = scratch_dir("bench-blk");
     let image = prepare_image(&dir);
-    let targets = ["isola-blk", "qemu-storage-daemon", "raw io_uring"];
+    let targets = ["isola-blk", SQPOLL, "qemu-storage-daemon", RAW];
+    // A name selects the target of that name, or the one it is the first word of.
     let wanted = |target: &str| {
-        only_targets
-            .as_ref()
-            .is_none_or(|list| list.iter().any(|t| target.starts_with(t.as_str())))
+        only_targets.as_ref().is_none_or(|list| {
+            list.iter().any(|t| {
+                target == t
+                    || target.split(' ').next() == Some(t.as_str())
+                        && !target.starts_with("isola-blk")
+            })
+        })
     };
     let mut rows: Vec<(String, Vec<Option<Stats>>)> = Vec::new();
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
@@ -395,7 +452,7 @@ fn main() {
                     if !wanted(target) {
                         continue;
                     }
-                    let result = if *target == "raw io_uring" {
+                    let result = if *target == RAW {
                         run_raw(&image, pattern, depth, duration).map(Some)
                     } else {
                         let socket = dir.join(format!("{target}.sock"));
@@ -417,10 +474,11 @@ fn main() {
                         Ok(Some(stats)) => {
                             if repeat > 1 {
                                 println!(
-                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {}",
+                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {} client cpu {:.2}",
                                     stats.iops,
                                     stats.p50_us,
-                                    stats.cpu.map_or("-".into(), |c| format!("{c:.2}"))
+                                    stats.cpu.map_or("-".into(), |c| format!("{c:.2}")),
+                                    stats.client_cpu
                                 );
                             }
                             runs[t].push(stats)
@@ -434,36 +492,34 @@ fn main() {
         }
     }
 
-    println!("4 KiB random I/O on a {} MiB file, {seconds} s per case, median of {repeat}, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
+    println!("4 KiB random I/O on a {} MiB file (page cache), {seconds} s per case, median of {repeat}, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
     println!(
-        "isola-blk engine: {}, extra arguments: {}",
+        "isola-blk engine: {}, extra arguments: {}; `{SQPOLL}` adds --sq-poll-ms 10",
         std::env::var("ISOLA_BLK_ENGINE").unwrap_or_else(|_| "default".into()),
         std::env::var("ISOLA_BLK_ARGS").unwrap_or_else(|_| "none".into())
     );
-    println!(
-        "{:<16}{:>50}{:>50}{:>40}",
-        "", targets[0], targets[1], targets[2]
-    );
+    println!("cpu: CPUs busy in the backend (all its threads and kernel threads) / in the client process, over the run");
     for (label, cells) in &rows {
-        let text: Vec<String> = cells
-            .iter()
-            .map(|c| match c {
+        println!("{label}");
+        for (target, cell) in targets.iter().zip(cells) {
+            let text = match cell {
                 Some(s) => format!(
-                    "{:.0} IOPS p50 {:.1}us p99 {:.1}us{}",
+                    "{:>8.0} IOPS  p50 {:>7.1}us  p99 {:>7.1}us  cpu {} / {:.2}",
                     s.iops,
                     s.p50_us,
                     s.p99_us,
-                    s.cpu.map(|c| format!(" cpu {c:.2}")).unwrap_or_default()
+                    s.cpu.map_or("   -".into(), |c| format!("{c:.2}")),
+                    s.client_cpu,
                 ),
                 None => "skipped".into(),
-            })
-            .collect();
-        println!("{label:<16}{:>50}{:>50}{:>40}", text[0], text[1], text[2]);
+            };
+            println!("  {target:<22}{text}");
+        }
     }
     let core = std::env::var("ISOLA_BENCH_CORE").map_or(true, |v| v != "0");
     if core {
         println!("core context switches per guest request (virtio-blk guest I/O loop, 4 KiB requests, depth 16):");
-        for target in &targets[..2] {
+        for target in ["isola-blk", "qemu-storage-daemon"] {
             match core_switches_per_request(target, &image, &dir, duration.max(Duration::from_secs(2))) {
             Some((control, vcpu, requests)) => println!(
                 "  backend {target:<20} control thread {control:.4}/request   vCPU thread {vcpu:.4}/request   ({requests} requests)"
@@ -472,29 +528,20 @@ fn main() {
         }
         }
     }
+    println!("ratios (IOPS):");
     for (label, cells) in &rows {
-        if let (Some(isola), Some(qsd), Some(raw)) = (&cells[0], &cells[1], &cells[2]) {
-            println!(
-                "{label:<16} isola-blk / qemu-storage-daemon = {:.2}x   isola-blk / raw = {:.0}%",
-                isola.iops / qsd.iops,
-                100.0 * isola.iops / raw.iops
-            );
-        }
-    }
-    println!("backend CPU time per request (all threads):");
-    for (label, cells) in &rows {
-        let per = |c: &Option<Stats>| match c {
-            Some(Stats {
-                cpu: Some(cpu),
-                iops,
-                ..
-            }) => format!("{:.1}us", cpu * 1e6 / iops),
+        let [isola, sqpoll, qsd, raw] = [0, 1, 2, 3].map(|i| cells[i].as_ref().map(|s| s.iops));
+        let ratio = |a: Option<f64>, b: Option<f64>, percent: bool| match (a, b) {
+            (Some(a), Some(b)) if percent => format!("{:.0}%", 100.0 * a / b),
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
             _ => "-".into(),
         };
         println!(
-            "{label:<16} isola-blk {:>8}   qemu-storage-daemon {:>8}",
-            per(&cells[0]),
-            per(&cells[1])
+            "  {label:<16} isola-blk: {} of qemu-storage-daemon, {} of raw   {SQPOLL}: {} of qemu-storage-daemon, {} of raw",
+            ratio(isola, qsd, false),
+            ratio(isola, raw, true),
+            ratio(sqpoll, qsd, false),
+            ratio(sqpoll, raw, true),
         );
     }
 }

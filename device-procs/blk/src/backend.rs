@@ -31,6 +31,7 @@ pub struct BlkDevice {
     queue_size: u16,
     engine: EngineKind,
     poll: Duration,
+    sq_poll_ms: Option<u32>,
     #[cfg(feature = "debug-hold")]
     hold: Option<u64>,
 }
@@ -43,6 +44,7 @@ impl BlkDevice {
             queue_size,
             engine,
             poll: Duration::ZERO,
+            sq_poll_ms: None,
             #[cfg(feature = "debug-hold")]
             hold: None,
         }
@@ -51,6 +53,12 @@ impl BlkDevice {
     /// Each queue polls its ring for `poll` after a burst before it sleeps.
     pub fn with_poll(mut self, poll: Duration) -> Self {
         self.poll = poll;
+        self
+    }
+
+    /// io_uring queues get a kernel polling thread that sleeps after `ms` idle milliseconds.
+    pub fn with_sq_poll(mut self, ms: Option<u32>) -> Self {
+        self.sq_poll_ms = ms;
         self
     }
 
@@ -126,13 +134,16 @@ impl VirtioDevice for BlkDevice {
         index: u16,
         features: u64,
     ) -> Result<Box<dyn QueueHandler>, DeviceError> {
-        let engine =
-            new_engine(self.engine, Arc::clone(&self.disk), self.queue_size).map_err(|e| {
-                DeviceError::QueueSetup {
-                    index,
-                    source: Box::new(e),
-                }
-            })?;
+        let engine = new_engine(
+            self.engine,
+            Arc::clone(&self.disk),
+            self.queue_size,
+            self.sq_poll_ms,
+        )
+        .map_err(|e| DeviceError::QueueSetup {
+            index,
+            source: Box::new(e),
+        })?;
         let queue =
             BlkQueue::new(index, Arc::clone(&self.disk), engine, features).with_poll(self.poll);
         #[cfg(feature = "debug-hold")]

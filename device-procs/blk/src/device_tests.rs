@@ -50,6 +50,17 @@ impl Drop for Rig {
 
 impl Rig {
     fn new(name: &str, readonly: bool, direct: bool, kind: EngineKind, features: u64) -> Rig {
+        Rig::with_sq_poll(name, readonly, direct, kind, None, features)
+    }
+
+    fn with_sq_poll(
+        name: &str,
+        readonly: bool,
+        direct: bool,
+        kind: EngineKind,
+        sq_poll_ms: Option<u32>,
+        features: u64,
+    ) -> Rig {
         let path =
             std::env::temp_dir().join(format!("isola-blk-dev-{}-{name}.img", std::process::id()));
         let image: Vec<u8> = (0..DISK_SIZE).map(pattern).collect();
@@ -80,7 +91,7 @@ impl Rig {
         // Zero the rings (they were filled with the canary).
         let rings = driver.end().0 as usize;
         mem.write_slice(&vec![0; rings], GuestAddress(0)).unwrap();
-        let engine = new_engine(kind, Arc::clone(&disk), QSIZE).unwrap();
+        let engine = new_engine(kind, Arc::clone(&disk), QSIZE, sq_poll_ms).unwrap();
         let blk = BlkQueue::new(0, disk, engine, features);
         Rig {
             mem,
@@ -175,8 +186,9 @@ impl Rig {
     }
 }
 
-fn round_trip(kind: EngineKind) {
-    let mut rig = Rig::new(&format!("rt-{kind:?}"), false, false, kind, all_features());
+fn round_trip(kind: EngineKind, sq_poll_ms: Option<u32>) {
+    let name = format!("rt-{kind:?}-{sq_poll_ms:?}");
+    let mut rig = Rig::with_sq_poll(&name, false, false, kind, sq_poll_ms, all_features());
     let data = rig.buf(1024);
     rig.mem.write_slice(&[0x5a; 1024], data).unwrap();
     let (w, w_status) = rig.simple(VIRTIO_BLK_T_OUT, 2, Some((data, 1024, false)));
@@ -232,17 +244,22 @@ fn round_trip(kind: EngineKind) {
 
 #[test]
 fn requests_round_trip_on_the_sync_engine() {
-    round_trip(EngineKind::Sync);
+    round_trip(EngineKind::Sync, None);
 }
 
 #[test]
 fn requests_round_trip_on_io_uring() {
-    round_trip(EngineKind::IoUring);
+    round_trip(EngineKind::IoUring, None);
 }
 
 #[test]
 fn requests_round_trip_on_the_auto_engine() {
-    round_trip(EngineKind::Auto);
+    round_trip(EngineKind::Auto, None);
+}
+
+#[test]
+fn requests_round_trip_on_io_uring_with_a_kernel_polling_thread() {
+    round_trip(EngineKind::IoUring, Some(5));
 }
 
 #[test]

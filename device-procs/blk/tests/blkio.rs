@@ -178,24 +178,14 @@ impl Worker<'_> {
     }
 }
 
-fn mixed_load(engine: &str) {
-    let dir = Scratch::new(&format!("blkio-{engine}"));
+fn mixed_load(name: &str, engine_args: &[&str]) {
+    let dir = Scratch::new(&format!("blkio-{name}"));
     let image = dir.path("disk.img");
     let mut model = patterned_image(&image, IMAGE);
     let socket = dir.path("blk.sock");
-    let mut backend = Backend::start(
-        &socket,
-        &image,
-        dir.path("stderr"),
-        &[
-            "--num-queues",
-            "4",
-            "--queue-size",
-            "64",
-            "--engine",
-            engine,
-        ],
-    );
+    let mut args = vec!["--num-queues", "4", "--queue-size", "64"];
+    args.extend_from_slice(engine_args);
+    let mut backend = Backend::start(&socket, &image, dir.path("stderr"), &args);
 
     let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
     blkio.set_str("path", socket.to_str().unwrap()).unwrap();
@@ -253,10 +243,23 @@ fn mixed_load(engine: &str) {
 
 #[test]
 fn blkio_mixed_load_sync_engine() {
-    mixed_load("sync");
+    mixed_load("sync", &["--engine", "sync"]);
 }
 
 #[test]
 fn blkio_mixed_load_io_uring_engine() {
-    mixed_load("io-uring");
+    mixed_load("io-uring", &["--engine", "io-uring"]);
+}
+
+/// A kernel thread per queue submits the requests (io_uring SQPOLL), inside the sandbox.
+#[test]
+fn blkio_mixed_load_io_uring_with_kernel_polling() {
+    mixed_load("sq-poll", &["--engine", "io-uring", "--sq-poll-ms", "5"]);
+}
+
+/// The default engine with kernel polling: reads through the polled ring, writes on the
+/// queue's thread.
+#[test]
+fn blkio_mixed_load_auto_engine_with_kernel_polling() {
+    mixed_load("auto-sq-poll", &["--sq-poll-ms", "5"]);
 }

@@ -48,6 +48,23 @@ fn bad_input_is_one_line_and_exit_status_2() {
             "--poll-us 1000001",
         ),
         (
+            vec!["--socket", sock, "--image", image, "--sq-poll-ms", "10001"],
+            "--sq-poll-ms 10001",
+        ),
+        (
+            vec![
+                "--socket",
+                sock,
+                "--image",
+                image,
+                "--engine",
+                "sync",
+                "--sq-poll-ms",
+                "5",
+            ],
+            "--sq-poll-ms needs an io_uring engine",
+        ),
+        (
             vec!["--socket", sock, "--image", image, "--engine", "aio"],
             "'aio'",
         ),

@@ -93,18 +93,20 @@ pub trait Engine: Send {
     }
 }
 
-/// An engine of `kind` for one queue of `depth` entries.
+/// An engine of `kind` for one queue of `depth` entries; io_uring engines with a kernel
+/// polling thread that sleeps after `sq_poll_ms` idle milliseconds, if given.
 pub fn new_engine(
     kind: EngineKind,
     disk: Arc<Disk>,
     depth: u16,
+    sq_poll_ms: Option<u32>,
 ) -> Result<Box<dyn Engine>, EngineError> {
     Ok(match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(disk)),
-        EngineKind::IoUring => Box::new(UringEngine::new(disk, depth)?),
+        EngineKind::IoUring => Box::new(UringEngine::with_options(disk, depth, false, sq_poll_ms)?),
         EngineKind::Auto => {
             let sync_writes = !disk.direct();
-            match UringEngine::with_sync_writes(Arc::clone(&disk), depth, sync_writes) {
+            match UringEngine::with_options(Arc::clone(&disk), depth, sync_writes, sq_poll_ms) {
                 Ok(engine) => Box::new(engine),
                 // E.g. a sandbox that refuses io_uring after the start-up check passed.
                 Err(e) => {
