@@ -124,7 +124,8 @@ fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
     };
     let child = cmd
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // Kept next to the socket, to see why a backend stopped serving.
+        .stderr(File::create(socket.with_extension("log")).ok()?)
         .spawn()
         .ok()?;
     let backend = Backend { child };

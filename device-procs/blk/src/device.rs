@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isola_device_common::chain::{self, Segment};
+use isola_device_common::chain::{self, Segment, Segments};
 use isola_device_common::logging::{chain as error_chain, RateLimiter};
 use isola_device_common::{
     DescriptorChain, Memory, Progress, QueueContext, QueueError, QueueHandler,
@@ -73,6 +73,8 @@ pub struct BlkQueue {
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     done: Vec<Completion>,
+    /// Scratch for the buffers of the request being parsed.
+    segs: Vec<Segment>,
     log: RateLimiter,
     poll: Duration,
     #[cfg(feature = "debug-hold")]
@@ -89,6 +91,7 @@ impl BlkQueue {
             pending: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
+            segs: Vec::new(),
             log: RateLimiter::new(10),
             poll: Duration::ZERO,
             #[cfg(feature = "debug-hold")]
@@ -157,7 +160,7 @@ impl BlkQueue {
     ) -> Result<(), QueueError> {
         let head = chain.head();
         let mem = Arc::clone(chain.memory());
-        let req = match request::parse(&chain, &self.disk, self.features) {
+        let req = match request::parse(&chain, &self.disk, self.features, &mut self.segs) {
             Ok(req) => req,
             Err(e) => {
                 self.warn(head, &e);
@@ -225,7 +228,7 @@ impl BlkQueue {
         status: GuestAddress,
         mem: Arc<Memory>,
         offset: u64,
-        data: Vec<Segment>,
+        data: Segments,
         write: bool,
     ) -> Result<(), QueueError> {
         let len = chain::total_len(&data);
@@ -256,23 +259,23 @@ impl BlkQueue {
         data: &[Segment],
         write: bool,
     ) -> Result<(IoVecs, Option<Bounce>), Refusal> {
-        let slices = chain::host_slices(mem, data).map_err(Refusal::Buffer)?;
         let align = self.disk.block_size() as usize;
         let aligned = |p: usize, l: usize| p.is_multiple_of(align) && l.is_multiple_of(align);
-        let direct_ok = !self.disk.direct()
-            || slices
-                .iter()
-                .all(|s| aligned(s.ptr_guard_mut().as_ptr() as usize, s.len()));
+        let mut iov = IoVecs::default();
+        let mut direct_ok = true;
+        chain::for_each_host_slice(mem, data, |s| {
+            let base = s.ptr_guard_mut().as_ptr();
+            direct_ok &= !self.disk.direct() || aligned(base as usize, s.len());
+            iov.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: s.len(),
+            });
+        })
+        .map_err(Refusal::Buffer)?;
         if direct_ok {
-            let iov = slices
-                .iter()
-                .map(|s| libc::iovec {
-                    iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: s.len(),
-                })
-                .collect();
-            return Ok((IoVecs(iov), None));
+            return Ok((iov, None));
         }
+        let slices = chain::host_slices(mem, data).map_err(Refusal::Buffer)?;
         let total: usize = slices.iter().map(|s| s.len()).sum();
         let buf = MmapRegion::<()>::new(total)
             .map_err(|_| Refusal::Buffer(chain::ChainError::TooLarge))?;
@@ -286,12 +289,12 @@ impl BlkQueue {
                 at += s.len();
             }
         }
-        let iov = vec![libc::iovec {
+        let iov = IoVecs::One(libc::iovec {
             iov_base: buf.as_ptr().cast(),
             iov_len: total,
-        }];
+        });
         let copy_back = if write { Vec::new() } else { data.to_vec() };
-        Ok((IoVecs(iov), Some(Bounce { buf, copy_back })))
+        Ok((iov, Some(Bounce { buf, copy_back })))
     }
 
     #[allow(clippy::too_many_arguments)]

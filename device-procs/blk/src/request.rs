@@ -6,7 +6,7 @@
 //! becomes an IOERR or UNSUPP status; a request without a usable status byte is returned
 //! with nothing written.
 
-use isola_device_common::chain::{self, ChainError, Segment};
+use isola_device_common::chain::{self, ChainError, Segment, Segments};
 use isola_device_common::DescriptorChain;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP,
@@ -91,11 +91,11 @@ pub enum Action {
     },
     Read {
         offset: u64,
-        data: Vec<Segment>,
+        data: Segments,
     },
     Write {
         offset: u64,
-        data: Vec<Segment>,
+        data: Segments,
     },
     Flush,
     Discard(Vec<Range>),
@@ -109,10 +109,16 @@ pub struct Request {
     pub action: Action,
 }
 
-/// Parses the request of `chain` for `disk`, given the negotiated `features`.
-pub fn parse(chain: &DescriptorChain, disk: &Disk, features: u64) -> Result<Request, NoStatus> {
+/// Parses the request of `chain` for `disk`, given the negotiated `features`. `segs` is
+/// scratch space for the chain's buffers, reused across requests.
+pub fn parse(
+    chain: &DescriptorChain,
+    disk: &Disk,
+    features: u64,
+    segs: &mut Vec<Segment>,
+) -> Result<Request, NoStatus> {
     let mem = chain.memory();
-    let segs = chain.segments().map_err(NoStatus::Chain)?;
+    chain.segments_into(segs).map_err(NoStatus::Chain)?;
     // The chain walk guarantees readable buffers come first.
     let split = segs.iter().position(|s| s.writable).unwrap_or(segs.len());
     let (readable, writable) = segs.split_at(split);
@@ -159,8 +165,8 @@ fn decide(
     features: u64,
     kind: u32,
     sector: u64,
-    rdata: Vec<Segment>,
-    wdata: Vec<Segment>,
+    rdata: Segments,
+    wdata: Segments,
 ) -> Result<Action, Refusal> {
     match kind {
         VIRTIO_BLK_T_IN => {

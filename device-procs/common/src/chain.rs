@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
@@ -50,6 +51,10 @@ pub struct Segment {
     /// Device-writable (the device fills it) rather than device-readable.
     pub writable: bool,
 }
+
+/// Buffers of one request, inline up to four (a header, data and status chain needs three),
+/// so that splitting a usual chain allocates nothing.
+pub type Segments = SmallVec<[Segment; 4]>;
 
 /// A chain named by its head, in the descriptor table of a queue.
 #[derive(Debug, Clone)]
@@ -190,9 +195,9 @@ pub fn total_len(segs: &[Segment]) -> u64 {
 }
 
 /// Splits `segs` at byte `at`: the first part holds exactly `at` bytes (or all, if fewer).
-pub fn split_at(segs: &[Segment], mut at: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
+pub fn split_at(segs: &[Segment], mut at: u64) -> (Segments, Segments) {
+    let mut head = Segments::new();
+    let mut tail = Segments::new();
     for seg in segs {
         let len = u64::from(seg.len);
         if at >= len {
@@ -284,12 +289,23 @@ pub fn host_slices<'m>(
     segs: &[Segment],
 ) -> Result<Vec<VolatileSlice<'m>>, ChainError> {
     let mut out = Vec::with_capacity(segs.len());
+    for_each_host_slice(mem, segs, |slice| out.push(slice))?;
+    Ok(out)
+}
+
+/// As [`host_slices`], handing each slice to `f` instead of collecting them. On error `f` has
+/// seen the slices before the bad one.
+pub fn for_each_host_slice<'m>(
+    mem: &'m Memory,
+    segs: &[Segment],
+    mut f: impl FnMut(VolatileSlice<'m>),
+) -> Result<(), ChainError> {
     for seg in segs.iter().filter(|s| s.len > 0) {
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
-            out.push(slice.map_err(|_| bad(seg, u64::from(seg.len)))?);
+            f(slice.map_err(|_| bad(seg, u64::from(seg.len)))?);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -441,8 +457,8 @@ mod tests {
         let (a, b) = split_at(&segs, 12);
         assert_eq!(total_len(&a), 12);
         assert_eq!(
-            b,
-            vec![Segment {
+            b.as_slice(),
+            [Segment {
                 addr: GuestAddress(0x20004),
                 len: 4,
                 writable: true

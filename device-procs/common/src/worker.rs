@@ -61,7 +61,8 @@ impl PollWindow {
                 self.window = Duration::ZERO;
             }
         } else if slept > self.window {
-            self.window = (self.window * 2).clamp(POLL_MIN, max);
+            // Not `clamp`: a limit under POLL_MIN is the window itself.
+            self.window = (self.window * 2).max(POLL_MIN).min(max);
         }
         self.window = self.window.min(max);
     }
@@ -445,5 +446,11 @@ mod tests {
         let mut p = PollWindow { window: max };
         p.adjust(US, 8 * US);
         assert_eq!(p.window, 8 * US);
+        // A limit under the smallest window is the window.
+        let mut p = PollWindow::default();
+        p.adjust(US, 2 * US);
+        assert_eq!(p.window, 2 * US);
+        p.adjust(US, 2 * US);
+        assert_eq!(p.window, 2 * US);
     }
 }

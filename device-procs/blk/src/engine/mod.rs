@@ -43,9 +43,15 @@ pub enum EngineKind {
 }
 
 /// Scatter-gather list of one request: host addresses inside mapped guest memory or a
-/// bounce buffer, which the owner of the request keeps mapped until it completes.
-#[derive(Debug, Default)]
-pub struct IoVecs(pub Vec<libc::iovec>);
+/// bounce buffer, which the owner of the request keeps mapped until it completes. A
+/// one-buffer list (the usual case) is held inline, so it costs no allocation; a longer one
+/// is on the heap, where its address does not change when the list moves (io_uring's READV
+/// reads it after submission).
+#[derive(Debug)]
+pub enum IoVecs {
+    One(libc::iovec),
+    Many(Vec<libc::iovec>),
+}
 
 // SAFETY: `Send` needs the raw pointers to stay valid wherever the value moves. They point
 // into guest memory mappings or bounce buffers owned (through `Arc`s) by the same request
@@ -53,9 +59,31 @@ pub struct IoVecs(pub Vec<libc::iovec>);
 // them, and one thread at a time owns the request.
 unsafe impl Send for IoVecs {}
 
+impl Default for IoVecs {
+    fn default() -> Self {
+        IoVecs::Many(Vec::new())
+    }
+}
+
 impl IoVecs {
+    /// Appends one buffer.
+    pub fn push(&mut self, iov: libc::iovec) {
+        match self {
+            IoVecs::Many(v) if v.is_empty() => *self = IoVecs::One(iov),
+            IoVecs::Many(v) => v.push(iov),
+            IoVecs::One(first) => *self = IoVecs::Many(vec![*first, iov]),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        match self {
+            IoVecs::One(iov) => std::slice::from_ref(iov),
+            IoVecs::Many(v) => v,
+        }
+    }
+
     pub fn len_bytes(&self) -> u64 {
-        self.0.iter().map(|v| v.iov_len as u64).sum()
+        self.as_slice().iter().map(|v| v.iov_len as u64).sum()
     }
 }
 
@@ -124,8 +152,8 @@ pub fn new_engine(
 /// Performs `op` synchronously (the sync engine, and the tail of a short io_uring transfer).
 pub(crate) fn run_sync(disk: &Disk, op: &Op) -> std::io::Result<()> {
     match op {
-        Op::Read { offset, iov } => disk.read_at(&iov.0, *offset),
-        Op::Write { offset, iov } => disk.write_at(&iov.0, *offset),
+        Op::Read { offset, iov } => disk.read_at(iov.as_slice(), *offset),
+        Op::Write { offset, iov } => disk.write_at(iov.as_slice(), *offset),
         Op::Flush => disk.flush(),
     }
 }

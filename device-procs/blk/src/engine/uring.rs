@@ -97,7 +97,7 @@ fn finish_short(disk: &Disk, op: &Op, done: usize) -> std::io::Result<()> {
     if done == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    let mut rest = iov.0.clone();
+    let mut rest = iov.as_slice().to_vec();
     let skip = advance(&mut rest, done);
     let offset = offset + done as u64;
     if write {
@@ -118,7 +118,7 @@ impl Engine for UringEngine {
         let fd = types::Fixed(0);
         // A 4 GiB chain is split by the chain walk's bound; one buffer fits a u32.
         let entry = match &op {
-            Op::Read { offset, iov } => match iov.0.as_slice() {
+            Op::Read { offset, iov } => match iov.as_slice() {
                 [one] => opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
                     .offset(*offset)
                     .build(),
@@ -126,7 +126,7 @@ impl Engine for UringEngine {
                     .offset(*offset)
                     .build(),
             },
-            Op::Write { offset, iov } => match iov.0.as_slice() {
+            Op::Write { offset, iov } => match iov.as_slice() {
                 [one] => {
                     opcode::Write::new(fd, one.iov_base.cast_const().cast(), one.iov_len as u32)
                         .offset(*offset)
@@ -144,13 +144,16 @@ impl Engine for UringEngine {
         if self.ops.len() <= token {
             self.ops.resize_with(token + 1, || None);
         }
-        // Moving `op` into the table does not move the iovec array its Vec points to.
+        // Moving `op` into the table does not move a longer list's iovec array: it is on the
+        // heap (a one-buffer op names its buffer in the entry itself).
         self.ops[token] = Some(op);
         loop {
             // SAFETY: `push` needs every buffer the entry names to stay valid until its
-            // completion is reaped. The iovec array lives in `self.ops[token]` until then,
-            // and the memory it names is kept mapped by the request that owns the token; the
-            // image's fd stays open as long as `self.disk` does, which outlives the ring.
+            // completion is reaped. A READV/WRITEV's iovec array is the heap array of the list
+            // in `self.ops[token]`, which stays there until then (a READ/WRITE names its one
+            // buffer in the entry); the memory the buffers are in is kept mapped by the
+            // request that owns the token; the image's fd stays open as long as `self.disk`
+            // does, which outlives the ring.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 break;
             }
