@@ -31,6 +31,8 @@ use crate::engine::{EngineError, EngineKind, UringEngine};
 pub const MAX_QUEUES: u16 = 64;
 /// Poll window without a kernel polling thread, in microseconds.
 pub const DEFAULT_POLL_US: u32 = 64;
+/// Poll window with a kernel polling thread (`--sq-poll-ms`), in microseconds.
+pub const SQ_POLL_POLL_US: u32 = 8;
 /// Longest poll window, in microseconds (one second).
 pub const MAX_POLL_US: u32 = 1_000_000;
 /// Longest idle time of a kernel polling thread, in milliseconds.
@@ -64,8 +66,9 @@ pub struct Cli {
     /// Longest time a queue thread keeps watching its ring after a burst before it sleeps
     /// (0: never). The window adapts from 0 up to this while requests follow each other
     /// closely; it saves the driver's kick and this thread's wakeup, at the price of a busy
-    /// thread for that long after each burst. Default: 64, or 0 with `--sq-poll-ms` (a kernel
-    /// thread already polls, and the CPU is better left to the driver).
+    /// thread for that long after each burst. Default: 64, or 8 with `--sq-poll-ms` (the
+    /// kernel thread finishes requests within microseconds, and a longer spin takes CPU
+    /// time the driver needs).
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u32>,
     /// Give each io_uring queue a kernel thread that polls for its submissions and runs them
