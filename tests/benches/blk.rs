@@ -79,7 +79,41 @@ impl Rng {
 
 /// isola-blk with a kernel thread polling each io_uring (`--sq-poll-ms`).
 const SQPOLL: &str = "isola-blk sq-poll";
+/// As [`SQPOLL`], with the kernel thread on a CPU of its own (`--sq-poll-cpu`, the machine's
+/// last CPU) and the client on the others, as on a host that keeps a CPU for storage.
+const SQPOLL_CPU: &str = "isola-blk sq-poll-cpu";
 const RAW: &str = "raw io_uring";
+
+/// The CPUs this thread may run on.
+fn own_cpus() -> nix::sched::CpuSet {
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity is readable")
+}
+
+/// The CPU `SQPOLL_CPU` dedicates to polling: the last one this process may use, if it may
+/// use more than one.
+fn polling_cpu() -> Option<usize> {
+    let set = own_cpus();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    (cpus.len() > 1).then(|| cpus[cpus.len() - 1])
+}
+
+/// Runs `f` on the CPUs this thread may use but `cpu`.
+fn avoiding_cpu<T>(cpu: Option<usize>, f: impl FnOnce() -> T) -> T {
+    use nix::sched::sched_setaffinity;
+    use nix::unistd::Pid;
+    let Some(cpu) = cpu else {
+        return f();
+    };
+    let before = own_cpus();
+    let mut others = before;
+    others.unset(cpu).expect("a CPU number in range");
+    sched_setaffinity(Pid::from_raw(0), &others).expect("affinity is settable");
+    let out = f();
+    sched_setaffinity(Pid::from_raw(0), &before).expect("affinity is settable");
+    out
+}
 
 /// A vhost-user-blk backend process serving `image` on `socket`.
 struct Backend {
@@ -96,11 +130,14 @@ impl Drop for Backend {
 fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = match target {
-        "isola-blk" | SQPOLL => {
+        "isola-blk" | SQPOLL | SQPOLL_CPU => {
             let mut cmd = Command::new(binary_if_built("isola-blk")?);
             cmd.arg("--socket").arg(socket).arg("--image").arg(image);
-            if target == SQPOLL {
+            if target != "isola-blk" {
                 cmd.args(["--sq-poll-ms", "10"]);
+            }
+            if target == SQPOLL_CPU {
+                cmd.args(["--sq-poll-cpu", &polling_cpu()?.to_string()]);
             }
             if let Ok(engine) = std::env::var("ISOLA_BLK_ENGINE") {
                 cmd.args(["--engine", &engine]);
@@ -424,7 +461,7 @@ fn main() {
     let duration = Duration::from_secs_f64(seconds);
     let dir = scratch_dir("bench-blk");
     let image = prepare_image(&dir);
-    let targets = ["isola-blk", SQPOLL, "qemu-storage-daemon", RAW];
+    let targets = ["isola-blk", SQPOLL, SQPOLL_CPU, "qemu-storage-daemon", RAW];
     // A name selects the target of that name, or the one it is the first word of.
     let wanted = |target: &str| {
         only_targets.as_ref().is_none_or(|list| {
@@ -461,12 +498,14 @@ fn main() {
                             Some(backend) => {
                                 let pid = backend.child.id();
                                 let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
-                                run_blkio(&socket, pattern, depth, duration).map(|mut s| {
-                                    s.cpu = cpu_seconds(pid)
-                                        .zip(cpu0)
-                                        .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
-                                    Some(s)
-                                })
+                                let avoid = (*target == SQPOLL_CPU).then(polling_cpu).flatten();
+                                avoiding_cpu(avoid, || run_blkio(&socket, pattern, depth, duration))
+                                    .map(|mut s| {
+                                        s.cpu = cpu_seconds(pid)
+                                            .zip(cpu0)
+                                            .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+                                        Some(s)
+                                    })
                             }
                             None => Ok(None),
                         }
@@ -495,9 +534,10 @@ fn main() {
 
     println!("4 KiB random I/O on a {} MiB file (page cache), {seconds} s per case, median of {repeat}, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
     println!(
-        "isola-blk engine: {}, extra arguments: {}; `{SQPOLL}` adds --sq-poll-ms 10",
+        "isola-blk engine: {}, extra arguments: {}; `{SQPOLL}` adds --sq-poll-ms 10, `{SQPOLL_CPU}` also --sq-poll-cpu {} (the client then runs on the other CPUs)",
         std::env::var("ISOLA_BLK_ENGINE").unwrap_or_else(|_| "default".into()),
-        std::env::var("ISOLA_BLK_ARGS").unwrap_or_else(|_| "none".into())
+        std::env::var("ISOLA_BLK_ARGS").unwrap_or_else(|_| "none".into()),
+        polling_cpu().map_or("-".into(), |c| c.to_string()),
     );
     println!("cpu: CPUs busy in the backend (all its threads and kernel threads) / in the client process, over the run");
     for (label, cells) in &rows {
@@ -529,20 +569,25 @@ fn main() {
         }
         }
     }
-    println!("ratios (IOPS):");
+    println!("ratios (IOPS) to qemu-storage-daemon and to raw io_uring:");
     for (label, cells) in &rows {
-        let [isola, sqpoll, qsd, raw] = [0, 1, 2, 3].map(|i| cells[i].as_ref().map(|s| s.iops));
-        let ratio = |a: Option<f64>, b: Option<f64>, percent: bool| match (a, b) {
-            (Some(a), Some(b)) if percent => format!("{:.0}%", 100.0 * a / b),
-            (Some(a), Some(b)) => format!("{:.2}x", a / b),
-            _ => "-".into(),
-        };
-        println!(
-            "  {label:<16} isola-blk: {} of qemu-storage-daemon, {} of raw   {SQPOLL}: {} of qemu-storage-daemon, {} of raw",
-            ratio(isola, qsd, false),
-            ratio(isola, raw, true),
-            ratio(sqpoll, qsd, false),
-            ratio(sqpoll, raw, true),
-        );
+        let iops = |i: usize| cells[i].as_ref().map(|s| s.iops);
+        let (qsd, raw) = (iops(3), iops(4));
+        let ratios: Vec<String> = (0..3)
+            .map(|i| {
+                let ratio = |b: Option<f64>, percent: bool| match (iops(i), b) {
+                    (Some(a), Some(b)) if percent => format!("{:.0}%", 100.0 * a / b),
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                };
+                format!(
+                    "{}: {} / {}",
+                    targets[i],
+                    ratio(qsd, false),
+                    ratio(raw, true)
+                )
+            })
+            .collect();
+        println!("  {label:<16} {}", ratios.join("   "));
     }
 }

@@ -15,7 +15,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::device::BlkQueue;
 use crate::disk::{Disk, SECTOR};
-use crate::engine::{new_engine, EngineKind};
+use crate::engine::{new_engine, EngineKind, SqPoller};
 use crate::request::{MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
 
 /// Largest single data buffer (SIZE_MAX).
@@ -31,7 +31,7 @@ pub struct BlkDevice {
     queue_size: u16,
     engine: EngineKind,
     poll: Duration,
-    sq_poll_ms: Option<u32>,
+    sq_poller: Option<SqPoller>,
     #[cfg(feature = "debug-hold")]
     hold: Option<u64>,
 }
@@ -44,7 +44,7 @@ impl BlkDevice {
             queue_size,
             engine,
             poll: Duration::ZERO,
-            sq_poll_ms: None,
+            sq_poller: None,
             #[cfg(feature = "debug-hold")]
             hold: None,
         }
@@ -56,9 +56,9 @@ impl BlkDevice {
         self
     }
 
-    /// io_uring queues get a kernel polling thread that sleeps after `ms` idle milliseconds.
-    pub fn with_sq_poll(mut self, ms: Option<u32>) -> Self {
-        self.sq_poll_ms = ms;
+    /// io_uring queues share `poller`'s kernel thread to submit their I/O.
+    pub fn with_sq_poller(mut self, poller: Option<SqPoller>) -> Self {
+        self.sq_poller = poller;
         self
     }
 
@@ -138,7 +138,7 @@ impl VirtioDevice for BlkDevice {
             self.engine,
             Arc::clone(&self.disk),
             self.queue_size,
-            self.sq_poll_ms,
+            self.sq_poller.as_ref(),
         )
         .map_err(|e| DeviceError::QueueSetup {
             index,

@@ -13,7 +13,7 @@ use vm_memory::Address;
 
 use super::*;
 use crate::disk::DiskOptions;
-use crate::engine::{new_engine, EngineKind};
+use crate::engine::{new_engine, EngineKind, SqPoller};
 use crate::request::STATUS_UNSUPP;
 
 const NEXT_FLAG: u16 = VRING_DESC_F_NEXT as u16;
@@ -91,7 +91,13 @@ impl Rig {
         // Zero the rings (they were filled with the canary).
         let rings = driver.end().0 as usize;
         mem.write_slice(&vec![0; rings], GuestAddress(0)).unwrap();
-        let engine = new_engine(kind, Arc::clone(&disk), QSIZE, sq_poll_ms).unwrap();
+        let engine = new_engine(
+            kind,
+            Arc::clone(&disk),
+            QSIZE,
+            sq_poll_ms.map(|ms| SqPoller::new(ms, None)).as_ref(),
+        )
+        .unwrap();
         let blk = BlkQueue::new(0, disk, engine, features);
         Rig {
             mem,

@@ -25,7 +25,9 @@ use isola_device_common::ServeError;
 
 use crate::backend::BlkDevice;
 use crate::disk::{Disk, DiskError, DiskOptions};
-use crate::engine::{EngineError, EngineKind, UringEngine};
+use crate::engine::{EngineError, EngineKind, SqPoller, UringEngine};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 
 /// Most queues (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
@@ -77,6 +79,11 @@ pub struct Cli {
     /// price is a CPU spinning while the disk is in use.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub sq_poll_ms: u32,
+    /// Dedicate CPU N to the kernel polling thread (with `--sq-poll-ms`): the thread runs on
+    /// N, and this process's own threads on the other CPUs it may use. For hosts that keep
+    /// a CPU for storage polling; the guest's vCPUs belong elsewhere too.
+    #[arg(long, value_name = "N")]
+    pub sq_poll_cpu: Option<u32>,
     /// Open the image with O_DIRECT; the device then has 4 KiB blocks, and unaligned guest
     /// buffers go through a bounce buffer.
     #[arg(long)]
@@ -105,6 +112,10 @@ pub enum ConfigError {
     SqPollMs(u32),
     #[error("--sq-poll-ms needs an io_uring engine (`--engine io-uring` or `auto`)")]
     SqPollSync,
+    #[error("--sq-poll-cpu needs --sq-poll-ms")]
+    SqPollCpuAlone,
+    #[error("--sq-poll-cpu {cpu}: this process may use CPUs {allowed:?}; N must be one of them, and not the only one")]
+    SqPollCpu { cpu: u32, allowed: Vec<usize> },
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error("--engine io-uring is not available here")]
@@ -121,6 +132,28 @@ pub enum RunError {
     Serve(#[from] ServeError),
     #[error("entering the sandbox")]
     Sandbox(#[from] SandboxError),
+    #[error("cannot keep this process off the polling CPU")]
+    Affinity(#[source] nix::Error),
+}
+
+/// The CPUs this process may use other than `cpu`, if `cpu` is one of them and not the only
+/// one.
+fn cpus_besides(cpu: u32) -> Result<CpuSet, ConfigError> {
+    let mut allowed = Vec::new();
+    if let Ok(set) = sched_getaffinity(Pid::from_raw(0)) {
+        allowed = (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect();
+    }
+    let refuse = |allowed| ConfigError::SqPollCpu { cpu, allowed };
+    if !allowed.contains(&(cpu as usize)) || allowed.len() < 2 {
+        return Err(refuse(allowed));
+    }
+    let mut own = CpuSet::new();
+    for &c in allowed.iter().filter(|&&c| c != cpu as usize) {
+        own.set(c).map_err(|_| refuse(allowed.clone()))?;
+    }
+    Ok(own)
 }
 
 /// A validated configuration: the image is open and the socket listening.
@@ -132,7 +165,9 @@ pub struct Config {
     queue_size: u16,
     engine: EngineKind,
     poll: Duration,
-    sq_poll_ms: Option<u32>,
+    sq_poller: Option<SqPoller>,
+    /// With a dedicated polling CPU: the CPUs left for this process's threads.
+    own_cpus: Option<CpuSet>,
     sandbox: SandboxArgs,
     #[cfg(feature = "debug-hold")]
     hold_sector: Option<u64>,
@@ -160,6 +195,11 @@ impl Config {
         if cli.sq_poll_ms > 0 && cli.engine == EngineKind::Sync {
             return Err(ConfigError::SqPollSync);
         }
+        let own_cpus = match cli.sq_poll_cpu {
+            Some(_) if cli.sq_poll_ms == 0 => return Err(ConfigError::SqPollCpuAlone),
+            Some(cpu) => Some(cpus_besides(cpu)?),
+            None => None,
+        };
         common_sandbox::validate(&cli.sandbox).map_err(ConfigError::Sandbox)?;
         let options = DiskOptions {
             readonly: cli.readonly,
@@ -191,7 +231,8 @@ impl Config {
             queue_size: cli.queue_size,
             engine,
             poll: Duration::from_micros(u64::from(poll_us)),
-            sq_poll_ms: (cli.sq_poll_ms > 0).then_some(cli.sq_poll_ms),
+            sq_poller: (cli.sq_poll_ms > 0).then(|| SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu)),
+            own_cpus,
             sandbox: cli.sandbox,
             #[cfg(feature = "debug-hold")]
             hold_sector: cli.debug_hold_sector,
@@ -201,10 +242,14 @@ impl Config {
 
 /// Enters the sandbox, then serves the image to one frontend at a time, for ever.
 pub fn run(config: Config) -> Result<(), RunError> {
+    if let Some(cpus) = &config.own_cpus {
+        // Before any thread (and the sandbox's processes) exists: all inherit it.
+        sched_setaffinity(Pid::from_raw(0), cpus).map_err(RunError::Affinity)?;
+    }
     common_sandbox::single_arena();
     common_sandbox::enter(&config.sandbox, &sandbox::policy(config.engine))?;
     log::info!(
-        "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine",
+        "serving {} ({} bytes{}{}), {} queues of up to {}, {:?} engine{}",
         config.image.display(),
         config.disk.size(),
         if config.disk.readonly() {
@@ -220,6 +265,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.num_queues,
         config.queue_size,
         config.engine,
+        config
+            .sq_poller
+            .as_ref()
+            .map_or(String::new(), |p| format!(", {p}")),
     );
     let device = BlkDevice::new(
         config.disk,
@@ -228,7 +277,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.engine,
     )
     .with_poll(config.poll)
-    .with_sq_poll(config.sq_poll_ms);
+    .with_sq_poller(config.sq_poller);
     #[cfg(feature = "debug-hold")]
     let device = device.with_hold_sector(config.hold_sector);
     isola_device_common::serve(&config.listener, &Arc::new(device))?;

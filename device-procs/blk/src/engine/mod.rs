@@ -20,7 +20,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 pub use sync::SyncEngine;
-pub use uring::UringEngine;
+pub use uring::{SqPoller, UringEngine};
 
 use crate::disk::Disk;
 
@@ -121,20 +121,20 @@ pub trait Engine: Send {
     }
 }
 
-/// An engine of `kind` for one queue of `depth` entries; io_uring engines with a kernel
-/// polling thread that sleeps after `sq_poll_ms` idle milliseconds, if given.
+/// An engine of `kind` for one queue of `depth` entries; io_uring engines served by
+/// `poller`'s kernel thread, if given.
 pub fn new_engine(
     kind: EngineKind,
     disk: Arc<Disk>,
     depth: u16,
-    sq_poll_ms: Option<u32>,
+    poller: Option<&SqPoller>,
 ) -> Result<Box<dyn Engine>, EngineError> {
     Ok(match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(disk)),
-        EngineKind::IoUring => Box::new(UringEngine::with_options(disk, depth, false, sq_poll_ms)?),
+        EngineKind::IoUring => Box::new(UringEngine::with_options(disk, depth, false, poller)?),
         EngineKind::Auto => {
             let sync_writes = !disk.direct();
-            match UringEngine::with_options(Arc::clone(&disk), depth, sync_writes, sq_poll_ms) {
+            match UringEngine::with_options(Arc::clone(&disk), depth, sync_writes, poller) {
                 Ok(engine) => Box::new(engine),
                 // E.g. a sandbox that refuses io_uring after the start-up check passed.
                 Err(e) => {

@@ -9,7 +9,9 @@
 //! writes submission entries: a kernel thread picks them up and runs them, so the copies of
 //! page-cache reads move off the queue's thread onto a second CPU, and a commit makes no
 //! system call while that thread is awake. The thread spins for the idle time after the last
-//! submission before it sleeps, so it costs a CPU while the disk is busy.
+//! submission before it sleeps, so it costs a CPU while the disk is busy. One such thread
+//! serves all the queues of a device ([`SqPoller`]: the first ring makes it, the others attach
+//! to it), optionally on a CPU of its own.
 //!
 //! With `sync_writes` (the `auto` engine on a buffered image) writes bypass the ring and run
 //! at once on the queue's thread: a filesystem that cannot do nonblocking buffered writes
@@ -17,14 +19,89 @@
 //! context switches per write and serialises on the inode anyway, whereas a buffered write
 //! is just a copy into the page cache.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, types, IoUring};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{run_sync, Completion, Engine, EngineError, Op};
 use crate::disk::{advance, Disk};
+
+/// The kernel thread that polls the submission queues of one device's rings.
+#[derive(Debug)]
+pub struct SqPoller {
+    idle_ms: u32,
+    cpu: Option<u32>,
+    /// A ring served by the thread (a duplicate of its fd, which keeps the thread alive), for
+    /// later rings to attach to.
+    first: Mutex<Option<OwnedFd>>,
+}
+
+impl SqPoller {
+    /// A poller that sleeps after `idle_ms` idle milliseconds, bound to `cpu` if given. The
+    /// thread itself starts with the first ring.
+    pub fn new(idle_ms: u32, cpu: Option<u32>) -> Self {
+        SqPoller {
+            idle_ms,
+            cpu,
+            first: Mutex::new(None),
+        }
+    }
+
+    /// A ring of `entries` served by this poller. Where the kernel refuses (no SQPOLL, or
+    /// the CPU is not allowed), a ring without one, with a warning.
+    fn ring(&self, entries: u32) -> std::io::Result<IoUring> {
+        // Poisoned only if a thread panicked while holding it; the fd inside is still good.
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let build = |attach: Option<&OwnedFd>| {
+            let mut builder = IoUring::builder();
+            builder.setup_sqpoll(self.idle_ms);
+            if let Some(cpu) = self.cpu {
+                builder.setup_sqpoll_cpu(cpu);
+            }
+            if let Some(fd) = attach {
+                builder.setup_attach_wq(fd.as_raw_fd());
+            }
+            builder.build(entries)
+        };
+        // Attach to the running thread; should that fail, start another.
+        let attached = first.as_ref().and_then(|fd| build(Some(fd)).ok());
+        let ring = match attached {
+            Some(ring) => ring,
+            None => match build(None) {
+                Ok(ring) => {
+                    // SAFETY: the ring's fd is open for as long as `ring` lives, which is
+                    // longer than this borrow.
+                    let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+                    *first = fd.try_clone_to_owned().ok();
+                    ring
+                }
+                Err(e) => {
+                    log::warn!(
+                        "io_uring: no kernel polling thread ({e}); submitting from the queue's thread"
+                    );
+                    IoUring::new(entries)?
+                }
+            },
+        };
+        Ok(ring)
+    }
+}
+
+impl std::fmt::Display for SqPoller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a kernel polling thread (sleeps after {} ms idle",
+            self.idle_ms
+        )?;
+        match self.cpu {
+            Some(cpu) => write!(f, ", on CPU {cpu})"),
+            None => write!(f, ")"),
+        }
+    }
+}
 
 pub struct UringEngine {
     ring: IoUring,
@@ -45,24 +122,16 @@ impl UringEngine {
     }
 
     /// With `sync_writes`, writes run synchronously in `submit` and only reads and flushes go
-    /// through the ring. With `sq_poll_ms`, a kernel thread polls the submission queue and
-    /// sleeps after that many idle milliseconds; where the kernel refuses one, the ring
-    /// works without it.
+    /// through the ring. With a `poller`, its kernel thread submits what the ring is given.
     pub fn with_options(
         disk: Arc<Disk>,
         depth: u16,
         sync_writes: bool,
-        sq_poll_ms: Option<u32>,
+        poller: Option<&SqPoller>,
     ) -> Result<Self, EngineError> {
         let entries = u32::from(depth.max(1)).next_power_of_two();
-        let ring = match sq_poll_ms {
-            Some(idle) => IoUring::builder()
-                .setup_sqpoll(idle)
-                .build(entries)
-                .or_else(|e| {
-                    log::warn!("io_uring: no kernel polling thread ({e}); submitting from the queue's thread");
-                    IoUring::new(entries)
-                }),
+        let ring = match poller {
+            Some(poller) => poller.ring(entries),
             None => IoUring::new(entries),
         }
         .map_err(EngineError::Setup)?;
