@@ -22,7 +22,10 @@ use crate::request::{self, Action, Range, Refusal, STATUS_IOERR};
 
 const STATUS_OK: u8 = 0;
 /// Requests a pass starts before it first returns finished ones and signals the driver.
-const FIRST_STEP: usize = 4;
+/// Measured at queue depth 32 with the blkio client (randread, page cache): 16 gives 514-532 k
+/// IOPS against 443 k for 4 and 402 k for 32 (and +7% with a kernel polling thread); fewer
+/// wake the driver for too little work, more keep it waiting.
+const FIRST_STEP: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
