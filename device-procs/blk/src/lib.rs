@@ -31,10 +31,8 @@ use nix::unistd::Pid;
 
 /// Most queues (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
-/// Poll window without a kernel polling thread, in microseconds.
+/// Default poll window, in microseconds.
 pub const DEFAULT_POLL_US: u32 = 64;
-/// Poll window with a kernel polling thread (`--sq-poll-ms`), in microseconds.
-pub const SQ_POLL_POLL_US: u32 = 8;
 /// Longest poll window, in microseconds (one second).
 pub const MAX_POLL_US: u32 = 1_000_000;
 /// Longest idle time of a kernel polling thread, in milliseconds.
@@ -68,15 +66,13 @@ pub struct Cli {
     /// Longest time a queue thread keeps watching its ring after a burst before it sleeps
     /// (0: never). The window adapts from 0 up to this while requests follow each other
     /// closely; it saves the driver's kick and this thread's wakeup, at the price of a busy
-    /// thread for that long after each burst. Default: 64, or 8 with `--sq-poll-ms` (the
-    /// kernel thread finishes requests within microseconds, and a longer spin takes CPU
-    /// time the driver needs).
-    #[arg(long, value_name = "US")]
-    pub poll_us: Option<u32>,
-    /// Give each io_uring queue a kernel thread that polls for its submissions and runs them
-    /// (io_uring SQPOLL), sleeping after MS idle milliseconds (0: no such thread). It moves
-    /// the I/O off the queue's thread onto another CPU, for the most IOPS on a busy disk; the
-    /// price is a CPU spinning while the disk is in use.
+    /// thread for that long after each burst.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u32,
+    /// A kernel thread that polls the queues' io_uring submission queues and runs their I/O
+    /// (io_uring SQPOLL; one for all queues), sleeping after MS idle milliseconds (0: no such
+    /// thread). It moves the I/O off the queue threads onto another CPU, for the most IOPS on
+    /// a busy disk; the price is a CPU spinning while the disk is in use.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub sq_poll_ms: u32,
     /// Dedicate CPU N to the kernel polling thread (with `--sq-poll-ms`): the thread runs on
@@ -181,13 +177,8 @@ impl Config {
         if !cli.queue_size.is_power_of_two() || !(4..=32768).contains(&cli.queue_size) {
             return Err(ConfigError::QueueSize(cli.queue_size));
         }
-        let poll_us = cli.poll_us.unwrap_or(if cli.sq_poll_ms > 0 {
-            0
-        } else {
-            DEFAULT_POLL_US
-        });
-        if poll_us > MAX_POLL_US {
-            return Err(ConfigError::PollUs(poll_us));
+        if cli.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(cli.poll_us));
         }
         if cli.sq_poll_ms > MAX_SQ_POLL_MS {
             return Err(ConfigError::SqPollMs(cli.sq_poll_ms));
@@ -230,7 +221,7 @@ impl Config {
             num_queues: cli.num_queues,
             queue_size: cli.queue_size,
             engine,
-            poll: Duration::from_micros(u64::from(poll_us)),
+            poll: Duration::from_micros(u64::from(cli.poll_us)),
             sq_poller: (cli.sq_poll_ms > 0).then(|| SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu)),
             own_cpus,
             sandbox: cli.sandbox,
