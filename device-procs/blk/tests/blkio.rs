@@ -10,6 +10,7 @@ use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use isola_device_common::testing::process::device_pid;
 use support::{patterned_image, Backend, Rng, Scratch};
 
 const QUEUES: usize = 4;
@@ -178,7 +179,46 @@ impl Worker<'_> {
     }
 }
 
+/// What a backend's threads should look like while its queues run.
+struct Threads {
+    /// Kernel polling threads (io_uring SQPOLL).
+    pollers: usize,
+    /// The CPU the poller has to itself (`--sq-poll-cpu`).
+    poll_cpu: Option<usize>,
+}
+
+/// (name, `Cpus_allowed_list`) of each thread of process `pid`.
+fn threads_of(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let dir = t.unwrap().path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap();
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_owned();
+            (name.trim().to_owned(), cpus)
+        })
+        .collect()
+}
+
+/// The CPUs this process may use.
+fn own_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap())
+        .collect()
+}
+
 fn mixed_load(name: &str, engine_args: &[&str]) {
+    mixed_load_with(name, engine_args, None);
+}
+
+fn mixed_load_with(name: &str, engine_args: &[&str], threads: Option<Threads>) {
     let dir = Scratch::new(&format!("blkio-{name}"));
     let image = dir.path("disk.img");
     let mut model = patterned_image(&image, IMAGE);
@@ -219,7 +259,31 @@ fn mixed_load(name: &str, engine_args: &[&str]) {
                 s.spawn(move || worker.run())
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).sum()
+        let done = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        // The queues are still running.
+        if let Some(threads) = &threads {
+            let listing = threads_of(device_pid(backend.child.id()));
+            let pollers: Vec<_> = listing
+                .iter()
+                .filter(|(name, _)| name.starts_with("iou-sqp"))
+                .collect();
+            assert_eq!(pollers.len(), threads.pollers, "{listing:?}");
+            if let Some(cpu) = threads.poll_cpu {
+                for (name, cpus) in &listing {
+                    let on_poll_cpu = cpus.split(',').any(|c| c == cpu.to_string());
+                    let poller = name.starts_with("iou-sqp");
+                    assert!(
+                        if poller {
+                            *cpus == cpu.to_string()
+                        } else {
+                            !on_poll_cpu
+                        },
+                        "{name} may run on CPUs {cpus}; the poller has CPU {cpu} to itself"
+                    );
+                }
+            }
+        }
+        done
     });
     assert_eq!(done, QUEUES * OPS_PER_QUEUE);
     drop(blkio);
@@ -251,15 +315,38 @@ fn blkio_mixed_load_io_uring_engine() {
     mixed_load("io-uring", &["--engine", "io-uring"]);
 }
 
-/// A kernel thread per queue submits the requests (io_uring SQPOLL), inside the sandbox.
+/// One kernel thread submits the requests of all four queues (io_uring SQPOLL), inside the
+/// sandbox.
 #[test]
 fn blkio_mixed_load_io_uring_with_kernel_polling() {
-    mixed_load("sq-poll", &["--engine", "io-uring", "--sq-poll-ms", "5"]);
+    let threads = Threads {
+        pollers: 1,
+        poll_cpu: None,
+    };
+    mixed_load_with(
+        "sq-poll",
+        &["--engine", "io-uring", "--sq-poll-ms", "5"],
+        Some(threads),
+    );
 }
 
-/// The default engine with kernel polling: reads through the polled ring, writes on the
-/// queue's thread.
+/// The default engine with kernel polling on a CPU of its own: reads through the polled
+/// ring, writes on the queue's thread, and no thread of the process on the polling CPU.
 #[test]
-fn blkio_mixed_load_auto_engine_with_kernel_polling() {
-    mixed_load("auto-sq-poll", &["--sq-poll-ms", "5"]);
+fn blkio_mixed_load_auto_engine_with_kernel_polling_on_its_own_cpu() {
+    let cpus = own_cpus();
+    let Some(&cpu) = cpus.last().filter(|_| cpus.len() > 1) else {
+        eprintln!("one CPU only: --sq-poll-cpu needs two; testing without it");
+        return mixed_load("auto-sq-poll", &["--sq-poll-ms", "5"]);
+    };
+    let threads = Threads {
+        pollers: 1,
+        poll_cpu: Some(cpu),
+    };
+    let cpu_arg = cpu.to_string();
+    mixed_load_with(
+        "auto-sq-poll",
+        &["--sq-poll-ms", "5", "--sq-poll-cpu", &cpu_arg],
+        Some(threads),
+    );
 }
