@@ -129,6 +129,58 @@ fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     assert_cleaned_up(&mut launch, &run_dir);
 }
 
+/// `--disk PATH,sq-poll`: the disk's isola-blk runs with a kernel polling thread, and the
+/// guest's writes and reads go through it.
+#[test]
+fn disk_options_reach_the_disk_daemon() {
+    let scratch = scratch_dir("launch-disk-options");
+    let run_dir = scratch.join("run");
+    let image = scratch.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let disk = format!("{},sq-poll", image.display());
+    let mut launch = launch_running(
+        &run_dir,
+        &[
+            "--disk",
+            &disk,
+            "--cmdline",
+            "virtio-blk.mode=normal virtio-blk.sectors=256",
+        ],
+        "virtio-blk:",
+    );
+    let sup = launch.supervisor_socket();
+    let reaper = wait_until("blk0 running", Duration::from_secs(10), || {
+        let d = supervisor_status(&sup)
+            .into_iter()
+            .find(|d| d.name == "blk0")?;
+        (d.state == DaemonState::Running).then_some(d.pid?)
+    });
+    let cmdline = std::fs::read(format!("/proc/{reaper}/cmdline"))
+        .unwrap()
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        cmdline.contains(&format!("--image {} --sq-poll-ms 10", image.display())),
+        "{cmdline}"
+    );
+    let status = launch.finish(Duration::from_secs(60));
+    let report = launch.report();
+    assert!(
+        status.success(),
+        "isola-run ended with {status:?}\n{report}"
+    );
+    assert!(
+        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
+        "{report}"
+    );
+    assert_cleaned_up(&mut launch, &run_dir);
+}
+
 #[test]
 fn isolactl_shutdown_stops_the_vm_and_every_daemon_and_removes_the_run_directory() {
     let scratch = scratch_dir("launch-shutdown");
