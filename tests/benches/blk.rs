@@ -1,14 +1,17 @@
 //! Block benchmark: 4 KiB random read and random write at queue depth 1 and 32, driven by an
-//! independent vhost-user-blk frontend (libblkio's Rust `blkio` crate) against `isola-blk` and
-//! against `qemu-storage-daemon`'s vhost-user-blk export on the same file, plus the raw limit:
-//! the same pattern with io_uring straight on the file from this process. All in one run,
-//! cases interleaved per target so background noise hits every target alike.
+//! independent vhost-user-blk frontend (libblkio's Rust `blkio` crate) against `isola-blk`
+//! (as it starts by default, with a kernel polling thread, and with that thread on a CPU of
+//! its own) and against `qemu-storage-daemon`'s vhost-user-blk export on the same file, plus
+//! the raw limit: the same pattern with io_uring straight on the file from this process. All
+//! in one run, targets interleaved per repetition so background noise hits every target alike.
+//! CPU time is reported for the backend (its whole process tree) and the client.
 //!
 //! `cargo bench -p isola-tests --bench blk`. Environment:
 //! - `ISOLA_BENCH_SECONDS`: time per case (default 2);
 //! - `ISOLA_BENCH_REPEAT`: runs per case and target, interleaved; the median is reported;
 //! - `ISOLA_BENCH_CASES` / `ISOLA_BENCH_TARGETS`: comma-separated subsets (`randread QD32`,
-//!   `isola-blk,raw`); `ISOLA_BENCH_CORE=0` skips the guest context-switch count;
+//!   `isola-blk,raw`: a target's name, or the first word of one other than isola-blk's);
+//!   `ISOLA_BENCH_CORE=0` skips the guest context-switch count;
 //! - `ISOLA_BLK_ENGINE`: isola-blk's engine (`auto`, `io-uring` or `sync`; default: isola-blk's
 //!   own default); `ISOLA_BLK_ARGS`: more isola-blk arguments.
 //!
