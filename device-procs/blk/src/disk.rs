@@ -90,12 +90,21 @@ impl Disk {
             path: path.to_owned(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!options.readonly)
-            .custom_flags(if options.direct { libc::O_DIRECT } else { 0 })
-            .open(path)
-            .map_err(open_err)?;
+        let open = |noatime: libc::c_int| {
+            OpenOptions::new()
+                .read(true)
+                .write(!options.readonly)
+                .custom_flags(noatime | if options.direct { libc::O_DIRECT } else { 0 })
+                .open(path)
+        };
+        // No access-time updates: nobody but this process reads the image while it serves,
+        // and each read would check whether to update it. Only the owner (or CAP_FOWNER) may
+        // ask; anyone else opens it as it is.
+        let mut file = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            other => other,
+        }
+        .map_err(open_err)?;
         let kind = file.metadata().map_err(open_err)?.file_type();
         if !kind.is_file() && !kind.is_block_device() {
             return Err(DiskError::NotADisk(path.to_owned()));
@@ -310,6 +319,13 @@ mod tests {
     fn opens_sizes_and_moves_data() {
         let path = image("rw", 4096 + 100);
         let disk = Disk::open(&path, &opts(false)).unwrap();
+        // SAFETY: F_GETFL only reads the flags of an fd this test holds open.
+        let flags = unsafe { libc::fcntl(disk.fd().as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(
+            flags & libc::O_NOATIME,
+            0,
+            "the owner opens without atime updates"
+        );
         assert_eq!(disk.size(), 4096, "rounded down to whole sectors");
         assert_eq!(&disk.serial()[..8], b"isola-bl");
         let mut a = [7u8; 300];
