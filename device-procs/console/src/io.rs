@@ -81,9 +81,26 @@ impl Io {
                 }
                 continue;
             }
+            // Ports whose user was replaced in this round: their stream's events (a listener
+            // comes before its stream) were the old connection's, e.g. its hang-up, and must
+            // not end the new one.
+            let mut replaced = Vec::new();
             for (pfd, what) in fds.iter().zip(&watch) {
-                if pfd.revents != 0 {
-                    self.ready(what, pfd.revents);
+                if pfd.revents == 0 {
+                    continue;
+                }
+                match *what {
+                    Watch::Wake => {
+                        // Nonblocking: EAGAIN only means another read already cleared it.
+                        let _ = self.wake.read();
+                    }
+                    Watch::Listener(i) => {
+                        if self.accept(i) {
+                            replaced.push(i);
+                        }
+                    }
+                    Watch::Stream(i) if replaced.contains(&i) => {}
+                    Watch::Stream(i) => self.stream_ready(i, pfd.revents),
                 }
             }
             if has_pty {
@@ -130,17 +147,6 @@ impl Io {
         (fds, watch)
     }
 
-    fn ready(&mut self, what: &Watch, revents: i16) {
-        match *what {
-            Watch::Wake => {
-                // Nonblocking: EAGAIN only means another read already cleared it.
-                let _ = self.wake.read();
-            }
-            Watch::Listener(i) => self.accept(i),
-            Watch::Stream(i) => self.stream_ready(i, revents),
-        }
-    }
-
     /// Whether the attached user (if any) has shut down its side.
     fn client_hung_up(port: &Port) -> bool {
         let Some(ep) = port.endpoint() else {
@@ -158,7 +164,8 @@ impl Io {
         n == 1 && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
     }
 
-    fn accept(&mut self, i: usize) {
+    /// Takes the users waiting on port `i`'s listener; `true` if one became the port's user.
+    fn accept(&mut self, i: usize) -> bool {
         let port = Arc::clone(&self.ports[i]);
         // A user that left in the same poll round as the next one arrives is let go first
         // (unless it left input for the guest), so the newcomer is not turned away.
@@ -166,22 +173,22 @@ impl Io {
             self.peer_closed(&port);
         }
         let Some(mut ep) = port.endpoint() else {
-            return;
+            return false;
         };
         let Endpoint::Socket {
             listener, client, ..
         } = &mut *ep
         else {
-            return;
+            return false;
         };
         loop {
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::warn!("port {}: cannot accept a user: {e}", port.id);
-                    return;
+                    return false;
                 }
             };
             if client.is_some() {
@@ -204,7 +211,7 @@ impl Io {
             }
             Port::poke(&port.rx_event);
             Port::poke(&port.tx_event);
-            return;
+            return true;
         }
     }
 
