@@ -73,6 +73,20 @@ fn launch_running(run_dir: &Path, args: &[&str], guest_line: &str) -> Launch {
     launch
 }
 
+/// Waits for isola-run to end: it must succeed, and the virtio-blk guest must have said ok.
+fn finishes_with_the_guest_ok(launch: &mut Launch) {
+    let status = launch.finish(Duration::from_secs(60));
+    let report = launch.report();
+    assert!(
+        status.success(),
+        "isola-run ended with {status:?}\n{report}"
+    );
+    assert!(
+        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
+        "{report}"
+    );
+}
+
 #[test]
 fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     let scratch = scratch_dir("launch-kill");
@@ -113,16 +127,7 @@ fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     );
     assert!(text.contains("daemon blk0: pid "), "{text}");
 
-    let status = launch.finish(Duration::from_secs(60));
-    let report = launch.report();
-    assert!(
-        status.success(),
-        "isola-run ended with {status:?}\n{report}"
-    );
-    assert!(
-        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
-        "{report}"
-    );
+    finishes_with_the_guest_ok(&mut launch);
     for pid in killed {
         assert!(!pid_alive(pid), "killed daemon {pid} still there");
     }
@@ -168,16 +173,7 @@ fn disk_options_reach_the_disk_daemon() {
         cmdline.contains(&format!("--image {} --sq-poll-ms 10", image.display())),
         "{cmdline}"
     );
-    let status = launch.finish(Duration::from_secs(60));
-    let report = launch.report();
-    assert!(
-        status.success(),
-        "isola-run ended with {status:?}\n{report}"
-    );
-    assert!(
-        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
-        "{report}"
-    );
+    finishes_with_the_guest_ok(&mut launch);
     assert_cleaned_up(&mut launch, &run_dir);
 }
 
