@@ -212,6 +212,10 @@ impl Config {
                 Err(e) => return Err(ConfigError::Engine(e)),
             }
         }
+        let polling = cli.sq_poll_ms > 0 && engine != EngineKind::Sync;
+        if cli.sq_poll_ms > 0 && !polling {
+            log::warn!("no io_uring: --sq-poll-ms and --sq-poll-cpu have no effect");
+        }
         // Last, so that bad input leaves no socket file behind.
         let listener = cli.listen.listener()?;
         Ok(Config {
@@ -222,8 +226,8 @@ impl Config {
             queue_size: cli.queue_size,
             engine,
             poll: Duration::from_micros(u64::from(cli.poll_us)),
-            sq_poller: (cli.sq_poll_ms > 0).then(|| SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu)),
-            own_cpus,
+            sq_poller: polling.then(|| SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu)),
+            own_cpus: own_cpus.filter(|_| polling),
             sandbox: cli.sandbox,
             #[cfg(feature = "debug-hold")]
             hold_sector: cli.debug_hold_sector,
