@@ -460,6 +460,32 @@ fn isola_blk_serves_the_guest_and_the_image_holds_the_pattern() {
     assert_image(&image, sectors, 3001, 9);
 }
 
+/// With a kernel polling thread: the guest's I/O, a device reset (the queue's ring goes and a
+/// new one attaches to the same poller) and the I/O after it.
+#[test]
+fn isola_blk_with_a_kernel_poller_serves_the_guest_across_a_device_reset() {
+    let dir = scratch_dir("vblk-isola-sq-poll");
+    let sectors = 8192;
+    let image = make_image(&dir, sectors);
+    let socket = dir.join("blk.sock");
+    let backend = IsolaBlk::start_with(&socket, &image, &["--sq-poll-ms", "10"]);
+    let done = run_guest(
+        &socket,
+        "virtio-blk.sectors=4096 virtio-blk.depth=32 virtio-blk.reset=1 virtio-blk.seed=0x5a",
+    );
+    backend.kill();
+    let lines = assert_ok(&done);
+    for expected in [
+        "wrote 4096 sectors",
+        "verified 4096 sectors",
+        "resetting the device",
+        "verified 4096 sectors after reset",
+    ] {
+        assert!(lines.contains(&expected), "{expected:?}: {}", report(&done));
+    }
+    assert_image(&image, sectors, 4096, 0x5a);
+}
+
 /// Every hostile case, including the three that break qemu-storage-daemon, gets an answer or
 /// is dropped, and isola-blk keeps serving the valid request after each.
 #[test]
