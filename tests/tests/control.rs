@@ -49,17 +49,21 @@ fn isolactl(socket: &Path, args: &[&str]) -> (bool, String, String) {
 fn vcpu_threads_and_sealed_memfd_are_visible_in_proc() {
     let (core, _socket, _dir) = start_msi_guest("proc", 3);
     let pid = core.pid();
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|t| {
-            std::fs::read_to_string(t.unwrap().path().join("comm"))
-                .unwrap()
-                .trim()
-                .to_owned()
-        })
-        .filter(|n| n.starts_with("vcpu"))
-        .collect();
-    names.sort();
+    let vcpu_names = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("vcpu"))
+            .collect();
+        names.sort();
+        names
+    };
+    // A thread takes its name once it runs: on a loaded machine the last vCPU may not have
+    // yet when the first one's guest speaks.
+    let names = isola_tests::supervisor::wait_until("three named vCPU threads", TIMEOUT, || {
+        Some(vcpu_names()).filter(|n| n.len() == 3)
+    });
     assert_eq!(names, ["vcpu0", "vcpu1", "vcpu2"]);
 
     let memfd = std::fs::read_dir(format!("/proc/{pid}/fd"))
