@@ -505,16 +505,32 @@ fn an_unprivileged_process_serves_the_tap_fd_its_launcher_opened() {
             vec![fd],
             Some(NOBODY),
         );
-        let status = std::fs::read_to_string(format!("/proc/{}/status", net.child.id())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().collect::<Vec<_>>())
-                .unwrap()
+        // (uid, effective capabilities) of the process. Its socket is up before it enters
+        // the sandbox, where for a moment it holds every capability of its new user
+        // namespace: wait for it to settle.
+        let creds = || {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", net.child.id())).unwrap();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next())
+                    .unwrap()
+                    .to_owned()
+            };
+            (field("Uid:"), field("CapEff:"))
         };
-        assert_eq!(field("Uid:")[0], NOBODY.to_string(), "runs as nobody");
-        assert_eq!(field("CapEff:")[0], "0000000000000000", "no capabilities");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let (uid, caps) = loop {
+            let (uid, caps) = creds();
+            if caps == "0000000000000000" || std::time::Instant::now() > deadline {
+                break (uid, caps);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(uid, NOBODY.to_string(), "runs as nobody");
+        assert_eq!(caps, "0000000000000000", "no capabilities");
         let mut guest = Guest::connect(&dir.path("net.sock"), BASE);
         let host = host_udp(5000);
         guest.send([0u8; HDR], &udp_frame(4000, 5000, b"from nobody", 1));
