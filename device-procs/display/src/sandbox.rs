@@ -59,7 +59,7 @@ mod tests {
     use super::*;
     use crate::connector::connector_policy;
     use isola_device_common::testing::seccomp::{
-        fails_with, in_filtered_child, killed_by_sigsys, raw, NO_ARGS,
+        assert_each_allowed, assert_each_killed, fails_with, in_filtered_child, raw, NO_ARGS,
     };
 
     fn execve() -> i32 {
@@ -111,10 +111,7 @@ mod tests {
                 ) as i32
             },
         ];
-        for (i, body) in forbidden.into_iter().enumerate() {
-            let status = in_filtered_child(&policy(), body);
-            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
-        }
+        assert_each_killed(&policy(), &forbidden, "forbidden");
     }
 
     #[test]
@@ -147,25 +144,17 @@ mod tests {
                 )
             },
         ];
-        for (i, body) in allowed.into_iter().enumerate() {
-            let status = in_filtered_child(&policy(), body);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "case {i}: status {status:#x}"
-            );
-        }
+        assert_each_allowed(&policy(), &allowed, "allowed");
     }
 
     #[test]
     fn the_input_connector_may_make_unix_sockets_only_and_nothing_else() {
         let connector = connector_policy().unwrap();
-        for (i, body) in [execve, open_host_path, new_process, inet_socket]
-            .into_iter()
-            .enumerate()
-        {
-            let status = in_filtered_child(&connector, body);
-            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
-        }
+        assert_each_killed(
+            &connector,
+            &[execve, open_host_path, new_process, inet_socket],
+            "connector",
+        );
         let unix_socket: fn() -> i32 = || {
             let fd = raw(libc::SYS_socket, [libc::AF_UNIX as usize, 1, 0, 0, 0, 0]);
             i32::from(fd < 0)

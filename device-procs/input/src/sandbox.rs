@@ -54,14 +54,7 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isola_device_common::testing::seccomp::{
-        self, fails_with, killed_by_sigsys, raw, BAD_FD, NO_ARGS,
-    };
-
-    /// Runs `body` in a forked child under isola-input's filters.
-    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
-        seccomp::in_filtered_child(&policy(), body)
-    }
+    use isola_device_common::testing::seccomp::{self, fails_with, raw, BAD_FD, NO_ARGS};
     const SOL_SOCKET: usize = libc::SOL_SOCKET as usize;
 
     #[test]
@@ -101,10 +94,7 @@ mod tests {
                 ) as i32
             },
         ];
-        for (i, body) in forbidden.into_iter().enumerate() {
-            let status = in_filtered_child(body);
-            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
-        }
+        seccomp::assert_each_killed(&policy(), &forbidden, "forbidden");
     }
 
     #[test]
@@ -125,12 +115,6 @@ mod tests {
             // A control client's thread (CLONE_THREAD) is allowed; clone3 falls back to it.
             || fails_with(raw(libc::SYS_clone3, [0; 6]), libc::ENOSYS),
         ];
-        for (i, body) in allowed.into_iter().enumerate() {
-            let status = in_filtered_child(body);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "case {i}: status {status:#x}"
-            );
-        }
+        seccomp::assert_each_allowed(&policy(), &allowed, "allowed");
     }
 }

@@ -54,12 +54,7 @@ pub fn policy() -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isola_device_common::testing::seccomp::{self, fails_with, killed_by_sigsys, raw, NO_ARGS};
-
-    /// Runs `body` in a forked child under isola-net's filters.
-    fn in_filtered_child(body: fn() -> i32) -> libc::c_int {
-        seccomp::in_filtered_child(&policy(), body)
-    }
+    use isola_device_common::testing::seccomp::{self, fails_with, raw, NO_ARGS};
 
     #[test]
     fn what_isola_net_must_never_do_kills_it() {
@@ -89,10 +84,7 @@ mod tests {
                 ) as i32
             },
         ];
-        for (i, body) in forbidden.into_iter().enumerate() {
-            let status = in_filtered_child(body);
-            assert!(killed_by_sigsys(status), "case {i}: status {status:#x}");
-        }
+        seccomp::assert_each_killed(&policy(), &forbidden, "forbidden");
     }
 
     #[test]
@@ -124,12 +116,6 @@ mod tests {
                 )
             },
         ];
-        for (i, body) in allowed.into_iter().enumerate() {
-            let status = in_filtered_child(body);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "case {i}: status {status:#x}"
-            );
-        }
+        seccomp::assert_each_allowed(&policy(), &allowed, "allowed");
     }
 }

@@ -29,6 +29,30 @@ pub fn in_filtered_child(policy: &Policy, body: fn() -> i32) -> libc::c_int {
     status
 }
 
+/// Runs each of `cases` under `policy` (see [`in_filtered_child`]): the filter must kill
+/// every one with SIGSYS. `what` names the set in a failure.
+pub fn assert_each_killed(policy: &Policy, cases: &[fn() -> i32], what: &str) {
+    for (i, &body) in cases.iter().enumerate() {
+        let status = in_filtered_child(policy, body);
+        assert!(
+            killed_by_sigsys(status),
+            "{what} case {i}: status {status:#x}"
+        );
+    }
+}
+
+/// Runs each of `cases` under `policy`: every one must get through the filter and exit 0.
+pub fn assert_each_allowed(policy: &Policy, cases: &[fn() -> i32], what: &str) {
+    for (i, &body) in cases.iter().enumerate() {
+        let status = in_filtered_child(policy, body);
+        assert_eq!(
+            exited(status),
+            Some(0),
+            "{what} case {i}: status {status:#x}"
+        );
+    }
+}
+
 /// Whether a wait status says the filter killed the child (SIGSYS).
 pub fn killed_by_sigsys(status: libc::c_int) -> bool {
     libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
