@@ -203,6 +203,8 @@ fn merge(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, more: Vec<(i64, Vec<Seccom
 /// The device's allowlist split in two: syscalls allowed whatever their arguments, and
 /// syscalls allowed only with some arguments. The reaper uses it to tell which of the threads
 /// a seccomp kill ended is the one the filter caught (each dies in whatever syscall it was in).
+/// clone3 counts as allowed: it is answered with ENOSYS, never killed, and a thread starting
+/// another one may be in it when a sibling is killed.
 pub fn allowlist_split(policy: &Policy) -> (Vec<i64>, Vec<i64>) {
     let mut conditional: Vec<i64> = base_rules()
         .map(|rules| rules.into_iter().map(|(nr, _)| nr).collect())
@@ -211,6 +213,7 @@ pub fn allowlist_split(policy: &Policy) -> (Vec<i64>, Vec<i64>) {
     let unconditional = BASE
         .iter()
         .chain(policy.syscalls)
+        .chain(&[libc::SYS_clone3])
         .copied()
         .filter(|nr| !conditional.contains(nr))
         .collect();
@@ -402,6 +405,21 @@ mod tests {
         );
         assert!(rules[&1].is_empty() && rules[&2].is_empty());
         assert_eq!(rules[&3].len(), 1);
+    }
+
+    #[test]
+    fn clone3_never_names_the_thread_seccomp_killed() {
+        let policy = Policy {
+            name: "t",
+            syscalls: &[],
+            rules: Vec::new(),
+            host_network: false,
+            max_fds: 64,
+            max_data: 1 << 20,
+        };
+        let (unconditional, conditional) = allowlist_split(&policy);
+        assert!(unconditional.contains(&libc::SYS_clone3));
+        assert!(!conditional.contains(&libc::SYS_clone3));
     }
 
     #[test]
