@@ -149,19 +149,13 @@ fn one_line(e: &clap::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Scratch;
     use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixStream;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("isola-cli-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn stale_sockets_are_replaced_live_ones_are_not() {
-        let dir = scratch("stale");
+        let dir = Scratch::new("stale");
         let path = dir.join("dev.sock");
         let first = bind(&path).unwrap();
         assert!(matches!(bind(&path), Err(ListenError::InUse(_))));
@@ -177,12 +171,11 @@ mod tests {
         let file = dir.join("plain");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(bind(&file), Err(ListenError::NotASocket(_))));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn inherited_fds_are_checked() {
-        let dir = scratch("fd");
+        let dir = Scratch::new("fd");
         let listener = UnixListener::bind(dir.join("l.sock")).unwrap();
         let fd = listener.into_raw_fd();
         let adopted = adopt(fd).unwrap();
@@ -197,6 +190,5 @@ mod tests {
         assert!(matches!(adopt(-3), Err(ListenError::BadFd(-3))));
         assert!(matches!(adopt(100_000), Err(ListenError::BadFd(100_000))));
         drop(adopted);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,9 +5,9 @@
 //! outside guest memory is touched (it is not mapped here), and valid traffic still flows
 //! both ways afterwards.
 
+use isola_device_common::testing::Scratch;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,16 +29,6 @@ impl Drop for Proc {
     }
 }
 
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "isola-console-hostile-{}-{test}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
     let mut m = id.to_le_bytes().to_vec();
     m.extend_from_slice(&event.to_le_bytes());
@@ -48,7 +38,7 @@ fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
 
 #[test]
 fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
-    let d = dir("driver");
+    let d = Scratch::new("driver");
     let vu = d.join("vu.sock");
     let p0 = d.join("p0.sock");
     let log = d.join("p1.log");
@@ -198,7 +188,6 @@ fn hostile_driver_gets_errors_and_the_device_keeps_serving() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(fe);
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// CPU time (user + system, in clock ticks) of process `pid`.
@@ -212,7 +201,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
-    let d = dir("wait");
+    let d = Scratch::new("wait");
     let vu = d.join("vu.sock");
     let p0 = d.join("p0.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
@@ -262,5 +251,4 @@ fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
     mem.read_slice(&mut got, GuestAddress(0x20_000)).unwrap();
     assert_eq!(&got, b"typed early");
     drop(fe);
-    let _ = std::fs::remove_dir_all(&d);
 }

@@ -218,6 +218,7 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use isola_device_common::testing::Scratch;
 
     fn snapshot(id: u32) -> Snapshot {
         Snapshot {
@@ -243,16 +244,9 @@ mod tests {
         }
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("isola-gpu-state-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn snapshots_round_trip_and_garbage_is_refused() {
-        let dir = scratch("trip");
+        let dir = Scratch::new("trip");
         let path = dir.join("state");
         let (mut file, none) = StateFile::open(&path).unwrap();
         assert!(none.is_none());
@@ -269,12 +263,11 @@ mod tests {
         // The unusable file is overwritten by the next save.
         file.save(&snapshot(3)).unwrap();
         assert_eq!(StateFile::open(&path).unwrap().1, Some(snapshot(3)));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_torn_save_leaves_the_previous_snapshot() {
-        let dir = scratch("torn");
+        let dir = Scratch::new("torn");
         let path = dir.join("state");
         let (mut file, _) = StateFile::open(&path).unwrap();
         file.save(&snapshot(1)).unwrap();
@@ -302,6 +295,5 @@ mod tests {
         // A save after that goes to the torn slot, not over the good one.
         reopened.save(&snapshot(4)).unwrap();
         assert_eq!(StateFile::open(&path).unwrap().1, Some(snapshot(4)));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,19 +3,13 @@
 //! device thread once the sandbox is complete, kills it with SIGSYS and the reaper's log line
 //! names the syscall; with `--seccomp log` the open goes through and finds no host path.
 
-use std::path::{Path, PathBuf};
+use isola_device_common::testing::Scratch;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use isola_device_common::testing::process::{
     each_forbidden_syscall_kills, in_log_mode_the_open_finds_no_host_path,
 };
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("isola-input-sbx-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// `isola-input` with its three sockets, plus `args`.
 fn start(dir: &Path) -> impl Fn(&[&str], &Path) -> Child + '_ {
@@ -38,8 +32,7 @@ fn start(dir: &Path) -> impl Fn(&[&str], &Path) -> Child + '_ {
 
 #[test]
 fn forbidden_syscalls_kill_isola_input_with_sigsys() {
-    let dir = scratch("sigsys");
+    let dir = Scratch::new("sigsys");
     each_forbidden_syscall_kills(&dir, start(&dir));
     in_log_mode_the_open_finds_no_host_path(&dir, start(&dir));
-    let _ = std::fs::remove_dir_all(&dir);
 }

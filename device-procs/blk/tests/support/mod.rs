@@ -14,27 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("isola-blk-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use isola_device_common::testing::Scratch;
 
 /// A running `isola-blk`, killed on drop. Its stderr goes to a file.
 pub struct Backend {
