@@ -49,7 +49,8 @@ pub fn gone(pid: u32) -> bool {
 
 /// The value of `key:` in /proc/PID/status.
 pub fn status_field(pid: u32, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
@@ -58,9 +59,20 @@ pub fn status_field(pid: u32, key: &str) -> String {
 }
 
 /// Asserts that `pid` runs under the sandbox: a seccomp filter, no new privileges, no
-/// capabilities, user nobody (when the test runs as root), its own namespaces, and an
-/// empty root of its own. `what` names it in the panic messages.
+/// capabilities, user nobody (when the test runs as root), namespaces other than the calling
+/// thread's, and an empty root of its own. `what` names it in the panic messages.
 pub fn assert_sandboxed(pid: u32, what: &str) {
+    check_sandboxed(pid, what, false);
+}
+
+/// [`assert_sandboxed`] for `isola-net`, which keeps its launcher's network namespace: the
+/// calling thread's (the network tests run in a namespace of their own); every other
+/// namespace must still differ.
+pub fn assert_sandboxed_on_host_network(pid: u32, what: &str) {
+    check_sandboxed(pid, what, true);
+}
+
+fn check_sandboxed(pid: u32, what: &str, host_network: bool) {
     assert_eq!(
         status_field(pid, "Seccomp"),
         "2",
@@ -84,13 +96,24 @@ pub fn assert_sandboxed(pid: u32, what: &str) {
     }
     for ns in ["user", "mnt", "ipc", "uts", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{what}: {ns} namespace");
+        let ours = std::fs::read_link(format!("/proc/thread-self/ns/{ns}")).unwrap();
+        if ns == "net" && host_network {
+            assert_eq!(
+                theirs, ours,
+                "{what}: keeps its launcher's network namespace"
+            );
+        } else {
+            assert_ne!(theirs, ours, "{what}: {ns} namespace");
+        }
     }
     // Its root is not the host's, and holds nothing.
     let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
     let host = std::fs::metadata("/").unwrap();
-    assert_ne!((root.dev(), root.ino()), (host.dev(), host.ino()), "{what}");
+    assert_ne!(
+        (root.dev(), root.ino()),
+        (host.dev(), host.ino()),
+        "{what}: its root is the host's"
+    );
     let entries = std::fs::read_dir(format!("/proc/{pid}/root/"))
         .unwrap()
         .count();
