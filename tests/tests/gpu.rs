@@ -11,7 +11,7 @@ use isola_guests::gpu_pixel;
 use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
 use isola_tests::gpu::{DisplayState, IsolaGpu, QemuGpu, TestDisplay};
 use isola_tests::sandbox::{assert_sandboxed, device_pid, status_field};
-use isola_tests::{control, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{control, guest, scratch_dir, wait_for_path, Core, Finished};
 
 const W: u32 = 320;
 const H: u32 = 200;
@@ -61,17 +61,18 @@ fn cursor_image() -> Vec<u8> {
     v
 }
 
+/// Runs the GPU guest with `cmdline` against whichever backend listens on `gpu_socket`, with
+/// a test display, until the guest ends.
+fn run_with_display(dir: &Path, gpu_socket: &Path, cmdline: &str) -> (Finished, TestDisplay) {
+    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
+    let (core, _) = start_core(dir, gpu_socket, Some(&display.socket), cmdline);
+    (core.finish(WAIT), display)
+}
+
 /// Runs the draw-mode guest against whichever backend listens on `gpu_socket` and returns
 /// what the display end got.
 fn draw_and_collect(dir: &Path, gpu_socket: &Path) -> (DisplayState, Vec<String>) {
-    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
-    let (core, _) = start_core(
-        dir,
-        gpu_socket,
-        Some(&display.socket),
-        "virtio-gpu.mode=draw",
-    );
-    let done = core.finish(WAIT);
+    let (done, display) = run_with_display(dir, gpu_socket, "virtio-gpu.mode=draw");
     done.assert_success();
     let state = display.wait_until("frame 1 and the cursor", WAIT, |s| {
         shows_frame(s, 1) && s.cursor_pos == Some((30, 40))
@@ -131,14 +132,8 @@ fn a_guest_reset_drops_the_resources_and_the_device_starts_over() {
     let dir = scratch_dir("gpu-reset");
     let gpu_socket = dir.join("gpu.sock");
     let mut gpu = IsolaGpu::start(&gpu_socket, &["--resolution", RESOLUTION]);
-    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
-    let (core, _) = start_core(
-        &dir,
-        &gpu_socket,
-        Some(&display.socket),
-        "virtio-gpu.mode=draw virtio-gpu.reset=1",
-    );
-    let done = core.finish(WAIT);
+    let (done, display) =
+        run_with_display(&dir, &gpu_socket, "virtio-gpu.mode=draw virtio-gpu.reset=1");
     // Creating resource 1 again after the reset succeeds only if the reset dropped it.
     done.assert_success();
     assert!(done
@@ -226,14 +221,7 @@ fn hostile_guest_commands_get_error_responses_and_the_device_survives() {
     let dir = scratch_dir("gpu-hostile");
     let gpu_socket = dir.join("gpu.sock");
     let mut gpu = IsolaGpu::start(&gpu_socket, &["--resolution", RESOLUTION]);
-    let display = TestDisplay::start(&dir.join("display.sock"), W, H);
-    let (core, _) = start_core(
-        &dir,
-        &gpu_socket,
-        Some(&display.socket),
-        "virtio-gpu.mode=hostile",
-    );
-    let done = core.finish(WAIT);
+    let (done, display) = run_with_display(&dir, &gpu_socket, "virtio-gpu.mode=hostile");
     done.assert_success();
     let cases = done
         .serial
