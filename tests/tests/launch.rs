@@ -87,6 +87,22 @@ fn finishes_with_the_guest_ok(launch: &mut Launch) {
     );
 }
 
+/// `scripts/isola-run` with the GPU guest, which draws and then waits, on a 640x400 display,
+/// plus `more` arguments; once the guest waits.
+fn launch_waiting_gpu_guest(run_dir: &Path, more: &[&str]) -> Launch {
+    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
+    let mut args = vec![
+        "--kernel",
+        gpu_guest.to_str().unwrap(),
+        "--cmdline",
+        "virtio-gpu.wait=1",
+        "--display",
+        "640x400",
+    ];
+    args.extend_from_slice(more);
+    launch_running(run_dir, &args, "virtio-gpu: waiting for vector")
+}
+
 #[test]
 fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     let scratch = scratch_dir("launch-kill");
@@ -404,20 +420,7 @@ fn bad_supervisor_command_lines_exit_2_with_one_line() {
 fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_a_kill() {
     let scratch = scratch_dir("launch-all");
     let run_dir = scratch.join("run");
-    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
-    let mut launch = launch_running(
-        &run_dir,
-        &[
-            "--kernel",
-            gpu_guest.to_str().unwrap(),
-            "--cmdline",
-            "virtio-gpu.wait=1",
-            "--display",
-            "640x400",
-            "--console",
-        ],
-        "virtio-gpu: waiting for vector",
-    );
+    let mut launch = launch_waiting_gpu_guest(&run_dir, &["--console"]);
     let run = run_dir.to_str().unwrap();
     let sup = launch.supervisor_socket();
     let mut names: Vec<String> = supervisor_status(&sup)
@@ -474,19 +477,7 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
 fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
     let scratch = scratch_dir("launch-display");
     let run_dir = scratch.join("run");
-    let gpu_guest = isola_tests::guest("virtio-gpu.elf");
-    let mut launch = launch_running(
-        &run_dir,
-        &[
-            "--kernel",
-            gpu_guest.to_str().unwrap(),
-            "--cmdline",
-            "virtio-gpu.wait=1",
-            "--display",
-            "640x400",
-        ],
-        "virtio-gpu: waiting for vector",
-    );
+    let mut launch = launch_waiting_gpu_guest(&run_dir, &[]);
     let run = run_dir.to_str().unwrap();
     let sup = launch.supervisor_socket();
     let shot = scratch.join("shot.png");
