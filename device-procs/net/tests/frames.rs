@@ -123,13 +123,7 @@ fn tap_fd_carries_frames_both_ways_with_config_and_checksums() {
 fn rx_back_pressure_leaves_frames_in_the_tap() {
     in_netns(|| {
         let dir = Scratch::new("pressure");
-        make_tap("tap0", false);
-        let net = NetProc::start(
-            &dir.path("net.sock"),
-            dir.path("net.log"),
-            &["--tap", "tap0"],
-            vec![],
-        );
+        let net = serve_tap0(&dir);
         let mut guest = Guest::connect(&dir.path("net.sock"), BASE);
         // No receive buffers: 5000 datagrams must wait in (or overflow) the tap's queue.
         let host = host_udp(0);
@@ -318,13 +312,7 @@ fn tso_frame_arrives_segmented_and_checksummed() {
 fn mergeable_buffers_carry_a_frame_across_several_and_without_them_small_buffers_drop_it() {
     in_netns(|| {
         let dir = Scratch::new("mrg");
-        make_tap("tap0", false);
-        let net = NetProc::start(
-            &dir.path("net.sock"),
-            dir.path("net.log"),
-            &["--tap", "tap0"],
-            vec![],
-        );
+        let net = serve_tap0(&dir);
         let host = host_udp(0);
         let payload: Vec<u8> = (0..1400u32).map(|i| (i * 13) as u8).collect();
 
@@ -399,13 +387,7 @@ fn tcp_segment(port: u16, seq: u32, ack: u32, flags: u8, options: &[u8]) -> Vec<
 fn host_tcp_reaches_the_guest_as_tso_frames_over_mergeable_buffers() {
     in_netns(|| {
         let dir = Scratch::new("guest-tso");
-        make_tap("tap0", false);
-        let _net = NetProc::start(
-            &dir.path("net.sock"),
-            dir.path("net.log"),
-            &["--tap", "tap0"],
-            vec![],
-        );
+        let _net = serve_tap0(&dir);
         let mut guest = Guest::connect(
             &dir.path("net.sock"),
             BASE | bit(VIRTIO_NET_F_GUEST_CSUM)

@@ -238,6 +238,17 @@ impl Drop for NetProc {
 /// A scratch directory, removed on drop.
 pub use isola_device_common::testing::Scratch;
 
+/// Makes `tap0` (one queue) and starts isola-net on it, with its socket and log in `dir`.
+pub fn serve_tap0(dir: &Scratch) -> NetProc {
+    make_tap("tap0", false);
+    NetProc::start(
+        &dir.path("net.sock"),
+        dir.path("net.log"),
+        &["--tap", "tap0"],
+        vec![],
+    )
+}
+
 /// Where the test guest keeps its buffers.
 pub const RX_BUFS: u64 = 0x10_0000;
 pub const TX_BUFS: u64 = 0x80_0000;
