@@ -76,6 +76,39 @@ pub fn raw(nr: libc::c_long, a: [usize; 6]) -> libc::c_long {
     unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
 }
 
+/// Runs a program (`execve` of /bin/true).
+pub fn execve_true() -> i32 {
+    let (path, argv) = (c"/bin/true".as_ptr() as usize, NO_ARGS.as_ptr() as usize);
+    raw(libc::SYS_execve, [path, argv, argv, 0, 0, 0]) as i32
+}
+
+/// Opens a host path (`openat` of /etc/passwd).
+pub fn open_host_path() -> i32 {
+    let path = c"/etc/passwd".as_ptr() as usize;
+    raw(
+        libc::SYS_openat,
+        [libc::AT_FDCWD as usize, path, 0, 0, 0, 0],
+    ) as i32
+}
+
+/// Starts a new process (`clone` without CLONE_THREAD).
+pub fn new_process() -> i32 {
+    raw(libc::SYS_clone, [libc::SIGCHLD as usize, 0, 0, 0, 0, 0]) as i32
+}
+
+/// Asks to be traced (`ptrace(PTRACE_TRACEME)`).
+pub fn ptrace_traceme() -> i32 {
+    raw(
+        libc::SYS_ptrace,
+        [libc::PTRACE_TRACEME as usize, 0, 0, 0, 0, 0],
+    ) as i32
+}
+
+/// What no device's policy allows: each device's test passes these to
+/// [`assert_each_killed`] besides its own cases.
+pub const NO_DEVICE_MAY: [fn() -> i32; 4] =
+    [execve_true, open_host_path, new_process, ptrace_traceme];
+
 /// An empty, null-terminated argv/envp array for `execve`.
 pub static NO_ARGS: [usize; 1] = [0];
 /// An fd number nothing has open.
