@@ -9,7 +9,7 @@
 //! this process beyond one 64 KiB copy per queue, so a slow side costs no memory here.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -337,31 +337,6 @@ impl Port {
         let _ = event.write(1);
     }
 
-    /// Writes guest output to the endpoint.
-    pub fn write(&self, data: &[u8]) -> Moved {
-        let Some(mut ep) = self.endpoint() else {
-            return Moved::Detached;
-        };
-        let result = match &mut *ep {
-            Endpoint::Socket { client: None, .. } => return Moved::Detached,
-            Endpoint::Socket {
-                client: Some(c), ..
-            } => c.write(data),
-            Endpoint::Pty { master, .. } => master.write(data),
-        };
-        match result {
-            Ok(n) if n > 0 => Moved::Bytes(n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Moved::WouldBlock,
-            Err(e) if e.kind() == ErrorKind::Interrupted => Moved::WouldBlock,
-            other => {
-                // EPIPE/ECONNRESET (or a 0-byte write): the user left.
-                log::info!("port {}: user side closed ({other:?})", self.id);
-                drop_client(&mut ep);
-                Moved::Closed
-            }
-        }
-    }
-
     /// Writes guest output straight from guest memory (one `writev`, no copy here).
     ///
     /// # Safety
@@ -464,6 +439,7 @@ impl Drop for Port {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn specs_parse_and_refuse_nonsense() {
