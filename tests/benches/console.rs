@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use isola_tests::console::{console_guest, IsolaConsole};
-use isola_tests::{scratch_dir, wait_for_path, Core};
+use isola_tests::{scratch_dir, Core};
 
 const WINDOW: Duration = Duration::from_secs(3);
 const PORT: &str = "org.isola.bench";
@@ -93,21 +93,13 @@ fn isola(dir: &Path) -> f64 {
     );
     let kernel = console_guest();
     let device = format!("console,socket={},queues=6", vu.display());
-    let control = dir.join("control.sock");
     let mut user = connect(&sock);
-    let mut core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
+    let (mut core, _) = Core::start_with_device(
+        dir,
+        &kernel,
         &device,
-        "--control-socket",
-        control.to_str().unwrap(),
-        "--cmdline",
         &format!("{GUEST_ARGS} console.name={PORT}"),
-    ]);
-    wait_for_path(&control, Duration::from_secs(20));
+    );
     let rate = drain(&mut user);
     stop_and_drain(user, move || {
         core.wait_for("console: stream done", Duration::from_secs(60));

@@ -95,6 +95,31 @@ pub struct Core {
 }
 
 impl Core {
+    /// Starts `isola-core` on `kernel` with 64 MiB, one `--device` (its spec), `cmdline`, and
+    /// a control socket in `dir`; returns once the control socket is there, with its path.
+    pub fn start_with_device(
+        dir: &Path,
+        kernel: &Path,
+        device: &str,
+        cmdline: &str,
+    ) -> (Core, PathBuf) {
+        let control_socket = dir.join("control.sock");
+        let core = Core::start(&[
+            "--kernel",
+            kernel.to_str().expect("utf-8 path"),
+            "--memory",
+            "64",
+            "--device",
+            device,
+            "--control-socket",
+            control_socket.to_str().expect("utf-8 path"),
+            "--cmdline",
+            cmdline,
+        ]);
+        wait_for_path(&control_socket, Duration::from_secs(20));
+        (core, control_socket)
+    }
+
     /// Starts `isola-core` with `args`.
     pub fn start(args: &[&str]) -> Core {
         let mut child = Command::new(binary("isola-core"))

@@ -23,23 +23,9 @@ use isola_tests::console::{console_guest, field, stream_mismatch, IsolaConsole};
 use isola_tests::{device, scratch_dir, wait_for_path, Core};
 
 fn start_core(dir: &Path, vu: &Path, queues: u16, cmdline: &str) -> (Core, std::path::PathBuf) {
-    let control_socket = dir.join("control.sock");
     let kernel = console_guest();
     let device = format!("console,socket={},queues={queues}", vu.display());
-    let core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
-        &device,
-        "--control-socket",
-        control_socket.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
-    wait_for_path(&control_socket, Duration::from_secs(20));
-    (core, control_socket)
+    Core::start_with_device(dir, &kernel, &device, cmdline)
 }
 
 fn connect(path: &Path) -> UnixStream {

@@ -11,7 +11,7 @@ use isola_guests::gpu_pixel;
 use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, DeviceStatus};
 use isola_tests::gpu::{DisplayState, IsolaGpu, QemuGpu, TestDisplay};
 use isola_tests::sandbox::{assert_sandboxed, device_pid, status_field};
-use isola_tests::{control, guest, scratch_dir, wait_for_path, Core, Finished};
+use isola_tests::{control, guest, scratch_dir, Core, Finished};
 
 const W: u32 = 320;
 const H: u32 = 200;
@@ -19,26 +19,12 @@ const RESOLUTION: &str = "320x200";
 const WAIT: Duration = Duration::from_secs(60);
 
 fn start_core(dir: &Path, gpu: &Path, display: Option<&Path>, cmdline: &str) -> (Core, PathBuf) {
-    let control_socket = dir.join("control.sock");
     let kernel = guest("virtio-gpu.elf");
     let mut device = format!("gpu,socket={}", gpu.display());
     if let Some(display) = display {
         device.push_str(&format!(",display={}", display.display()));
     }
-    let core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
-        &device,
-        "--control-socket",
-        control_socket.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
-    wait_for_path(&control_socket, Duration::from_secs(20));
-    (core, control_socket)
+    Core::start_with_device(dir, &kernel, &device, cmdline)
 }
 
 fn frame(n: u32) -> impl Fn(u32, u32) -> [u8; 3] {

@@ -11,29 +11,15 @@ use std::time::{Duration, Instant};
 
 use isola_ipc::DeviceLink;
 use isola_tests::net::*;
-use isola_tests::{guest, scratch_dir, wait_device, wait_for_path, Core};
+use isola_tests::{guest, scratch_dir, wait_device, Core};
 
 const STREAM: u32 = 100_000;
 const PAYLOAD: usize = 64;
 
 fn start_core(dir: &Path, net_socket: &Path, cmdline: &str) -> (Core, PathBuf) {
-    let control_socket = dir.join("control.sock");
     let kernel = guest("virtio-net.elf");
     let device = format!("net,socket={}", net_socket.display());
-    let core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
-        &device,
-        "--control-socket",
-        control_socket.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
-    wait_for_path(&control_socket, Duration::from_secs(20));
-    (core, control_socket)
+    Core::start_with_device(dir, &kernel, &device, cmdline)
 }
 
 /// Receives the guest's stream of `total` datagrams on `socket`, granting credit as it goes.

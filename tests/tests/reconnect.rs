@@ -14,7 +14,7 @@ use std::time::Duration;
 use isola_ipc::DeviceLink;
 use isola_tests::qsd::{qsd_installed, Daemon};
 use isola_tests::IsolaBlk;
-use isola_tests::{guest, scratch_dir, wait_device, wait_for_path, Core};
+use isola_tests::{guest, scratch_dir, wait_device, Core};
 
 const SECTOR: u64 = 512;
 /// Queue depth for qemu-storage-daemon: see the module documentation.
@@ -31,25 +31,11 @@ fn image(dir: &Path, name: &str, sectors: u64) -> std::path::PathBuf {
 
 /// The virtio-blk guest's I/O loop for `seconds` at queue `depth` on `blk`, with a control socket.
 fn start_core(dir: &Path, blk: &Path, seconds: u32, depth: u32) -> (Core, std::path::PathBuf) {
-    let control_socket = dir.join("control.sock");
     let kernel = guest("virtio-blk.elf");
     let device = format!("blk,socket={}", blk.display());
     let cmdline =
         format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=256 virtio-blk.depth={depth}");
-    let core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64",
-        "--device",
-        &device,
-        "--control-socket",
-        control_socket.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-    ]);
-    wait_for_path(&control_socket, Duration::from_secs(20));
-    (core, control_socket)
+    Core::start_with_device(dir, &kernel, &device, &cmdline)
 }
 
 #[test]
