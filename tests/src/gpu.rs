@@ -17,15 +17,10 @@ use std::time::{Duration, Instant};
 use crate::{binary, wait_for_path};
 
 // Display-protocol requests (the GPU sends them; the display replies to some).
-const GET_PROTOCOL_FEATURES: u32 = 1;
-const SET_PROTOCOL_FEATURES: u32 = 2;
-const GET_DISPLAY_INFO: u32 = 3;
-const CURSOR_POS: u32 = 4;
-const CURSOR_POS_HIDE: u32 = 5;
-const CURSOR_UPDATE: u32 = 6;
-const SCANOUT: u32 = 7;
-const UPDATE: u32 = 8;
-const GET_EDID: u32 = 11;
+use crate::display::code::{
+    CURSOR_POS, CURSOR_POS_HIDE, CURSOR_UPDATE, GET_DISPLAY_INFO, GET_EDID, GET_PROTOCOL_FEATURES,
+    SCANOUT, SET_PROTOCOL_FEATURES, UPDATE,
+};
 const REPLY: u32 = 0x4;
 /// The display offers EDID (protocol feature bit 0).
 const FEATURES: u64 = 1;
