@@ -32,7 +32,8 @@ pub struct DaemonStatus {
     pub state: DaemonState,
     /// Times the daemon was started again after it died.
     pub restarts: u32,
-    /// How the previous instance ended, e.g. "killed by signal 9 (SIGKILL)".
+    /// How the previous instance ended, e.g. "killed by SIGSEGV" or "exited with status 2:
+    /// isola-net: ...", with the daemon's last error line after a colon.
     pub last_exit: Option<String>,
 }
 

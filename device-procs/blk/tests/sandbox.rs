@@ -189,7 +189,7 @@ fn the_supervisor_restarts_a_device_killed_by_seccomp_and_logs_the_syscall() {
     let (restarts, why, last_exit) = status;
     assert_eq!(restarts, 2, "restarted after each SIGSYS until the limit");
     let nr = libc::SYS_execve;
-    assert!(why.contains("killed by signal 31 (SIGSYS)"), "{why}");
+    assert!(why.contains("killed by SIGSYS"), "{why}");
     assert!(
         why.contains(&format!("seccomp blocked syscall={nr} ")),
         "{why}"

@@ -6,6 +6,11 @@
 //! listen backlog until the new instance accepts it. A daemon with several sockets of its own
 //! (isola-input, isola-display) is given as `NAME:-:COMMAND`: it binds them itself, replacing
 //! the stale socket files a dead instance left, and gets no `--fd`.
+//!
+//! A configuration error is final at once: an instance that cannot be started at all, or
+//! that exits with status 2 (bad command line or configuration: a missing tap, a port in
+//! use, no such image) on the daemon's first start, fails the daemon without a retry.
+//! Restarting would only print the same error again.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -15,13 +20,20 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isola_ipc::supervisor::{DaemonState, DaemonStatus};
 
 /// The descriptor number the listening socket has in a daemon.
 pub const LISTEN_FD: i32 = 3;
+
+/// The exit status of a device process refusing its command line or configuration.
+const CONFIG_ERROR_STATUS: i32 = 2;
+
+/// How long a reap waits for a dead instance's last stderr lines.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
@@ -90,8 +102,8 @@ enum Life {
     Running {
         child: Child,
         since: Instant,
-        /// What the instance's stderr said about a seccomp kill (see [`forward_stderr`]).
-        seccomp: Receiver<String>,
+        /// What the instance's stderr said (see [`forward_stderr`]).
+        stderr: StderrWatch,
     },
     Waiting {
         until: Instant,
@@ -107,6 +119,10 @@ pub struct Daemon {
     last_exit: Option<String>,
     deaths: VecDeque<Instant>,
     backoff: Duration,
+    /// The next start is a first start (at launch, or after `isolactl restart`).
+    first_start: bool,
+    /// Failed for a configuration error on its first start (rather than given up on).
+    config_error: bool,
 }
 
 impl Daemon {
@@ -121,6 +137,16 @@ impl Daemon {
             last_exit: None,
             deaths: VecDeque::new(),
             backoff: Duration::ZERO,
+            first_start: true,
+            config_error: false,
+        }
+    }
+
+    /// Why the daemon failed, if a configuration error on its first start failed it.
+    pub fn config_error(&self) -> Option<&str> {
+        match &self.life {
+            Life::Failed(why) if self.config_error => Some(why),
+            _ => None,
         }
     }
 
@@ -139,8 +165,8 @@ impl Daemon {
         }
     }
 
-    /// Starts an instance if one is due. A failure to start at all (no such program) counts
-    /// as a death, so a bad command ends in `Failed` rather than a tight loop.
+    /// Starts an instance if one is due. A failure to start at all (no such program) is a
+    /// configuration error on the first start, and a death on a later one.
     pub fn start_if_due(&mut self, policy: &RestartPolicy, now: Instant) {
         if self.due().is_none_or(|until| until > now) {
             return;
@@ -159,17 +185,21 @@ impl Daemon {
                         self.restarts
                     );
                 }
-                let seccomp = forward_stderr(&self.spec.name, &mut child);
+                let stderr = forward_stderr(&self.spec.name, &mut child);
                 self.life = Life::Running {
                     child,
                     since: now,
-                    seccomp,
+                    stderr,
                 };
             }
             Err(e) => {
                 let reason = format!("cannot start {}: {e}", self.spec.argv[0]);
-                log::error!("{}: {reason}", self.spec.name);
-                self.died(reason, Duration::ZERO, policy, now);
+                if std::mem::take(&mut self.first_start) {
+                    self.fail_config(reason);
+                } else {
+                    log::error!("{}: {reason}", self.spec.name);
+                    self.died(reason, Duration::ZERO, policy, now);
+                }
             }
         }
     }
@@ -220,7 +250,7 @@ impl Daemon {
         let Life::Running {
             child,
             since,
-            seccomp,
+            stderr,
         } = &mut self.life
         else {
             return None;
@@ -237,25 +267,36 @@ impl Daemon {
                 return None;
             }
         };
-        // The forwarder ends with the instance's stderr, just after the instance.
-        let seccomp_line = if crate::exit::is_seccomp_kill(status) {
-            seccomp.recv_timeout(Duration::from_millis(200)).ok()
-        } else {
-            None
-        };
+        let tail = stderr.last_words();
         let report = ExitReport {
             pid: child.id(),
             status,
-            seccomp_line,
+            seccomp_line: tail
+                .seccomp
+                .filter(|_| crate::exit::is_seccomp_kill(status)),
         };
         let uptime = now.saturating_duration_since(*since);
         let mut reason = crate::exit::describe(status);
-        if let Some(note) = explain(&report) {
+        // What explains the ending best: the seccomp note, else the daemon's last error line.
+        if let Some(note) = explain(&report).or(tail.error_line) {
             reason.push_str(": ");
             reason.push_str(&note);
         }
-        self.died(reason, uptime, policy, now);
+        if std::mem::take(&mut self.first_start) && status.code() == Some(CONFIG_ERROR_STATUS) {
+            self.fail_config(reason);
+        } else {
+            self.died(reason, uptime, policy, now);
+        }
         Some(report)
+    }
+
+    /// A configuration error on the first start: failed at once, no retry.
+    fn fail_config(&mut self, reason: String) {
+        let why = format!("configuration error on its first start: {reason}");
+        log::error!("{}: {why}; not restarting it", self.spec.name);
+        self.last_exit = Some(reason);
+        self.config_error = true;
+        self.life = Life::Failed(why);
     }
 
     fn died(&mut self, reason: String, uptime: Duration, policy: &RestartPolicy, now: Instant) {
@@ -300,6 +341,8 @@ impl Daemon {
         }
         self.deaths.clear();
         self.backoff = Duration::ZERO;
+        self.first_start = true;
+        self.config_error = false;
         self.life = Life::Waiting { until: now };
         true
     }
@@ -364,29 +407,77 @@ pub struct ExitReport {
     pub seccomp_line: Option<String>,
 }
 
-/// Copies a daemon's stderr to ours line by line, and hands over the line in which the
-/// sandbox's reaper reports a seccomp kill ("killed by seccomp: syscall=N (name) ...").
-fn forward_stderr(name: &str, child: &mut Child) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
+/// What an instance's stderr said that explains its ending.
+#[derive(Debug, Default, Clone)]
+struct Tail {
+    /// Its last line that is not routine logging (INFO, DEBUG, TRACE): an error or warning,
+    /// or a plain line such as a device's one-line refusal of its configuration.
+    error_line: Option<String>,
+    /// The sandbox reaper's report of a seccomp kill ("syscall=N (name) thread=T").
+    seccomp: Option<String>,
+}
+
+impl Tail {
+    fn note(&mut self, line: &str) {
+        if let Some(at) = line.find("killed by seccomp: syscall=") {
+            self.seccomp = Some(line[at + "killed by seccomp: ".len()..].to_owned());
+        }
+        let routine = [" INFO ", " DEBUG ", " TRACE "].iter().any(|level| {
+            line.split_once("]:")
+                .is_some_and(|(_, rest)| rest.starts_with(level))
+        });
+        if !routine && !line.trim().is_empty() {
+            self.error_line = Some(line.to_owned());
+        }
+    }
+}
+
+/// The forwarder of one instance's stderr.
+struct StderrWatch {
+    tail: Arc<Mutex<Tail>>,
+    /// Disconnected when the forwarder has seen the end of the stream.
+    done: Receiver<()>,
+}
+
+impl StderrWatch {
+    /// What the instance said last, once its stderr has ended (the instance is dead: that
+    /// follows at once unless something it started still holds the pipe; bounded).
+    fn last_words(&self) -> Tail {
+        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(STDERR_GRACE) {
+            log::debug!("stderr still open after the instance ended");
+        }
+        self.tail.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
+/// Copies a daemon's stderr to ours line by line, keeping what explains an ending.
+fn forward_stderr(name: &str, child: &mut Child) -> StderrWatch {
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let (alive, done) = mpsc::channel::<()>();
+    let watch = StderrWatch {
+        tail: Arc::clone(&tail),
+        done,
+    };
     let Some(stderr) = child.stderr.take() else {
-        return rx;
+        return watch;
     };
     let spawned = std::thread::Builder::new()
         .name(format!("log-{name}"))
         .spawn(move || {
+            let _alive = alive;
             let mut out = std::io::stderr();
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let _ = writeln!(out, "{line}");
-                if let Some(at) = line.find("killed by seccomp: syscall=") {
-                    let _ = tx.send(line[at + "killed by seccomp: ".len()..].to_owned());
+                if let Ok(mut tail) = tail.lock() {
+                    tail.note(&line);
                 }
             }
         });
     if let Err(e) = spawned {
         log::warn!("{name}: cannot forward its stderr: {e}");
     }
-    rx
+    watch
 }
 
 #[cfg(test)]
@@ -474,6 +565,104 @@ mod tests {
         assert!(d.revive(t0));
         assert_eq!(d.due(), Some(t0));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Starts `d` and waits (bounded) for its instance to end.
+    fn run_once(d: &mut Daemon, p: &RestartPolicy) {
+        d.start_if_due(p, Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.reap(p, Instant::now(), &mut |_| None).is_none() && d.pid().is_some() {
+            assert!(Instant::now() < deadline, "the instance did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn shell_daemon(script: &str) -> Daemon {
+        Daemon::new(
+            DaemonSpec {
+                name: "sh".into(),
+                socket: None,
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn a_configuration_error_on_the_first_start_is_final_at_once() {
+        let p = policy();
+        let mut d = shell_daemon("echo 'sh: no such tap' >&2; exit 2");
+        run_once(&mut d, &p);
+        let why = d
+            .config_error()
+            .expect("failed for its configuration")
+            .to_owned();
+        assert_eq!(
+            why,
+            "configuration error on its first start: exited with status 2: sh: no such tap"
+        );
+        assert_eq!(d.due(), None, "not retried");
+        assert_eq!(d.restarts, 0);
+        // `isolactl restart`: its next start is a first start again.
+        assert!(d.revive(Instant::now()));
+        assert_eq!(d.config_error(), None);
+        run_once(&mut d, &p);
+        assert!(d.config_error().is_some());
+    }
+
+    #[test]
+    fn status_2_after_a_first_start_that_ran_is_a_death_like_any_other() {
+        let p = policy();
+        let mut d = shell_daemon("exit 2");
+        d.first_start = false;
+        run_once(&mut d, &p);
+        assert_eq!(d.config_error(), None);
+        assert!(d.due().is_some(), "restarted: {:?}", d.status());
+    }
+
+    #[test]
+    fn a_missing_program_is_a_configuration_error_on_the_first_start_only() {
+        let p = policy();
+        let mut d = Daemon::new(
+            DaemonSpec {
+                name: "ghost".into(),
+                socket: None,
+                argv: vec!["/nonexistent/isola-ghost".into()],
+            },
+            None,
+        );
+        d.start_if_due(&p, Instant::now());
+        let why = d.config_error().expect("refused at once").to_owned();
+        assert!(
+            why.contains("cannot start /nonexistent/isola-ghost"),
+            "{why}"
+        );
+        assert!(d.revive(Instant::now()));
+        d.first_start = false;
+        d.start_if_due(&p, Instant::now());
+        assert_eq!(d.config_error(), None);
+        assert!(d.due().is_some(), "a later failure to start backs off");
+    }
+
+    #[test]
+    fn the_reason_carries_the_last_error_line_not_routine_logging() {
+        let p = policy();
+        let mut d = shell_daemon(
+            "echo 'd[1]: ERROR main: disk on fire' >&2; echo 'd[1]: INFO main: bye' >&2; exit 1",
+        );
+        d.first_start = false;
+        run_once(&mut d, &p);
+        assert_eq!(
+            d.status().last_exit.as_deref(),
+            Some("exited with status 1: d[1]: ERROR main: disk on fire")
+        );
+        let mut quiet = shell_daemon("echo 'd[1]: INFO main: fine' >&2; kill -USR1 $$");
+        quiet.first_start = false;
+        run_once(&mut quiet, &p);
+        assert_eq!(
+            quiet.status().last_exit.as_deref(),
+            Some("killed by SIGUSR1")
+        );
     }
 
     #[test]

@@ -15,21 +15,22 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-/// "exited with status 1", "killed by signal 9 (SIGKILL)".
+/// "exited with status 1", "killed by SIGSEGV", "killed by SIGABRT (core dumped)",
+/// "killed by signal 34" (a signal without a name).
 pub fn describe(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
         return format!("exited with status {code}");
     }
     let signal = status.signal().unwrap_or(0);
     let name = Signal::try_from(signal)
-        .map(|s| s.as_str())
-        .unwrap_or("unknown signal");
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {signal}"));
     let core = if status.core_dumped() {
-        ", core dumped"
+        " (core dumped)"
     } else {
         ""
     };
-    format!("killed by signal {signal} ({name}{core})")
+    format!("killed by {name}{core}")
 }
 
 /// Whether this ending looks like a seccomp kill: SIGSYS itself, or a pid-namespace parent
@@ -174,10 +175,12 @@ mod tests {
 
     #[test]
     fn endings_are_described() {
+        assert_eq!(describe(ExitStatus::from_raw(9)), "killed by SIGKILL");
         assert_eq!(
-            describe(ExitStatus::from_raw(9)),
-            "killed by signal 9 (SIGKILL)"
+            describe(ExitStatus::from_raw(libc::SIGSEGV | 0x80)),
+            "killed by SIGSEGV (core dumped)"
         );
+        assert_eq!(describe(ExitStatus::from_raw(34)), "killed by signal 34");
         assert_eq!(
             describe(ExitStatus::from_raw(2 << 8)),
             "exited with status 2"

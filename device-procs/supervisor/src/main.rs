@@ -8,6 +8,12 @@
 //! with the listening socket as fd 3. It binds its control socket (`--control`) last, so once
 //! that exists every device socket does too. SIGTERM, SIGINT, SIGHUP or a `Stop` request stop
 //! every daemon (SIGTERM, then SIGKILL after `--stop-timeout-ms`) and remove the sockets.
+//!
+//! A daemon whose first start fails with a configuration error (it cannot be started, or it
+//! exits with status 2) is failed at once, not retried. With `--exit-on-config-error` (what
+//! `scripts/isola-run` uses) that stops the supervisor too: every daemon is stopped and it
+//! exits with status 2, naming the daemon and its error line, so the launcher can end the
+//! VM at once instead of running it without a device.
 
 mod daemon;
 mod exit;
@@ -54,6 +60,10 @@ struct Cli {
     /// How long daemons get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 2000, value_name = "MS")]
     stop_timeout_ms: u64,
+    /// Stop everything and exit with status 2 when a daemon's first start fails with a
+    /// configuration error (it cannot be started, or exits with status 2).
+    #[arg(long)]
+    exit_on_config_error: bool,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +98,16 @@ enum Error {
     Signals(nix::Error),
     #[error("cannot serve the control socket: {0}")]
     Control(std::io::Error),
+    #[error("{0}; every daemon stopped")]
+    Config(String),
+}
+
+/// Why the main loop ended.
+enum Stop {
+    /// A signal, a `Stop` request, or a failed poll.
+    Asked(String),
+    /// `--exit-on-config-error`: this daemon's configuration error (its name and reason).
+    ConfigError(String),
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
@@ -140,22 +160,47 @@ fn run(cli: Cli) -> Result<(), Error> {
         cli.control.display()
     );
 
-    let stop_reason = serve(&mut daemons, &policy, &signal_fd, &control, &mut kernel_log);
-    log::info!("stopping: {stop_reason}");
-    stop(&mut daemons, Duration::from_millis(cli.stop_timeout_ms));
-    let _ = std::fs::remove_file(&cli.control);
-    Ok(())
+    let fatal = cli.exit_on_config_error;
+    let stopped = serve(
+        &mut daemons,
+        &policy,
+        &signal_fd,
+        &control,
+        &mut kernel_log,
+        fatal,
+    );
+    let timeout = Duration::from_millis(cli.stop_timeout_ms);
+    match stopped {
+        Stop::Asked(reason) => {
+            log::info!("stopping: {reason}");
+            stop(&mut daemons, timeout);
+            let _ = std::fs::remove_file(&cli.control);
+            Ok(())
+        }
+        Stop::ConfigError(why) => {
+            stop(&mut daemons, timeout);
+            let _ = std::fs::remove_file(&cli.control);
+            Err(Error::Config(why))
+        }
+    }
 }
 
-/// The main loop; returns why it ended.
+/// The main loop; returns why it ended. `fatal`: a configuration error ends it.
 fn serve(
     daemons: &mut [Daemon],
     policy: &RestartPolicy,
     signal_fd: &SignalFd,
     control: &UnixListener,
     kernel_log: &mut exit::KernelLog,
-) -> String {
+    fatal: bool,
+) -> Stop {
     loop {
+        if fatal {
+            if let Some(d) = daemons.iter().find(|d| d.config_error().is_some()) {
+                let why = d.config_error().unwrap_or_default();
+                return Stop::ConfigError(format!("{}: {why}", d.spec.name));
+            }
+        }
         let now = Instant::now();
         let timeout = daemons
             .iter()
@@ -172,14 +217,14 @@ fn serve(
         ];
         if let Err(e) = poll(&mut fds, timeout) {
             if e != nix::errno::Errno::EINTR {
-                return format!("poll failed: {e}");
+                return Stop::Asked(format!("poll failed: {e}"));
             }
         }
         while let Ok(Some(info)) = signal_fd.read_signal() {
             let signal = info.ssi_signo as i32;
             if signal != libc::SIGCHLD {
                 let name = Signal::try_from(signal).map_or("?", |s| s.as_str());
-                return format!("received {name}");
+                return Stop::Asked(format!("received {name}"));
             }
         }
         let now = Instant::now();
@@ -206,7 +251,7 @@ fn serve(
             match control.accept() {
                 Ok((stream, _)) => {
                     if serve_client(daemons, stream) {
-                        return "stop requested".into();
+                        return Stop::Asked("stop requested".into());
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
