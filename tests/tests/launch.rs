@@ -138,7 +138,7 @@ fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     assert!(ok, "{text}");
     assert!(text.contains("vcpu0: running"), "{text}");
     assert!(
-        text.contains("restarts 5, last exit: killed by signal 9 (SIGKILL)"),
+        text.contains("restarts 5, last exit: killed by SIGKILL"),
         "{text}"
     );
     assert!(text.contains("daemon blk0: pid "), "{text}");
@@ -269,6 +269,9 @@ fn the_launch_script_refuses_a_missing_disk_and_unknown_options() {
 fn a_daemon_that_keeps_failing_is_given_up_on_and_can_be_restarted_by_hand() {
     let dir = scratch_dir("supervisor-give-up");
     let image = dir.join("later.img");
+    // It starts fine; then its image goes away and every restart fails. (A refusal on the
+    // first start is final at once: tests/tests/supervisor.rs.)
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let socket = dir.join("blk0.sock");
     let control = dir.join("supervisor.sock");
     let blk = binary("isola-blk");
@@ -284,6 +287,11 @@ fn a_daemon_that_keeps_failing_is_given_up_on_and_can_be_restarted_by_hand() {
     );
     // The socket is the supervisor's, there from the start, even while no daemon runs.
     assert!(socket.exists());
+    let first = wait_until("blk0 running", Duration::from_secs(10), || {
+        sup.daemon("blk0").pid
+    });
+    std::fs::remove_file(&image).unwrap();
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     let why = wait_until("blk0 given up on", Duration::from_secs(20), || {
         match sup.daemon("blk0").state {
             DaemonState::Failed(why) => Some(why),
@@ -543,4 +551,172 @@ fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());
     assert_cleaned_up(&mut launch, &run_dir);
+}
+
+/// SIGKILL of the launcher, which no trap can catch: within a bound no process of the VM is
+/// left (isola-core included, and its guest with it) and the run directory is gone.
+#[test]
+fn nothing_outlives_a_sigkilled_launcher() {
+    let scratch = scratch_dir("launch-sigkill");
+    let run_dir = scratch.join("run");
+    let mut launch = launch_running(
+        &run_dir,
+        &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+        "virtio-blk: mode=loop",
+    );
+    let needle = run_dir.display().to_string();
+    let before = processes_mentioning(&needle);
+    assert!(
+        before.iter().any(|(_, c)| c.contains("isola-core")),
+        "no core among {before:?}"
+    );
+    kill(Pid::from_raw(launch.child.id() as i32), Signal::SIGKILL).expect("SIGKILL isola-run");
+    launch.child.wait().expect("reap isola-run");
+    let gone = wait_until_gone(&needle, &run_dir, Duration::from_secs(10));
+    assert!(gone.is_ok(), "{}\n{}", gone.unwrap_err(), launch.report());
+}
+
+/// Polls until no process mentions `needle` and `run_dir` is gone; what is left otherwise.
+fn wait_until_gone(needle: &str, run_dir: &Path, bound: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() && !run_dir.exists() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            // Leave nothing behind for the next test either.
+            for (pid, _) in &left {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+            return Err(format!(
+                "after {bound:?}: processes {left:?}, run directory there: {}",
+                run_dir.exists()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// isola-run that must fail at once: it ends within `bound` with a non-zero status, its
+/// output holds `expected`, and it leaves no process and no run directory behind.
+fn fails_at_once(name: &str, args: &[&str], expected: &str, bound: Duration) -> String {
+    let scratch = scratch_dir(name);
+    let run_dir = scratch.join("run");
+    binary("isola-supervisor"); // builds the workspace's binaries once: not part of the time
+    let started = std::time::Instant::now();
+    let mut launch = Launch::start(&run_dir, args);
+    let status = launch.finish(bound + Duration::from_secs(30));
+    let took = started.elapsed();
+    let report = launch.report();
+    eprintln!("{name}: isola-run ended with {status:?} after {took:?}");
+    assert!(
+        !status.success() && status.code().is_some(),
+        "{status:?}\n{report}"
+    );
+    assert!(took < bound, "took {took:?}, more than {bound:?}\n{report}");
+    assert!(report.contains(expected), "no {expected:?} in:\n{report}");
+    let gone = wait_until_gone(
+        &run_dir.display().to_string(),
+        &run_dir,
+        Duration::from_secs(5),
+    );
+    assert!(gone.is_ok(), "{}\n{report}", gone.unwrap_err());
+    report
+}
+
+/// A tap that does not exist: isola-net's configuration error ends the run at once, with its
+/// line, instead of being retried for a minute while the core waits.
+#[test]
+fn a_missing_tap_stops_the_launch_at_once_with_the_daemons_error() {
+    let report = fails_at_once(
+        "launch-no-tap",
+        &["--net", "nosuchtap9"],
+        "nosuchtap9",
+        Duration::from_secs(10),
+    );
+    assert!(report.contains("isola-net"), "{report}");
+    let refusals = report
+        .lines()
+        .filter(|l| l.starts_with("isola-net: "))
+        .count();
+    assert_eq!(refusals, 1, "the error is not retried:\n{report}");
+}
+
+/// A VNC port already in use: isola-display's configuration error ends the run at once.
+#[test]
+fn a_vnc_port_in_use_stops_the_launch_at_once_with_the_daemons_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = taken.local_addr().unwrap().to_string();
+    let report = fails_at_once(
+        "launch-vnc-in-use",
+        &["--display", "640x400", "--vnc", &addr],
+        &addr,
+        Duration::from_secs(10),
+    );
+    assert!(report.contains("isola-display"), "{report}");
+    assert!(!report.contains("did not appear"), "{report}");
+}
+
+/// Every argument is checked before anything starts: one line, exit status 2, no daemon
+/// started, no run directory left.
+#[test]
+fn the_launch_script_validates_every_argument_before_it_starts_anything() {
+    let scratch = scratch_dir("launch-validate");
+    let kernel = isola_tests::guest("virtio-blk.elf");
+    let kernel = kernel.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--cpus", "abc"], "--cpus 'abc'"),
+        (&["--cpus", "0"], "--cpus '0'"),
+        (&["--memory", "x"], "--memory 'x'"),
+        (
+            &["--disk", "/nonexistent/disk.img"],
+            "/nonexistent/disk.img",
+        ),
+        (
+            &["--kernel", "/nonexistent/vmlinux"],
+            "/nonexistent/vmlinux",
+        ),
+        (
+            &["--kernel", kernel, "--display", "0x400"],
+            "--display '0x400'",
+        ),
+        (
+            &[
+                "--kernel",
+                kernel,
+                "--display",
+                "640x400",
+                "--vnc",
+                "nohost",
+            ],
+            "--vnc 'nohost'",
+        ),
+        (
+            &["--kernel", kernel, "--restart-limit", "many"],
+            "--restart-limit 'many'",
+        ),
+        (
+            &["--kernel", kernel, "--net", "a-name-far-too-long-for-a-tap"],
+            "--net",
+        ),
+        (
+            &["--kernel", kernel, "--console-log", "/nonexistent/dir/log"],
+            "/nonexistent/dir",
+        ),
+        (&["--kernel", kernel, "--cpus"], "--cpus needs a value"),
+    ];
+    for (i, (args, expected)) in cases.iter().enumerate() {
+        let run_dir = scratch.join(format!("run{i}"));
+        let mut launch = Launch::start(&run_dir, args);
+        let status = launch.finish(Duration::from_secs(30));
+        let stderr = launch.stderr.drain(Duration::from_millis(100)).to_vec();
+        assert_eq!(status.code(), Some(2), "{args:?}: {status:?} {stderr:?}");
+        assert_eq!(stderr.len(), 1, "{args:?}: not one line: {stderr:#?}");
+        assert!(
+            stderr[0].starts_with("isola-run: ") && stderr[0].contains(expected),
+            "{args:?}: {stderr:?}"
+        );
+        assert!(!run_dir.exists(), "{args:?}: run directory left behind");
+    }
 }
