@@ -420,15 +420,21 @@ pub fn vncprobe(dir: &Path) -> Option<PathBuf> {
     match built {
         Ok(out) if out.status.success() => Some(exe),
         Ok(out) => {
-            eprintln!(
-                "SKIPPED: cannot build the LibVNCClient probe (Debian 12: apt-get install \
-                 libvncserver-dev): {}",
-                String::from_utf8_lossy(&out.stderr)
+            crate::skip(
+                crate::Missing::Installable,
+                format!(
+                    "cannot build the LibVNCClient probe (Debian 12: apt-get install \
+                     libvncserver-dev): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             );
             None
         }
         Err(e) => {
-            eprintln!("SKIPPED: no C compiler for the LibVNCClient probe: {e}");
+            crate::skip(
+                crate::Missing::Installable,
+                format!("no C compiler for the LibVNCClient probe (Debian 12: gcc): {e}"),
+            );
             None
         }
     }

@@ -350,6 +350,22 @@ impl QemuGpu {
         Path::new(QEMU_VHOST_USER_GPU).exists()
     }
 
+    /// For a test: whether the backend is installed; if not, the test is skipped (a failure
+    /// under CI, whose `.ci/run` installs it) and should return.
+    pub fn available() -> bool {
+        let installed = Self::installed();
+        if !installed {
+            crate::skip(
+                crate::Missing::Installable,
+                format!(
+                    "{QEMU_VHOST_USER_GPU} is not installed (Debian 12: apt-get install \
+                     qemu-system-gui)"
+                ),
+            );
+        }
+        installed
+    }
+
     pub fn start(socket: &Path) -> QemuGpu {
         let _ = std::fs::remove_file(socket);
         let child = Command::new(QEMU_VHOST_USER_GPU)

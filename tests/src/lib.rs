@@ -4,6 +4,9 @@
 pub mod display;
 pub mod net;
 
+/// The one way a test that cannot run says so (see `isola_device_common::testing::skip`).
+pub use isola_device_common::testing::skip::{skip, Missing};
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -360,9 +363,10 @@ pub mod qsd {
             .status()
             .is_ok_and(|s| s.success());
         if !found {
-            eprintln!(
-                "SKIPPED: qemu-storage-daemon is not installed (Debian 12: apt-get install \
-                 qemu-system-common); the virtio-blk end-to-end tests need it as the backend"
+            crate::skip(
+                crate::Missing::Installable,
+                "qemu-storage-daemon is not installed (Debian 12: apt-get install \
+                 qemu-system-common); the virtio-blk end-to-end tests need it as the backend",
             );
         }
         found

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use isola_tests::{guest, scratch_dir, Core};
+use isola_tests::{guest, scratch_dir, skip, Core, Missing};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CMDLINE: &str = "console=ttyS0 isola.test=\"quoted value\" root=/dev/vda1 -- init-arg";
@@ -266,13 +266,14 @@ fn hugepage_backed_guest_boots() {
         .unwrap();
     let free = meminfo("HugePages_Free");
     if free < NEEDED && std::fs::write(knob, (before + NEEDED - free).to_string()).is_err() {
-        eprintln!("skipped: cannot reserve huge pages (not root?)");
-        return;
+        return skip(Missing::Host, "cannot reserve huge pages (not root?)");
     }
     if meminfo("HugePages_Free") < NEEDED {
         let _ = std::fs::write(knob, before.to_string());
-        eprintln!("skipped: the host could not reserve {NEEDED} huge pages");
-        return;
+        return skip(
+            Missing::Host,
+            format!("the host could not reserve {NEEDED} huge pages"),
+        );
     }
     let kernel = guest("boot-check.elf");
     let core = Core::start(&[

@@ -4,6 +4,7 @@ mod support;
 
 use std::process::Command;
 
+use isola_device_common::testing::skip::{skip, Missing};
 use support::Scratch;
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
@@ -172,8 +173,7 @@ fn an_image_of_another_owner_is_served_without_o_noatime() {
     use std::os::unix::fs::{chown, PermissionsExt};
     // SAFETY: geteuid only reads this process's credentials.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("needs root, to serve as two users; skipped");
-        return;
+        return skip(Missing::Host, "needs root, to serve as two users");
     }
     let dir = Scratch::new("cli-noatime");
     let shared = dir.path("shared");

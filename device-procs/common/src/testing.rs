@@ -4,6 +4,7 @@
 
 pub mod process;
 pub mod seccomp;
+pub mod skip;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -20,7 +20,7 @@ use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
-pub const QEMU_GPU: &str = "/usr/lib/qemu/vhost-user-gpu";
+pub const QEMU_GPU: &str = isola_tests::gpu::QEMU_VHOST_USER_GPU;
 const GPU_SET_SOCKET: u32 = 33;
 /// vhost-user header flags: protocol version 1.
 const VERSION_1: u32 = 0x1;
@@ -83,10 +83,7 @@ impl QemuGpu {
     /// Starts the backend in `dir` and connects it to isola-display at `display_socket`;
     /// `None` (with a SKIPPED note) if QEMU's backend is not installed.
     pub fn start(dir: &Path, display_socket: &Path) -> Option<QemuGpu> {
-        if !Path::new(QEMU_GPU).exists() {
-            eprintln!(
-                "SKIPPED: {QEMU_GPU} is not installed (Debian 12: apt-get install qemu-system-common)"
-            );
+        if !isola_tests::gpu::QemuGpu::available() {
             return None;
         }
         let gpu_sock = dir.join("gpu.sock");
