@@ -705,6 +705,10 @@ fn the_launch_script_validates_every_argument_before_it_starts_anything() {
             "/nonexistent/dir",
         ),
         (&["--kernel", kernel, "--cpus"], "--cpus needs a value"),
+        (
+            &["--kernel", kernel, "--bin-dir", "/nonexistent/bin"],
+            "/nonexistent/bin/isola-core is missing",
+        ),
     ];
     for (i, (args, expected)) in cases.iter().enumerate() {
         let run_dir = scratch.join(format!("run{i}"));
