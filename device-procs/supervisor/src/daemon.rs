@@ -123,6 +123,8 @@ pub struct Daemon {
     first_start: bool,
     /// Failed for a configuration error on its first start (rather than given up on).
     config_error: bool,
+    /// Not yet revived by `isolactl restart`: its first start is the one at launch.
+    at_launch: bool,
 }
 
 impl Daemon {
@@ -139,6 +141,7 @@ impl Daemon {
             backoff: Duration::ZERO,
             first_start: true,
             config_error: false,
+            at_launch: true,
         }
     }
 
@@ -148,6 +151,12 @@ impl Daemon {
             Life::Failed(why) if self.config_error => Some(why),
             _ => None,
         }
+    }
+
+    /// [`Daemon::config_error`], if that first start was the one at launch (not one after
+    /// `isolactl restart`, when the VM has been running without the daemon anyway).
+    pub fn config_error_at_launch(&self) -> Option<&str> {
+        self.config_error().filter(|_| self.at_launch)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -343,6 +352,7 @@ impl Daemon {
         self.backoff = Duration::ZERO;
         self.first_start = true;
         self.config_error = false;
+        self.at_launch = false;
         self.life = Life::Waiting { until: now };
         true
     }
@@ -603,11 +613,13 @@ mod tests {
         );
         assert_eq!(d.due(), None, "not retried");
         assert_eq!(d.restarts, 0);
-        // `isolactl restart`: its next start is a first start again.
+        assert!(d.config_error_at_launch().is_some());
+        // `isolactl restart`: its next start is a first start again, though not at launch.
         assert!(d.revive(Instant::now()));
         assert_eq!(d.config_error(), None);
         run_once(&mut d, &p);
         assert!(d.config_error().is_some());
+        assert_eq!(d.config_error_at_launch(), None);
     }
 
     #[test]

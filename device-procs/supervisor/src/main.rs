@@ -11,7 +11,7 @@
 //!
 //! A daemon whose first start fails with a configuration error (it cannot be started, or it
 //! exits with status 2) is failed at once, not retried. With `--exit-on-config-error` (what
-//! `scripts/isola-run` uses) that stops the supervisor too: every daemon is stopped and it
+//! `scripts/isola-run` uses) such an error at launch stops the supervisor too: every daemon is stopped and it
 //! exits with status 2, naming the daemon and its error line, so the launcher can end the
 //! VM at once instead of running it without a device.
 
@@ -60,8 +60,9 @@ struct Cli {
     /// How long daemons get to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 2000, value_name = "MS")]
     stop_timeout_ms: u64,
-    /// Stop everything and exit with status 2 when a daemon's first start fails with a
-    /// configuration error (it cannot be started, or exits with status 2).
+    /// Stop everything and exit with status 2 when a daemon's first start at launch fails
+    /// with a configuration error (it cannot be started, or exits with status 2). After
+    /// `isolactl restart` such an error only fails that daemon again.
     #[arg(long)]
     exit_on_config_error: bool,
 }
@@ -196,8 +197,11 @@ fn serve(
 ) -> Stop {
     loop {
         if fatal {
-            if let Some(d) = daemons.iter().find(|d| d.config_error().is_some()) {
-                let why = d.config_error().unwrap_or_default();
+            if let Some(d) = daemons
+                .iter()
+                .find(|d| d.config_error_at_launch().is_some())
+            {
+                let why = d.config_error_at_launch().unwrap_or_default();
                 return Stop::ConfigError(format!("{}: {why}", d.spec.name));
             }
         }
