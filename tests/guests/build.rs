@@ -1,6 +1,11 @@
 //! Builds the test guests in `guest/` with gcc, ld and objcopy into `OUT_DIR`:
 //! `NAME.elf` (ELF64 with a PVH note) for every guest, and `NAME.bzimage` for those that also
 //! need a Linux bzImage. See README.md.
+//!
+//! `vdrivers.elf` is the exception: its ring-3 payload is the Rust crate in `vdrivers/` (drivers
+//! from the crates.io `virtio-drivers` crate), built as a no_std staticlib for the host target by
+//! a nested `cargo build` with its own target directory, then linked with the same shim and
+//! runtime as the C guests.
 
 use std::env;
 use std::fs;
@@ -107,6 +112,99 @@ fn main() {
             make_bzimage(name, &src, &elf_path, load_end, &obj, &out);
         }
     }
+    build_vdrivers(&manifest.join("vdrivers"), &src, &runtime, &out);
+}
+
+/// Target of the nested build: the host's own (its `core`/`alloc` come with every toolchain,
+/// so nothing beyond crates.io is needed); the crate is no_std and linked freestanding.
+const VDRIVERS_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Environment the outer cargo sets for build scripts that must not leak into the nested
+/// build (flags, wrappers and directories meant for the host crates).
+const VDRIVERS_ENV_REMOVE: &[&str] = &[
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+];
+
+/// Builds the Rust payload in `crate_dir` and links it into `vdrivers.elf`.
+fn build_vdrivers(crate_dir: &Path, src: &Path, runtime: &[PathBuf], out: &Path) {
+    println!(
+        "cargo:rerun-if-changed={}",
+        crate_dir.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        crate_dir.join("Cargo.lock").display()
+    );
+    rerun_if_changed(&crate_dir.join("src"));
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target_dir = out.join("vdrivers-target");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "--target",
+        VDRIVERS_TARGET,
+    ])
+    .arg("--manifest-path")
+    .arg(crate_dir.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(&target_dir);
+    for var in VDRIVERS_ENV_REMOVE {
+        cmd.env_remove(var);
+    }
+    for (var, _) in env::vars_os() {
+        if var.to_string_lossy().starts_with("CARGO_PROFILE_") {
+            cmd.env_remove(var);
+        }
+    }
+    // Absolute addresses (no GOT indirection in our code); the prebuilt core is PIC, which a
+    // static link resolves as well.
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static");
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("isola-guests: cannot run {cmd:?}: {e}"));
+    if !output.status.success() {
+        panic!(
+            "isola-guests: building the virtio-drivers guest failed ({}): {cmd:?}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let lib = target_dir
+        .join(VDRIVERS_TARGET)
+        .join("release")
+        .join("libisola_vdrivers_guest.a");
+    let elf_path = out.join("vdrivers.elf");
+    let mut link = Command::new("ld");
+    link.args([
+        "-m",
+        "elf_x86_64",
+        "-nostdlib",
+        "-static",
+        "--build-id=none",
+    ])
+    .args(["-z", "max-page-size=0x200000", "-z", "noexecstack"])
+    .args(["--no-warn-rwx-segments", "--gc-sections", "--strip-debug"])
+    .arg("-T")
+    .arg(src.join("guest.ld"))
+    .arg("-o")
+    .arg(&elf_path)
+    .args(runtime)
+    .arg(&lib);
+    run(&mut link);
+    check_elf(&elf_path);
 }
 
 /// One `rerun-if-changed` line per source file (and the folder, for added files).

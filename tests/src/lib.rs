@@ -504,3 +504,4 @@ impl Drop for IsolaBlk {
     }
 }
 pub mod gpu;
+pub mod vdrivers;

@@ -71,11 +71,17 @@
 
 /* Control-register bits. */
 #define CR0_PE              0x00000001
+#define CR0_MP              0x00000002
+#define CR0_EM              0x00000004
 #define CR0_NW              0x20000000
 #define CR0_CD              0x40000000
 #define CR0_PG              0x80000000
 #define CR4_TSD             0x00000004
 #define CR4_PAE             0x00000020
+#define CR4_OSFXSR          0x00000200
+#define CR4_OSXMMEXCPT      0x00000400
+/* SSE on for ring-3 code that uses it (the Rust guest's prebuilt core); C code has none. */
+#define CR4_SSE             (CR4_OSFXSR | CR4_OSXMMEXCPT)
 #define CR4_SMEP            0x00100000
 #define CR4_SMAP            0x00200000
 #define MSR_EFER            0xc0000080

@@ -54,7 +54,7 @@ to_long_mode32:
 	mov %eax, %ds
 	mov %eax, %es
 	mov %eax, %ss
-	mov $CR4_PAE, %eax
+	mov $(CR4_PAE | CR4_SSE), %eax
 	mov %eax, %cr4
 	mov $pml4, %eax
 	mov %eax, %cr3
@@ -63,8 +63,8 @@ to_long_mode32:
 	or $EFER_LME, %eax
 	wrmsr
 	mov %cr0, %eax
-	and $~(CR0_CD | CR0_NW), %eax
-	or $(CR0_PG | CR0_PE), %eax
+	and $~(CR0_CD | CR0_NW | CR0_EM), %eax
+	or $(CR0_PG | CR0_PE | CR0_MP), %eax
 	mov %eax, %cr0
 	ljmp $SEL_KCODE64, $long_landing
 	.code64
@@ -85,7 +85,12 @@ entry64:
 	/* Keep PAE (and LA57 if ever set); drop what would get in the way of ring 3. */
 	mov %cr4, %rax
 	and $~(CR4_TSD | CR4_SMEP | CR4_SMAP), %rax
+	or $CR4_SSE, %rax
 	mov %rax, %cr4
+	mov %cr0, %rax
+	and $~CR0_EM, %rax
+	or $CR0_MP, %rax
+	mov %rax, %cr0
 	mov $pml4, %eax
 	mov %rax, %cr3
 	/* Reload CS from our GDT, on our own stack (the protocol promises none). */

@@ -375,6 +375,16 @@
 //!
 //! then powers off. Exit codes: those of `virtio-gpu` for the GPU half, 14 bad parameter,
 //! [`EXIT_DESKTOP_NO_INPUT`] and following for the input half.
+//!
+//! # vdrivers
+//!
+//! The ring-3 payload is Rust (`vdrivers/`): the crates.io `virtio-drivers` crate, pinned and
+//! unchanged, drives the first virtio function of the kind `vdrivers.dev=` names (`blk`, `net`,
+//! `console`, `gpu`, `input`) through its PCI transport over the ECAM window at 0xe000_0000.
+//! `vdrivers.mode=` picks the work (see README.md for each device's modes and lines). Every
+//! line starts with `vdrivers: `; the first is `vdrivers: start dev=<dev>`, the last of a
+//! successful run `vdrivers: ok` (then power-off). A failure prints `vdrivers: FAIL: <why>` and
+//! exits with one of the `EXIT_VDRIVERS_*` codes.
 
 use std::path::{Path, PathBuf};
 
@@ -402,6 +412,9 @@ pub const VIRTIO_INPUT_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-input.elf")
 /// `desktop` as an ELF with a PVH note.
 pub const DESKTOP_ELF: &str = concat!(env!("OUT_DIR"), "/desktop.elf");
 
+/// `vdrivers` (the virtio-drivers crate's drivers) as an ELF with a PVH note.
+pub const VDRIVERS_ELF: &str = concat!(env!("OUT_DIR"), "/vdrivers.elf");
+
 /// File names of all images, as accepted by [`image`].
 pub const IMAGES: &[&str] = &[
     "boot-check.elf",
@@ -414,6 +427,7 @@ pub const IMAGES: &[&str] = &[
     "virtio-console.elf",
     "virtio-input.elf",
     "desktop.elf",
+    "vdrivers.elf",
 ];
 
 /// Pixel (x, y) of frame `frame` of the `virtio-gpu` guest's picture, as (red, green, blue).
@@ -495,6 +509,14 @@ pub const EXIT_DESKTOP_SETUP: u8 = 51;
 pub const EXIT_DESKTOP_TIMEOUT: u8 = 52;
 /// desktop: an input device broke the protocol (bad used id or length, a report too long).
 pub const EXIT_DESKTOP_PROTOCOL: u8 = 53;
+/// vdrivers: a check failed (the `FAIL:` line says which).
+pub const EXIT_VDRIVERS_FAILED: u8 = 0x50;
+/// vdrivers: no device of the kind asked for, too little RAM, or a bad command line.
+pub const EXIT_VDRIVERS_SETUP: u8 = 0x51;
+/// vdrivers: a wait passed its deadline.
+pub const EXIT_VDRIVERS_TIMEOUT: u8 = 0x52;
+/// vdrivers: the Rust code (the crate or the guest) panicked.
+pub const EXIT_VDRIVERS_PANIC: u8 = 0x53;
 /// Debug-exit value: a guest's `guest_main` returned (a guest bug).
 pub const EXIT_MAIN_RETURNED: u8 = 0x7e;
 /// Debug-exit value: unexpected CPU exception (after the `exception:` line).
