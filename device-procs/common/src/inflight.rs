@@ -23,6 +23,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use memfd::{FileSeal, MemfdOptions};
+
+use crate::memory::{check_shared_file, SharedFileError};
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 /// Alignment of each queue's region.
@@ -54,6 +56,8 @@ pub enum InflightError {
     Create(#[source] memfd::Error),
     #[error("cannot size or inspect the in-flight file")]
     File(#[source] std::io::Error),
+    #[error("in-flight file")]
+    Unsafe(#[source] SharedFileError),
     #[error("cannot map the in-flight file")]
     Map(#[source] vm_memory::mmap::MmapRegionError),
     #[error("access outside the in-flight region")]
@@ -147,14 +151,11 @@ impl InflightRegion {
         if !mmap_offset.is_multiple_of(PAGE_SIZE) {
             return Err(InflightError::UnalignedOffset(mmap_offset));
         }
-        let have = file.metadata().map_err(InflightError::File)?.len();
-        let end = mmap_offset.checked_add(needed as u64);
-        if end.is_none_or(|end| end > have) {
-            return Err(InflightError::TooSmall {
-                needed: end.unwrap_or(u64::MAX),
-                have,
-            });
-        }
+        // Sealed against shrinking and large enough, or the mapping could SIGBUS later.
+        check_shared_file(&file, mmap_offset, needed as u64).map_err(|e| match e {
+            SharedFileError::TooSmall { needed, have } => InflightError::TooSmall { needed, have },
+            other => InflightError::Unsafe(other),
+        })?;
         Ok(Arc::new(Self::map(
             file,
             mmap_offset,
@@ -432,11 +433,66 @@ mod tests {
         assert_eq!(q.recover(8, 2).unwrap(), vec![5, 0, 3]);
     }
 
+    fn sealed(name: &str, size: u64) -> File {
+        let fd = MemfdOptions::default()
+            .allow_sealing(true)
+            .create(name)
+            .unwrap();
+        fd.as_file().set_len(size).unwrap();
+        fd.add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow])
+            .unwrap();
+        fd.into_file()
+    }
+
+    #[test]
+    fn the_created_region_is_sealed() {
+        let (_region, file, size) = InflightRegion::create(2, 8).unwrap();
+        // SAFETY: F_GET_SEALS reads no memory.
+        let seals =
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
+        assert!(file.set_len(0).is_err(), "the frontend cannot truncate it");
+        assert!(file.set_len(size + 4096).is_err(), "nor grow it");
+    }
+
+    #[test]
+    fn unsealed_or_foreign_files_are_refused() {
+        // A memfd the frontend could truncate under the backend's mapping (F1).
+        let fd = MemfdOptions::default()
+            .allow_sealing(true)
+            .create("unsealed")
+            .unwrap();
+        fd.as_file().set_len(4096).unwrap();
+        assert!(matches!(
+            InflightRegion::open(fd.into_file(), 4096, 0, 1, 16),
+            Err(InflightError::Unsafe(SharedFileError::NotSealed(_)))
+        ));
+        let (pipe_read, _w) = std::io::pipe().unwrap();
+        assert!(matches!(
+            InflightRegion::open(
+                File::from(std::os::fd::OwnedFd::from(pipe_read)),
+                4096,
+                0,
+                1,
+                16
+            ),
+            Err(InflightError::Unsafe(SharedFileError::NotRegular(_)))
+        ));
+        // Offset + size past the end of u64 space.
+        assert!(matches!(
+            InflightRegion::open(sealed("far", 4096), 4096, !4095u64, 1, 16),
+            Err(InflightError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            InflightRegion::open(sealed("far", 4096), u64::MAX, !4095u64, 1000, 32768),
+            Err(InflightError::Unsafe(SharedFileError::Overflow { .. }))
+        ));
+    }
+
     #[test]
     fn zeroed_frontend_region_is_initialised() {
-        let fd = MemfdOptions::default().create("zero").unwrap();
-        fd.as_file().set_len(4096).unwrap();
-        let region = InflightRegion::open(fd.into_file(), 4096, 0, 2, 16).unwrap();
+        let region = InflightRegion::open(sealed("zero", 4096), 4096, 0, 2, 16).unwrap();
         let mut q = region.queue(1).unwrap();
         assert!(q.recover(16, 9).unwrap().is_empty());
         q.mark(4).unwrap();
@@ -447,9 +503,7 @@ mod tests {
 
     #[test]
     fn hostile_regions_are_refused() {
-        let fd = MemfdOptions::default().create("small").unwrap();
-        fd.as_file().set_len(100).unwrap();
-        let file = fd.into_file();
+        let file = sealed("small", 100);
         // Claims more than the file holds.
         assert!(matches!(
             InflightRegion::open(file.try_clone().unwrap(), 4096, 0, 1, 256),

@@ -7,6 +7,7 @@
 //! SET_VRING_ADDR, which are in the frontend's address space.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{
@@ -29,8 +30,6 @@ pub enum MemoryError {
     UnalignedOffset(u64),
     #[error("region needs {needed:#x} bytes of its file, which has {have:#x}")]
     FileTooSmall { needed: u64, have: u64 },
-    #[error("cannot inspect the region's file")]
-    Stat(#[source] std::io::Error),
     #[error("cannot map the region")]
     Map(#[source] vm_memory::mmap::MmapRegionError),
     #[error("regions overlap in guest-physical or frontend address space")]
@@ -41,6 +40,75 @@ pub enum MemoryError {
     NoSuchRegion { gpa: u64, size: u64 },
     #[error("{0} fds for {1} regions")]
     FdCount(usize, usize),
+    #[error("region file")]
+    File(#[source] SharedFileError),
+}
+
+/// Why a file a peer passed to be mapped shared (guest RAM, an in-flight region) is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedFileError {
+    #[error("cannot inspect the file")]
+    Stat(#[source] std::io::Error),
+    #[error("not a regular file (mode {0:#o}): only a sealed memfd is mapped")]
+    NotRegular(u32),
+    #[error("cannot read its seals (not a memfd?)")]
+    Seals(#[source] std::io::Error),
+    #[error(
+        "not sealed against shrinking (seals {0:#x}): a peer could truncate it under the mapping"
+    )]
+    NotSealed(u32),
+    #[error("needs {needed:#x} bytes of the file, which has {have:#x}")]
+    TooSmall { needed: u64, have: u64 },
+    #[error("offset {offset:#x} + length {len:#x} overflows")]
+    Overflow { offset: u64, len: u64 },
+}
+
+static ALLOW_UNSEALED: AtomicBool = AtomicBool::new(false);
+
+/// Whether files that are not sealed against shrinking are mapped too (`--allow-unsealed-memory`,
+/// for frontends that cannot seal; off by default).
+pub fn allow_unsealed(allow: bool) {
+    ALLOW_UNSEALED.store(allow, Ordering::Relaxed);
+}
+
+/// Checks a file a peer passed before any of it is mapped: it must be a regular file (a memfd)
+/// sealed against shrinking (`F_SEAL_SHRINK`), so that nobody, the peer included, can truncate
+/// it under the mapping (touching a truncated page is SIGBUS), and it must hold
+/// `[offset, offset + len)`. With [`allow_unsealed`] the seal is not required (a warning is
+/// logged once per process).
+pub fn check_shared_file(file: &File, offset: u64, len: u64) -> Result<(), SharedFileError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().map_err(SharedFileError::Stat)?;
+    if !meta.file_type().is_file() {
+        return Err(SharedFileError::NotRegular(meta.mode()));
+    }
+    // SAFETY: F_GET_SEALS takes no argument and reads no memory; on a descriptor that does
+    // not support seals it fails with EINVAL.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if !ALLOW_UNSEALED.load(Ordering::Relaxed) {
+            return Err(match seals {
+                0.. => SharedFileError::NotSealed(seals as u32),
+                _ => SharedFileError::Seals(std::io::Error::last_os_error()),
+            });
+        }
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "mapping memory the frontend can still shrink (--allow-unsealed-memory): a \
+                 truncation by the frontend ends this process"
+            );
+        }
+    }
+    let needed = offset
+        .checked_add(len)
+        .ok_or(SharedFileError::Overflow { offset, len })?;
+    let have = meta.len();
+    if needed > have {
+        return Err(SharedFileError::TooSmall { needed, have });
+    }
+    Ok(())
 }
 
 /// Where one region sits, as the frontend described it.
@@ -193,12 +261,12 @@ impl MemoryTable {
 
 fn map_region(info: &RegionInfo, file: File) -> Result<Arc<GuestRegionMmap<()>>, MemoryError> {
     info.validate()?;
-    // A region past the end of its file would raise SIGBUS on first touch: refuse it now.
-    let have = file.metadata().map_err(MemoryError::Stat)?.len();
-    let needed = info.mmap_offset + info.size;
-    if needed > have {
-        return Err(MemoryError::FileTooSmall { needed, have });
-    }
+    // A region past the end of its file, or in a file that can shrink later, would raise
+    // SIGBUS on touch: refuse it now.
+    check_shared_file(&file, info.mmap_offset, info.size).map_err(|e| match e {
+        SharedFileError::TooSmall { needed, have } => MemoryError::FileTooSmall { needed, have },
+        other => MemoryError::File(other),
+    })?;
     let size = usize::try_from(info.size).map_err(|_| MemoryError::BadRange)?;
     let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, info.mmap_offset), size)
         .map_err(MemoryError::Map)?;
@@ -213,7 +281,16 @@ mod tests {
     use vm_memory::{Bytes, GuestAddressSpace};
 
     fn memfd(size: u64) -> File {
+        let fd = unsealed(size);
+        let fd = memfd::Memfd::try_from_file(fd).expect("a memfd");
+        fd.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+            .expect("seal");
+        fd.into_file()
+    }
+
+    fn unsealed(size: u64) -> File {
         let fd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
             .create("test-ram")
             .expect("memfd");
         fd.as_file().set_len(size).expect("set_len");
@@ -284,6 +361,63 @@ mod tests {
                 vec![memfd(0x2000), memfd(0x1000)]
             ),
             Err(MemoryError::Overlap)
+        ));
+        // A memfd that can still shrink: a peer could truncate it under the mapping (F1).
+        assert!(matches!(
+            table.set_table(&[info(0, 0x1000, 0)], vec![unsealed(0x1000)]),
+            Err(MemoryError::File(SharedFileError::NotSealed(_)))
+        ));
+        assert!(matches!(
+            table.add(&info(0, 0x1000, 0), unsealed(0x1000)),
+            Err(MemoryError::File(SharedFileError::NotSealed(_)))
+        ));
+        // Sealed only against growing is not enough.
+        let grow_only = memfd::Memfd::try_from_file(unsealed(0x1000)).expect("memfd");
+        grow_only.add_seal(memfd::FileSeal::SealGrow).expect("seal");
+        assert!(matches!(
+            table.set_table(&[info(0, 0x1000, 0)], vec![grow_only.into_file()]),
+            Err(MemoryError::File(SharedFileError::NotSealed(_)))
+        ));
+        // A memfd made without MFD_ALLOW_SEALING (libblkio's kind) carries only F_SEAL_SEAL.
+        let plain = memfd::MemfdOptions::default()
+            .create("plain")
+            .expect("memfd");
+        plain.as_file().set_len(0x1000).expect("set_len");
+        assert!(matches!(
+            table.set_table(&[info(0, 0x1000, 0)], vec![plain.into_file()]),
+            Err(MemoryError::File(SharedFileError::NotSealed(_)))
+        ));
+        // Not a memfd at all: a regular file on disk, a pipe.
+        let tmp = std::env::temp_dir().join(format!("isola-mem-{}", std::process::id()));
+        let disk = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .expect("tmp file");
+        disk.set_len(0x1000).expect("set_len");
+        let _ = std::fs::remove_file(&tmp);
+        assert!(matches!(
+            table.set_table(&[info(0, 0x1000, 0)], vec![disk]),
+            Err(MemoryError::File(
+                SharedFileError::Seals(_) | SharedFileError::NotSealed(_)
+            ))
+        ));
+        let (pipe_read, _pipe_write) = std::io::pipe().expect("pipe");
+        assert!(matches!(
+            table.set_table(
+                &[info(0, 0x1000, 0)],
+                vec![File::from(std::os::fd::OwnedFd::from(pipe_read))]
+            ),
+            Err(MemoryError::File(SharedFileError::NotRegular(_)))
+        ));
+        // An offset that, added to the size, passes the end of u64 space.
+        let mut far = info(0, 0x1000, 0);
+        far.mmap_offset = u64::MAX - 0xfff;
+        assert!(matches!(
+            table.set_table(&[far], vec![memfd(0x1000)]),
+            Err(MemoryError::BadRange)
         ));
         // fd count mismatch.
         assert!(matches!(

@@ -3,6 +3,7 @@
 //! crate's `Frontend`) set up the way the core sets one up. Test code: failures panic.
 
 pub mod process;
+pub mod requests;
 pub mod seccomp;
 pub mod skip;
 
@@ -74,11 +75,28 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
+    /// Guest RAM the way the core makes it: a memfd sealed against shrinking and growing.
     pub fn new(size: u64) -> Self {
+        Self::with_seals(size, true)
+    }
+
+    /// Guest RAM in a memfd that is not sealed (a careless or hostile frontend's): the
+    /// frontend could truncate it under the device's mapping. Devices refuse it.
+    pub fn unsealed(size: u64) -> Self {
+        Self::with_seals(size, false)
+    }
+
+    fn with_seals(size: u64, sealed: bool) -> Self {
         let memfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
             .create("test-guest-ram")
             .expect("memfd_create works");
         memfd.as_file().set_len(size).expect("memfd can be sized");
+        if sealed {
+            memfd
+                .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+                .expect("a new memfd can be sealed");
+        }
         let file = memfd.into_file();
         let map = MmapRegion::<()>::from_file(
             FileOffset::new(file.try_clone().expect("dup works"), 0),

@@ -362,6 +362,9 @@ fn a_failing_worker_drops_the_connection_and_the_next_one_works() {
 /// checks that the next connection is served.
 fn refused(server: &Server, what: &str, send: impl FnOnce(&UnixStream)) {
     let stream = UnixStream::connect(server.path()).unwrap();
+    // An owner first, so that each case meets the check it is about (before SET_OWNER every
+    // request that sets anything up is refused for that alone).
+    testing::raw_message(&stream, 3, V1, &[], &[]);
     send(&stream);
     assert!(
         testing::closed_by_peer(&stream, TIMEOUT),
@@ -427,8 +430,14 @@ fn malformed_headers_and_sizes_refuse_the_connection_and_the_next_one_works() {
 #[test]
 fn bad_fds_and_memory_refuse_the_connection_and_the_next_one_works() {
     let server = Server::start("hostile-fds", Arc::new(Echo::default()));
-    let small = memfd::MemfdOptions::default().create("small").unwrap();
+    let small = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("small")
+        .unwrap();
     small.as_file().set_len(4096).unwrap();
+    small
+        .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+        .unwrap();
     let small = small.into_file();
     let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
     let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
