@@ -33,9 +33,12 @@
 //! default hook could try to open files for a backtrace (`RUST_BACKTRACE`), which the filter
 //! forbids.
 
+mod fault;
 mod filter;
 mod reaper;
 
+#[cfg(feature = "debug-forbidden")]
+pub use fault::Fault;
 use std::ffi::CString;
 use std::io::Write;
 
@@ -103,6 +106,10 @@ pub struct SandboxArgs {
     #[cfg(feature = "debug-forbidden")]
     #[arg(long, value_enum, value_name = "SYSCALL")]
     pub debug_forbidden_syscall: Option<Forbidden>,
+    /// Test hook: once sandboxed, take this fault on a new thread.
+    #[cfg(feature = "debug-forbidden")]
+    #[arg(long, value_enum, value_name = "FAULT")]
+    pub debug_fault: Option<Fault>,
 }
 
 impl Default for SandboxArgs {
@@ -114,6 +121,8 @@ impl Default for SandboxArgs {
             gid: None,
             #[cfg(feature = "debug-forbidden")]
             debug_forbidden_syscall: None,
+            #[cfg(feature = "debug-forbidden")]
+            debug_fault: None,
         }
     }
 }
@@ -236,6 +245,7 @@ fn device_side(
     }
     empty_root()?;
     drop_privileges()?;
+    fault::catch_abort();
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let programs = device_programs(policy, args.seccomp)?;
@@ -255,6 +265,10 @@ fn device_side(
     #[cfg(feature = "debug-forbidden")]
     if let Some(call) = args.debug_forbidden_syscall {
         debug_forbidden(call);
+    }
+    #[cfg(feature = "debug-forbidden")]
+    if let Some(fault) = args.debug_fault {
+        fault::debug_fault(fault);
     }
     Ok(())
 }
@@ -295,7 +309,7 @@ fn become_reaper(
     if let Err(e) = drop_privileges() {
         reaper_failed(child, "drop privileges", &e);
     }
-    match reaper_program(mode, std::process::id()) {
+    match reaper_program(mode, std::process::id(), child) {
         Ok(Some(program)) => {
             if let Err(e) = seccompiler::apply_filter(&program) {
                 reaper_failed(child, "install its seccomp filter", &e);

@@ -155,6 +155,22 @@ fn base_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
             )?])?],
         ),
         (libc::SYS_fstat, Vec::new()),
+        // The vhost crate checks the fd of GPU_SET_SOCKET (a request any frontend may send,
+        // before Isola's handler can refuse it) with getsockopt(SOL_SOCKET, SO_DOMAIN) and
+        // (SO_TYPE) in `validate_unix_stream_socket_fd`. Reading those two integers of a
+        // socket the process was handed reveals nothing; every other option stays forbidden.
+        (
+            libc::SYS_getsockopt,
+            [libc::SO_DOMAIN, libc::SO_TYPE]
+                .into_iter()
+                .map(|opt| {
+                    rule(vec![
+                        cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+                        cond(2, SeccompCmpOp::Eq, opt as u64)?,
+                    ])
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
         // The panic hook ends the process from whichever thread panicked; a thread may signal
         // only its own process (pid 1 in its pid namespace).
         (
@@ -248,9 +264,14 @@ pub fn device_programs(
     Ok(vec![allow, no_clone3])
 }
 
-/// The reaper's program: wait for the device, read a dead thread's registers, report, and
-/// pass the device's ending on (exit, or re-raise its signal on itself, `own_pid`).
-pub fn reaper_program(mode: SeccompMode, own_pid: u32) -> Result<Option<BpfProgram>, SandboxError> {
+/// The reaper's program: wait for the device, read a dead thread's registers, report, end a
+/// faulting device (SIGKILL to `device`, nothing else), and pass the device's ending on (exit,
+/// or re-raise its signal on itself, `own_pid`).
+pub fn reaper_program(
+    mode: SeccompMode,
+    own_pid: u32,
+    device: libc::pid_t,
+) -> Result<Option<BpfProgram>, SandboxError> {
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
@@ -281,10 +302,17 @@ pub fn reaper_program(mode: SeccompMode, own_pid: u32) -> Result<Option<BpfProgr
     .into_iter()
     .map(|nr| (nr, Vec::new()))
     .collect();
-    // Passing the device's fatal signal on: kill(own pid, sig).
+    // Passing the device's fatal signal on: kill(own pid, sig); ending a device that took a
+    // fault (reaper::wait_and_pass_on): kill(device, SIGKILL).
     rules.insert(
         libc::SYS_kill,
-        vec![rule(vec![cond(0, SeccompCmpOp::Eq, own)?])?],
+        vec![
+            rule(vec![cond(0, SeccompCmpOp::Eq, own)?])?,
+            rule(vec![
+                cond(0, SeccompCmpOp::Eq, device as u32 as u64)?,
+                cond(1, SeccompCmpOp::Eq, libc::SIGKILL as u64)?,
+            ])?,
+        ],
     );
     compile(rules, mismatch, SeccompAction::Allow).map(Some)
 }
@@ -347,7 +375,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let program = reaper_program(SeccompMode::Kill, std::process::id());
+            let program = reaper_program(SeccompMode::Kill, std::process::id(), NO_SUCH_PID);
             let code = match program {
                 Ok(Some(p)) if seccompiler::apply_filter(&p).is_ok() => body(),
                 _ => 100,
@@ -361,13 +389,22 @@ mod tests {
         status
     }
 
+    /// The device pid the reaper filter of these tests names (none has it: kill gets ESRCH).
+    const NO_SUCH_PID: libc::pid_t = 0x3fff_fff0;
+
     #[test]
     fn the_reaper_may_wait_and_signal_itself_and_nothing_else() {
-        // wait4 with no child: ECHILD; kill(own pid, 0): allowed.
+        // wait4 with no child: ECHILD; kill(own pid, 0): allowed; kill(device, SIGKILL):
+        // allowed (ESRCH here).
         let allowed = reaper_child(|| {
             let waited = raw(libc::SYS_wait4, [usize::MAX, 0, 0]);
             let own = std::process::id() as usize;
-            i32::from(!(waited == -1 && raw(libc::SYS_kill, [own, 0, 0]) == 0))
+            let device = [NO_SUCH_PID as usize, libc::SIGKILL as usize, 0];
+            i32::from(
+                !(waited == -1
+                    && raw(libc::SYS_kill, [own, 0, 0]) == 0
+                    && raw(libc::SYS_kill, device) == -1),
+            )
         });
         assert!(
             libc::WIFEXITED(allowed) && libc::WEXITSTATUS(allowed) == 0,
@@ -375,6 +412,13 @@ mod tests {
         );
         for body in [
             (|| raw(libc::SYS_kill, [1, 0, 0]) as i32) as fn() -> i32,
+            // The device may only be killed, not signalled otherwise.
+            || {
+                raw(
+                    libc::SYS_kill,
+                    [NO_SUCH_PID as usize, libc::SIGTERM as usize, 0],
+                ) as i32
+            },
             || {
                 raw(
                     libc::SYS_openat,
@@ -436,6 +480,6 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(device_programs(&policy, SeccompMode::Log).unwrap().len(), 2);
-        assert!(reaper_program(SeccompMode::Off, 1).unwrap().is_none());
+        assert!(reaper_program(SeccompMode::Off, 1, 2).unwrap().is_none());
     }
 }

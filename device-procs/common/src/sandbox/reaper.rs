@@ -10,6 +10,14 @@
 //! number. It logs one line, `killed by seccomp: syscall=N (name) thread=TID`, before passing
 //! SIGSYS on. The reaper itself runs with no capabilities, in the empty root, under its own
 //! small allowlist.
+//!
+//! A fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) must end the device at once, and that
+//! the kernel will not do by itself here: the device is pid 1 of its namespace, and a traced
+//! pid 1 keeps `SIGNAL_UNKILLABLE` even for a forced signal, so the fault's signal, once
+//! re-injected, is dropped and the faulting instruction runs again, forever. So at the
+//! signal-delivery stop of such a signal the reaper logs `killed by SIGSEGV (fault in thread
+//! TID)`, SIGKILLs the device (which an ancestor namespace may always do) and, once it is
+//! gone, ends itself by the same signal, which the supervisor reports and acts on.
 
 use super::filter::syscall_name;
 
@@ -62,6 +70,8 @@ fn seccomp_victim(tid: libc::pid_t) -> Option<u64> {
 pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i64>)) -> ! {
     let (unconditional, conditional) = allowlist;
     let mut victims: Vec<(i64, libc::pid_t)> = Vec::new();
+    // The fault signal the device was killed for, once one was seen.
+    let mut fault: Option<libc::c_int> = None;
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: waits for our own children; `status` is a valid out-pointer.
@@ -92,7 +102,10 @@ pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i6
                     syscall_name(nr)
                 );
             }
-            pass_on(status);
+            match fault {
+                Some(signal) => die_by(signal),
+                None => pass_on(status),
+            }
         }
         if !libc::WIFSTOPPED(status) {
             // One of the device's threads ended.
@@ -105,12 +118,48 @@ pub(super) fn wait_and_pass_on(child: libc::pid_t, allowlist: &(Vec<i64>, Vec<i6
                 victims.push((nr as i64, tid));
             }
         } else if event == 0 {
+            let signal = libc::WSTOPSIG(status);
+            if FAULTS.contains(&signal) {
+                if fault.is_none() {
+                    fault = Some(signal);
+                    log::error!("killed by {} (fault in thread {tid})", signal_name(signal));
+                    // SAFETY: kill takes integers; `child` is this process's own child, not
+                    // yet reaped (its exit has not been seen), so the pid names it.
+                    unsafe { libc::kill(child, libc::SIGKILL) };
+                }
+                // Left stopped: SIGKILL ends a stopped thread too.
+                continue;
+            }
             // A signal on its way to the device: deliver it.
-            inject = libc::WSTOPSIG(status);
+            inject = signal;
         }
         // Clone, new-thread and group stops: just resume. A failure means the thread is
         // already gone.
         ptrace(libc::PTRACE_CONT, tid, 0, inject as usize);
+    }
+}
+
+/// Signals of a fault in the device's own code: the device is ended at the first one.
+const FAULTS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGABRT,
+];
+
+/// The name of a fault signal, for the log line.
+pub(super) fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
     }
 }
 
@@ -123,6 +172,12 @@ fn pass_on(status: libc::c_int) -> ! {
     if signal != libc::SIGSYS {
         log::warn!("the device process was killed by signal {signal}");
     }
+    die_by(signal)
+}
+
+/// Ends the reaper by `signal` (raised on itself with its default action), or, for a signal
+/// whose default is not fatal, with status 128 + signal.
+fn die_by(signal: libc::c_int) -> ! {
     // SAFETY: resetting a signal's disposition and sending it to ourselves changes no memory
     // of this process; no core file is written (the reaper is not dumpable).
     unsafe {
