@@ -437,3 +437,77 @@ fn direct_io_bounces_unaligned_buffers_and_refuses_unaligned_sectors() {
     assert_eq!(rig.bytes(back, 4096), vec![0x77; 4096]);
     assert_eq!(rig.file(4096, 4096), vec![0x77; 4096]);
 }
+
+/// F3: header, a 512-byte data buffer, then a last device-writable buffer at
+/// 0xFFFF_FFFF_FFFF_FFF8 (16 or 512 bytes). Its last byte, where the status goes, would wrap
+/// to guest address 0x7 (or 0x1F7): the request must be returned with nothing written
+/// anywhere, and the queue must go on serving.
+#[test]
+fn a_status_buffer_that_wraps_the_address_space_gets_no_stray_write() {
+    for (len, stray) in [(16u32, 0x7u64), (512, 0x1f7)] {
+        let mut rig = Rig::new(&format!("wrap{len}"), false, false, EngineKind::Sync, 0);
+        let stray = GuestAddress(stray);
+        // Mark the byte the wrapped status would land on (an unused descriptor's byte).
+        rig.mem.write_obj(CANARY, stray).unwrap();
+        let hdr = rig.header(VIRTIO_BLK_T_IN, 0);
+        let data = rig.buf(512);
+        let head = rig.submit(&[
+            (hdr, 16, false),
+            (data, 512, true),
+            (GuestAddress(0xFFFF_FFFF_FFFF_FFF8), len, true),
+        ]);
+        // 0x7 is inside descriptor 0 (this chain's head): compare with what is there now.
+        let before = rig.bytes(GuestAddress(0), 0x400);
+        let expected = rig.byte(stray);
+        let (good, good_status) = rig.simple(VIRTIO_BLK_T_FLUSH, 0, None);
+        rig.run().unwrap();
+        assert_eq!(
+            rig.byte(stray),
+            expected,
+            "len {len}: status written at {stray:?}"
+        );
+        assert_eq!(rig.used_len(head), Some(0), "len {len}: returned empty");
+        assert_eq!(
+            rig.bytes(data, 512),
+            vec![CANARY; 512],
+            "len {len}: data untouched"
+        );
+        // Nothing else of the descriptor table changed but the flush's own descriptors.
+        let after = rig.bytes(GuestAddress(0), 0x30);
+        assert_eq!(after, before[..0x30], "len {len}");
+        assert_eq!(
+            rig.used_len(good),
+            Some(1),
+            "len {len}: the queue keeps serving"
+        );
+        assert_eq!(rig.byte(good_status), 0);
+    }
+}
+
+/// F6: data buffers of the wrong direction (an IN whose data the device may only read, an OUT
+/// whose data it may only write) get IOERR, not OK with nothing done.
+#[test]
+fn data_buffers_of_the_wrong_direction_get_ioerr() {
+    let mut rig = Rig::new("direction", false, false, EngineKind::Sync, all_features());
+    let data = rig.buf(512);
+    let (read, read_status) = rig.simple(VIRTIO_BLK_T_IN, 0, Some((data, 512, false)));
+    let hdr = rig.header(VIRTIO_BLK_T_OUT, 0);
+    let (wdata, wstatus) = (rig.buf(512), rig.buf(1));
+    rig.mem.write_slice(&[0x77; 512], wdata).unwrap();
+    let write = rig.submit(&[(hdr, 16, false), (wdata, 512, true), (wstatus, 1, true)]);
+    rig.run().unwrap();
+    assert_eq!(
+        rig.byte(read_status),
+        STATUS_IOERR,
+        "IN with read-only data"
+    );
+    assert_eq!(rig.used_len(read), Some(1));
+    assert_eq!(
+        rig.bytes(data, 512),
+        vec![CANARY; 512],
+        "nothing read into it"
+    );
+    assert_eq!(rig.byte(wstatus), STATUS_IOERR, "OUT with write-only data");
+    assert_eq!(rig.used_len(write), Some(1));
+    assert_eq!(rig.file(0, 512), (0..512).map(pattern).collect::<Vec<_>>());
+}

@@ -47,6 +47,8 @@ pub enum Refusal {
     Buffer(#[source] ChainError),
     #[error("write to a read-only disk")]
     ReadOnly,
+    #[error("request type {kind}: {len} data bytes in buffers of the wrong direction")]
+    WrongDirection { kind: u32, len: u64 },
     #[error("sectors {sector}..+{len} bytes are past the end of the disk")]
     OutOfRange { sector: u64, len: u64 },
     #[error("{len} bytes at sector {sector} are not aligned to {align}")]
@@ -126,7 +128,7 @@ pub fn parse(
     if wlen == 0 {
         return Err(NoStatus::Missing);
     }
-    let (wdata, wstatus) = chain::split_at(writable, wlen - 1);
+    let (wdata, wstatus) = chain::split_at(writable, wlen - 1).map_err(NoStatus::Chain)?;
     let status = wstatus
         .iter()
         .find(|s| s.len > 0)
@@ -136,10 +138,11 @@ pub fn parse(
         return Err(NoStatus::Unmapped(status.0));
     }
     let action = match header(mem, readable) {
-        Ok((kind, sector)) => {
-            let (_, rdata) = chain::split_at(readable, HEADER_LEN);
-            decide(mem, disk, features, kind, sector, rdata, wdata).unwrap_or_else(Action::Refuse)
-        }
+        Ok((kind, sector)) => match chain::split_at(readable, HEADER_LEN) {
+            Ok((_, rdata)) => decide(mem, disk, features, kind, sector, rdata, wdata)
+                .unwrap_or_else(Action::Refuse),
+            Err(e) => Action::Refuse(Refusal::Buffer(e)),
+        },
         Err(refusal) => Action::Refuse(refusal),
     };
     Ok(Request { status, action })
@@ -169,6 +172,16 @@ fn decide(
     wdata: Segments,
 ) -> Result<Action, Refusal> {
     match kind {
+        // Data the device should fill offered read-only (or the reverse) is an error, not
+        // a request for zero bytes answered OK with nothing done.
+        VIRTIO_BLK_T_IN if !rdata.is_empty() => Err(Refusal::WrongDirection {
+            kind,
+            len: chain::total_len(&rdata),
+        }),
+        VIRTIO_BLK_T_OUT if !wdata.is_empty() => Err(Refusal::WrongDirection {
+            kind,
+            len: chain::total_len(&wdata),
+        }),
         VIRTIO_BLK_T_IN => {
             let offset = data_range(disk, sector, chain::total_len(&wdata))?;
             Ok(Action::Read {

@@ -144,6 +144,14 @@ impl DescriptorChain {
             if !writable && out.last().is_some_and(|s| s.writable) {
                 return Err(ChainError::ReadableAfterWritable);
             }
+            // A buffer whose end is past the top of the address space would wrap to low
+            // guest memory when a device walks into it: refuse the chain.
+            if desc.addr().0.checked_add(u64::from(desc.len())).is_none() {
+                return Err(ChainError::BadBuffer {
+                    addr: desc.addr().0,
+                    len: u64::from(desc.len()),
+                });
+            }
             walk.total += u64::from(desc.len());
             if walk.total > u64::from(u32::MAX) {
                 return Err(ChainError::TooLarge);
@@ -195,7 +203,9 @@ pub fn total_len(segs: &[Segment]) -> u64 {
 }
 
 /// Splits `segs` at byte `at`: the first part holds exactly `at` bytes (or all, if fewer).
-pub fn split_at(segs: &[Segment], mut at: u64) -> (Segments, Segments) {
+/// Fails (rather than wrap) if a split point lies past the top of the address space, which a
+/// chain from [`DescriptorChain::segments`] never has.
+pub fn split_at(segs: &[Segment], mut at: u64) -> Result<(Segments, Segments), ChainError> {
     let mut head = Segments::new();
     let mut tail = Segments::new();
     for seg in segs {
@@ -206,31 +216,22 @@ pub fn split_at(segs: &[Segment], mut at: u64) -> (Segments, Segments) {
         } else if at == 0 {
             tail.push(*seg);
         } else {
-            // at < len <= u32::MAX, so the casts are exact.
-            head.push(Segment {
-                len: at as u32,
-                ..*seg
-            });
+            let addr = seg.addr.0.checked_add(at).ok_or(ChainError::BadBuffer {
+                addr: seg.addr.0,
+                len,
+            })?;
+            // at < len <= u32::MAX, so the cast is exact.
+            let at32 = at as u32;
+            head.push(Segment { len: at32, ..*seg });
             tail.push(Segment {
-                addr: seg.addr.unchecked_add_offset(at),
-                len: seg.len - at as u32,
+                addr: GuestAddress(addr),
+                len: seg.len - at32,
                 ..*seg
             });
             at = 0;
         }
     }
-    (head, tail)
-}
-
-trait AddOffset {
-    fn unchecked_add_offset(self, off: u64) -> GuestAddress;
-}
-
-impl AddOffset for GuestAddress {
-    fn unchecked_add_offset(self, off: u64) -> GuestAddress {
-        // Wrapping is harmless: a wrapped address fails the bounds check when it is used.
-        GuestAddress(self.0.wrapping_add(off))
-    }
+    Ok((head, tail))
 }
 
 fn bad(seg: &Segment, len: u64) -> ChainError {
@@ -380,6 +381,54 @@ mod tests {
         );
     }
 
+    /// F3: header, 512-byte data buffer, and a last writable buffer of 16 bytes at
+    /// 0xFFFF_FFFF_FFFF_FFF8, whose 16th byte (where a device puts the status) would be at
+    /// guest address 0x7 if the split wrapped around.
+    #[test]
+    fn a_buffer_that_wraps_the_address_space_is_refused() {
+        let m = mem();
+        put(&m, 0x1000, 0, 0x4000, 16, F_NEXT, 1);
+        put(&m, 0x1000, 1, 0x5000, 512, F_NEXT | F_WRITE, 2);
+        put(&m, 0x1000, 2, 0xFFFF_FFFF_FFFF_FFF8, 16, F_WRITE, 0);
+        assert_eq!(
+            chain(&m, 0).segments(),
+            Err(ChainError::BadBuffer {
+                addr: 0xFFFF_FFFF_FFFF_FFF8,
+                len: 16
+            })
+        );
+        // One that ends exactly at the top is refused too (its end is not representable);
+        // one that ends a byte below is a well-formed chain (its bytes are checked on use).
+        put(&m, 0x1000, 2, 0xFFFF_FFFF_FFFF_FFF0, 16, F_WRITE, 0);
+        assert!(chain(&m, 0).segments().is_err());
+        put(&m, 0x1000, 2, 0xFFFF_FFFF_FFFF_FFEF, 16, F_WRITE, 0);
+        let segs = chain(&m, 0).segments().unwrap();
+        assert!(host_slices(&m, &segs).is_err());
+        // Segments built by hand that would wrap: split_at fails instead of wrapping.
+        let wrapping = [
+            Segment {
+                addr: GuestAddress(0x5000),
+                len: 512,
+                writable: true,
+            },
+            Segment {
+                addr: GuestAddress(0xFFFF_FFFF_FFFF_FFF8),
+                len: 16,
+                writable: true,
+            },
+        ];
+        assert_eq!(
+            split_at(&wrapping, 512 + 15),
+            Err(ChainError::BadBuffer {
+                addr: 0xFFFF_FFFF_FFFF_FFF8,
+                len: 16
+            })
+        );
+        // Splitting inside the first segment, or at a boundary, needs no addition past it.
+        assert!(split_at(&wrapping, 100).is_ok());
+        assert!(split_at(&wrapping, 512).is_ok());
+    }
+
     #[test]
     fn hostile_chains_are_errors() {
         let m = mem();
@@ -454,7 +503,7 @@ mod tests {
         assert!(host_slices(&m, &hole).is_err());
         assert!(write_bytes(&m, &hole, &[0u8; 0x20]).is_err());
         assert_eq!(host_slices(&m, &segs).unwrap().len(), 2);
-        let (a, b) = split_at(&segs, 12);
+        let (a, b) = split_at(&segs, 12).unwrap();
         assert_eq!(total_len(&a), 12);
         assert_eq!(
             b.as_slice(),

@@ -107,8 +107,9 @@ impl Warner {
 
 /// Copies `buf.len()` bytes from offset `at` of a chain's buffers.
 fn read_at(chain: &DescriptorChain, segs: &[Segment], at: u64, buf: &mut [u8]) -> bool {
-    let (_, rest) = chain::split_at(segs, at);
-    chain::read_bytes(chain.memory(), &rest, buf).is_ok()
+    chain::split_at(segs, at)
+        .and_then(|(_, rest)| chain::read_bytes(chain.memory(), &rest, buf))
+        .is_ok()
 }
 
 struct Current {
@@ -226,7 +227,9 @@ impl TxQueue {
             return true;
         }
         while cur.user_done < cur.total {
-            let (_, rest) = chain::split_at(&cur.segs, cur.user_done);
+            let Ok((_, rest)) = chain::split_at(&cur.segs, cur.user_done) else {
+                return true;
+            };
             let Ok(slices) = chain::host_slices(cur.chain.memory(), &rest) else {
                 return true;
             };

@@ -246,7 +246,7 @@ fn split_chain(chain: &DescriptorChain) -> Result<(Vec<Segment>, Vec<Segment>), 
 /// Reads the request bytes (at most `max`) of a chain's readable buffers.
 fn read_request(mem: &Memory, readable: &[Segment], max: usize) -> Result<Vec<u8>, String> {
     let len = (chain::total_len(readable) as usize).min(max);
-    let (take, _) = chain::split_at(readable, len as u64);
+    let (take, _) = chain::split_at(readable, len as u64).map_err(|e| error_chain(&e))?;
     let mut buf = vec![0u8; len];
     chain::read_bytes(mem, &take, &mut buf).map_err(|e| error_chain(&e))?;
     Ok(buf)

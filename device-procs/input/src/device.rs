@@ -260,7 +260,7 @@ impl EventQueue {
     ) -> Result<(), ChainError> {
         let segs = chain.segments()?;
         let writable: Vec<_> = segs.into_iter().filter(|s| s.writable).collect();
-        let (used, _) = chain::split_at(&writable, EVENT_LEN as u64);
+        let (used, _) = chain::split_at(&writable, EVENT_LEN as u64)?;
         // Check the whole event fits, in guest memory, before writing a byte of it.
         let have = chain::total_len(&used);
         if have < EVENT_LEN as u64 {
