@@ -28,10 +28,28 @@ pub enum ListenError {
     NotListening(RawFd),
 }
 
+/// Where the frontend connects, and how long it has to introduce itself.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub at: ListenAt,
+    /// A frontend that has not sent SET_OWNER this long after connecting is dropped, and the
+    /// next one is served (a silent peer must not hold the device).
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub handshake_timeout_ms: u64,
+    /// Also map guest memory and in-flight regions in files that are not sealed against
+    /// shrinking (a frontend such as libblkio 0.5, whose memfds cannot be sealed). Such a
+    /// frontend can truncate the file and make the device fault; the device then dies at once
+    /// and is restarted. Off by default: only sealed memfds are mapped.
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
+}
+
 /// `--socket PATH` or `--fd N`: where the frontend connects.
 #[derive(Debug, Clone, clap::Args)]
 #[group(required = true, multiple = false)]
-pub struct ListenArgs {
+pub struct ListenAt {
     /// Listen for the frontend on this Unix socket (a stale socket file is replaced).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -42,8 +60,14 @@ pub struct ListenArgs {
 
 impl ListenArgs {
     /// The listening socket. For `--fd`, call this once: the listener takes the descriptor.
+    /// Also sets the serve loop's handshake deadline (`--handshake-timeout-ms`) and whether
+    /// unsealed memory is mapped (`--allow-unsealed-memory`).
     pub fn listener(&self) -> Result<UnixListener, ListenError> {
-        match (&self.socket, self.fd) {
+        crate::server::set_handshake_timeout(std::time::Duration::from_millis(
+            self.handshake_timeout_ms,
+        ));
+        crate::memory::allow_unsealed(self.allow_unsealed_memory);
+        match (&self.at.socket, self.at.fd) {
             (Some(path), _) => bind(path),
             (None, Some(fd)) => adopt(fd),
             // clap's group makes one of the two required.

@@ -56,8 +56,14 @@ pub enum HandlerError {
     FeaturesNotOffered(u64),
     #[error("protocol features {0:#x} were not offered")]
     ProtocolNotOffered(u64),
+    #[error("protocol features {new:#x} after {old:#x} were acknowledged")]
+    ProtocolRenegotiated { old: u64, new: u64 },
+    #[error("features {0:#x} without PROTOCOL_FEATURES after protocol features were negotiated")]
+    ProtocolFeaturesDropped(u64),
     #[error("SET_OWNER on a connection that already has an owner")]
     AlreadyOwned,
+    #[error("{0} before SET_OWNER")]
+    NotOwned(&'static str),
     #[error("memory table")]
     Memory(#[source] MemoryError),
     #[error("in-flight region")]
@@ -130,6 +136,8 @@ pub(crate) struct DeviceHandler<D: VirtioDevice> {
     owned: bool,
     acked_features: u64,
     acked_protocol: VhostUserProtocolFeatures,
+    /// Whether SET_PROTOCOL_FEATURES was accepted on this connection.
+    protocol_set: bool,
     memory: MemoryTable,
     rings: Vec<Ring>,
     inflight: Option<Arc<InflightRegion>>,
@@ -181,11 +189,30 @@ impl<D: VirtioDevice> DeviceHandler<D> {
             owned: false,
             acked_features: 0,
             acked_protocol: VhostUserProtocolFeatures::empty(),
+            protocol_set: false,
             memory: MemoryTable::default(),
             rings,
             inflight: None,
             config_log: RateLimiter::new(5),
         })
+    }
+
+    /// Whether the frontend has sent SET_OWNER (the end of its handshake, for the server's
+    /// deadline).
+    pub(crate) fn owned(&self) -> bool {
+        self.owned
+    }
+
+    /// Requests that set up or use the device need an owner first (SET_OWNER): a connection
+    /// that skipped it is refused. Only the negotiation queries frontends make before it
+    /// (QEMU's vhost_user_backend_init: features, protocol features, queue count, memory
+    /// slots) are answered without one.
+    fn owner(&self, what: &'static str) -> VhostResult<()> {
+        if self.owned {
+            Ok(())
+        } else {
+            Err(fail(HandlerError::NotOwned(what)))
+        }
     }
 
     fn offered_features(&self) -> u64 {
@@ -381,10 +408,12 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         self.reset().map_err(fail)?;
         self.device.reset();
         self.owned = false;
+        self.protocol_set = false;
         Ok(())
     }
 
     fn reset_device(&mut self) -> VhostResult<()> {
+        self.owner("RESET_DEVICE")?;
         self.reset().map_err(fail)?;
         self.device.reset();
         Ok(())
@@ -395,9 +424,15 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        self.owner("SET_FEATURES")?;
         let extra = features & !self.offered_features();
         if extra != 0 {
             return Err(fail(HandlerError::FeaturesNotOffered(extra)));
+        }
+        // Dropping the bit would silently turn REPLY_ACK off: a frontend waiting for acks
+        // would wait for ever. (QEMU keeps it set once protocol features are negotiated.)
+        if self.protocol_set && features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(fail(HandlerError::ProtocolFeaturesDropped(features)));
         }
         self.acked_features = features;
         Ok(())
@@ -409,6 +444,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        self.owner("SET_MEM_TABLE")?;
         let infos: Vec<RegionInfo> = ctx.iter().map(region_info).collect();
         self.memory
             .set_table(&infos, files)
@@ -417,6 +453,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        self.owner("SET_VRING_NUM")?;
         let max = self.device.max_queue_size();
         let ring = self.stopped_ring(index).map_err(fail)?;
         match u16::try_from(num) {
@@ -437,6 +474,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         available: u64,
         _log: u64,
     ) -> VhostResult<()> {
+        self.owner("SET_VRING_ADDR")?;
         if !flags.is_empty() {
             return Err(fail(HandlerError::Logging(flags.bits())));
         }
@@ -458,12 +496,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        self.owner("SET_VRING_BASE")?;
         let ring = self.stopped_ring(index).map_err(fail)?;
         ring.base = u16::try_from(base).map_err(|_| fail(HandlerError::BadBase(base)))?;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        self.owner("GET_VRING_BASE")?;
         let i = self.ring_index(index).map_err(fail)?;
         self.stop_ring(i).map_err(fail)?;
         let ring = &mut self.rings[usize::from(i)];
@@ -474,6 +514,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.owner("SET_VRING_KICK")?;
         let i = self.ring_index(u32::from(index)).map_err(fail)?;
         let fd = checked_eventfd(fd, "SET_VRING_KICK")?
             .ok_or_else(|| fail(HandlerError::NoKick(index)))?;
@@ -484,6 +525,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.owner("SET_VRING_CALL")?;
         let i = self.ring_index(u32::from(index)).map_err(fail)?;
         let fd = checked_eventfd(fd, "SET_VRING_CALL")?;
         self.rings[usize::from(i)].shared.set_call(fd);
@@ -491,6 +533,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.owner("SET_VRING_ERR")?;
         let i = self.ring_index(u32::from(index)).map_err(fail)?;
         let fd = checked_eventfd(fd, "SET_VRING_ERR")?;
         self.rings[usize::from(i)].shared.set_err(fd);
@@ -506,6 +549,16 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         if features & !offered != 0 {
             return Err(fail(HandlerError::ProtocolNotOffered(features & !offered)));
         }
+        // Once per connection: a change later (REPLY_ACK dropped under a frontend that waits
+        // for acks, rings running under other rules) is refused.
+        let old = self.acked_protocol.bits();
+        if self.protocol_set && features != old {
+            return Err(fail(HandlerError::ProtocolRenegotiated {
+                old,
+                new: features,
+            }));
+        }
+        self.protocol_set = true;
         self.acked_protocol = VhostUserProtocolFeatures::from_bits_truncate(features);
         Ok(())
     }
@@ -515,6 +568,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        self.owner("SET_VRING_ENABLE")?;
         let i = self.ring_index(index).map_err(fail)?;
         self.rings[usize::from(i)].shared.set_enabled(enable);
         Ok(())
@@ -526,6 +580,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
+        self.owner("GET_CONFIG")?;
         // The message layer bounds offset + size by the protocol's 4 KiB; bytes past the
         // device's configuration read as zero.
         let config = self.device.config();
@@ -544,6 +599,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<()> {
+        self.owner("SET_CONFIG")?;
         if let Err(e) = self.device.write_config(offset, buf) {
             if let Some(dropped) = self.config_log.allow() {
                 log::warn!(
@@ -556,6 +612,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_gpu_socket(&mut self, gpu_backend: GpuBackend) -> VhostResult<()> {
+        self.owner("GPU_SET_SOCKET")?;
         self.device
             .set_gpu_socket(gpu_backend)
             .map_err(|e| fail(HandlerError::Device(e)))
@@ -569,6 +626,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
+        self.owner("GET_INFLIGHT_FD")?;
         let have = self.device.num_queues();
         if inflight.num_queues > have {
             return Err(fail(HandlerError::InflightQueues {
@@ -586,6 +644,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        self.owner("SET_INFLIGHT_FD")?;
+        let have = self.device.num_queues();
+        if inflight.num_queues > have {
+            return Err(fail(HandlerError::InflightQueues {
+                asked: inflight.num_queues,
+                have,
+            }));
+        }
         if let Some(i) = self.rings.iter().position(|r| r.worker.is_some()) {
             return Err(fail(HandlerError::Running(i as u16)));
         }
@@ -617,6 +683,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
         fd: File,
         _postcopy_listening: Option<bool>,
     ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        self.owner("ADD_MEM_REG")?;
         self.memory
             .add(&region_info(region), fd)
             .map_err(|e| fail(HandlerError::Memory(e)))?;
@@ -624,6 +691,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for DeviceHandler<D> {
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.owner("REM_MEM_REG")?;
         self.memory
             .remove(region.guest_phys_addr, region.memory_size, region.user_addr)
             .map_err(|e| fail(HandlerError::Memory(e)))

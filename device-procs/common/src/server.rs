@@ -5,10 +5,11 @@
 //! for the next connection. This is what lets a restarted core reconnect. The device object
 //! itself (e.g. the open disk image) lives across connections.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::EventFd;
@@ -26,6 +27,24 @@ pub enum ServeError {
     Poll(#[source] nix::Error),
 }
 
+/// Default for how long a new connection may take to send SET_OWNER.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+static HANDSHAKE_TIMEOUT_MS: AtomicU64 = AtomicU64::new(HANDSHAKE_TIMEOUT.as_millis() as u64);
+
+/// Sets how long a new connection may take to send SET_OWNER before it is dropped
+/// (`--handshake-timeout-ms`; [`HANDSHAKE_TIMEOUT`] by default).
+pub fn set_handshake_timeout(timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    HANDSHAKE_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+fn handshake_timeout() -> Duration {
+    Duration::from_millis(HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
 /// How a connection ended.
 #[derive(Debug)]
 pub enum Ending {
@@ -35,6 +54,8 @@ pub enum Ending {
     Refused(VhostError),
     /// The connection could not be set up at all.
     SetupFailed(std::io::Error),
+    /// The frontend did not send SET_OWNER within the handshake deadline.
+    HandshakeTimeout(Duration),
 }
 
 /// Serves frontends on `listener`, one at a time, for ever.
@@ -108,7 +129,16 @@ pub fn serve_connection<D: VirtioDevice>(stream: UnixStream, device: &Arc<D>) ->
     };
     log::info!("frontend connected");
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
+    let timeout = handshake_timeout();
+    let deadline = Instant::now() + timeout;
     let ending = loop {
+        // Until it has an owner the connection has a deadline: a silent frontend must not
+        // hold the device. (Once owned, a frontend may rightly be idle for as long as its
+        // guest does not touch the device.)
+        let owned = handler.lock().unwrap_or_else(|p| p.into_inner()).owned();
+        if !owned && !readable_before(requests.as_raw_fd(), deadline) {
+            break Ending::HandshakeTimeout(timeout);
+        }
         match requests.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) => break Ending::Disconnected,
@@ -118,6 +148,10 @@ pub fn serve_connection<D: VirtioDevice>(stream: UnixStream, device: &Arc<D>) ->
     };
     match &ending {
         Ending::Refused(e) => log::warn!("refusing the connection: {e}"),
+        Ending::HandshakeTimeout(t) => log::warn!(
+            "refusing the connection: no SET_OWNER within {} ms of connecting",
+            t.as_millis()
+        ),
         _ => {
             log::info!("frontend disconnected; device state reset, waiting for the next connection")
         }
@@ -131,4 +165,26 @@ pub fn serve_connection<D: VirtioDevice>(stream: UnixStream, device: &Arc<D>) ->
 
 fn is_hangup(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE))
+}
+
+/// Whether `fd` has something to read (or has hung up) before `deadline`.
+fn readable_before(fd: std::os::fd::RawFd, deadline: Instant) -> bool {
+    // SAFETY: `fd` is the connection's socket, owned by the request handler that outlives
+    // this call; the borrow ends with it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => continue,
+            Ok(_) => return true,
+            Err(nix::Error::EINTR) => continue,
+            // Let the request handler meet (and report) whatever is wrong with the socket.
+            Err(_) => return true,
+        }
+    }
 }

@@ -1,14 +1,12 @@
 //! isola-gpu's additions to the shared sandbox (`isola_device_common::sandbox`): the
 //! positional write of `--state-file` through the descriptor opened before the sandbox
 //! ([`crate::state::StateFile`]: two slots rewritten in place, so no open, no rename and no
-//! path is needed), and two getsockopt queries on the display connection. Everything else it does (the vhost-user connection, guest memory, the
+//! path is needed). Everything else it does (the vhost-user connection, guest memory, the
 //! display connection that arrives as a descriptor with `VHOST_USER_GPU_SET_SOCKET` and is
 //! spoken to with sendmsg/recvmsg, its handshake thread, pixel conversion in memory) is in
 //! the base. No network (a new, empty network namespace), no paths, no new processes.
 
-use isola_device_common::sandbox::{
-    Policy, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
-};
+use isola_device_common::sandbox::Policy;
 
 /// Syscalls beyond the shared base, and who makes them.
 const SYSCALLS: &[i64] = &[
@@ -16,30 +14,14 @@ const SYSCALLS: &[i64] = &[
     libc::SYS_pwrite64,
 ];
 
-/// `getsockopt(fd, SOL_SOCKET, option, ...)` for `option` only.
-fn sol_socket_option(option: libc::c_int) -> SeccompRule {
-    let eq = |arg, value: libc::c_int| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value as u64)
-            .expect("a valid condition")
-    };
-    SeccompRule::new(vec![eq(1, libc::SOL_SOCKET), eq(2, option)]).expect("a valid rule")
-}
-
 /// The policy `run` enters before serving, for a resource budget of `budget` bytes.
 pub fn policy(budget: u64) -> Policy {
     Policy {
         name: "isola-gpu",
         syscalls: SYSCALLS,
-        // The vhost crate checks that the descriptor of VHOST_USER_GPU_SET_SOCKET is an
-        // AF_UNIX stream socket (validate_unix_stream_socket_fd): SO_DOMAIN and SO_TYPE,
-        // nothing else of getsockopt.
-        rules: vec![(
-            libc::SYS_getsockopt,
-            vec![
-                sol_socket_option(libc::SO_DOMAIN),
-                sol_socket_option(libc::SO_TYPE),
-            ],
-        )],
+        // getsockopt(SO_DOMAIN/SO_TYPE) for VHOST_USER_GPU_SET_SOCKET's fd is in the
+        // common allowlist (every device gets that request checked by the vhost crate).
+        rules: Vec::new(),
         host_network: false,
         // Two queues (kick, call, error eventfds, a stop eventfd and an epoll fd each), up to
         // 64 memory regions, the in-flight region, the connection, the display connection and
