@@ -60,9 +60,14 @@ pub struct Cli {
     /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.
     #[arg(long, value_enum, default_value = "kill")]
     pub seccomp: SeccompMode,
-    /// Seconds to wait for each device's backend socket to appear.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait at start for each device's backend to listen and answer; the core
+    /// says once that it waits, and exits with status 2 when the time is up.
+    #[arg(long, default_value_t = 10)]
     pub device_timeout: u64,
+    /// Milliseconds a device process has to answer each vhost-user exchange; one that misses
+    /// it is disconnected and reconnected like one that died.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub backend_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,6 +157,7 @@ impl Cli {
             devices: self.devices.clone(),
             seccomp: self.seccomp,
             device_timeout: std::time::Duration::from_secs(self.device_timeout),
+            backend_timeout: std::time::Duration::from_millis(self.backend_timeout_ms),
         })
     }
 }

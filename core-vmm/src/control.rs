@@ -4,12 +4,18 @@
 //! One request, one response, per message; a client may send many. A client that sends
 //! garbage gets an error response (if the frame was readable) and is disconnected; the server
 //! keeps serving the others.
+//!
+//! This thread never talks to a device process: each device's backend thread
+//! ([`crate::pci::backend`]) does, and keeps the link state this thread reports. So a hung,
+//! absent or given-up backend cannot delay an answer.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isola_ipc::listen::BindError;
@@ -21,22 +27,13 @@ use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::pci::virtio_pci::{attempt_reconnect, Link, VirtioPciDevice};
+use crate::pci::backend::{Link, Shared};
 use crate::vcpu::{ExitNotifier, VcpuEvent, VcpuHandle, VmExit};
-use crate::vhost_user::connect_display;
-use crate::vm::SharedVirtioDevice;
 
-/// How long a client may take to send the rest of a frame it started.
-const CLIENT_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to send the rest of a frame it started, or to take an answer.
+const CLIENT_IO_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long Pause/Resume wait for every vCPU to acknowledge.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// While a backend is away, the core tries to reconnect this often (milliseconds).
-const RECONNECT_TICK_MS: u8 = 5;
-/// A backend that was refused (changed features or disk size) is retried this often.
-const REFUSED_RETRY: Duration = Duration::from_secs(1);
-/// A backend that dies within this time of being restored is flapping: back off.
-const FLAP_WINDOW: Duration = Duration::from_millis(250);
-const FLAP_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// At most this many clients at once; further connections are closed at once.
 const MAX_CLIENTS: usize = 16;
 
@@ -92,13 +89,96 @@ impl Drop for ControlServer {
     }
 }
 
+/// The control socket served while the VM starts (device backends connect, which may take
+/// up to `--device-timeout`): every request gets an answer at once; status says what the core
+/// waits for. [`Starting::finish`] hands the socket back for [`serve`].
+pub struct Starting {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ControlServer>>,
+    /// What the core waits for, for status answers.
+    pub waiting: Arc<Mutex<String>>,
+}
+
+/// How often the start-up server looks at its stop flag.
+const STARTING_TICK_MS: u8 = 20;
+
+impl Starting {
+    /// Serves `server` on a thread (`control-start`) with `filter` installed.
+    pub fn start(
+        server: ControlServer,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<Starting, io::Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let waiting = Arc::new(Mutex::new(String::from("setting up")));
+        let (flag, text) = (Arc::clone(&stop), Arc::clone(&waiting));
+        let thread = std::thread::Builder::new()
+            .name("control-start".into())
+            .spawn(move || {
+                if let Err(e) = crate::sandbox::install(filter.as_ref()) {
+                    log::error!("control-start: {}", crate::error_chain(&e));
+                    return server;
+                }
+                while !flag.load(Ordering::SeqCst) {
+                    let mut fds = [PollFd::new(server.listener.as_fd(), PollFlags::POLLIN)];
+                    if poll(&mut fds, PollTimeout::from(STARTING_TICK_MS)).unwrap_or(0) > 0 {
+                        answer_while_starting(&server, &text);
+                    }
+                }
+                server
+            })?;
+        Ok(Starting {
+            stop,
+            thread: Some(thread),
+            waiting,
+        })
+    }
+
+    /// Stops serving and returns the socket.
+    pub fn finish(mut self) -> Option<ControlServer> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers every waiting client once: the VM is not running yet. A shutdown ends the process
+/// here and now (nothing runs yet that needs tearing down; the socket file is removed).
+fn answer_while_starting(server: &ControlServer, waiting: &Mutex<String>) {
+    let mut clients = Vec::new();
+    accept_all(&server.listener, &mut clients);
+    for mut client in clients {
+        let Ok(request) = isola_ipc::read_message::<_, ControlRequest>(&mut client) else {
+            continue;
+        };
+        let what = waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let response = match request {
+            ControlRequest::Shutdown => ControlResponse::Done,
+            _ => ControlResponse::Error(format!("the VM is starting: {what}")),
+        };
+        let _ = isola_ipc::write_message(&mut client, &response);
+        if matches!(request, ControlRequest::Shutdown) {
+            let _ = std::fs::remove_file(&server.path);
+            eprintln!("isola-core: shut down on request while starting ({what})");
+            std::process::exit(0);
+        }
+    }
+}
+
 /// What the control loop acts on.
 struct Context<'a> {
     vm: &'a VmFd,
     exit: &'a ExitNotifier,
     vcpus: &'a [VcpuHandle],
     acks: &'a Receiver<(u32, VcpuState)>,
-    devices: &'a [SharedVirtioDevice],
+    devices: &'a [Arc<Shared>],
     started: Instant,
 }
 
@@ -109,7 +189,7 @@ pub fn serve(
     exit: &ExitNotifier,
     vcpus: &[VcpuHandle],
     acks: &Receiver<(u32, VcpuState)>,
-    devices: &[SharedVirtioDevice],
+    devices: &[Arc<Shared>],
     started: Instant,
 ) -> Result<VmExit, ControlError> {
     let ctx = Context {
@@ -121,10 +201,8 @@ pub fn serve(
         started,
     };
     let mut clients: Vec<UnixStream> = Vec::new();
-    let mut reconnect = Reconnector::new(devices.len());
     loop {
-        let watched = reconnect.watched_fds(devices);
-        let (exit_ready, listener_ready, ready_clients, gone) = {
+        let (exit_ready, listener_ready, ready_clients) = {
             let mut fds = vec![PollFd::new(exit.as_fd(), PollFlags::POLLIN)];
             if let Some(server) = &server {
                 fds.push(PollFd::new(server.listener.as_fd(), PollFlags::POLLIN));
@@ -135,40 +213,22 @@ pub fn serve(
                     .iter()
                     .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
             );
-            let first_device = fds.len();
-            for (_, _, fd) in &watched {
-                // SAFETY: the fd belongs to a device's vhost-user session or to the core's
-                // duplicate of a GPU's display connection; only this thread replaces or drops
-                // either (in `Reconnector`, after this poll), so it stays open for as long as
-                // the borrow is used.
-                let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
-                // No events requested: POLLHUP and POLLERR are always reported, and nothing
-                // else wakes us (replies to a vCPU thread's requests do not).
-                fds.push(PollFd::new(fd, PollFlags::empty()));
-            }
-            match poll(&mut fds, reconnect.timeout()) {
+            match poll(&mut fds, PollTimeout::NONE) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(ControlError::Poll(e)),
                 Ok(_) => {}
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            let ready_clients: Vec<usize> = fds[first_client..first_device]
+            let ready_clients: Vec<usize> = fds[first_client..]
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| ready(f))
                 .map(|(i, _)| i)
                 .collect();
-            let gone: Vec<(usize, Watched)> = fds[first_device..]
-                .iter()
-                .zip(&watched)
-                .filter(|(f, _)| ready(f))
-                .map(|(_, (index, what, _))| (*index, *what))
-                .collect();
             (
                 ready(&fds[0]),
                 server.is_some() && ready(&fds[1]),
                 ready_clients,
-                gone,
             )
         };
         if exit_ready {
@@ -177,15 +237,6 @@ pub fn serve(
             }
             let _ = exit.eventfd().read();
         }
-        // Backends first: a GPU backend that died takes its display link with it.
-        for (index, _) in gone.iter().filter(|(_, w)| *w == Watched::Backend) {
-            reconnect.gone(*index, &devices[*index]);
-        }
-        for (index, _) in gone.iter().filter(|(_, w)| *w == Watched::Display) {
-            reconnect.display_gone(*index, &devices[*index]);
-        }
-        reconnect.retry(devices);
-        reconnect.retry_displays(devices);
         // Serve clients before accepting, so indices stay valid; drop the ones that are done.
         let mut finished = Vec::new();
         for i in ready_clients {
@@ -204,158 +255,13 @@ pub fn serve(
     }
 }
 
-fn lock(device: &SharedVirtioDevice) -> std::sync::MutexGuard<'_, VirtioPciDevice> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Watches device sockets and brings back devices whose backend went away; watches the
-/// display connections passed to GPU backends and passes a new one when the display process
-/// went away and is back.
-struct Reconnector {
-    devices: Vec<DeviceWatch>,
-    displays: Vec<DeviceWatch>,
-    any_down: bool,
-}
-
-/// What a watched fd belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Watched {
-    /// A device's vhost-user session.
-    Backend,
-    /// The core's duplicate of the display connection a GPU backend holds.
-    Display,
-}
-
-#[derive(Default)]
-struct DeviceWatch {
-    /// No attempt before this moment.
-    not_before: Option<Instant>,
-    /// When the device last came back, to spot a backend that dies again at once.
-    back_at: Option<Instant>,
-    backoff: Duration,
-}
-
-impl DeviceWatch {
-    /// The peer hung up: the next attempt comes at once, or after a growing back-off when it
-    /// went away within [`FLAP_WINDOW`] of the last success.
-    fn went_away(&mut self) {
-        let flapping = self.back_at.is_some_and(|at| at.elapsed() < FLAP_WINDOW);
-        self.backoff = if flapping {
-            (self.backoff * 2).clamp(FLAP_BACKOFF_MIN, REFUSED_RETRY)
-        } else {
-            Duration::ZERO
-        };
-        self.not_before = Some(Instant::now() + self.backoff);
-    }
-}
-
-impl Reconnector {
-    fn new(devices: usize) -> Self {
-        Reconnector {
-            devices: (0..devices).map(|_| DeviceWatch::default()).collect(),
-            displays: (0..devices).map(|_| DeviceWatch::default()).collect(),
-            any_down: false,
-        }
-    }
-
-    /// (device index, kind, fd) of every connected device and live display connection.
-    fn watched_fds(&mut self, devices: &[SharedVirtioDevice]) -> Vec<(usize, Watched, RawFd)> {
-        let mut watched = Vec::new();
-        self.any_down = false;
-        for (index, device) in devices.iter().enumerate() {
-            let device = lock(device);
-            match device.backend_fd() {
-                Some(fd) => watched.push((index, Watched::Backend, fd)),
-                None => self.any_down = true,
-            }
-            match device.display_fd() {
-                Some(fd) => watched.push((index, Watched::Display, fd)),
-                None if device.display_target().is_some() => self.any_down = true,
-                None => {}
-            }
-        }
-        watched
-    }
-
-    /// Poll timeout: a short tick while some device waits for its backend.
-    fn timeout(&self) -> PollTimeout {
-        if self.any_down {
-            PollTimeout::from(RECONNECT_TICK_MS)
-        } else {
-            PollTimeout::NONE
-        }
-    }
-
-    /// The backend of device `index` hung up. One that dies again soon after coming back (a
-    /// crash loop, or a request that kills it every time) is retried ever more slowly.
-    fn gone(&mut self, index: usize, device: &SharedVirtioDevice) {
-        lock(device).backend_gone();
-        self.devices[index].went_away();
-    }
-
-    /// The display process of GPU device `index` hung up: connect again (soon, or more slowly
-    /// when it keeps going away right after being attached).
-    fn display_gone(&mut self, index: usize, device: &SharedVirtioDevice) {
-        lock(device).display_gone();
-        self.displays[index].went_away();
-    }
-
-    /// Passes a new display connection to every connected GPU backend that has none. The
-    /// connect runs without the device's lock and never blocks; a display process that is
-    /// absent just means another attempt on the next tick.
-    fn retry_displays(&mut self, devices: &[SharedVirtioDevice]) {
-        for (device, watch) in devices.iter().zip(&mut self.displays) {
-            if watch.not_before.is_some_and(|at| Instant::now() < at) {
-                continue;
-            }
-            let Some(path) = lock(device).display_target() else {
-                continue;
-            };
-            let stream = match connect_display(&path) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    log::debug!("display {}: connect failed: {e}", path.display());
-                    continue;
-                }
-            };
-            if lock(device).finish_display(stream) {
-                watch.back_at = Some(Instant::now());
-                watch.not_before = None;
-            } else {
-                // Refused by the backend (or it died meanwhile): not on every tick.
-                watch.not_before = Some(Instant::now() + REFUSED_RETRY);
-            }
-        }
-    }
-
-    fn retry(&mut self, devices: &[SharedVirtioDevice]) {
-        for (device, watch) in devices.iter().zip(&mut self.devices) {
-            if watch.not_before.is_some_and(|at| Instant::now() < at) {
-                continue;
-            }
-            let target = {
-                let device = lock(device);
-                match device.link() {
-                    Link::Connected => continue,
-                    Link::Reconnecting => {}
-                    Link::Refused(_) => watch.not_before = Some(Instant::now() + REFUSED_RETRY),
-                }
-                device.reconnect_target()
-            };
-            let attempt = attempt_reconnect(target);
-            if lock(device).finish_reconnect(attempt) {
-                watch.back_at = Some(Instant::now());
-            }
-        }
-    }
-}
-
 fn accept_all(listener: &UnixListener, clients: &mut Vec<UnixStream>) {
     loop {
         match listener.accept() {
             Ok((stream, _)) if clients.len() < MAX_CLIENTS => {
                 if stream.set_nonblocking(false).is_ok()
-                    && stream.set_read_timeout(Some(CLIENT_READ_TIMEOUT)).is_ok()
+                    && stream.set_read_timeout(Some(CLIENT_IO_TIMEOUT)).is_ok()
+                    && stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT)).is_ok()
                 {
                     clients.push(stream);
                 }
@@ -403,7 +309,7 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
                 .devices
                 .iter()
                 .enumerate()
-                .map(|(index, device)| device_status(index, &lock(device)))
+                .map(|(index, device)| device_status(index, device))
                 .collect(),
         }),
         ControlRequest::Pause => change_state(ctx, VcpuEvent::Pause, VcpuState::Paused),
@@ -429,19 +335,18 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
 }
 
 /// Devices sit in PCI slots 1 up, in `--device` order.
-fn device_status(index: usize, device: &VirtioPciDevice) -> DeviceStatus {
+fn device_status(index: usize, device: &Shared) -> DeviceStatus {
+    let state = device.lock();
     DeviceStatus {
-        name: device.name().to_owned(),
+        name: device.name.to_owned(),
         slot: format!("00:{:02x}.0", index + 1),
-        socket: device.socket_path().display().to_string(),
-        link: link_status(device.link()),
-        reconnects: device.reconnects(),
-        display: device.display_path().map(|path| DisplayLinkStatus {
-            socket: path.display().to_string(),
-            link: device
-                .display_link()
-                .map_or(DeviceLink::Reconnecting, |l| link_status(&l)),
-            reattaches: device.display_reattaches(),
+        socket: device.socket.display().to_string(),
+        link: link_status(&state.link),
+        reconnects: state.reconnects,
+        display: state.display.as_ref().map(|d| DisplayLinkStatus {
+            socket: d.socket.display().to_string(),
+            link: link_status(&d.link),
+            reattaches: d.reattaches,
         }),
     }
 }
@@ -450,6 +355,7 @@ fn link_status(link: &Link) -> DeviceLink {
     match link {
         Link::Connected => DeviceLink::Connected,
         Link::Reconnecting => DeviceLink::Reconnecting,
+        Link::Unresponsive(why) => DeviceLink::Unresponsive(why.clone()),
         Link::Refused(why) => DeviceLink::Refused(why.clone()),
     }
 }
@@ -482,29 +388,4 @@ fn change_state(ctx: &Context<'_>, event: VcpuEvent, target: VcpuState) -> Contr
         }
     }
     ControlResponse::Done
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peer_that_keeps_dying_right_after_coming_back_is_retried_ever_more_slowly() {
-        let mut watch = DeviceWatch::default();
-        watch.went_away();
-        assert_eq!(watch.backoff, Duration::ZERO, "first loss: at once");
-        let mut last = Duration::ZERO;
-        for _ in 0..8 {
-            watch.back_at = Some(Instant::now());
-            watch.went_away();
-            assert!(watch.backoff >= FLAP_BACKOFF_MIN && watch.backoff >= last);
-            assert!(watch.backoff <= REFUSED_RETRY);
-            last = watch.backoff;
-        }
-        assert_eq!(last, REFUSED_RETRY, "capped");
-        // Up for longer than the flap window: at once again.
-        watch.back_at = Instant::now().checked_sub(FLAP_WINDOW * 2);
-        watch.went_away();
-        assert_eq!(watch.backoff, Duration::ZERO);
-    }
 }

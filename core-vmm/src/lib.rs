@@ -9,6 +9,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod cpu;
+pub mod deadline;
 pub mod devices;
 pub mod interrupts;
 pub mod layout;

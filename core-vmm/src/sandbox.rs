@@ -2,8 +2,12 @@
 //!
 //! - **vCPU threads** install theirs before the first `KVM_RUN`: they handle exits (port and
 //!   MMIO emulation, serial output), reprogram interrupt routes and ioeventfds when the guest
-//!   moves a BAR or an MSI-X vector, and talk vhost-user to device processes when the guest
-//!   starts or resets a device.
+//!   moves a BAR or an MSI-X vector, and queue work for a device's backend thread. They never
+//!   talk to a device process: no socket calls at all.
+//! - **Backend threads** (one per device, `<name>-backend`) and the **deadline thread** talk
+//!   vhost-user to device processes, reconnect to restarted ones (Unix sockets only), pass
+//!   display connections to GPU backends, and shut down a socket whose exchange missed its
+//!   deadline.
 //! - **The control thread** (the main thread) installs its own after the vCPU threads exist
 //!   (so they do not inherit it): it polls, serves the control socket, injects MSIs, kicks
 //!   vCPU threads and tears the VM down.
@@ -45,6 +49,7 @@ pub enum SeccompMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
     Vcpu,
+    Backend,
     Control,
 }
 
@@ -85,12 +90,24 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// vCPU threads: the vhost-user frontend runs here when the guest starts or resets a device.
-const VCPU: &[i64] = &[
+/// vCPU threads: duplicating a queue's eventfds for the backend thread (`fcntl(F_DUPFD_CLOEXEC)`)
+/// is all they add.
+const VCPU: &[i64] = &[libc::SYS_fcntl];
+
+/// Backend and deadline threads: vhost-user messages carry fds (`sendmsg`/`recvmsg`), the
+/// GPU's display socket is sent with `sendmsg` and its reply read with `recvfrom`, reconnects
+/// open Unix sockets (`socket`, restricted below, and `connect`), the deadline thread
+/// `shutdown`s a socket whose exchange is late, and the vhost crate checks the socket type
+/// (`getsockopt`).
+const BACKEND: &[i64] = &[
+    libc::SYS_connect,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
     libc::SYS_fcntl,
 ];
 
@@ -123,6 +140,7 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             KVM_IRQFD(),
             KVM_IOEVENTFD(),
         ],
+        ThreadKind::Backend => vec![FIONBIO],
         ThreadKind::Control => vec![KVM_SIGNAL_MSI(), FIONBIO],
     }
 }
@@ -136,6 +154,7 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
     };
     let own = match kind {
         ThreadKind::Vcpu => VCPU,
+        ThreadKind::Backend => BACKEND,
         ThreadKind::Control => CONTROL,
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON
@@ -153,7 +172,7 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         .collect::<Result<Vec<_>, _>>()
         .map_err(SandboxError::Build)?;
     rules.insert(libc::SYS_ioctl, ioctl_rules);
-    if kind == ThreadKind::Control {
+    if kind != ThreadKind::Vcpu {
         // Reconnecting opens Unix sockets, and only those.
         let unix = SeccompCondition::new(
             0,
@@ -252,6 +271,48 @@ mod tests {
         for body in [exec as fn(), socket, open] {
             assert!(killed_by_sigsys(in_filtered_child(ThreadKind::Vcpu, body)));
         }
+    }
+
+    #[test]
+    fn vcpu_filter_kills_every_socket_exchange() {
+        // A vCPU thread never talks to a device process: vhost-user runs on backend threads.
+        // SAFETY: a raw syscall on fd -1 with null buffers; it fails with EBADF if the filter
+        // lets it through, touching no memory.
+        let sendmsg = || unsafe {
+            libc::syscall(libc::SYS_sendmsg, -1, std::ptr::null::<u8>(), 0);
+        };
+        // SAFETY: as above.
+        let recvmsg = || unsafe {
+            libc::syscall(libc::SYS_recvmsg, -1, std::ptr::null::<u8>(), 0);
+        };
+        // SAFETY: as above.
+        let sendto = || unsafe {
+            libc::syscall(libc::SYS_sendto, -1, std::ptr::null::<u8>(), 0, 0, 0, 0);
+        };
+        // SAFETY: as above.
+        let recvfrom = || unsafe {
+            libc::syscall(libc::SYS_recvfrom, -1, std::ptr::null::<u8>(), 0, 0, 0, 0);
+        };
+        // SAFETY: as above.
+        let connect = || unsafe {
+            libc::syscall(libc::SYS_connect, -1, std::ptr::null::<u8>(), 0);
+        };
+        for (name, body) in [
+            ("sendmsg", sendmsg as fn()),
+            ("recvmsg", recvmsg),
+            ("sendto", sendto),
+            ("recvfrom", recvfrom),
+            ("connect", connect),
+        ] {
+            let status = in_filtered_child(ThreadKind::Vcpu, body);
+            assert!(
+                killed_by_sigsys(status),
+                "{name} allowed: status {status:#x}"
+            );
+        }
+        // The backend threads keep them.
+        let status = in_filtered_child(ThreadKind::Backend, sendmsg);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
     }
 
     #[test]

@@ -39,10 +39,40 @@ thread_local! {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let flag = IMMEDIATE_EXIT.with(Cell::get);
     if !flag.is_null() {
-        // SAFETY: a non-null pointer was stored by `Vcpu::run` on this very thread and points
-        // into the vCPU's mmapped `kvm_run` page, which stays mapped until `run` clears the
-        // pointer (before the `VcpuFd` can be dropped). A volatile byte store is async-signal-safe.
+        // SAFETY: a non-null pointer was stored by a `KickTarget` on this very thread and
+        // points into the vCPU's mmapped `kvm_run` page; the `KickTarget` clears it when it
+        // is dropped (on return or unwind), which `Vcpu::run` makes happen before the
+        // `VcpuFd` owning the page can be dropped. A volatile byte store is async-signal-safe.
         unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// This thread's kick target while alive: the kick handler writes `immediate_exit` through
+/// the pointer it holds, and dropping it (on any way out, a panic unwinding included) clears
+/// the pointer, so a kick that arrives later touches nothing.
+struct KickTarget {
+    /// Not `Send`: the pointer is this thread's.
+    _thread_bound: std::marker::PhantomData<*mut u8>,
+}
+
+impl KickTarget {
+    /// Points this thread's kick handler at `flag`.
+    ///
+    /// # Safety
+    ///
+    /// `flag` must stay valid for writes (its `kvm_run` page mapped) until the returned
+    /// value is dropped, and the value must be dropped on this thread.
+    unsafe fn install(flag: *mut u8) -> KickTarget {
+        IMMEDIATE_EXIT.with(|cell| cell.set(flag));
+        KickTarget {
+            _thread_bound: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
     }
 }
 
@@ -194,7 +224,11 @@ impl Vcpu {
     /// The thread body: runs the state machine until Exited.
     pub fn run(mut self) {
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|cell| cell.set(flag));
+        // SAFETY: `flag` points into the `kvm_run` page of `self.fd`, mapped until the
+        // `VcpuFd` is dropped. `kick` is a local of this function and `self` its parameter:
+        // locals are dropped before parameters, on return and on unwind alike, so the pointer
+        // is cleared before the page can go. It is dropped on this thread.
+        let kick = unsafe { KickTarget::install(flag) };
         let mut state = VcpuState::Running;
         while state != VcpuState::Exited {
             state = match state {
@@ -203,7 +237,7 @@ impl Vcpu {
                 VcpuState::Exited => unreachable!("loop condition"),
             };
         }
-        IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
+        drop(kick);
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = VcpuState::Exited;
     }
 
@@ -374,5 +408,34 @@ impl Vcpu {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kick_target_is_cleared_when_a_panic_unwinds() {
+        std::thread::spawn(|| {
+            let mut byte = 0u8;
+            let flag: *mut u8 = &mut byte;
+            let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: `byte` outlives the target, dropped on this thread by the unwind.
+                let _kick = unsafe { KickTarget::install(flag) };
+                assert_eq!(IMMEDIATE_EXIT.with(Cell::get), flag);
+                panic!("a vCPU exit handler panics");
+            }));
+            assert!(unwound.is_err());
+            assert!(
+                IMMEDIATE_EXIT.with(Cell::get).is_null(),
+                "a kick after the unwind would write to a dead page"
+            );
+            // A kick now is harmless.
+            kick_handler(0, std::ptr::null_mut(), std::ptr::null_mut());
+            assert_eq!(byte, 0);
+        })
+        .join()
+        .expect("test thread");
     }
 }

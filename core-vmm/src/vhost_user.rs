@@ -23,6 +23,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::deadline::Watchdog;
 use crate::memory::GuestRam;
 
 /// Protocol features the frontend uses when the backend offers them.
@@ -39,13 +40,19 @@ const VERSION_1: u32 = 0x1;
 
 /// Poll interval while waiting for a backend's socket to appear.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
-/// Longest wait for a restarted backend to answer the first messages of a reconnect.
-const RECONNECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
-    #[error("no vhost-user backend listening on {} after {waited:?}", .path.display())]
+    #[error("no vhost-user backend answered on {} within {waited:?}", .path.display())]
     ConnectTimeout { path: PathBuf, waited: Duration },
+    #[error("{} is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("vhost-user backend at {} did not answer {step} within {timeout:?}", .path.display())]
+    Unresponsive {
+        path: PathBuf,
+        step: &'static str,
+        timeout: Duration,
+    },
     #[error("vhost-user backend at {} failed during {step}", .path.display())]
     Protocol {
         path: PathBuf,
@@ -84,6 +91,7 @@ pub struct QueueSetup<'a> {
 pub struct ReconnectTarget {
     path: PathBuf,
     display: Option<PathBuf>,
+    deadlines: Deadlines,
     features: u64,
     protocol: VhostUserProtocolFeatures,
     num_queues: u16,
@@ -96,19 +104,14 @@ impl ReconnectTarget {
     /// guest negotiated against those. The caller checks the new session (its configuration
     /// space) and then adopts it with [`VhostUserConnection::replace_with`], or drops it.
     pub fn connect(&self) -> Result<VhostUserConnection, VhostUserError> {
-        // One plain connect: `Frontend::connect` would retry for half a second on its own.
-        let stream = std::os::unix::net::UnixStream::connect(&self.path).map_err(|_| {
-            VhostUserError::ConnectTimeout {
+        // One connect that never blocks (a listen backlog nobody accepts is `WouldBlock`);
+        // the handshake is bounded by the exchange deadline.
+        let stream =
+            connect_nonblocking(&self.path).map_err(|_| VhostUserError::ConnectTimeout {
                 path: self.path.clone(),
                 waited: Duration::ZERO,
-            }
-        })?;
-        let session = handshake(
-            &self.path,
-            stream,
-            self.num_queues,
-            RECONNECT_HANDSHAKE_TIMEOUT,
-        )?;
+            })?;
+        let session = handshake(&self.path, stream, self.num_queues, &self.deadlines)?;
         if session.features != self.features || session.protocol != self.protocol {
             return Err(VhostUserError::Changed {
                 path: self.path.clone(),
@@ -125,6 +128,8 @@ impl ReconnectTarget {
             path: self.path.clone(),
             display: None,
             display_link: None,
+            deadlines: self.deadlines.clone(),
+            socket: session.socket,
             frontend: session.frontend,
             features: self.features,
             protocol: self.protocol,
@@ -161,6 +166,9 @@ pub struct VhostUserConnection {
     /// written, only watched for a hang-up (the display process went away). `None` while the
     /// backend has no live display connection.
     display_link: Option<UnixStream>,
+    deadlines: Deadlines,
+    /// A duplicate of the session's socket, for the watchdog to shut down.
+    socket: UnixStream,
     frontend: Frontend,
     features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -170,71 +178,109 @@ pub struct VhostUserConnection {
     inflight: Option<(VhostUserInflight, File)>,
 }
 
+/// The deadline of every exchange with a backend, and the watchdog that enforces it.
+#[derive(Clone)]
+pub struct Deadlines {
+    pub watchdog: Watchdog,
+    pub timeout: Duration,
+}
+
+impl Deadlines {
+    /// Runs `f` (one exchange on `socket`) with the deadline armed: when it passes, the
+    /// socket is shut down, `f` fails, and the result is [`VhostUserError::Unresponsive`].
+    fn run<T>(
+        &self,
+        path: &Path,
+        socket: &UnixStream,
+        step: &'static str,
+        f: impl FnOnce() -> Result<T, vhost::Error>,
+    ) -> Result<T, VhostUserError> {
+        let dup = socket.try_clone().map_err(|e| VhostUserError::Protocol {
+            path: path.to_owned(),
+            step,
+            source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+        })?;
+        let ticket = self.watchdog.arm(dup, self.timeout);
+        let result = f();
+        let fired = self.watchdog.disarm(ticket);
+        match result {
+            Ok(value) if !fired => Ok(value),
+            _ if fired => Err(VhostUserError::Unresponsive {
+                path: path.to_owned(),
+                step,
+                timeout: self.timeout,
+            }),
+            Ok(value) => Ok(value),
+            Err(source) => Err(VhostUserError::Protocol {
+                path: path.to_owned(),
+                step,
+                source,
+            }),
+        }
+    }
+}
+
 /// A fresh session on the socket, negotiated but not yet configured.
 struct Session {
     frontend: Frontend,
+    socket: UnixStream,
     features: u64,
     protocol: VhostUserProtocolFeatures,
 }
 
-/// [`negotiate`] on a connected stream, waiting at most `timeout` for each answer.
+/// [`negotiate`] on a connected stream, each message under the exchange deadline.
 ///
-/// The socket may be one a supervisor keeps listening while no backend runs: the connection
-/// then waits in the listen backlog, and without a bound the handshake would block the
-/// calling thread for as long as the backend stays away. After the handshake, messages wait
-/// as long as the backend needs (draining in-flight I/O may take a while).
+/// The socket may be one a supervisor keeps listening while no backend runs (the connection
+/// then waits in the listen backlog), or the backend may be stopped: the deadline makes the
+/// handshake fail instead of blocking the calling thread for as long as the backend stays away.
 fn handshake(
     path: &Path,
-    stream: std::os::unix::net::UnixStream,
+    stream: UnixStream,
     num_queues: u16,
-    timeout: Duration,
+    deadlines: &Deadlines,
 ) -> Result<Session, VhostUserError> {
-    let options = stream.try_clone().ok();
-    if let Some(s) = &options {
-        let _ = s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))));
-    }
+    let socket = stream.try_clone().map_err(|e| VhostUserError::Protocol {
+        path: path.to_owned(),
+        step: "handshake",
+        source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketError(e)),
+    })?;
     let frontend = Frontend::from_stream(stream, u64::from(num_queues));
-    let session = negotiate(path, frontend, num_queues)?;
-    if let Some(s) = &options {
-        let _ = s.set_read_timeout(None);
-    }
-    Ok(session)
+    negotiate(path, frontend, socket, num_queues, deadlines)
 }
 
 /// SET_OWNER and feature/protocol negotiation on a freshly connected frontend.
 fn negotiate(
     path: &Path,
     mut frontend: Frontend,
+    socket: UnixStream,
     num_queues: u16,
+    deadlines: &Deadlines,
 ) -> Result<Session, VhostUserError> {
-    let err = |what| {
-        move |e| VhostUserError::Protocol {
-            path: path.to_owned(),
-            step: what,
-            source: e,
-        }
+    let run = |step, f: &mut dyn FnMut() -> Result<u64, vhost::Error>| {
+        deadlines.run(path, &socket, step, f)
     };
-    frontend.set_owner().map_err(err("SET_OWNER"))?;
-    let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
+    run("SET_OWNER", &mut || frontend.set_owner().map(|()| 0))?;
+    let features = run("GET_FEATURES", &mut || frontend.get_features())?;
     if features & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) == 0 {
         return Err(VhostUserError::NotModern(path.to_owned()));
     }
     let mut protocol = VhostUserProtocolFeatures::empty();
     if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-        let offered = frontend
-            .get_protocol_features()
-            .map_err(err("GET_PROTOCOL_FEATURES"))?;
-        protocol = offered & wanted_protocol_features();
-        frontend
-            .set_protocol_features(protocol)
-            .map_err(err("SET_PROTOCOL_FEATURES"))?;
+        let offered = run("GET_PROTOCOL_FEATURES", &mut || {
+            frontend.get_protocol_features().map(|p| p.bits())
+        })?;
+        protocol =
+            VhostUserProtocolFeatures::from_bits_truncate(offered) & wanted_protocol_features();
+        run("SET_PROTOCOL_FEATURES", &mut || {
+            frontend.set_protocol_features(protocol).map(|()| 0)
+        })?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Without NEED_REPLY a backend error would pass silently.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
     }
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
-        let have = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+        let have = run("GET_QUEUE_NUM", &mut || frontend.get_queue_num())?;
         if have < u64::from(num_queues) {
             return Err(VhostUserError::TooFewQueues {
                 path: path.to_owned(),
@@ -245,16 +291,23 @@ fn negotiate(
     }
     Ok(Session {
         frontend,
+        socket,
         features,
         protocol,
     })
 }
 
-/// One attempt to connect to the display process listening on `path`. The connect itself
-/// never blocks (a full listen backlog is `WouldBlock`, like a missing listener an error), so
-/// the control thread can retry it on every tick; the connection is made blocking again
-/// before it is passed on, since the GPU backend shares its file status flags.
+/// One attempt to connect to the display process listening on `path` (see
+/// [`connect_nonblocking`]).
 pub fn connect_display(path: &Path) -> std::io::Result<UnixStream> {
+    connect_nonblocking(path)
+}
+
+/// One attempt to connect to a Unix socket. The connect itself never blocks (a full listen
+/// backlog nobody accepts is `WouldBlock`, a missing listener an error), so a thread can retry
+/// it on every tick; the connection is made blocking again before it is used (a backend
+/// shares its file status flags, and exchanges are bounded by the watchdog instead).
+pub fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     let fd = socket(
         AddressFamily::Unix,
@@ -270,37 +323,67 @@ pub fn connect_display(path: &Path) -> std::io::Result<UnixStream> {
 }
 
 impl VhostUserConnection {
-    /// Connects to `path`, waiting up to `timeout` for the backend to appear, and negotiates
-    /// the protocol. `num_queues` is what the device will expose.
+    /// Connects to `path`, waiting up to `timeout` for the backend to appear (saying once that
+    /// it waits), and negotiates the protocol, each message under the exchange deadline.
+    /// `num_queues` is what the device will expose. A path that exists and is not a socket is
+    /// refused at once.
     pub fn connect(
         path: &Path,
         num_queues: u16,
         queue_size: u16,
         timeout: Duration,
+        deadlines: &Deadlines,
     ) -> Result<Self, VhostUserError> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(CONNECT_RETRY),
-                Err(_) => {
+        let mut said = false;
+        let session = loop {
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(VhostUserError::NotASocket(path.to_owned()));
+                }
+            }
+            let attempt = connect_nonblocking(path)
+                .map_err(|_| VhostUserError::ConnectTimeout {
+                    path: path.to_owned(),
+                    waited: Duration::ZERO,
+                })
+                .and_then(|stream| handshake(path, stream, num_queues, deadlines));
+            match attempt {
+                Ok(session) => break session,
+                // Nobody listening yet, a listener that does not accept or answer (a
+                // supervisor's socket while its daemon starts, a stopped backend), or one
+                // that died mid-handshake: try again until the time is up.
+                Err(
+                    VhostUserError::ConnectTimeout { .. }
+                    | VhostUserError::Unresponsive { .. }
+                    | VhostUserError::Protocol { .. },
+                ) if Instant::now() < deadline => {
+                    if !said {
+                        log::warn!("waiting for {} (at most {timeout:?})", path.display());
+                        said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                }
+                Err(
+                    VhostUserError::ConnectTimeout { .. }
+                    | VhostUserError::Unresponsive { .. }
+                    | VhostUserError::Protocol { .. },
+                ) => {
                     return Err(VhostUserError::ConnectTimeout {
                         path: path.to_owned(),
                         waited: timeout,
                     })
                 }
+                Err(other) => return Err(other),
             }
         };
         let Session {
             frontend,
+            socket,
             features,
             protocol,
-        } = handshake(
-            path,
-            stream,
-            num_queues,
-            deadline.saturating_duration_since(Instant::now()),
-        )?;
+        } = session;
         log::info!(
             "vhost-user {}: features {features:#x}, protocol {:#x}",
             path.display(),
@@ -310,6 +393,8 @@ impl VhostUserConnection {
             path: path.to_owned(),
             display: None,
             display_link: None,
+            deadlines: deadlines.clone(),
+            socket,
             frontend,
             features,
             protocol,
@@ -324,6 +409,7 @@ impl VhostUserConnection {
         ReconnectTarget {
             path: self.path.clone(),
             display: self.display.clone(),
+            deadlines: self.deadlines.clone(),
             features: self.features,
             protocol: self.protocol,
             num_queues: self.num_queues,
@@ -399,8 +485,28 @@ impl VhostUserConnection {
     /// `vhost` crate's `Frontend` has no method for it (nor a public way to send a raw
     /// request), so the 12-byte header is written here on the session's socket: request,
     /// flags (protocol version 1, NEED_REPLY with REPLY_ACK), size 0. The backend's ack is
-    /// awaited as for every other message.
+    /// awaited as for every other message, under the same deadline.
     fn send_gpu_socket(&mut self, display: &UnixStream) -> Result<(), VhostUserError> {
+        let dup = self
+            .socket
+            .try_clone()
+            .map_err(|e| VhostUserError::GpuSocket {
+                path: self.path.clone(),
+                what: format!("cannot duplicate the session socket: {e}"),
+            })?;
+        let ticket = self.deadlines.watchdog.arm(dup, self.deadlines.timeout);
+        let result = self.gpu_socket_exchange(display);
+        if self.deadlines.watchdog.disarm(ticket) {
+            return Err(VhostUserError::Unresponsive {
+                path: self.path.clone(),
+                step: "GPU_SET_SOCKET",
+                timeout: self.deadlines.timeout,
+            });
+        }
+        result
+    }
+
+    fn gpu_socket_exchange(&self, display: &UnixStream) -> Result<(), VhostUserError> {
         let fail = |what: String| VhostUserError::GpuSocket {
             path: self.path.clone(),
             what,
@@ -454,17 +560,32 @@ impl VhostUserConnection {
         Ok(())
     }
 
+    /// Ends the session (a backend that died or missed a deadline): the socket is shut down
+    /// both ways, so a backend that is still alive sees the end, and the display link dropped.
+    pub fn disconnect(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        self.display_link = None;
+    }
+
+    /// Forgets the in-flight region (the guest reset the device while no backend was there).
+    pub fn forget_inflight(&mut self) {
+        self.inflight = None;
+    }
+
     /// The session's socket, to watch for the backend going away.
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
         self.frontend.as_raw_fd()
     }
 
-    fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> VhostUserError + '_ {
-        move |e| VhostUserError::Protocol {
-            path: self.path.clone(),
-            step: what,
-            source: e,
-        }
+    /// One exchange on the session, under the deadline.
+    fn call<T>(
+        &mut self,
+        step: &'static str,
+        f: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error>,
+    ) -> Result<T, VhostUserError> {
+        let frontend = &mut self.frontend;
+        self.deadlines
+            .run(&self.path, &self.socket, step, || f(frontend))
     }
 
     /// Device features the backend offers (the protocol-features bit removed).
@@ -482,14 +603,9 @@ impl VhostUserConnection {
             return Ok(vec![0; size as usize]);
         }
         let buf = vec![0u8; size as usize];
-        let (_, payload) = self
-            .frontend
-            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(|e| VhostUserError::Protocol {
-                path: self.path.clone(),
-                step: "GET_CONFIG",
-                source: e,
-            })?;
+        let (_, payload) = self.call("GET_CONFIG", |f| {
+            f.get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         Ok(payload)
     }
 
@@ -497,13 +613,9 @@ impl VhostUserConnection {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(());
         }
-        self.frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(|e| VhostUserError::Protocol {
-                path: self.path.clone(),
-                step: "SET_CONFIG",
-                source: e,
-            })
+        self.call("SET_CONFIG", |f| {
+            f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })
     }
 
     /// Starts the device: features, memory table, in-flight region and every queue. After a
@@ -521,9 +633,7 @@ impl VhostUserConnection {
         {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
-        self.frontend
-            .set_features(features)
-            .map_err(self.err("SET_FEATURES"))?;
+        self.call("SET_FEATURES", |f| f.set_features(features))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = ram
             .memory()
             .iter()
@@ -535,9 +645,7 @@ impl VhostUserConnection {
                 mmap_handle: ram.memfd().as_raw_fd(),
             })
             .collect();
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(self.err("SET_MEM_TABLE"))?;
+        self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         self.setup_inflight()?;
         for q in queues {
             self.start_queue(ram, q)?;
@@ -559,18 +667,13 @@ impl VhostUserConnection {
                 queue_size: self.queue_size,
                 ..Default::default()
             };
-            let (info, file) = self
-                .frontend
-                .get_inflight_fd(&ask)
-                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            let (info, file) = self.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
             self.inflight = Some((info, file));
         }
         let (info, file) = self.inflight.as_ref().expect("set just above");
         let fd = file.as_raw_fd();
         let info = *info;
-        self.frontend
-            .set_inflight_fd(&info, fd)
-            .map_err(self.err("SET_INFLIGHT_FD"))
+        self.call("SET_INFLIGHT_FD", |f| f.set_inflight_fd(&info, fd))
     }
 
     fn start_queue(&mut self, ram: &GuestRam, q: &QueueSetup<'_>) -> Result<(), VhostUserError> {
@@ -590,25 +693,13 @@ impl VhostUserConnection {
             avail_ring_addr: host(q.avail)?,
             log_addr: None,
         };
-        self.frontend
-            .set_vring_num(index, q.size)
-            .map_err(self.err("SET_VRING_NUM"))?;
-        self.frontend
-            .set_vring_addr(index, &ring)
-            .map_err(self.err("SET_VRING_ADDR"))?;
-        self.frontend
-            .set_vring_base(index, q.base)
-            .map_err(self.err("SET_VRING_BASE"))?;
-        self.frontend
-            .set_vring_call(index, q.call)
-            .map_err(self.err("SET_VRING_CALL"))?;
-        self.frontend
-            .set_vring_kick(index, q.kick)
-            .map_err(self.err("SET_VRING_KICK"))?;
+        self.call("SET_VRING_NUM", |f| f.set_vring_num(index, q.size))?;
+        self.call("SET_VRING_ADDR", |f| f.set_vring_addr(index, &ring))?;
+        self.call("SET_VRING_BASE", |f| f.set_vring_base(index, q.base))?;
+        self.call("SET_VRING_CALL", |f| f.set_vring_call(index, q.call))?;
+        self.call("SET_VRING_KICK", |f| f.set_vring_kick(index, q.kick))?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.frontend
-                .set_vring_enable(index, true)
-                .map_err(self.err("SET_VRING_ENABLE"))?;
+            self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
         }
         Ok(())
     }
@@ -618,13 +709,9 @@ impl VhostUserConnection {
         for &q in queues {
             let index = q as usize;
             if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-                self.frontend
-                    .set_vring_enable(index, false)
-                    .map_err(self.err("SET_VRING_ENABLE"))?;
+                self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
             }
-            self.frontend
-                .get_vring_base(index)
-                .map_err(self.err("GET_VRING_BASE"))?;
+            self.call("GET_VRING_BASE", |f| f.get_vring_base(index))?;
         }
         // A reset device starts with fresh rings: the old in-flight state no longer applies.
         self.inflight = None;
@@ -632,9 +719,7 @@ impl VhostUserConnection {
             .protocol
             .contains(VhostUserProtocolFeatures::RESET_DEVICE)
         {
-            self.frontend
-                .reset_device()
-                .map_err(self.err("RESET_DEVICE"))?;
+            self.call("RESET_DEVICE", |f| f.reset_device())?;
         }
         Ok(())
     }

@@ -12,9 +12,10 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootConfig, BootEntry};
-use crate::control::ControlServer;
+use crate::control::{ControlServer, Starting};
 use crate::cpu::cpuid::{self, HiddenFeatures};
 use crate::cpu::regs;
+use crate::deadline::{Watchdog, WatchdogGuard};
 use crate::devices::{LegacyDevices, SERIAL_IRQ};
 use crate::interrupts::InterruptRouter;
 use crate::layout;
@@ -23,7 +24,7 @@ use crate::pci::virtio_pci::{self, VirtioPciDevice};
 use crate::pci::PciBus;
 use crate::sandbox::{self, SandboxError, SeccompMode, ThreadKind};
 use crate::vcpu::{self, ExitNotifier, Vcpu, VcpuHandle, VmExit};
-use crate::vhost_user::VhostUserConnection;
+use crate::vhost_user::{Deadlines, VhostUserConnection, VhostUserError};
 use crate::virtio::DeviceSpec;
 
 /// A validated VM description.
@@ -38,6 +39,8 @@ pub struct VmConfig {
     pub control_socket: Option<PathBuf>,
     pub devices: Vec<DeviceSpec>,
     pub device_timeout: std::time::Duration,
+    /// The deadline of one vhost-user exchange with a device process.
+    pub backend_timeout: std::time::Duration,
     pub seccomp: SeccompMode,
 }
 
@@ -76,6 +79,10 @@ pub enum VmError {
         &'static str,
         #[source] Box<dyn std::error::Error + Send + Sync>,
     ),
+    #[error("device {0}")]
+    Backend(&'static str, #[source] VhostUserError),
+    #[error(transparent)]
+    Deadline(#[from] crate::deadline::DeadlineError),
 }
 
 impl VmError {
@@ -85,6 +92,11 @@ impl VmError {
             VmError::TooManyCpus { .. } | VmError::Boot(_) | VmError::SerialLog(..) => true,
             VmError::Control(e) => e.is_bad_input(),
             VmError::Memory(MemoryError::Create(_) | MemoryError::Resize(..)) => true,
+            // A device socket that is not a socket, or where nobody answered in time.
+            VmError::Backend(
+                _,
+                VhostUserError::NotASocket(_) | VhostUserError::ConnectTimeout { .. },
+            ) => true,
             _ => false,
         }
     }
@@ -99,6 +111,8 @@ pub struct Vm {
     control: Option<ControlServer>,
     seccomp: SeccompMode,
     virtio: Vec<SharedVirtioDevice>,
+    /// Stops the deadline thread when the VM is gone.
+    _watchdog: WatchdogGuard,
 }
 
 impl Vm {
@@ -126,12 +140,19 @@ impl Vm {
                 max,
             });
         }
-        // The control socket is bound first so that a bad path fails before any work is done.
+        // The control socket is bound first so that a bad path fails before any work is done,
+        // and answers (the VM is starting) while the device backends connect.
         let control = config
             .control_socket
             .as_deref()
             .map(ControlServer::bind)
             .transpose()?;
+        let control_filter =
+            sandbox::filter(ThreadKind::Control, config.seccomp).map_err(VmError::Sandbox)?;
+        let starting = control
+            .map(|server| Starting::start(server, control_filter))
+            .transpose()
+            .map_err(|e| VmError::Spawn("control-start", e))?;
         let serial_out: Box<dyn Write + Send> = match &config.serial_log {
             Some(path) => Box::new(
                 OpenOptions::new()
@@ -173,7 +194,22 @@ impl Vm {
         let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
 
         let router = Arc::new(InterruptRouter::new(Arc::clone(&vm)));
-        let (pci, virtio) = build_pci_bus(config, &ram, &router)?;
+        let backend_filter =
+            sandbox::filter(ThreadKind::Backend, config.seccomp).map_err(VmError::Sandbox)?;
+        let watchdog = {
+            let filter = backend_filter.clone();
+            Watchdog::start(Box::new(move || {
+                sandbox::install(filter.as_ref()).map_err(|e| crate::error_chain(&e))
+            }))?
+        };
+        let deadlines = Deadlines {
+            watchdog: watchdog.clone(),
+            timeout: config.backend_timeout,
+        };
+        let watchdog = WatchdogGuard(watchdog);
+        let waiting = starting.as_ref().map(|s| Arc::clone(&s.waiting));
+        let (pci, virtio) =
+            build_pci_bus(config, &ram, &router, &deadlines, &backend_filter, waiting)?;
         let pci = Arc::new(pci);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -204,6 +240,7 @@ impl Vm {
         registering.join().map_err(|_| {
             VmError::Kvm("register guest memory", kvm_ioctls::Error::new(libc::EIO))
         })??;
+        let control = starting.and_then(Starting::finish);
         log::debug!("VM set up in {:?}", t0.elapsed());
         log::info!(
             "{} vCPUs, {} MiB, entry {}",
@@ -222,6 +259,7 @@ impl Vm {
             control,
             seccomp: config.seccomp,
             virtio,
+            _watchdog: watchdog,
         })
     }
 
@@ -235,6 +273,7 @@ impl Vm {
             control,
             seccomp,
             virtio,
+            _watchdog,
         } = self;
         let vcpu_filter = sandbox::filter(ThreadKind::Vcpu, seccomp).map_err(VmError::Sandbox)?;
         let control_filter =
@@ -286,8 +325,12 @@ impl Vm {
             return Err(VmError::Sandbox(e));
         }
 
+        let shared: Vec<_> = virtio
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).shared())
+            .collect();
         let result =
-            crate::control::serve(control, &vm, &exit, &handles, &ack_rx, &virtio, started);
+            crate::control::serve(control, &vm, &exit, &handles, &ack_rx, &shared, started);
         stop_vcpus(handles);
         // Guest RAM is unmapped only now that no vCPU thread can touch it.
         drop(ram);
@@ -295,7 +338,7 @@ impl Vm {
     }
 }
 
-/// A virtio device, shared by the PCI bus (vCPU threads) and the control loop (reconnects).
+/// A virtio device, shared by the PCI bus (vCPU threads) and the VM (for its status).
 pub type SharedVirtioDevice = Arc<Mutex<VirtioPciDevice>>;
 
 /// Connects every `--device` backend and puts each behind a virtio-pci function.
@@ -303,22 +346,33 @@ fn build_pci_bus(
     config: &VmConfig,
     ram: &Arc<GuestRam>,
     router: &Arc<InterruptRouter>,
+    deadlines: &Deadlines,
+    backend_filter: &Option<seccompiler::BpfProgram>,
+    waiting: Option<Arc<Mutex<String>>>,
 ) -> Result<(PciBus, Vec<SharedVirtioDevice>), VmError> {
     let mut bus = PciBus::new();
     let mut virtio = Vec::new();
     for spec in &config.devices {
         let info = spec.kind.info();
+        if let Some(waiting) = &waiting {
+            *waiting.lock().unwrap_or_else(|p| p.into_inner()) = format!(
+                "waiting for the {} backend at {}",
+                info.name,
+                spec.socket.display()
+            );
+        }
         let mut backend = VhostUserConnection::connect(
             &spec.socket,
             spec.queues,
             info.queue_size,
             config.device_timeout,
+            deadlines,
         )
-        .map_err(|e| VmError::Device(info.name, e.into()))?;
+        .map_err(|e| VmError::Backend(info.name, e))?;
         if let Some(display) = &spec.display {
             backend
                 .attach_display(display, config.device_timeout)
-                .map_err(|e| VmError::Device(info.name, e.into()))?;
+                .map_err(|e| VmError::Backend(info.name, e))?;
         }
         let bar = bus
             .allocate_bar(virtio_pci::BAR_SIZE)
@@ -330,6 +384,10 @@ fn build_pci_bus(
             Arc::clone(ram),
             Arc::clone(router),
             bar,
+            virtio_pci::BackendOptions {
+                timeout: config.backend_timeout,
+                filter: backend_filter.clone(),
+            },
         )
         .map_err(|e| VmError::Device(info.name, e.into()))?;
         let device = Arc::new(Mutex::new(device));

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.
@@ -117,6 +117,10 @@ pub struct DisplayLinkStatus {
 pub enum DeviceLink {
     Connected,
     Reconnecting,
+    /// The backend missed an exchange deadline and was disconnected (the text says which
+    /// exchange); the core reconnects as for a backend that went away. Added in protocol
+    /// version 5.
+    Unresponsive(String),
     /// A backend came back but was refused; the text says why.
     Refused(String),
 }
@@ -126,6 +130,7 @@ impl std::fmt::Display for DeviceLink {
         match self {
             DeviceLink::Connected => f.write_str("connected"),
             DeviceLink::Reconnecting => f.write_str("reconnecting"),
+            DeviceLink::Unresponsive(why) => write!(f, "unresponsive ({why})"),
             DeviceLink::Refused(why) => write!(f, "refused ({why})"),
         }
     }

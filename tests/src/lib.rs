@@ -2,6 +2,7 @@
 //! and read what the guest prints.
 
 pub mod display;
+pub mod hang;
 pub mod net;
 
 /// The one way a test that cannot run says so (see `isola_device_common::testing::skip`).

@@ -4,6 +4,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ struct Cli {
     /// input-status.
     #[arg(long, short = 'i', env = "ISOLA_INPUT_SOCKET")]
     input: Option<PathBuf>,
+    /// Seconds to wait for each socket to accept and answer (fractions allowed).
+    #[arg(long, global = true, default_value_t = 5.0, value_parser = parse_timeout)]
+    timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,6 +130,101 @@ enum Command {
     InputStatus,
 }
 
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t > 0.0 && t <= 3600.0 => Ok(t),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
+/// The `--timeout` in force, set once in `main`.
+static TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+fn timeout() -> Duration {
+    TIMEOUT.get().copied().unwrap_or(Duration::from_secs(5))
+}
+
+/// Connects to `socket` (`who` names the peer in errors) within the timeout: the connect
+/// never blocks (a full listen backlog is retried until the deadline), and reads and writes
+/// on the returned stream give up when the time left is over.
+fn connect(socket: &Path, who: &str) -> anyhow::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket as open, AddressFamily, SockFlag, SockType, UnixAddr};
+    let deadline = Instant::now() + timeout();
+    let addr = UnixAddr::new(socket)
+        .with_context(|| format!("{who}: bad socket path {}", socket.display()))?;
+    let stream = loop {
+        let fd = open(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("cannot create a socket")?;
+        use std::os::fd::AsRawFd;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break UnixStream::from(fd),
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(nix::errno::Errno::EAGAIN) => bail!(
+                "{who} did not accept a connection on {} within {:?}",
+                socket.display(),
+                timeout()
+            ),
+            Err(e) => bail!("cannot connect to {who} at {}: {e}", socket.display()),
+        }
+    };
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(left))?;
+    stream.set_write_timeout(Some(left))?;
+    Ok(stream)
+}
+
+/// One request, one answer, on a fresh connection to `socket`, within the timeout.
+fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    socket: &Path,
+    who: &str,
+    request: &Req,
+) -> anyhow::Result<Resp> {
+    let mut stream = connect(socket, who)?;
+    isola_ipc::write_message(&mut stream, request)
+        .with_context(|| format!("cannot send the request to {who} at {}", socket.display()))?;
+    isola_ipc::read_message(&mut stream).map_err(|e| match &e {
+        isola_ipc::IpcError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::anyhow!(
+                "{who} did not answer on {} within {:?}",
+                socket.display(),
+                timeout()
+            )
+        }
+        _ => anyhow::Error::new(e).context(format!("no answer from {who} at {}", socket.display())),
+    })
+}
+
+/// Writes a line to stdout; a reader that went away (`isolactl status | head -1`) ends the
+/// program quietly instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 fn parse_u64(s: &str) -> Result<u64, String> {
     let parsed = match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),
@@ -139,14 +238,14 @@ fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Res
     use isola_ipc::display::{DisplayRequest, DisplayResponse};
     let socket =
         display.context("screenshot needs --display SOCKET (isola-display's --control)")?;
-    let mut stream = UnixStream::connect(&socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    isola_ipc::write_message(&mut stream, &DisplayRequest::Screenshot { scanout })
-        .context("cannot send the request")?;
-    match isola_ipc::read_message(&mut stream).context("no answer from isola-display")? {
+    match call(
+        &socket,
+        "isola-display",
+        &DisplayRequest::Screenshot { scanout },
+    )? {
         DisplayResponse::Screenshot { width, height, png } => {
             std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
-            println!("{width}x{height} -> {}", out.display());
+            say!("{width}x{height} -> {}", out.display());
             Ok(())
         }
         DisplayResponse::Error(e) => bail!("{e}"),
@@ -218,19 +317,15 @@ fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {
 
 /// Sends input requests one by one; stops at the first refusal.
 fn run_input(socket: &std::path::Path, requests: Vec<InputRequest>) -> anyhow::Result<()> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
     for request in requests {
-        isola_ipc::write_message(&mut stream, &request).context("cannot send the request")?;
-        let response: InputResponse =
-            isola_ipc::read_message(&mut stream).context("no answer from isola-input")?;
+        let response: InputResponse = call(socket, "isola-input", &request)?;
         match response {
             InputResponse::Done => {}
             InputResponse::Error(e) => bail!("{e}"),
             InputResponse::Status(s) => {
-                println!("keyboard events: {}", s.keyboard_events);
-                println!("tablet events: {}", s.tablet_events);
-                println!("pending: {}", s.pending);
+                say!("keyboard events: {}", s.keyboard_events);
+                say!("tablet events: {}", s.tablet_events);
+                say!("pending: {}", s.pending);
             }
         }
     }
@@ -278,35 +373,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn core_call(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
-    isola_ipc::read_message(&mut stream).context("no answer from the core")
+    call(socket, "the core", request)
 }
 
 fn supervisor_call(
     socket: &Path,
     request: &SupervisorRequest,
 ) -> anyhow::Result<SupervisorResponse> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    isola_ipc::write_message(&mut stream, request).context("cannot send the request")?;
-    isola_ipc::read_message(&mut stream).context("no answer from the supervisor")
+    call(socket, "the supervisor", request)
 }
 
 /// The core's view (vCPUs, each device's link) merged with the supervisor's (each device
 /// daemon's pid, restarts and last exit), matched by socket path.
+///
+/// With `--run-dir` the supervisor's socket is implied, and a supervisor that is gone or does
+/// not answer is reported (on stderr) without hiding the core's status.
 fn status(cli: &Cli) -> anyhow::Result<()> {
+    let only_supervisor = cli.socket.is_none() && cli.run_dir.is_none();
+    let mut supervisor_failed = None;
     let mut daemons = match cli.supervisor_socket() {
-        Some(socket) => match supervisor_call(&socket, &SupervisorRequest::Status)? {
-            SupervisorResponse::Status(daemons) => daemons,
-            SupervisorResponse::Error(e) => bail!("supervisor: {e}"),
-            SupervisorResponse::Done => bail!("the supervisor answered 'done' to status"),
+        Some(socket) => match supervisor_call(&socket, &SupervisorRequest::Status) {
+            Ok(SupervisorResponse::Status(daemons)) => daemons,
+            Ok(SupervisorResponse::Error(e)) => bail!("supervisor: {e}"),
+            Ok(SupervisorResponse::Done) => bail!("the supervisor answered 'done' to status"),
+            Err(e) if !only_supervisor => {
+                supervisor_failed = Some(e);
+                Vec::new()
+            }
+            Err(e) => return Err(e),
         },
         None => Vec::new(),
     };
     // With only --supervisor: the daemons alone.
-    if cli.socket.is_none() && cli.run_dir.is_none() && cli.supervisor.is_some() {
+    if only_supervisor && cli.supervisor.is_some() {
         daemons.iter().for_each(print_daemon);
         return Ok(());
     }
@@ -315,23 +414,29 @@ fn status(cli: &Cli) -> anyhow::Result<()> {
         ControlResponse::Error(e) => bail!("{e}"),
         ControlResponse::Done => bail!("the core answered a status request with 'done'"),
     };
-    println!(
+    say!(
         "uptime: {}.{:03} s",
         status.uptime_ms / 1000,
         status.uptime_ms % 1000
     );
     for vcpu in status.vcpus {
-        println!("vcpu{}: {}", vcpu.index, vcpu.state);
+        say!("vcpu{}: {}", vcpu.index, vcpu.state);
     }
     for device in status.devices {
-        println!(
+        say!(
             "{} {}: {} (reconnects {}, backend {})",
-            device.name, device.slot, device.link, device.reconnects, device.socket
+            device.name,
+            device.slot,
+            device.link,
+            device.reconnects,
+            device.socket
         );
         if let Some(display) = &device.display {
-            println!(
+            say!(
                 "  display: {} (reattached {}, socket {})",
-                display.link, display.reattaches, display.socket
+                display.link,
+                display.reattaches,
+                display.socket
             );
         }
         if let Some(at) = daemons
@@ -345,15 +450,20 @@ fn status(cli: &Cli) -> anyhow::Result<()> {
     for daemon in &daemons {
         print_daemon(daemon);
     }
+    if let Some(e) = supervisor_failed {
+        eprintln!("isolactl: supervisor: {e:#}");
+    }
     Ok(())
 }
 
 fn print_daemon(d: &DaemonStatus) {
     let pid = d.pid.map_or("-".to_owned(), |pid| pid.to_string());
     let last = d.last_exit.as_deref().unwrap_or("none");
-    println!(
+    say!(
         "  daemon {}: pid {pid}, {}, restarts {}, last exit: {last}",
-        d.name, d.state, d.restarts
+        d.name,
+        d.state,
+        d.restarts
     );
 }
 
@@ -454,7 +564,9 @@ mod console {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let _ = TIMEOUT.set(Duration::from_secs_f64(cli.timeout));
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("isolactl: error: {e:#}");

@@ -5,6 +5,7 @@
 //! dispatched by address to the device whose BAR (as the guest last programmed it, with memory
 //! decoding on) contains it.
 
+pub mod backend;
 pub mod config;
 pub mod msix;
 pub mod virtio_pci;

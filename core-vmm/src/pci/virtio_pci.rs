@@ -6,25 +6,31 @@
 //! |---------|--------|
 //! | 0x0000  | common configuration (`virtio_pci_common_cfg`) |
 //! | 0x1000  | ISR status |
-//! | 0x2000  | device configuration (served from the backend's GET_CONFIG) |
+//! | 0x2000  | device configuration (a cache of the backend's GET_CONFIG) |
 //! | 0x3000  | notifications: queue n at 0x3000 + 4n, each a KVM ioeventfd |
 //! | 0x4000  | MSI-X table |
 //! | 0x6000  | MSI-X pending-bit array |
 //!
 //! Only the set-up path traps to the core: guest writes to the notify addresses are caught by
 //! KVM ioeventfds the backend reads directly, and the backend signals MSI-X irqfds directly.
+//!
+//! This transport runs on vCPU threads and never talks to the backend itself: starting,
+//! resetting and configuration writes are queued to the device's backend thread
+//! ([`super::backend`]), and configuration reads answer from the cache it keeps.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend::{self, Activation, BackendHandle, Job, QueueSpec, Shared};
 use super::config::{PciConfig, PciIds, REG_COMMAND};
 use super::msix::{self, Msix};
 use super::PciDevice;
 use crate::interrupts::InterruptRouter;
 use crate::memory::GuestRam;
-use crate::vhost_user::{QueueSetup, ReconnectTarget, VhostUserConnection, VhostUserError};
+use crate::vhost_user::VhostUserConnection;
 use crate::virtio::DeviceKind;
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -63,17 +69,11 @@ pub enum VirtioPciError {
     VhostUser(#[from] crate::vhost_user::VhostUserError),
     #[error("cannot create a notify eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
 }
 
-/// The state of the connection to the device process.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Link {
-    Connected,
-    /// The backend went away; guest notifications wait in the ioeventfds meanwhile.
-    Reconnecting,
-    /// A backend came back but could not be adopted; the device is stalled, retries go on.
-    Refused(String),
-}
+pub use super::backend::Link;
 
 #[derive(Debug, Clone, Copy)]
 struct QueueState {
@@ -104,10 +104,8 @@ pub struct VirtioPciDevice {
     msix: Msix,
     msix_cap: usize,
     pci_cfg_cap: usize,
-    backend: VhostUserConnection,
-    ram: Arc<GuestRam>,
+    backend: BackendHandle,
     router: Arc<InterruptRouter>,
-    device_config: Vec<u8>,
     offered: u64,
     // Common configuration.
     device_feature_select: u32,
@@ -115,7 +113,8 @@ pub struct VirtioPciDevice {
     driver_features: u64,
     config_vector: u16,
     status: u8,
-    config_generation: u8,
+    /// What status reads show while a reset runs in the backend (the status before it).
+    status_in_reset: u8,
     queue_select: u16,
     queues: Vec<QueueState>,
     notify: Vec<EventFd>,
@@ -124,17 +123,14 @@ pub struct VirtioPciDevice {
     /// Signalled when a queue has no MSI-X vector: the backend needs some call fd.
     no_vector: EventFd,
     active: bool,
-    link: Link,
-    reconnects: u32,
-    /// A GPU backend refused the last display connection passed mid-session (the reason).
-    display_refused: Option<String>,
-    /// Display connections passed again because the display process went away.
-    display_reattaches: u32,
-    /// The guest set DRIVER_OK while the backend was away: start it when it is back.
-    activation_pending: bool,
-    /// A driver configuration write could not reach the backend (it was away), so the
-    /// cached configuration past the driver-written bytes may not match them.
-    config_stale: bool,
+}
+
+/// How the transport reaches its backend thread.
+pub struct BackendOptions {
+    /// The deadline of one vhost-user exchange.
+    pub timeout: Duration,
+    /// The backend thread's seccomp filter.
+    pub filter: Option<seccompiler::BpfProgram>,
 }
 
 /// Byte-wise read of a little-endian value of up to 8 bytes at `offset` within it.
@@ -165,6 +161,8 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPciDevice {
+    /// A device in front of `backend` (connected and negotiated); the session moves to the
+    /// device's backend thread, started here.
     pub fn new(
         kind: DeviceKind,
         num_queues: u16,
@@ -172,6 +170,7 @@ impl VirtioPciDevice {
         ram: Arc<GuestRam>,
         router: Arc<InterruptRouter>,
         bar_addr: u64,
+        options: BackendOptions,
     ) -> Result<Self, VirtioPciError> {
         let info = kind.info();
         let ids = PciIds {
@@ -231,6 +230,15 @@ impl VirtioPciDevice {
         let mut device_config = backend.read_config(info.config_size)?;
         kind.fix_config(&mut device_config, num_queues);
         let offered = kind.offerable(backend.device_features());
+        let backend = backend::start(
+            kind,
+            num_queues,
+            backend,
+            device_config,
+            ram,
+            options.timeout,
+            options.filter,
+        )?;
         let mut device = VirtioPciDevice {
             kind,
             config,
@@ -238,28 +246,20 @@ impl VirtioPciDevice {
             msix_cap,
             pci_cfg_cap,
             backend,
-            ram,
             router,
-            device_config,
             offered,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
             config_vector: NO_VECTOR,
             status: 0,
-            config_generation: 0,
+            status_in_reset: 0,
             queue_select: 0,
             queues: vec![QueueState::new(info.queue_size); num_queues as usize],
             notify,
             notify_base: None,
             no_vector: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?,
             active: false,
-            link: Link::Connected,
-            reconnects: 0,
-            display_refused: None,
-            display_reattaches: 0,
-            activation_pending: false,
-            config_stale: false,
         };
         device.sync_notify();
         Ok(device)
@@ -322,8 +322,12 @@ impl VirtioPciDevice {
             }
             0x10..=0x11 => (u64::from(self.config_vector), 2, 0x10),
             0x12..=0x13 => (self.queues.len() as u64, 2, 0x12),
-            0x14 => (u64::from(self.status), 1, 0x14),
-            0x15 => (u64::from(self.config_generation), 1, 0x15),
+            0x14 => (u64::from(self.read_status()), 1, 0x14),
+            0x15 => (
+                u64::from(self.backend.shared.lock().config_generation),
+                1,
+                0x15,
+            ),
             0x16..=0x17 => (u64::from(self.queue_select), 2, 0x16),
             0x18..=0x19 => (q.map_or(0, |q| u64::from(q.size)), 2, 0x18),
             0x1a..=0x1b => (
@@ -413,9 +417,27 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The status register: the old value while a reset still runs in the backend (the
+    /// driver re-reads it until it reads 0), DEVICE_NEEDS_RESET when starting failed.
+    fn read_status(&self) -> u8 {
+        let shared = self.backend.shared.lock();
+        if shared.resetting {
+            self.status_in_reset.max(1)
+        } else if shared.needs_reset && self.status != 0 {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     fn write_status(&mut self, status: u8) {
         if status == 0 {
             self.reset();
+            return;
+        }
+        if self.backend.shared.lock().resetting {
+            // The driver must wait for 0 before it writes anything else.
+            log::debug!("{}: status write during a reset ignored", self.name());
             return;
         }
         let newly = status & !self.status;
@@ -430,331 +452,111 @@ impl VirtioPciDevice {
         }
         self.status = status;
         if newly & STATUS_DRIVER_OK != 0 && !self.active {
-            if self.link != Link::Connected {
-                self.activation_pending = true;
-                return;
-            }
-            if let Err(e) = self.activate(false) {
-                log::error!(
-                    "{}: cannot start the device: {}",
-                    self.kind.info().name,
-                    crate::error_chain(&e)
-                );
-                self.status |= STATUS_NEEDS_RESET;
+            match self.activation() {
+                Ok(activation) => {
+                    // Returns at once: the backend thread starts the device.
+                    self.active = true;
+                    self.backend.send(Job::Activate(activation));
+                }
+                Err(e) => {
+                    log::error!("{}: cannot start the device: {e}", self.name());
+                    self.backend.shared.lock().needs_reset = true;
+                }
             }
         }
     }
 
-    /// Starts the backend on the guest's queues; `restore` resumes each queue where the guest
-    /// has seen completions (the used ring's index) instead of at 0.
-    fn activate(&mut self, restore: bool) -> Result<(), VirtioPciError> {
-        let mem = self.ram.memory();
-        let used_idx = |q: &QueueState| -> u16 {
-            if !restore {
-                return 0;
-            }
-            vm_memory::Bytes::read_obj::<u16>(mem, vm_memory::GuestAddress(q.device + 2))
-                .unwrap_or(0)
-        };
-        let setups: Vec<QueueSetup<'_>> = self
+    /// The queues the guest enabled, with duplicates of their kick and call eventfds for the
+    /// backend thread.
+    fn activation(&self) -> std::io::Result<Activation> {
+        let queues = self
             .queues
             .iter()
             .enumerate()
             .filter(|(_, q)| q.enabled)
-            .map(|(i, q)| QueueSetup {
-                index: i as u16,
-                size: q.size,
-                desc: q.desc,
-                avail: q.driver,
-                used: q.device,
-                base: used_idx(q),
-                kick: &self.notify[i],
-                call: self.msix.irqfd(q.vector).unwrap_or(&self.no_vector),
+            .map(|(i, q)| {
+                let call = self.msix.irqfd(q.vector).unwrap_or(&self.no_vector);
+                Ok(QueueSpec {
+                    index: i as u16,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.driver,
+                    used: q.device,
+                    kick: self.notify[i].try_clone()?,
+                    call: call.try_clone()?,
+                })
             })
-            .collect();
-        self.backend
-            .activate(&self.ram, self.driver_features, &setups)?;
-        self.active = true;
-        log::info!(
-            "{}: started with {} queue(s), features {:#x}",
-            self.kind.info().name,
-            setups.len(),
-            self.driver_features
-        );
-        Ok(())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Activation {
+            features: self.driver_features,
+            queues,
+        })
     }
 
+    /// Status 0: the transport's registers reset at once; the backend's part (stopping the
+    /// queues, a fresh configuration) runs on the backend thread, and status reads stay
+    /// non-zero until it is done or the backend was declared gone.
     fn reset(&mut self) {
-        if self.active && self.link == Link::Connected {
-            let started: Vec<u16> = self
-                .queues
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| q.enabled)
-                .map(|(i, _)| i as u16)
-                .collect();
-            if let Err(e) = self.backend.stop(&started) {
-                log::error!(
-                    "{}: reset failed: {}",
-                    self.kind.info().name,
-                    crate::error_chain(&e)
-                );
-            }
-        }
+        self.status_in_reset = self.status;
+        self.backend.shared.lock().resetting = true;
+        self.backend.send(Job::Reset);
         let max = self.kind.info().queue_size;
         self.queues
             .iter_mut()
             .for_each(|q| *q = QueueState::new(max));
         self.active = false;
-        self.activation_pending = false;
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.config_vector = NO_VECTOR;
         self.queue_select = 0;
-        self.config_generation = self.config_generation.wrapping_add(1);
-        match self.backend.read_config(self.kind.info().config_size) {
-            Ok(mut config) => {
-                self.kind.fix_config(&mut config, self.queues.len() as u16);
-                self.device_config = config;
-            }
-            Err(e) => log::warn!("{}: cannot refresh config: {e}", self.kind.info().name),
-        }
     }
 
     pub fn name(&self) -> &'static str {
         self.kind.info().name
     }
 
-    pub fn socket_path(&self) -> &std::path::Path {
-        self.backend.path()
+    /// What the control thread reads for status.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.backend.shared)
     }
 
-    pub fn link(&self) -> &Link {
-        &self.link
-    }
-
-    pub fn reconnects(&self) -> u32 {
-        self.reconnects
-    }
-
-    /// The backend socket to watch for a hang-up, while connected.
-    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
-        (self.link == Link::Connected).then(|| self.backend.socket_fd())
-    }
-
-    /// The device process went away: hold the device until it is back. Nothing is visible to
-    /// the guest; its notifications wait in the ioeventfds.
-    pub fn backend_gone(&mut self) {
-        if self.link == Link::Connected {
-            log::warn!(
-                "{}: backend {} went away, reconnecting",
-                self.name(),
-                self.socket_path().display()
-            );
-            self.link = Link::Reconnecting;
-            // Let the display process see the session end, as if the core held no copy.
-            self.backend.drop_display_link();
-        }
-    }
-
-    /// The display socket of a GPU device (`display=`), if it has one.
-    pub fn display_path(&self) -> Option<&std::path::Path> {
-        self.backend.display_path()
-    }
-
-    /// State of the display connection: connected while the backend is connected and holds a
-    /// live one; refused when the backend would not take the last one; else reconnecting.
-    pub fn display_link(&self) -> Option<Link> {
-        self.backend.display_path()?;
-        Some(if let Some(why) = &self.display_refused {
-            Link::Refused(why.clone())
-        } else if self.link == Link::Connected && self.backend.display_fd().is_some() {
-            Link::Connected
-        } else {
-            Link::Reconnecting
-        })
-    }
-
-    pub fn display_reattaches(&self) -> u32 {
-        self.display_reattaches
-    }
-
-    /// The core's duplicate of the display connection, to watch for a hang-up.
-    pub fn display_fd(&self) -> Option<std::os::fd::RawFd> {
-        if self.link == Link::Connected {
-            self.backend.display_fd()
-        } else {
-            None
-        }
-    }
-
-    /// The display process went away (its end of the connection hung up).
-    pub fn display_gone(&mut self) {
-        if self.backend.display_fd().is_some() {
-            log::warn!(
-                "{}: display {} went away, reconnecting",
-                self.name(),
-                self.display_path()
-                    .map_or_else(String::new, |p| p.display().to_string())
-            );
-            self.backend.drop_display_link();
-        }
-    }
-
-    /// Where to connect for a new display connection: only while the backend is connected and
-    /// has none.
-    pub fn display_target(&self) -> Option<std::path::PathBuf> {
-        if self.link != Link::Connected || self.backend.display_fd().is_some() {
-            return None;
-        }
-        self.backend.display_path().map(ToOwned::to_owned)
-    }
-
-    /// Hands a new connection to the display process (from `connect_display`) to the running
-    /// backend. Returns whether the backend took it.
-    pub fn finish_display(&mut self, stream: std::os::unix::net::UnixStream) -> bool {
-        if self.display_target().is_none() {
-            return false;
-        }
-        match self.backend.pass_display(stream) {
-            Ok(()) => {
-                self.display_refused = None;
-                self.display_reattaches += 1;
-                log::info!(
-                    "{}: display attached again (#{})",
-                    self.name(),
-                    self.display_reattaches
-                );
-                true
-            }
-            Err(e) => {
-                let why = crate::error_chain(&e);
-                if self.display_refused.as_ref() != Some(&why) {
-                    log::warn!(
-                        "{}: passing the display connection failed: {why}",
-                        self.name()
-                    );
-                }
-                self.display_refused = Some(why);
-                false
-            }
-        }
-    }
-
-    /// What a reconnect attempt needs; the attempt itself ([`attempt_reconnect`]) runs without
-    /// the device's lock, so vCPU threads touching the device are never held up by it.
-    pub fn reconnect_target(&self) -> (ReconnectTarget, u32) {
-        (self.backend.target(), self.kind.info().config_size)
-    }
-
-    /// Adopts the outcome of an [`attempt_reconnect`]; true when the device is connected again.
-    pub fn finish_reconnect(
-        &mut self,
-        attempt: Result<(VhostUserConnection, Vec<u8>), VhostUserError>,
-    ) -> bool {
-        let (mut new, mut config) = match attempt {
-            Ok(session) => session,
-            // Nobody listening yet, or a backend that died or was still starting while we
-            // talked to it: keep trying. Only a backend that answers differently is refused.
-            Err(e @ (VhostUserError::ConnectTimeout { .. } | VhostUserError::Protocol { .. })) => {
-                log::debug!("{}: reconnect attempt failed: {e}", self.name());
-                return false;
-            }
-            Err(e) => return self.refuse(crate::error_chain(&e)),
-        };
-        // The driver's select bytes (virtio-input) are part of the device's state: give them
-        // to the new backend, then compare what it shows with what the guest saw.
-        let replay = self.kind.driver_config();
-        if let Some(bytes) = self
-            .device_config
-            .get(replay.clone())
-            .filter(|b| !b.is_empty())
-        {
-            let size = self.kind.info().config_size;
-            match new
-                .write_config(replay.start as u32, bytes)
-                .and_then(|()| new.read_config(size))
-            {
-                Ok(again) => config = again,
-                Err(e) => {
-                    log::debug!("{}: reconnect attempt failed: {e}", self.name());
-                    return false;
-                }
-            }
-        }
-        self.kind.fix_config(&mut config, self.queues.len() as u16);
-        // After a write the old backend never saw, the cache is not a reference: take what
-        // the new backend shows for the driver's latest select bytes.
-        let stale = self.config_stale && !replay.is_empty();
-        if config != self.device_config && !stale {
-            return self.refuse("its device configuration (e.g. the disk size) differs".into());
-        }
-        self.device_config = config;
-        self.config_stale = false;
-        self.backend.replace_with(new);
-        self.display_refused = None;
-        let resume = if self.active {
-            self.activate(true)
-        } else if self.activation_pending {
-            self.activation_pending = false;
-            self.activate(false)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = resume {
-            log::warn!(
-                "{}: restoring the device failed: {}",
-                self.name(),
-                crate::error_chain(&e)
-            );
-            return false;
-        }
-        // The kicks that announced the requests in flight went to the backend that died; one
-        // more makes the new backend look at every ring (a spurious notification is harmless).
-        for (queue, kick) in self.queues.iter().zip(&self.notify) {
-            if queue.enabled {
-                let _ = kick.write(1);
-            }
-        }
-        self.link = Link::Connected;
-        self.reconnects += 1;
-        log::info!(
-            "{}: backend back after reconnect #{}",
-            self.name(),
-            self.reconnects
-        );
-        true
-    }
-
-    fn refuse(&mut self, reason: String) -> bool {
-        if self.link != Link::Refused(reason.clone()) {
-            log::error!("{}: refusing the restarted backend: {reason}", self.name());
-        }
-        self.link = Link::Refused(reason);
-        false
-    }
-
+    /// A driver write to the device configuration: into the cache at once, forwarded to the
+    /// backend by its thread, which then refreshes the cache (a write may change what the
+    /// device shows, as virtio-input's select/subsel window does).
     fn device_config_write(&mut self, offset: u64, data: &[u8]) {
-        let end = offset as usize + data.len();
-        if end > self.device_config.len() {
+        let Ok(start) = usize::try_from(offset) else {
             return;
-        }
-        self.device_config[offset as usize..end].copy_from_slice(data);
-        if let Err(e) = self.backend.write_config(offset as u32, data) {
-            log::warn!("{}: config write failed: {e}", self.kind.info().name);
-            self.config_stale = true;
+        };
+        let Some(end) = start.checked_add(data.len()) else {
             return;
+        };
+        {
+            let mut shared = self.backend.shared.lock();
+            let Some(bytes) = shared.config.get_mut(start..end) else {
+                return;
+            };
+            bytes.copy_from_slice(data);
+            shared.config_pending = shared.config_pending.saturating_add(1);
         }
-        // A write may change what the device shows (virtio-input's select/subsel window), so
-        // the cached copy the guest reads from is refreshed from the backend.
-        match self.backend.read_config(self.kind.info().config_size) {
-            Ok(mut config) => {
-                self.kind.fix_config(&mut config, self.queues.len() as u16);
-                self.device_config = config;
-            }
-            Err(e) => log::warn!("{}: cannot refresh config: {e}", self.kind.info().name),
+        self.backend.send(Job::WriteConfig {
+            offset: offset as u32,
+            data: data.to_vec(),
+        });
+    }
+
+    /// A driver read of the device configuration, from the cache (after a write, once the
+    /// backend refreshed it or the deadline passed).
+    fn device_config_read(&self, offset: u64, data: &mut [u8]) {
+        let shared = self.backend.shared.settled_config();
+        let start = offset as usize;
+        for (i, out) in data.iter_mut().enumerate() {
+            *out = start
+                .checked_add(i)
+                .and_then(|at| shared.config.get(at))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -831,10 +633,7 @@ impl PciDevice for VirtioPciDevice {
                 data.fill(0);
             }
             o if (DEVICE_OFFSET..DEVICE_OFFSET + REGION_SIZE).contains(&o) => {
-                let start = (o - DEVICE_OFFSET) as usize;
-                for (i, out) in data.iter_mut().enumerate() {
-                    *out = self.device_config.get(start + i).copied().unwrap_or(0);
-                }
+                self.device_config_read(o - DEVICE_OFFSET, data)
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
                 self.msix.table_read((o - MSIX_TABLE_OFFSET) as usize, data)
@@ -870,16 +669,6 @@ impl PciDevice for VirtioPciDevice {
             _ => {}
         }
     }
-}
-
-/// One reconnect attempt: connect, negotiate and read the device configuration of whatever
-/// backend now listens on the device's socket. Runs without the device's lock.
-pub fn attempt_reconnect(
-    (target, config_size): (ReconnectTarget, u32),
-) -> Result<(VhostUserConnection, Vec<u8>), VhostUserError> {
-    let mut new = target.connect()?;
-    let config = new.read_config(config_size)?;
-    Ok((new, config))
 }
 
 #[cfg(test)]

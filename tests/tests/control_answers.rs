@@ -1,0 +1,250 @@
+//! Control answers in every state: after the supervisor gave up on a daemon (F4), with the
+//! supervisor gone, with a peer that never answers; `isola-core` waits a bounded time for a
+//! missing device socket (F7); `isolactl` has a timeout and survives a closed stdout.
+
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use isola_ipc::supervisor::DaemonState;
+use isola_ipc::{ControlRequest, ControlResponse};
+use isola_tests::hang::{control_answers, control_within, signal_tree};
+use isola_tests::supervisor::{supervisor_status, wait_until, Launch};
+use isola_tests::{binary, guest, scratch_dir, wait_for_path, Core};
+
+const LIMIT: Duration = Duration::from_secs(1);
+
+fn isolactl(args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let t0 = Instant::now();
+    let out = Command::new(binary("isolactl"))
+        .args(args)
+        .output()
+        .expect("isolactl runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t0.elapsed(),
+    )
+}
+
+/// F4's repro: `isola-run --restart-limit 1`, blk0 killed twice by its pid, so the supervisor
+/// gives up and keeps its socket listening with nobody accepting.
+fn give_up(launch: &mut Launch) {
+    let sup = launch.supervisor_socket();
+    let control = launch.control_socket();
+    wait_for_path(&control, Duration::from_secs(60));
+    // The core runs the guest on blk0 (it answers `starting` until its devices are there).
+    wait_until(
+        "the core running",
+        Duration::from_secs(60),
+        || match control_within(&control, &ControlRequest::Status, LIMIT) {
+            Ok(ControlResponse::Status(s)) => Some(s),
+            _ => None,
+        },
+    );
+    for _ in 0..2 {
+        let pid = wait_until("blk0 running", Duration::from_secs(30), || {
+            supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == "blk0" && d.state == DaemonState::Running)
+                .and_then(|d| d.pid)
+        });
+        signal_tree(pid, libc::SIGKILL);
+        wait_until("blk0 gone", Duration::from_secs(30), || {
+            supervisor_status(&sup)
+                .into_iter()
+                .find(|d| d.name == "blk0")
+                .filter(|d| d.pid != Some(pid))
+        });
+    }
+    wait_until("blk0 given up on", Duration::from_secs(30), || {
+        supervisor_status(&sup)
+            .into_iter()
+            .find(|d| d.name == "blk0" && matches!(d.state, DaemonState::Failed(_)))
+    });
+}
+
+#[test]
+fn f4_control_answers_after_the_supervisor_gave_up_on_a_daemon() {
+    let dir = scratch_dir("f4-give-up");
+    let run_dir = dir.join("run");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--restart-limit",
+            "1",
+            "--cmdline",
+            "virtio-blk.mode=loop virtio-blk.seconds=60 virtio-blk.timeout=100",
+        ],
+    );
+    give_up(&mut launch);
+    let control = launch.control_socket();
+    // Long enough for many reconnect attempts into the backlog nobody accepts.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        control_answers(&control, LIMIT);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = run_dir.to_str().unwrap();
+    let (code, out, err, took) = isolactl(&["--run-dir", run, "status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "isolactl status took {took:?}"
+    );
+    assert!(out.contains("blk") && out.contains("failed"), "{out}");
+    let answer = control_within(&control, &ControlRequest::Shutdown, LIMIT);
+    assert_eq!(answer, Ok(ControlResponse::Done));
+    launch.finish(Duration::from_secs(30));
+}
+
+#[test]
+fn f4_the_guests_own_exit_ends_the_vm_after_a_give_up() {
+    let dir = scratch_dir("f4-guest-exit");
+    let run_dir = dir.join("run");
+    // The guest gives up on its stalled request after 4 s and debug-exits (17).
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--restart-limit",
+            "1",
+            "--cmdline",
+            "virtio-blk.mode=loop virtio-blk.seconds=60 virtio-blk.timeout=4",
+        ],
+    );
+    give_up(&mut launch);
+    let status = launch.finish(Duration::from_secs(40));
+    assert!(!status.success(), "the guest reported its timeout");
+}
+
+#[test]
+fn a_missing_device_socket_is_waited_for_a_bounded_time_with_one_line() {
+    let dir = scratch_dir("missing-socket");
+    let missing = dir.join("nobody.sock");
+    let kernel = guest("virtio-blk.elf");
+    let device = format!("blk,socket={}", missing.display());
+    let t0 = Instant::now();
+    let core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--device",
+        &device,
+        "--device-timeout",
+        "2",
+    ]);
+    let done = core.finish(Duration::from_secs(30));
+    let took = t0.elapsed();
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let waiting: Vec<&str> = done
+        .stderr
+        .lines()
+        .filter(|l| l.contains("waiting for"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "{}", done.stderr);
+    assert!(waiting[0].contains("nobody.sock"), "{}", done.stderr);
+    assert!(done.stderr.contains("error:"), "{}", done.stderr);
+}
+
+#[test]
+fn a_socket_nobody_accepts_on_is_waited_for_a_bounded_time() {
+    let dir = scratch_dir("silent-socket");
+    let path = dir.join("silent.sock");
+    let _listener = UnixListener::bind(&path).unwrap();
+    let kernel = guest("virtio-blk.elf");
+    let device = format!("blk,socket={}", path.display());
+    let core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--device",
+        &device,
+        "--device-timeout",
+        "2",
+    ]);
+    let done = core.finish(Duration::from_secs(30));
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+}
+
+#[test]
+fn a_device_socket_that_is_a_regular_file_is_refused_at_once() {
+    let dir = scratch_dir("file-socket");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"x").unwrap();
+    let kernel = guest("virtio-blk.elf");
+    let device = format!("blk,socket={}", file.display());
+    let t0 = Instant::now();
+    let core = Core::start(&["--kernel", kernel.to_str().unwrap(), "--device", &device]);
+    let done = core.finish(Duration::from_secs(30));
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(done.stderr.contains("is not a socket"), "{}", done.stderr);
+}
+
+/// A core with the `msi` guest (waits for interrupts forever) and a control socket.
+fn msi_core(dir: &Path) -> (Core, std::path::PathBuf) {
+    let socket = dir.join("control.sock");
+    let kernel = guest("msi.elf");
+    let mut core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    core.wait_for("msi: ready", Duration::from_secs(30));
+    wait_for_path(&socket, Duration::from_secs(30));
+    (core, socket)
+}
+
+#[test]
+fn isolactl_gives_up_on_a_socket_that_never_answers_and_names_it() {
+    let dir = scratch_dir("isolactl-timeout");
+    let path = dir.join("control.sock");
+    let _listener = UnixListener::bind(&path).unwrap();
+    let (code, _out, err, took) = isolactl(&[
+        "--socket",
+        path.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "status",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        err.contains("did not answer") && err.contains("control.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn isolactl_status_reports_the_core_with_the_supervisor_gone() {
+    let dir = scratch_dir("isolactl-no-supervisor");
+    let (_core, _socket) = msi_core(&dir);
+    let (code, out, err, _) = isolactl(&["--run-dir", dir.to_str().unwrap(), "status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("vcpu0"), "{out}");
+    assert!(
+        err.contains("supervisor") && err.contains("supervisor.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn isolactl_status_into_a_closed_pipe_exits_quietly() {
+    let dir = scratch_dir("isolactl-epipe");
+    let (_core, socket) = msi_core(&dir);
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = Command::new(binary("isolactl"))
+        .args(["--socket", socket.to_str().unwrap(), "status"])
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("isolactl runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

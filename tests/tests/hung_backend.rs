@@ -1,0 +1,219 @@
+//! A hung backend stalls nothing: isola-blk is SIGSTOPped at one exact step of the vhost-user
+//! protocol (a proxy stops it when the core sends the chosen request), and meanwhile the
+//! control socket answers status, pause and resume within a second (pause needs every vCPU
+//! to acknowledge, so no vCPU is stuck), status shows the device `unresponsive` once it missed
+//! the exchange deadline, and after SIGCONT, or SIGKILL and a new backend, the guest finishes
+//! its verified I/O.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use isola_ipc::{ControlRequest, ControlResponse, DeviceLink};
+use isola_tests::hang::{code, control_answers, control_within, signal_tree, StopAt};
+use isola_tests::{guest, scratch_dir, Core, IsolaBlk};
+
+const LIMIT: Duration = Duration::from_secs(1);
+const BOOT: Duration = Duration::from_secs(60);
+
+fn image(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4096 * 512)
+        .unwrap();
+    path
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Recovery {
+    Continue,
+    Kill,
+}
+
+struct Setup {
+    core: Core,
+    control: PathBuf,
+    backend: IsolaBlk,
+    proxy: StopAt,
+    blk: PathBuf,
+    disk: PathBuf,
+    _dir: isola_tests::ScratchDir,
+}
+
+/// isola-blk behind a proxy that stops it at the `nth` request `code`; the core runs the
+/// virtio-blk guest with `cmdline` on the proxy's socket.
+fn start(test: &str, code: u32, nth: u32, cmdline: &str, extra: &[&str]) -> Setup {
+    let dir = scratch_dir(test);
+    let disk = image(&dir);
+    let blk = dir.join("blk.sock");
+    let backend = IsolaBlk::start(&blk, &disk);
+    let proxy = StopAt::start(&dir.join("proxy.sock"), &blk, backend.pid(), code, nth);
+    let control = dir.join("control.sock");
+    let kernel = guest("virtio-blk.elf");
+    let device = format!("blk,socket={}", proxy.socket.display());
+    let mut args = vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--device",
+        &device,
+        "--control-socket",
+        control.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    let core = Core::start(&args);
+    isola_tests::wait_for_path(&control, Duration::from_secs(20));
+    Setup {
+        core,
+        control,
+        backend,
+        proxy,
+        blk,
+        disk,
+        _dir: dir,
+    }
+}
+
+/// The backend is stopped: control answers in time, again and again, and the device ends up
+/// `unresponsive` (it missed the deadline) or reconnecting; then `how` brings it back and the
+/// guest finishes.
+fn stalled_then_recovered(mut s: Setup, how: Recovery) {
+    s.proxy.wait_stopped(BOOT);
+    let t0 = Instant::now();
+    let mut unresponsive = false;
+    // Three seconds of a stopped backend: past the 1 s deadline, into the reconnect path.
+    while t0.elapsed() < Duration::from_secs(3) {
+        if let Some(report) = s.core.exit_report() {
+            panic!("{report}");
+        }
+        let device = control_answers(&s.control, LIMIT);
+        unresponsive |= matches!(device.link, DeviceLink::Unresponsive(_));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(unresponsive, "status never said unresponsive");
+    match how {
+        Recovery::Continue => signal_tree(s.backend.pid(), libc::SIGCONT),
+        Recovery::Kill => {
+            let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
+            signal_tree(old.pid(), libc::SIGKILL);
+            signal_tree(old.pid(), libc::SIGCONT);
+            old.kill();
+            s.proxy.set_pid(s.backend.pid());
+        }
+    }
+    wait_connected(&mut s);
+    let done = s.core.finish(BOOT);
+    done.assert_success();
+    assert!(
+        done.serial.iter().any(|l| l == "virtio-blk: ok"),
+        "{:?}",
+        done.serial
+    );
+}
+
+/// Waits (20 s at most) for status to show the device connected again; on a timeout the core
+/// is killed and everything it said is part of the failure.
+fn wait_connected(s: &mut Setup) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if s.core.exit_report().is_some() {
+            // The guest finished already (the caller checks how).
+            return;
+        }
+        let answer = control_within(&s.control, &ControlRequest::Status, LIMIT);
+        if let Ok(ControlResponse::Status(status)) = &answer {
+            if status.devices.first().map(|d| &d.link) == Some(&DeviceLink::Connected) {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(s.core.pid() as libc::pid_t, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "never connected again (last answer {answer:?}); {}",
+                s.core.exit_report().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const NORMAL: &str = "virtio-blk.mode=normal virtio-blk.sectors=64";
+
+#[test]
+fn a_backend_stopped_at_activation_stalls_no_vcpu() {
+    // SET_FEATURES is the first message of activation (DRIVER_OK).
+    let s = start("hung-activation", code::SET_FEATURES, 1, NORMAL, &[]);
+    stalled_then_recovered(s, Recovery::Continue);
+}
+
+#[test]
+fn a_backend_stopped_at_activation_and_killed_is_replaced() {
+    let s = start("hung-activation-kill", code::SET_FEATURES, 1, NORMAL, &[]);
+    stalled_then_recovered(s, Recovery::Kill);
+}
+
+#[test]
+fn a_backend_stopped_during_a_config_read_stalls_no_vcpu() {
+    // The first GET_CONFIG is the core's at start; the second refreshes the configuration
+    // the guest reads after its first reset.
+    let s = start("hung-config", code::GET_CONFIG, 2, NORMAL, &[]);
+    stalled_then_recovered(s, Recovery::Continue);
+}
+
+#[test]
+fn a_backend_stopped_during_a_reset_stalls_no_vcpu() {
+    // The guest resets the running device (virtio-blk.reset=1): the core stops its queues.
+    let cmdline = format!("{NORMAL} virtio-blk.reset=1");
+    let s = start("hung-reset", code::GET_VRING_BASE, 1, &cmdline, &[]);
+    stalled_then_recovered(s, Recovery::Kill);
+}
+
+#[test]
+fn a_backend_stopped_before_the_handshake_at_start_is_waited_for() {
+    let s = start(
+        "hung-start",
+        code::SET_OWNER,
+        1,
+        NORMAL,
+        &["--device-timeout", "30"],
+    );
+    s.proxy.wait_stopped(BOOT);
+    // The core is starting: it answers (an error saying what it waits for) in time.
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let answer = control_within(&s.control, &ControlRequest::Status, LIMIT)
+            .unwrap_or_else(|e| panic!("status while starting: {e}"));
+        assert!(t0.elapsed() < LIMIT);
+        match answer {
+            ControlResponse::Error(why) => assert!(why.contains("waiting"), "{why}"),
+            other => panic!("status while starting: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal_tree(s.backend.pid(), libc::SIGCONT);
+    let done = s.core.finish(BOOT);
+    done.assert_success();
+    assert!(
+        done.serial.iter().any(|l| l == "virtio-blk: ok"),
+        "{:?}",
+        done.serial
+    );
+}
+
+#[test]
+fn a_backend_stopped_during_a_reconnect_stalls_nothing() {
+    // The second SET_OWNER is the first of a reconnect.
+    let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=8 virtio-blk.sectors=64";
+    let mut s = start("hung-reconnect", code::SET_OWNER, 2, cmdline, &[]);
+    s.core
+        .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
+    let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
+    s.proxy.set_pid(s.backend.pid());
+    drop(old);
+    stalled_then_recovered(s, Recovery::Continue);
+}
