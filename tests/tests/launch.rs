@@ -444,21 +444,22 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
     let (ok, text) = isolactl(&["--run-dir", run, "key", "a"]);
     assert!(ok, "{text}");
 
-    for (round, name) in ["console", "input", "gpu"].iter().enumerate() {
+    // Devices connected again after each kill: console, then its two input devices, then gpu.
+    for (name, again) in [("console", 1), ("input", 3), ("gpu", 4)] {
         let pid = wait_until(name, Duration::from_secs(10), || {
             supervisor_status(&sup)
                 .into_iter()
-                .find(|d| d.name == *name)?
+                .find(|d| d.name == name)?
                 .pid
         });
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
         wait_until("restart and reconnect", Duration::from_secs(20), || {
             let d = supervisor_status(&sup)
                 .into_iter()
-                .find(|d| d.name == *name)?;
+                .find(|d| d.name == name)?;
             let (_, text) = isolactl(&["--run-dir", run, "status"]);
             let reconnected = text.matches("connected (reconnects 1,").count();
-            (d.restarts == 1 && d.state == DaemonState::Running && reconnected > round)
+            (d.restarts == 1 && d.state == DaemonState::Running && reconnected >= again)
                 .then_some(())
         });
     }
