@@ -301,6 +301,7 @@ impl Worker {
                     .disable_notification(&*mem)
                     .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
             }
+            let taken_before = self.queue.next_avail();
             let mut ctx = QueueContext::new(
                 self.index,
                 &mut self.queue,
@@ -313,6 +314,7 @@ impl Worker {
             let unsignalled = ctx.unsignalled();
             let completed = ctx.completed();
             drop(ctx);
+            let took_nothing = completed == 0 && self.queue.next_avail() == taken_before;
             if unsignalled > 0 {
                 self.notify(&mem)?;
             }
@@ -331,7 +333,10 @@ impl Worker {
                 .queue
                 .enable_notification(&*mem)
                 .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
-            if !more {
+            // A handler that says Idle but took nothing of what is available would have this
+            // loop spin for ever, deaf to GET_VRING_BASE: the next kick or completion calls
+            // it again. A stop request ends the pass too.
+            if !more || took_nothing || self.shared.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
         }

@@ -328,8 +328,10 @@ impl QueueHandler for RxQueue {
 
     fn process(&mut self, q: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
         if !self.port.has_endpoint() {
-            // A log-only port has no input: its receive buffers wait unused.
-            return Ok(Progress::Idle);
+            // A log-only port has no input: its receive buffers wait unused. Blocked, not
+            // Idle: it took none of the available buffers (Idle made the worker look again
+            // at once, for ever, and never see a GET_VRING_BASE).
+            return Ok(Progress::Blocked);
         }
         loop {
             if self.held.is_none() {
