@@ -38,6 +38,12 @@ pub enum DiskError {
     },
     #[error("serial {0:?} is longer than {SERIAL_LEN} bytes")]
     SerialTooLong(String),
+    #[error("image {} holds {bytes} bytes, not one {block_size}-byte block", .path.display())]
+    Empty {
+        path: PathBuf,
+        bytes: u64,
+        block_size: u64,
+    },
 }
 
 /// Options the image is opened with.
@@ -117,9 +123,18 @@ impl Disk {
                 source,
             })?;
         let block_size = if options.direct { DIRECT_ALIGN } else { SECTOR };
+        let size = bytes - bytes % block_size;
+        // A disk of no blocks has nothing to serve: every request would fail.
+        if size == 0 {
+            return Err(DiskError::Empty {
+                path: path.to_owned(),
+                bytes,
+                block_size,
+            });
+        }
         Ok(Disk {
             file,
-            size: bytes - bytes % block_size,
+            size,
             readonly: options.readonly,
             direct: options.direct,
             block_size,

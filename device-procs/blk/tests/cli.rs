@@ -29,12 +29,25 @@ fn bad_input_is_one_line_and_exit_status_2() {
     let sock = dir.path("blk.sock");
     let (image, sock) = (image.to_str().unwrap(), sock.to_str().unwrap());
     let missing = dir.path("missing.img");
+    let empty = dir.path("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    let short = dir.path("short.img");
+    std::fs::write(&short, [0u8; 511]).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--socket", sock], "--image"),
         (vec!["--image", image], "--socket"),
         (
             vec!["--socket", sock, "--image", missing.to_str().unwrap()],
             "cannot open image",
+        ),
+        // F8: a disk of no whole sector.
+        (
+            vec!["--socket", sock, "--image", empty.to_str().unwrap()],
+            "holds 0 bytes, not one 512-byte block",
+        ),
+        (
+            vec!["--socket", sock, "--image", short.to_str().unwrap()],
+            "holds 511 bytes",
         ),
         (
             vec!["--socket", sock, "--image", image, "--num-queues", "0"],

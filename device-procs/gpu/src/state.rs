@@ -78,6 +78,8 @@ pub enum StateError {
     Write(PathBuf, #[source] std::io::Error),
     #[error("cannot read {}", .0.display())]
     Read(PathBuf, #[source] std::io::Error),
+    #[error("{} is not a regular file", .0.display())]
+    NotAFile(PathBuf),
     /// Not a state file of this version (or both slots torn); the open file is kept, to be
     /// overwritten by the next save.
     #[error("{} is not a state file of this version", .0.display())]
@@ -160,7 +162,13 @@ impl StateFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(read_err)?;
-        let empty = file.metadata().map_err(read_err)?.len() == 0;
+        let meta = file.metadata().map_err(read_err)?;
+        // Slots are rewritten in place at fixed offsets: only a regular file keeps them
+        // (/dev/null would swallow every save and read back empty).
+        if !meta.file_type().is_file() {
+            return Err(StateError::NotAFile(path.to_owned()));
+        }
+        let empty = meta.len() == 0;
         let mut newest: Option<(u64, u64, Vec<u8>)> = None;
         for slot in 0..2 {
             if let Some((generation, payload)) = read_slot(&file, slot).map_err(read_err)? {

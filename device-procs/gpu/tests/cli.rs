@@ -53,6 +53,11 @@ fn bad_input_is_one_line_and_exit_status_2() {
             ],
             "cannot read",
         ),
+        // F8: a state file that cannot hold state.
+        (
+            vec!["--socket", sock, "--state-file", "/dev/null"],
+            "/dev/null is not a regular file",
+        ),
         (vec!["--fd", "0"], "not a listening Unix stream socket"),
     ];
     for (args, needle) in cases {
