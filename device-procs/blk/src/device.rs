@@ -269,10 +269,15 @@ impl BlkQueue {
         chain::for_each_host_slice(mem, data, |s| {
             let base = s.ptr_guard_mut().as_ptr();
             direct_ok &= !self.disk.direct() || aligned(base as usize, s.len());
-            iov.push(libc::iovec {
-                iov_base: base.cast(),
-                iov_len: s.len(),
-            });
+            // SAFETY: `s` is a slice of `mem`, whose `Arc` the request's `Pending` holds
+            // (`submit`) until the engine has reaped the operation; guest memory is mapped
+            // read-write.
+            unsafe {
+                iov.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: s.len(),
+                })
+            };
         })
         .map_err(Refusal::Buffer)?;
         if direct_ok {
@@ -292,10 +297,15 @@ impl BlkQueue {
                 at += s.len();
             }
         }
-        let iov = IoVecs::One(libc::iovec {
-            iov_base: buf.as_ptr().cast(),
-            iov_len: total,
-        });
+        // SAFETY: `buf` is a private read-write mapping of `total` bytes that moves into the
+        // request's `Pending` (as its `Bounce`) with this list and is dropped only after the
+        // engine has reaped the operation (the mapping's address does not change on a move).
+        let iov = unsafe {
+            IoVecs::one(libc::iovec {
+                iov_base: buf.as_ptr().cast(),
+                iov_len: total,
+            })
+        };
         let copy_back = if write { Vec::new() } else { data.to_vec() };
         Ok((iov, Some(Bounce { buf, copy_back })))
     }

@@ -170,15 +170,34 @@ impl Disk {
 
     /// Reads into `iov` from `offset` until every byte is transferred. A read past the end
     /// of the image (which the device never asks for) fails with `UnexpectedEof`.
-    pub fn read_at(&self, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
-        self.transfer(iov, offset, false)
+    ///
+    /// # Safety
+    /// Each entry of `iov` names `iov_len` bytes of memory that is mapped and valid for
+    /// writes for the whole call, and that no Rust reference points into meanwhile (the
+    /// kernel writes it behind the compiler's back).
+    pub unsafe fn read_at(&self, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.transfer(iov, offset, false) }
     }
 
-    pub fn write_at(&self, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
-        self.transfer(iov, offset, true)
+    /// Writes `iov` at `offset` until every byte is transferred.
+    ///
+    /// # Safety
+    /// Each entry of `iov` names `iov_len` bytes of memory that is mapped and valid for reads
+    /// for the whole call.
+    pub unsafe fn write_at(&self, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.transfer(iov, offset, true) }
     }
 
-    fn transfer(&self, iov: &[libc::iovec], offset: u64, write: bool) -> std::io::Result<()> {
+    /// # Safety
+    /// As [`Disk::read_at`] (`write` false) or [`Disk::write_at`] (`write` true).
+    unsafe fn transfer(
+        &self,
+        iov: &[libc::iovec],
+        offset: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
         let mut iov = iov.to_vec();
         let mut start = 0usize;
         let mut offset = offset;
@@ -188,13 +207,13 @@ impl Disk {
                 libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
             let fd = self.file.as_raw_fd();
             let n = if write {
-                // SAFETY: `iov[start..start + count]` are valid iovec structs; each names a
-                // range of mapped guest memory (or a bounce buffer) that the caller keeps
-                // mapped for this call. pwritev only reads those ranges.
+                // SAFETY: `iov[start..start + count]` are valid iovec structs; each names (a
+                // tail of) a range the caller promised mapped and readable for this call
+                // (`write_at`'s contract). pwritev only reads those ranges.
                 unsafe { libc::pwritev(fd, iov[start..].as_ptr(), count, off) }
             } else {
-                // SAFETY: as above; preadv writes only into the named ranges, which are
-                // mapped writable guest memory (or a bounce buffer) held by the caller.
+                // SAFETY: as above; preadv writes only into the named ranges, which the
+                // caller promised mapped and writable for this call (`read_at`'s contract).
                 unsafe { libc::preadv(fd, iov[start..].as_ptr(), count, off) }
             };
             if n < 0 {
@@ -269,7 +288,9 @@ impl Disk {
                 iov_base: zeros.as_ptr().cast(),
                 iov_len: n as usize,
             }];
-            self.write_at(&iov, offset)?;
+            // SAFETY: `iov` names `n <= CHUNK` bytes of `zeros`, a mapping this function
+            // owns and keeps until it returns.
+            unsafe { self.write_at(&iov, offset)? };
             offset += n;
             len -= n;
         }
@@ -345,23 +366,29 @@ mod tests {
         assert_eq!(&disk.serial()[..8], b"isola-bl");
         let mut a = [7u8; 300];
         let mut b = [9u8; 212];
-        disk.write_at(&[iov(&mut a), iov(&mut b)], 512).unwrap();
+        // SAFETY: the iovecs name arrays of this test, alive and unborrowed for the call.
+        unsafe { disk.write_at(&[iov(&mut a), iov(&mut b)], 512).unwrap() };
         let mut back = [0u8; 512];
-        disk.read_at(&[iov(&mut back)], 512).unwrap();
+        // SAFETY: the iovecs name arrays of this test, alive and unborrowed for the call.
+        unsafe { disk.read_at(&[iov(&mut back)], 512).unwrap() };
         assert!(back[..300].iter().all(|&x| x == 7) && back[300..].iter().all(|&x| x == 9));
         disk.flush().unwrap();
         disk.write_zeroes(512, 512, false).unwrap();
-        disk.read_at(&[iov(&mut back)], 512).unwrap();
+        // SAFETY: the iovecs name arrays of this test, alive and unborrowed for the call.
+        unsafe { disk.read_at(&[iov(&mut back)], 512).unwrap() };
         assert!(back.iter().all(|&x| x == 0));
-        disk.write_at(&[iov(&mut a)], 1024).unwrap();
+        // SAFETY: the iovecs name arrays of this test, alive and unborrowed for the call.
+        unsafe { disk.write_at(&[iov(&mut a)], 1024).unwrap() };
         disk.discard(1024, 512).unwrap();
-        disk.read_at(&[iov(&mut back)], 1024).unwrap();
+        // SAFETY: the iovecs name arrays of this test, alive and unborrowed for the call.
+        unsafe { disk.read_at(&[iov(&mut back)], 1024).unwrap() };
         assert!(
             back.iter().all(|&x| x == 0),
             "a punched hole reads as zeros"
         );
         let mut past = [0u8; 512];
-        assert!(disk.read_at(&[iov(&mut past)], 4096 + 100).is_err());
+        // SAFETY: the iovec names an array of this test, alive and unborrowed for the call.
+        assert!(unsafe { disk.read_at(&[iov(&mut past)], 4096 + 100) }.is_err());
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -388,7 +415,8 @@ mod tests {
         let disk = Disk::open(&path, &opts(true)).unwrap();
         let mut one = [1u8; 512];
         assert!(
-            disk.write_at(&[iov(&mut one)], 0).is_err(),
+            // SAFETY: the iovec names an array of this test, alive for the call.
+            unsafe { disk.write_at(&[iov(&mut one)], 0) }.is_err(),
             "read-only descriptor"
         );
         assert_eq!(

@@ -88,8 +88,15 @@ fn sys(what: &'static str) -> ConnectorError {
 }
 
 impl Connector {
-    /// Forks the connector for `path`. Call it before the sandbox, while the process has
-    /// one thread. With `--sandbox off` there is no need for one: see [`InputPath`].
+    /// Forks the connector for `path`. Call it before the sandbox (the connector needs the
+    /// host's paths). With `--sandbox off` there is no need for one: see [`InputPath`].
+    ///
+    /// Safe in a multi-threaded process too: everything the child needs (its seccomp
+    /// programs, the socket address, its end of the pair) is made before the fork, and from
+    /// the fork to its `_exit` the child makes only raw system calls on that memory. It never
+    /// allocates, takes a lock or touches std's I/O, so a lock another thread held at the
+    /// fork (the allocator's, stdout's) cannot deadlock it: POSIX's async-signal-safe rule
+    /// for the child of a multi-threaded process.
     pub fn spawn(path: &Path, args: &SandboxArgs) -> Result<Connector, ConnectorError> {
         let mut addr = sockaddr(path).ok_or_else(|| ConnectorError::PathTooLong(path.into()))?;
         let programs = device_programs(&connector_policy()?, args.seccomp)?;
@@ -111,8 +118,9 @@ impl Connector {
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
-        // SAFETY: the caller guarantees a single thread, so the child may run any code; it
-        // only makes system calls and never returns.
+        // SAFETY: fork has no memory preconditions; what makes it sound with other threads
+        // running is what the child does: `child` makes only raw system calls on memory made
+        // before the fork (no allocation, no lock, no std I/O) and never returns.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(sys("fork"));
@@ -223,7 +231,8 @@ fn child(
     addr: &mut libc::sockaddr_un,
 ) -> ! {
     // SAFETY: prctl, getppid, close_range, capset and _exit take integers or pointers to
-    // the live local structures below; this process is single-threaded.
+    // the live local structures below. (This process is a fork's child: only such raw calls
+    // are made here, see `Connector::spawn`.)
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
             || libc::getppid() != parent
@@ -263,6 +272,8 @@ fn child(
             libc::_exit(1);
         }
     }
+    // `install` makes a prctl and a seccomp call per program; its error carries only an
+    // errno (no allocation).
     if install(programs).is_err() {
         // SAFETY: _exit never returns.
         unsafe { libc::_exit(1) };
@@ -381,6 +392,47 @@ impl InputPath {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+
+    /// The fork is sound with other threads running: while four threads allocate and free
+    /// without pause (so the allocator's locks are often held at the fork), connectors are
+    /// forked and each still serves. A child that allocated would sooner or later deadlock
+    /// on a lock copied in its held state.
+    #[test]
+    fn connectors_fork_and_serve_while_other_threads_allocate() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = std::env::temp_dir().join(format!("isola-display-mt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("input.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy: Vec<_> = (0..4)
+            .map(|i| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut keep = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        keep.push(vec![i as u8; 64 + keep.len() % 4096]);
+                        if keep.len() > 256 {
+                            keep.clear();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..40 {
+            let connector = Connector::spawn(&path, &SandboxArgs::default()).unwrap();
+            let stream = connector.connect().expect("the forked connector answers");
+            let _ = listener.accept().unwrap();
+            drop(stream);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in busy {
+            t.join().unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_connector_connects_to_its_path_again_and_again_and_reports_failures() {

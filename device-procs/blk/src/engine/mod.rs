@@ -47,38 +47,59 @@ pub enum EngineKind {
 /// one-buffer list (the usual case) is held inline, so it costs no allocation; a longer one
 /// is on the heap, where its address does not change when the list moves (io_uring's READV
 /// reads it after submission).
+///
+/// Entries can only be added through the `unsafe` [`IoVecs::one`] and [`IoVecs::push`], whose
+/// callers promise what every user of the list (the engines, [`Disk::read_at`]) relies on:
+/// each entry names memory that stays mapped and valid for reads and writes until the
+/// operation carrying the list has completed (been reaped) or was dropped unsubmitted.
+#[derive(Debug, Default)]
+pub struct IoVecs(List);
+
 #[derive(Debug)]
-pub enum IoVecs {
+enum List {
     One(libc::iovec),
     Many(Vec<libc::iovec>),
 }
 
-// SAFETY: `Send` needs the raw pointers to stay valid wherever the value moves. They point
-// into guest memory mappings or bounce buffers owned (through `Arc`s) by the same request
-// as this list, so the mappings live as long as the list; only the kernel dereferences
-// them, and one thread at a time owns the request.
-unsafe impl Send for IoVecs {}
-
-impl Default for IoVecs {
+impl Default for List {
     fn default() -> Self {
-        IoVecs::Many(Vec::new())
+        List::Many(Vec::new())
     }
 }
 
+// SAFETY: `Send` needs the raw pointers to stay valid wherever the value moves. They point
+// into guest memory mappings or bounce buffers owned (through `Arc`s) by the same request
+// as this list (the contract of `one` and `push`), so the mappings live as long as the
+// list; only the kernel dereferences them, and one thread at a time owns the request.
+unsafe impl Send for IoVecs {}
+
 impl IoVecs {
+    /// A list of one buffer.
+    ///
+    /// # Safety
+    /// `iov` names `iov_len` bytes that stay mapped and valid for reads and writes until the
+    /// operation carrying this list has completed or was dropped unsubmitted.
+    pub unsafe fn one(iov: libc::iovec) -> Self {
+        IoVecs(List::One(iov))
+    }
+
     /// Appends one buffer.
-    pub fn push(&mut self, iov: libc::iovec) {
-        match self {
-            IoVecs::Many(v) if v.is_empty() => *self = IoVecs::One(iov),
-            IoVecs::Many(v) => v.push(iov),
-            IoVecs::One(first) => *self = IoVecs::Many(vec![*first, iov]),
+    ///
+    /// # Safety
+    /// As for [`IoVecs::one`].
+    pub unsafe fn push(&mut self, iov: libc::iovec) {
+        match &mut self.0 {
+            List::Many(v) if v.is_empty() => self.0 = List::One(iov),
+            List::Many(v) => v.push(iov),
+            List::One(first) => self.0 = List::Many(vec![*first, iov]),
         }
     }
 
+    /// The entries (raw: reading them is safe, using what they point to is not).
     pub fn as_slice(&self) -> &[libc::iovec] {
-        match self {
-            IoVecs::One(iov) => std::slice::from_ref(iov),
-            IoVecs::Many(v) => v,
+        match &self.0 {
+            List::One(iov) => std::slice::from_ref(iov),
+            List::Many(v) => v,
         }
     }
 
@@ -152,8 +173,12 @@ pub fn new_engine(
 /// Performs `op` synchronously (the sync engine, and the tail of a short io_uring transfer).
 pub(crate) fn run_sync(disk: &Disk, op: &Op) -> std::io::Result<()> {
     match op {
-        Op::Read { offset, iov } => disk.read_at(iov.as_slice(), *offset),
-        Op::Write { offset, iov } => disk.write_at(iov.as_slice(), *offset),
+        // SAFETY: an `IoVecs` only holds entries whose memory stays mapped and valid for
+        // reads and writes until its operation completes (the contract of `IoVecs::one` and
+        // `IoVecs::push`); `op` is being performed now, so it has not completed.
+        Op::Read { offset, iov } => unsafe { disk.read_at(iov.as_slice(), *offset) },
+        // SAFETY: as above.
+        Op::Write { offset, iov } => unsafe { disk.write_at(iov.as_slice(), *offset) },
         Op::Flush => disk.flush(),
     }
 }

@@ -169,10 +169,15 @@ fn finish_short(disk: &Disk, op: &Op, done: usize) -> std::io::Result<()> {
     let mut rest = iov.as_slice().to_vec();
     let skip = advance(&mut rest, done);
     let offset = offset + done as u64;
-    if write {
-        disk.write_at(&rest[skip..], offset)
-    } else {
-        disk.read_at(&rest[skip..], offset)
+    // SAFETY: `rest` is `op`'s list with its first `done` bytes dropped: sub-ranges of
+    // entries whose memory stays valid until `op` completes (the `IoVecs` contract), and
+    // `op` is still being performed.
+    unsafe {
+        if write {
+            disk.write_at(&rest[skip..], offset)
+        } else {
+            disk.read_at(&rest[skip..], offset)
+        }
     }
 }
 
