@@ -78,9 +78,10 @@ fn start(test: &str, code: u32, nth: u32, cmdline: &str, extra: &[&str]) -> Setu
 }
 
 /// The backend is stopped: control answers in time, again and again, and the device ends up
-/// `unresponsive` (it missed the deadline) or reconnecting; then `how` brings it back and the
-/// guest finishes.
-fn stalled_then_recovered(mut s: Setup, how: Recovery) {
+/// `unresponsive` (it missed the deadline) or reconnecting; the guest goes on where it does not
+/// need the device: it prints `printed` (after `after`, if given) while the backend is still
+/// stopped. Then `how` brings the backend back and the guest finishes.
+fn stalled_then_recovered(mut s: Setup, how: Recovery, after: Option<&str>, printed: Option<&str>) {
     s.proxy.wait_stopped(BOOT);
     let t0 = Instant::now();
     let mut unresponsive = false;
@@ -94,6 +95,17 @@ fn stalled_then_recovered(mut s: Setup, how: Recovery) {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(unresponsive, "status never said unresponsive");
+    if let Some(line) = after {
+        s.core.wait_for(line, BOOT);
+    }
+    if let Some(line) = printed {
+        // The vCPU that wrote the status, or read the configuration, runs on.
+        s.core.wait_for(line, Duration::from_secs(20));
+        assert!(
+            process_state(s.backend.pid()).contains('T'),
+            "the backend was still stopped"
+        );
+    }
     match how {
         Recovery::Continue => signal_tree(s.backend.pid(), libc::SIGCONT),
         Recovery::Kill => {
@@ -112,6 +124,18 @@ fn stalled_then_recovered(mut s: Setup, how: Recovery) {
         "{:?}",
         done.serial
     );
+}
+
+/// The state letters of `pid`'s process tree below the reaper (`T` = stopped).
+fn process_state(pid: u32) -> String {
+    isola_tests::hang::process_tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(str::to_owned)
+        })
+        .collect()
 }
 
 /// Waits (20 s at most) for status to show the device connected again; on a timeout the core
@@ -143,18 +167,21 @@ fn wait_connected(s: &mut Setup) {
 }
 
 const NORMAL: &str = "virtio-blk.mode=normal virtio-blk.sectors=64";
+/// What the guest prints once it started the device (DRIVER_OK) and read its capacity.
+const CAPACITY: &str = "virtio-blk: capacity=";
+const RESETTING: &str = "virtio-blk: resetting the device";
 
 #[test]
 fn a_backend_stopped_at_activation_stalls_no_vcpu() {
     // SET_FEATURES is the first message of activation (DRIVER_OK).
     let s = start("hung-activation", code::SET_FEATURES, 1, NORMAL, &[]);
-    stalled_then_recovered(s, Recovery::Continue);
+    stalled_then_recovered(s, Recovery::Continue, None, Some(CAPACITY));
 }
 
 #[test]
 fn a_backend_stopped_at_activation_and_killed_is_replaced() {
     let s = start("hung-activation-kill", code::SET_FEATURES, 1, NORMAL, &[]);
-    stalled_then_recovered(s, Recovery::Kill);
+    stalled_then_recovered(s, Recovery::Kill, None, Some(CAPACITY));
 }
 
 #[test]
@@ -162,7 +189,13 @@ fn a_backend_stopped_during_a_config_read_stalls_no_vcpu() {
     // The first GET_CONFIG is the core's at start; the second refreshes the configuration
     // the guest reads after its first reset.
     let s = start("hung-config", code::GET_CONFIG, 2, NORMAL, &[]);
-    stalled_then_recovered(s, Recovery::Continue);
+    stalled_then_recovered(s, Recovery::Continue, None, Some(CAPACITY));
+}
+
+#[test]
+fn a_backend_stopped_during_a_config_read_and_killed_is_replaced() {
+    let s = start("hung-config-kill", code::GET_CONFIG, 2, NORMAL, &[]);
+    stalled_then_recovered(s, Recovery::Kill, None, Some(CAPACITY));
 }
 
 #[test]
@@ -170,13 +203,21 @@ fn a_backend_stopped_during_a_reset_stalls_no_vcpu() {
     // The guest resets the running device (virtio-blk.reset=1): the core stops its queues.
     let cmdline = format!("{NORMAL} virtio-blk.reset=1");
     let s = start("hung-reset", code::GET_VRING_BASE, 1, &cmdline, &[]);
-    stalled_then_recovered(s, Recovery::Kill);
+    stalled_then_recovered(s, Recovery::Kill, Some(RESETTING), Some(CAPACITY));
 }
 
 #[test]
-fn a_backend_stopped_before_the_handshake_at_start_is_waited_for() {
-    let s = start(
-        "hung-start",
+fn a_backend_stopped_during_a_reset_and_continued_recovers() {
+    let cmdline = format!("{NORMAL} virtio-blk.reset=1");
+    let s = start("hung-reset-cont", code::GET_VRING_BASE, 1, &cmdline, &[]);
+    stalled_then_recovered(s, Recovery::Continue, Some(RESETTING), Some(CAPACITY));
+}
+
+/// The backend stops at the core's first message: the core answers `starting` meanwhile and
+/// carries on once `how` brought a backend back.
+fn stopped_at_start(test: &str, how: Recovery) {
+    let mut s = start(
+        test,
         code::SET_OWNER,
         1,
         NORMAL,
@@ -195,7 +236,14 @@ fn a_backend_stopped_before_the_handshake_at_start_is_waited_for() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    signal_tree(s.backend.pid(), libc::SIGCONT);
+    match how {
+        Recovery::Continue => signal_tree(s.backend.pid(), libc::SIGCONT),
+        Recovery::Kill => {
+            let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
+            signal_tree(old.pid(), libc::SIGKILL);
+            old.kill();
+        }
+    }
     let done = s.core.finish(BOOT);
     done.assert_success();
     assert!(
@@ -203,6 +251,16 @@ fn a_backend_stopped_before_the_handshake_at_start_is_waited_for() {
         "{:?}",
         done.serial
     );
+}
+
+#[test]
+fn a_backend_stopped_before_the_handshake_at_start_is_waited_for() {
+    stopped_at_start("hung-start", Recovery::Continue);
+}
+
+#[test]
+fn a_backend_stopped_before_the_handshake_at_start_and_killed_is_replaced() {
+    stopped_at_start("hung-start-kill", Recovery::Kill);
 }
 
 #[test]
@@ -215,5 +273,17 @@ fn a_backend_stopped_during_a_reconnect_stalls_nothing() {
     let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
     s.proxy.set_pid(s.backend.pid());
     drop(old);
-    stalled_then_recovered(s, Recovery::Continue);
+    stalled_then_recovered(s, Recovery::Continue, None, None);
+}
+
+#[test]
+fn a_backend_stopped_during_a_reconnect_and_killed_is_replaced() {
+    let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=8 virtio-blk.sectors=64";
+    let mut s = start("hung-reconnect-kill", code::SET_OWNER, 2, cmdline, &[]);
+    s.core
+        .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
+    let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
+    s.proxy.set_pid(s.backend.pid());
+    drop(old);
+    stalled_then_recovered(s, Recovery::Kill, None, None);
 }
