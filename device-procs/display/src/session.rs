@@ -238,12 +238,17 @@ impl Session<'_> {
     }
 
     fn update(&mut self, scanout: u32, r: Rect, data: &[u8]) {
-        let expected = u64::from(r.w) * u64::from(r.h) * 4;
+        // Both sides come from the peer: 2^32 x 2^32 x 4 does not fit in 64 bits, and
+        // wrapped it could match a short payload.
+        let expected = u64::from(r.w)
+            .checked_mul(u64::from(r.h))
+            .and_then(|pixels| pixels.checked_mul(4));
         if scanout != 0 {
             self.warn(format_args!(
                 "UPDATE of scanout {scanout}: only scanout 0 is shown"
             ));
-        } else if data.len() as u64 != expected {
+        } else if expected != Some(data.len() as u64) {
+            let expected = expected.map_or("more than 2^64".to_owned(), |e| e.to_string());
             self.warn(format_args!(
                 "UPDATE {}x{} carries {} bytes of pixels, expected {expected}",
                 r.w,
@@ -263,5 +268,48 @@ impl Session<'_> {
                 if on { "" } else { " (not enabled)" }
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::protocol::build;
+
+    /// Found by the `display_protocol` fuzz target (fuzz/corpus/display_protocol/
+    /// crash-update-size-overflow): an UPDATE whose width x height x 4 does not fit in 64 bits
+    /// overflowed the size check (a panic in a checked build; in a release build the product
+    /// wrapped, so a 2^31 x 2^31 rectangle "expected" 0 bytes of pixels). It is dropped, and
+    /// the session goes on serving.
+    #[test]
+    fn an_update_too_large_for_64_bits_is_dropped_and_the_session_goes_on() {
+        let display = Display::new(64, 48);
+        let screen = Screen {
+            width: 64,
+            height: 48,
+        };
+        let (mut gpu, served) = UnixStream::pair().unwrap();
+        for (w, h) in [(u32::MAX, u32::MAX), (1 << 31, 1 << 31)] {
+            gpu.write_all(&build::update(0, 0, 0, w, h, &[])).unwrap();
+        }
+        gpu.write_all(&build::message(code::GET_DISPLAY_INFO, &[]))
+            .unwrap();
+        gpu.shutdown(std::net::Shutdown::Write).unwrap();
+        let session = std::thread::spawn(move || {
+            let display = display;
+            let result = run_session(served, &display, screen);
+            let updates = display.lock().updates;
+            (result, updates)
+        });
+        let mut replies = Vec::new();
+        gpu.read_to_end(&mut replies).unwrap();
+        let (result, updates) = session.join().expect("the session does not panic");
+        assert!(matches!(result, Err(ProtocolError::Closed)), "{result:?}");
+        assert_eq!(updates, 0, "no update was applied");
+        // The one reply is GET_DISPLAY_INFO's.
+        assert!(replies.len() > 12, "{replies:?}");
+        assert_eq!(replies[..4], code::GET_DISPLAY_INFO.to_ne_bytes());
     }
 }
