@@ -28,7 +28,12 @@ fuzz_target!(|data: &[u8]| {
         let config = device.config();
         assert_eq!(config.len(), CONFIG_LEN);
         // `size` (byte 2) never claims more than the 128-byte union.
-        assert!(config[2] <= 128, "size {} for {:?}", config[2], &config[..2]);
+        assert!(
+            config[2] <= 128,
+            "size {} for {:?}",
+            config[2],
+            &config[..2]
+        );
     }
     // Host-side events (from the display or isolactl) waiting for the guest.
     let report: Vec<InputEvent> = (0..usize::from(r.u8() % 4))

@@ -16,16 +16,15 @@ fuzz_target!(|data: &[u8]| {
     let len = usize::from(r.u16()) + usize::from(r.u8() & 1) * 0x1_0000;
     let mtu = r.u16();
     let mut raw = [0u8; VNET_HDR_LEN];
-    raw.copy_from_slice(&{
-        let mut b = [0u8; VNET_HDR_LEN];
-        let got = r.bytes(VNET_HDR_LEN);
-        b[..got.len()].copy_from_slice(got);
-        b
-    });
+    let got = r.bytes(VNET_HDR_LEN);
+    raw[..got.len()].copy_from_slice(got);
     let hdr = VnetHeader::parse(&raw);
     if hdr.tx_problem(features, len, mtu).is_none() {
         // What the tap is promised for an accepted frame.
-        assert!((MIN_FRAME..=MAX_GSO_FRAME).contains(&len), "{hdr:?} len {len}");
+        assert!(
+            (MIN_FRAME..=MAX_GSO_FRAME).contains(&len),
+            "{hdr:?} len {len}"
+        );
         if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0 {
             assert!(features & (1 << VIRTIO_NET_F_CSUM) != 0);
             let end = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2;

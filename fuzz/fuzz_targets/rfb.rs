@@ -59,11 +59,17 @@ fuzz_target!(|data: &[u8]| {
     let _ = stream.write_all(data);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let closed = reader.join().expect("reader does not panic");
-    assert!(closed, "the server did not close a connection whose client had finished");
+    assert!(
+        closed,
+        "the server did not close a connection whose client had finished"
+    );
     // The client's threads finish after they close the socket: wait for its slot to go.
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.display.lock().vnc_clients() > 0 {
-        assert!(Instant::now() < deadline, "a finished VNC client is still registered");
+        assert!(
+            Instant::now() < deadline,
+            "a finished VNC client is still registered"
+        );
         std::thread::sleep(Duration::from_micros(50));
     }
 });

@@ -10,8 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use isola_device_common::{
-    serve_connection, DeviceError, Progress, QueueContext, QueueError, QueueHandler,
-    VirtioDevice,
+    serve_connection, DeviceError, Progress, QueueContext, QueueError, QueueHandler, VirtioDevice,
 };
 use isola_fuzz::Reader;
 use libfuzzer_sys::fuzz_target;
@@ -65,7 +64,11 @@ impl VirtioDevice for Dummy {
         }
     }
 
-    fn queue_handler(&self, _index: u16, _features: u64) -> Result<Box<dyn QueueHandler>, DeviceError> {
+    fn queue_handler(
+        &self,
+        _index: u16,
+        _features: u64,
+    ) -> Result<Box<dyn QueueHandler>, DeviceError> {
         Ok(Box::new(Drain))
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use isola_device_common::testing::SplitQueue;
 use isola_device_common::{DescriptorChain, Memory, QueueContext, QueueError, QueueHandler};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -101,6 +102,12 @@ pub struct Rig {
     /// [start, end) ranges the device may write: the writable buffers of the published
     /// chains and the used rings.
     allowed: Vec<(u64, u64)>,
+    /// The writable buffers alone.
+    buffers: Vec<(u64, u64)>,
+    /// A writable buffer overlaps what the device reads to find chains (a descriptor table,
+    /// an available ring, an indirect table): the guest rewrites its own requests as the
+    /// device serves them, so what the device may write is no longer known beforehand.
+    self_modifying: bool,
     /// Writable bytes of each published head, per queue (`None`: the chain is malformed).
     writable: Vec<Vec<(u16, Option<u64>)>>,
 }
@@ -197,6 +204,8 @@ impl Rig {
             published,
             before: Vec::new(),
             allowed: Vec::new(),
+            buffers: Vec::new(),
+            self_modifying: false,
             writable: Vec::new(),
         };
         rig.snapshot();
@@ -215,6 +224,7 @@ impl Rig {
     fn snapshot(&mut self) {
         self.before = vec![self.read_region(LOW), self.read_region(HIGH)];
         let mut allowed = Vec::new();
+        let mut buffers = Vec::new();
         let mut writable = Vec::new();
         for (q, driver) in self.drivers.iter().enumerate() {
             allowed.push((driver.used.0, driver.end().0));
@@ -227,7 +237,7 @@ impl Rig {
                         for s in segs.iter().filter(|s| s.writable) {
                             // A buffer whose range wraps allows nothing past the top.
                             let end = s.addr.0.checked_add(u64::from(s.len)).unwrap_or(u64::MAX);
-                            allowed.push((s.addr.0, end));
+                            buffers.push((s.addr.0, end));
                             total += u64::from(s.len);
                         }
                         Some(total)
@@ -238,8 +248,39 @@ impl Rig {
             }
             writable.push(per_queue);
         }
+        allowed.extend_from_slice(&buffers);
+        self.self_modifying = self
+            .tables()
+            .iter()
+            .any(|&(ts, te)| buffers.iter().any(|&(bs, be)| bs < te && ts < be));
         self.allowed = allowed;
+        self.buffers = buffers;
         self.writable = writable;
+    }
+
+    /// What the device reads to find its chains: descriptor tables, available rings and the
+    /// indirect tables the published heads name.
+    fn tables(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (q, driver) in self.drivers.iter().enumerate() {
+            let n = u64::from(QSIZE);
+            out.push((driver.desc.0, driver.desc.0 + 16 * n));
+            out.push((driver.avail.0, driver.avail.0 + 6 + 2 * n));
+            for &head in self.published[q].iter().filter(|&&h| h < QSIZE) {
+                let mut raw = [0u8; 16];
+                let at = GuestAddress(driver.desc.0 + 16 * u64::from(head));
+                if self.mem.read_slice(&mut raw, at).is_err() {
+                    continue;
+                }
+                let addr = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+                let flags = u16::from_le_bytes([raw[12], raw[13]]);
+                if u32::from(flags) & VRING_DESC_F_INDIRECT != 0 {
+                    out.push((addr, addr.saturating_add(u64::from(len))));
+                }
+            }
+        }
+        out
     }
 
     /// Runs `handler` over queue `q` once (process, then drain), as a queue worker would.
@@ -257,8 +298,13 @@ impl Rig {
 
     /// The oracle: every byte the device changed is in a writable buffer of a published
     /// chain or in a used ring, and every used element names a published head with a length
-    /// no larger than that chain's writable bytes. Returns the used elements per queue.
-    pub fn check(&self) -> Vec<Vec<(u32, u32)>> {
+    /// no larger than that chain's writable bytes. Returns the used elements per queue (`None`
+    /// where the guest offered the used ring itself as a buffer). A guest whose writable
+    /// buffers overlap its own descriptor tables or available ring is not checked.
+    pub fn check(&self) -> Vec<Option<Vec<(u32, u32)>>> {
+        if self.self_modifying {
+            return vec![None; self.drivers.len()];
+        }
         for (region, before) in [LOW, HIGH].into_iter().zip(&self.before) {
             let after = self.read_region(region);
             // Chunks compare with memcmp: a byte loop would be one traced comparison each.
@@ -277,6 +323,17 @@ impl Rig {
         }
         let mut all = Vec::new();
         for (q, driver) in self.drivers.iter().enumerate() {
+            // A guest that offered its own used ring as a writable buffer gets what it asked
+            // for: the device's writes there make the ring unreadable.
+            let (ring_start, ring_end) = (driver.used.0, driver.end().0);
+            let offered = self
+                .buffers
+                .iter()
+                .any(|&(s, e)| s < ring_end && ring_start < e);
+            if offered {
+                all.push(None);
+                continue;
+            }
             let used = driver.used_idx(&self.mem);
             let mut elems = Vec::new();
             for i in 0..used {
@@ -295,7 +352,7 @@ impl Rig {
                 );
                 elems.push((id, len));
             }
-            all.push(elems);
+            all.push(Some(elems));
         }
         all
     }
@@ -307,7 +364,8 @@ impl Rig {
 
     /// Asserts that queue `q` returned every head published on it that can be returned (a
     /// head outside the queue has no used element to go in: it is dropped).
-    pub fn all_returned(&self, q: usize, used: &[(u32, u32)]) {
+    pub fn all_returned(&self, q: usize, used: &Option<Vec<(u32, u32)>>) {
+        let Some(used) = used else { return };
         let returnable = self.published[q].iter().filter(|&&h| h < QSIZE).count();
         assert_eq!(
             used.len(),
