@@ -30,9 +30,13 @@ fn isolactl(args: &[&str]) -> (Option<i32>, String, String, Duration) {
     )
 }
 
-/// F4's repro: `isola-run --restart-limit 1`, blk0 killed twice by its pid, so the supervisor
-/// gives up and keeps its socket listening with nobody accepting.
-fn give_up(launch: &mut Launch) {
+/// F4's repro: `isola-run --restart-limit 1` with the virtio-blk guest's I/O loop (a request
+/// may take `timeout` seconds), blk0 killed twice by its pid, so the supervisor gives up and
+/// keeps its socket listening with nobody accepting.
+fn given_up(run_dir: &Path, timeout: u32) -> Launch {
+    let cmdline =
+        format!("virtio-blk.mode=loop virtio-blk.seconds=60 virtio-blk.timeout={timeout}");
+    let launch = Launch::start(run_dir, &["--restart-limit", "1", "--cmdline", &cmdline]);
     let sup = launch.supervisor_socket();
     let control = launch.control_socket();
     wait_for_path(&control, Duration::from_secs(60));
@@ -65,22 +69,14 @@ fn give_up(launch: &mut Launch) {
             .into_iter()
             .find(|d| d.name == "blk0" && matches!(d.state, DaemonState::Failed(_)))
     });
+    launch
 }
 
 #[test]
 fn f4_control_answers_after_the_supervisor_gave_up_on_a_daemon() {
     let dir = scratch_dir("f4-give-up");
     let run_dir = dir.join("run");
-    let mut launch = Launch::start(
-        &run_dir,
-        &[
-            "--restart-limit",
-            "1",
-            "--cmdline",
-            "virtio-blk.mode=loop virtio-blk.seconds=60 virtio-blk.timeout=100",
-        ],
-    );
-    give_up(&mut launch);
+    let mut launch = given_up(&run_dir, 100);
     let control = launch.control_socket();
     // Long enough for many reconnect attempts into the backlog nobody accepts.
     let t0 = Instant::now();
@@ -106,16 +102,7 @@ fn f4_the_guests_own_exit_ends_the_vm_after_a_give_up() {
     let dir = scratch_dir("f4-guest-exit");
     let run_dir = dir.join("run");
     // The guest gives up on its stalled request after 4 s and debug-exits (17).
-    let mut launch = Launch::start(
-        &run_dir,
-        &[
-            "--restart-limit",
-            "1",
-            "--cmdline",
-            "virtio-blk.mode=loop virtio-blk.seconds=60 virtio-blk.timeout=4",
-        ],
-    );
-    give_up(&mut launch);
+    let mut launch = given_up(&run_dir, 4);
     let status = launch.finish(Duration::from_secs(40));
     assert!(!status.success(), "the guest reported its timeout");
 }

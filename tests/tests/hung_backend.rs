@@ -106,24 +106,37 @@ fn stalled_then_recovered(mut s: Setup, how: Recovery, after: Option<&str>, prin
             "the backend was still stopped"
         );
     }
-    match how {
-        Recovery::Continue => signal_tree(s.backend.pid(), libc::SIGCONT),
-        Recovery::Kill => {
-            let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
-            signal_tree(old.pid(), libc::SIGKILL);
-            signal_tree(old.pid(), libc::SIGCONT);
-            old.kill();
-            s.proxy.set_pid(s.backend.pid());
+    s.recover(how);
+    wait_connected(&mut s);
+    s.finish_ok();
+}
+
+impl Setup {
+    /// SIGCONT to the stopped backend, or SIGKILL and a new backend on the same socket.
+    fn recover(&mut self, how: Recovery) {
+        match how {
+            Recovery::Continue => signal_tree(self.backend.pid(), libc::SIGCONT),
+            Recovery::Kill => {
+                let new = IsolaBlk::start(&self.blk, &self.disk);
+                // Before the old one dies: the core's next message may be the one to stop at.
+                self.proxy.set_pid(new.pid());
+                let old = std::mem::replace(&mut self.backend, new);
+                signal_tree(old.pid(), libc::SIGKILL);
+                old.kill();
+            }
         }
     }
-    wait_connected(&mut s);
-    let done = s.core.finish(BOOT);
-    done.assert_success();
-    assert!(
-        done.serial.iter().any(|l| l == "virtio-blk: ok"),
-        "{:?}",
-        done.serial
-    );
+
+    /// The guest finishes its verified I/O and powers off.
+    fn finish_ok(self) {
+        let done = self.core.finish(BOOT);
+        done.assert_success();
+        assert!(
+            done.serial.iter().any(|l| l == "virtio-blk: ok"),
+            "{:?}",
+            done.serial
+        );
+    }
 }
 
 /// The state letters of `pid`'s process tree below the reaper (`T` = stopped).
@@ -236,21 +249,8 @@ fn stopped_at_start(test: &str, how: Recovery) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    match how {
-        Recovery::Continue => signal_tree(s.backend.pid(), libc::SIGCONT),
-        Recovery::Kill => {
-            let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
-            signal_tree(old.pid(), libc::SIGKILL);
-            old.kill();
-        }
-    }
-    let done = s.core.finish(BOOT);
-    done.assert_success();
-    assert!(
-        done.serial.iter().any(|l| l == "virtio-blk: ok"),
-        "{:?}",
-        done.serial
-    );
+    s.recover(how);
+    s.finish_ok();
 }
 
 #[test]
@@ -267,23 +267,22 @@ fn a_backend_stopped_before_the_handshake_at_start_and_killed_is_replaced() {
 fn a_backend_stopped_during_a_reconnect_stalls_nothing() {
     // The second SET_OWNER is the first of a reconnect.
     let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=8 virtio-blk.sectors=64";
-    let mut s = start("hung-reconnect", code::SET_OWNER, 2, cmdline, &[]);
+    let s = start("hung-reconnect", code::SET_OWNER, 2, cmdline, &[]);
+    stalled_in_reconnect(s, Recovery::Continue);
+}
+
+/// The guest's I/O runs; its backend is killed and a new one started, which stops at the
+/// reconnect's first message.
+fn stalled_in_reconnect(mut s: Setup, how: Recovery) {
     s.core
         .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
-    let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
-    s.proxy.set_pid(s.backend.pid());
-    drop(old);
-    stalled_then_recovered(s, Recovery::Continue, None, None);
+    s.recover(Recovery::Kill);
+    stalled_then_recovered(s, how, None, None);
 }
 
 #[test]
 fn a_backend_stopped_during_a_reconnect_and_killed_is_replaced() {
     let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=8 virtio-blk.sectors=64";
-    let mut s = start("hung-reconnect-kill", code::SET_OWNER, 2, cmdline, &[]);
-    s.core
-        .wait_for("virtio-blk: loop cycles=", Duration::from_secs(30));
-    let old = std::mem::replace(&mut s.backend, IsolaBlk::start(&s.blk, &s.disk));
-    s.proxy.set_pid(s.backend.pid());
-    drop(old);
-    stalled_then_recovered(s, Recovery::Kill, None, None);
+    let s = start("hung-reconnect-kill", code::SET_OWNER, 2, cmdline, &[]);
+    stalled_in_reconnect(s, Recovery::Kill);
 }

@@ -687,6 +687,12 @@ impl Worker {
             return self.refuse("its device configuration (e.g. the disk size) differs".into());
         }
         self.config_stale = false;
+        self.adopt(new, config);
+    }
+
+    /// Makes `new` (checked by [`Self::retry`]) the session: restores the started device and
+    /// tells the other threads the device is back.
+    fn adopt(&mut self, new: VhostUserConnection, config: Vec<u8>) {
         self.conn.replace_with(new);
         self.connected = true;
         let restore = self.started;
