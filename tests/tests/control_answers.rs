@@ -238,3 +238,41 @@ fn isolactl_status_into_a_closed_pipe_exits_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn while_waiting_for_an_absent_device_every_request_is_answered_and_shutdown_ends_it() {
+    let dir = scratch_dir("absent-at-start");
+    let control = dir.join("control.sock");
+    let kernel = guest("virtio-blk.elf");
+    let device = format!("blk,socket={}", dir.join("later.sock").display());
+    let core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--device",
+        &device,
+        "--device-timeout",
+        "60",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]);
+    wait_for_path(&control, Duration::from_secs(30));
+    for request in [
+        ControlRequest::Status,
+        ControlRequest::Pause,
+        ControlRequest::Resume,
+    ] {
+        let t0 = Instant::now();
+        match control_within(&control, &request, LIMIT) {
+            Ok(ControlResponse::Error(why)) => {
+                assert!(why.contains("later.sock"), "{why}")
+            }
+            other => panic!("{request:?} while starting: {other:?}"),
+        }
+        assert!(t0.elapsed() < LIMIT, "{request:?} took {:?}", t0.elapsed());
+    }
+    let answer = control_within(&control, &ControlRequest::Shutdown, LIMIT);
+    assert_eq!(answer, Ok(ControlResponse::Done));
+    let done = core.finish(Duration::from_secs(10));
+    done.assert_success();
+    assert!(!control.exists(), "the control socket is removed");
+}
