@@ -147,14 +147,19 @@ pub enum Job {
 
 /// The transport's end: queue jobs, read the shared state.
 pub struct BackendHandle {
-    jobs: Sender<Job>,
+    /// `None` only while dropping.
+    jobs: Option<Sender<Job>>,
     wake: Arc<EventFd>,
     pub shared: Arc<Shared>,
 }
 
 impl BackendHandle {
     pub fn send(&self, job: Job) {
-        if self.jobs.send(job).is_ok() {
+        if self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok())
+        {
             let _ = self.wake.write(1);
         } else {
             log::error!("{}: the backend thread is gone", self.shared.name);
@@ -164,7 +169,8 @@ impl BackendHandle {
 
 impl Drop for BackendHandle {
     fn drop(&mut self) {
-        // The thread sees the closed channel on its next wake-up and ends.
+        // Closed first, so the thread sees the closed channel when this wakes it, and ends.
+        self.jobs = None;
         let _ = self.wake.write(1);
     }
 }
@@ -246,7 +252,7 @@ pub fn start(
         })
         .map_err(|e| BackendError::Spawn(thread, e))?;
     Ok(BackendHandle {
-        jobs: tx,
+        jobs: Some(tx),
         wake,
         shared,
     })
