@@ -103,13 +103,15 @@ pub struct Starting {
 const STARTING_TICK_MS: u8 = 20;
 
 impl Starting {
-    /// Serves `server` on a thread (`control-start`) with `filter` installed.
+    /// Serves `server` on a thread (`control-start`) with `filter` installed; status answers
+    /// say `waiting` until it is changed.
     pub fn start(
         server: ControlServer,
         filter: Option<seccompiler::BpfProgram>,
+        waiting: String,
     ) -> Result<Starting, io::Error> {
         let stop = Arc::new(AtomicBool::new(false));
-        let waiting = Arc::new(Mutex::new(String::from("setting up")));
+        let waiting = Arc::new(Mutex::new(waiting));
         let (flag, text) = (Arc::clone(&stop), Arc::clone(&waiting));
         let thread = std::thread::Builder::new()
             .name("control-start".into())

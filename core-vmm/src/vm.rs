@@ -149,8 +149,14 @@ impl Vm {
             .transpose()?;
         let control_filter =
             sandbox::filter(ThreadKind::Control, config.seccomp).map_err(VmError::Sandbox)?;
+        let devices: Vec<String> = config
+            .devices
+            .iter()
+            .map(|d| format!("{} at {}", d.kind.info().name, d.socket.display()))
+            .collect();
+        let first_answer = format!("setting up (devices: {})", devices.join(", "));
         let starting = control
-            .map(|server| Starting::start(server, control_filter))
+            .map(|server| Starting::start(server, control_filter, first_answer))
             .transpose()
             .map_err(|e| VmError::Spawn("control-start", e))?;
         let serial_out: Box<dyn Write + Send> = match &config.serial_log {
