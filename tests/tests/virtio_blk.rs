@@ -497,6 +497,24 @@ fn isola_blk_survives_every_hostile_request() {
     let done = run_guest(&socket, "virtio-blk.mode=hostile virtio-blk.timeout=10");
     let lines = assert_ok(&done);
     assert!(lines.contains(&"hostile ok"), "{}", report(&done));
+    // F6 through the guest: a read whose data buffer is device-readable gets IOERR.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("hostile readable-data: status=1 ")),
+        "{}",
+        report(&done)
+    );
+    // F3 through the guest: the wrapping chain is answered without a status (or dropped), and
+    // the guest saw no write to low memory (it checks and would have failed).
+    let wrap = lines
+        .iter()
+        .find(|l| l.starts_with("hostile wrapping-status: "))
+        .unwrap_or_else(|| panic!("no line for wrapping-status: {}", report(&done)));
+    assert!(
+        !wrap.contains("status=0 ") && !wrap.contains("status=1 "),
+        "{wrap}"
+    );
     for case in [
         "header-outside-ram",
         "data-outside-ram",

@@ -484,8 +484,40 @@ static int case_selected(const char *name)
 
 static const char *const case_names[] = {
 	"header-outside-ram", "data-outside-ram", "short-header", "read-past-end",
-	"unknown-type", "looped-chain",
+	"unknown-type", "looped-chain", "wrapping-status", "readable-data",
 };
+
+/* Low memory a status byte would land on if a device wrapped 0xFFFF_FFFF_FFFF_FFF8 + 15 (0x7)
+ * or + 511 (0x1f7) around the address space. */
+#define WRAP_WATCH 0x200
+static uint8_t wrap_before[WRAP_WATCH];
+
+static void wrap_snapshot(uint8_t *out)
+{
+	for (unsigned k = 0; k < WRAP_WATCH; k++)
+		out[k] = *(volatile uint8_t *)(uint64_t)k;
+}
+
+/* F3: header, 512-byte data buffer, then a last writable buffer of `len` bytes at
+ * 0xFFFF_FFFF_FFFF_FFF8, which ends past the top of the address space. */
+static unsigned wrapping_chain(uint32_t len)
+{
+	unsigned i = hostile_chain(T_IN, 0, 0, sizeof(struct blk_hdr), 0, 0);
+	uint16_t c = (uint16_t)(3 * i + 2);
+	virtq_set_desc(&q, c, 0xfffffffffffffff8ull, len, VIRTQ_DESC_F_WRITE, 0);
+	wrap_snapshot(wrap_before);
+	return i;
+}
+
+/* After a wrapping chain: nothing in low memory changed. */
+static void wrap_check(const char *name)
+{
+	static uint8_t after[WRAP_WATCH];
+	wrap_snapshot(after);
+	for (unsigned k = 0; k < WRAP_WATCH; k++)
+		if (after[k] != wrap_before[k])
+			die(EXIT_HOSTILE, "hostile %s: the device wrote guest address 0x%x", name, k);
+}
 
 /* Reads virtio-blk.cases; every name must be known. */
 static void parse_cases(void)
@@ -547,11 +579,26 @@ static void hostile(uint64_t seed)
 			i = hostile_chain(T_UNKNOWN, 0, 0, hdr, 0, 0);
 			want = EXPECT_UNSUPP;
 			break;
-		default: /* status descriptor chains back to the data one: endless */
+		case 5: /* status descriptor chains back to the data one: endless */
 			i = hostile_chain(T_IN, 0, 0, hdr, 0, 1);
+			break;
+		case 6: /* F3: its status would wrap to guest address 0x7 */
+			i = wrapping_chain(16);
+			want = EXPECT_ANY;
+			break;
+		default: /* F6: a read whose data buffer the device may only read */
+			i = hostile_chain(T_IN, 0, 0, hdr, 0, 0);
+			{
+				uint16_t b = (uint16_t)(3 * i + 1);
+				virtq_set_desc(&q, b, (uint64_t)data[i], SECTOR, VIRTQ_DESC_F_NEXT,
+					       b + 1);
+			}
+			want = EXPECT_IOERR;
 			break;
 		}
 		hostile_run(name, i, want, seed + 1 + k);
+		if (k == 6)
+			wrap_check(name);
 	}
 	print("virtio-blk: hostile ok\n");
 }
