@@ -120,7 +120,7 @@ impl Resource {
         self.backing
             .as_ref()
             .and_then(|b| b.last())
-            .map_or(0, |e| e.start + u64::from(e.len))
+            .map_or(0, |e| e.start.saturating_add(u64::from(e.len)))
     }
 }
 

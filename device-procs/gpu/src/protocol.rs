@@ -151,13 +151,19 @@ impl Rect {
             && self.y.checked_add(self.height).is_some_and(|b| b <= height)
     }
 
-    /// The overlap of two rectangles that are each inside some area (no overflow possible
-    /// for those), or `None` if they do not overlap.
+    /// The overlap of two rectangles, or `None` if they do not overlap (or either one's
+    /// edge is past `u32::MAX`: guest values are added with `checked_add`).
     pub fn intersect(&self, other: &Rect) -> Option<Rect> {
         let x = self.x.max(other.x);
         let y = self.y.max(other.y);
-        let right = (self.x + self.width).min(other.x + other.width);
-        let bottom = (self.y + self.height).min(other.y + other.height);
+        let right = self
+            .x
+            .checked_add(self.width)?
+            .min(other.x.checked_add(other.width)?);
+        let bottom = self
+            .y
+            .checked_add(self.height)?
+            .min(other.y.checked_add(other.height)?);
         (right > x && bottom > y).then(|| Rect {
             x,
             y,
@@ -231,6 +237,9 @@ mod tests {
             Some(r(5, 5, 5, 5))
         );
         assert_eq!(r(0, 0, 5, 5).intersect(&r(5, 0, 5, 5)), None);
+        // Edges past u32::MAX (a guest's rectangle before it is checked): no overlap, no wrap.
+        assert_eq!(r(u32::MAX, 0, 2, 5).intersect(&r(0, 0, 5, 5)), None);
+        assert_eq!(r(0, 0, 5, 5).intersect(&r(0, u32::MAX - 1, 5, 5)), None);
     }
 
     #[test]
