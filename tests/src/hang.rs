@@ -124,10 +124,12 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     all
 }
 
-/// Sends `signal` to `pid` and every process below it (children first for SIGSTOP is not
-/// needed: a stopped parent does not stop its children, so all get it).
+/// Sends `signal` to `pid` and every process below it, parents first. A sandboxed device is
+/// the ptrace tracee of its reaper, which resumes a tracee's stop on its own: stopped first,
+/// the reaper cannot, and the device then stays in its signal-delivery stop. On SIGCONT the
+/// reaper, continued first, lets the device run again.
 pub fn signal_tree(pid: u32, signal: libc::c_int) {
-    for p in process_tree(pid).into_iter().rev() {
+    for p in process_tree(pid) {
         // SAFETY: kill takes plain integers; a pid that is gone only makes it fail.
         unsafe { libc::kill(p as libc::pid_t, signal) };
     }

@@ -101,9 +101,10 @@ fn stalled_then_recovered(mut s: Setup, how: Recovery, after: Option<&str>, prin
     if let Some(line) = printed {
         // The vCPU that wrote the status, or read the configuration, runs on.
         s.core.wait_for(line, Duration::from_secs(20));
+        let states = process_state(s.backend.pid());
         assert!(
-            process_state(s.backend.pid()).contains('T'),
-            "the backend was still stopped"
+            !states.is_empty() && states.chars().all(|c| c == 'T' || c == 't'),
+            "the backend (reaper and device) was still stopped: {states}"
         );
     }
     s.recover(how);
@@ -139,7 +140,7 @@ impl Setup {
     }
 }
 
-/// The state letters of `pid`'s process tree below the reaper (`T` = stopped).
+/// The state letters of `pid` and its process tree (`T` stopped, `t` stopped by its tracer).
 fn process_state(pid: u32) -> String {
     isola_tests::hang::process_tree(pid)
         .iter()
