@@ -299,3 +299,56 @@ fn every_request_code_after_negotiation_is_answered_or_refused_and_the_process_s
         backend.log_text()
     );
 }
+
+/// F1 as it was found, through the real path: a frontend whose guest RAM can still shrink
+/// (allowed here with `--allow-unsealed-memory`, as for libblkio) starts a ring, truncates the
+/// file to 0 and kicks. The queue worker's first look at the ring is a SIGBUS; the sandboxed
+/// device dies of it at once, named, instead of faulting in a loop for ever.
+#[test]
+fn a_frontend_that_truncates_unsealed_memory_gets_a_device_that_dies_of_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    use vm_memory::GuestAddress;
+    let dir = Scratch::new("truncate");
+    let image_path = dir.path("disk.img");
+    patterned_image(&image_path, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::start(
+        &socket,
+        &image_path,
+        dir.path("stderr"),
+        &["--allow-unsealed-memory"],
+    );
+    let ram = GuestRam::unsealed(2 << 20);
+    let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
+    let mut q = testing::SplitQueue::new(0, 16, GuestAddress(0));
+    testing::start_queue(&mut fe, &q, &ram, 0);
+    // A request made available (not kicked) while the memory is still there.
+    let head = q.add(
+        ram.memory(),
+        &[
+            (GuestAddress(0x10_0000), 16, false),
+            (GuestAddress(0x11_0000), 512, true),
+            (GuestAddress(0x12_0000), 1, true),
+        ],
+    );
+    q.publish(ram.memory(), head);
+    ram.file().set_len(0).unwrap();
+    let truncated = Instant::now();
+    q.kick();
+    let status = loop {
+        if let Some(status) = backend.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            truncated.elapsed() < TIMEOUT,
+            "the device did not die: {}",
+            backend.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let took = truncated.elapsed();
+    let log = backend.log_text();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}\n{log}");
+    assert!(log.contains("killed by SIGBUS (fault in thread "), "{log}");
+    println!("dead of SIGBUS {took:?} after the truncation and kick");
+}
