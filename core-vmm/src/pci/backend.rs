@@ -28,13 +28,10 @@ use crate::memory::GuestRam;
 use crate::vhost_user::{connect_display, QueueSetup, VhostUserConnection, VhostUserError};
 use crate::virtio::DeviceKind;
 
+use super::retry::{Watch, REFUSED_RETRY};
+
 /// While a backend is away, the thread tries to reconnect this often (milliseconds).
 const RECONNECT_TICK_MS: u8 = 5;
-/// A backend that was refused (changed features or disk size) is retried this often.
-const REFUSED_RETRY: Duration = Duration::from_secs(1);
-/// A backend that dies within this time of being restored is flapping: back off.
-const FLAP_WINDOW: Duration = Duration::from_millis(250);
-const FLAP_BACKOFF_MIN: Duration = Duration::from_millis(50);
 
 /// The state of the connection to the device process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,34 +253,6 @@ pub fn start(
         wake,
         shared,
     })
-}
-
-/// Retry pacing for one peer (the backend, or a GPU's display process).
-#[derive(Default)]
-struct Watch {
-    /// No attempt before this moment.
-    not_before: Option<Instant>,
-    /// When the peer last came back, to spot one that dies again at once.
-    back_at: Option<Instant>,
-    backoff: Duration,
-}
-
-impl Watch {
-    /// The peer went away: the next attempt comes at once, or after a growing back-off when
-    /// it went away within [`FLAP_WINDOW`] of the last success.
-    fn went_away(&mut self) {
-        let flapping = self.back_at.is_some_and(|at| at.elapsed() < FLAP_WINDOW);
-        self.backoff = if flapping {
-            (self.backoff * 2).clamp(FLAP_BACKOFF_MIN, REFUSED_RETRY)
-        } else {
-            Duration::ZERO
-        };
-        self.not_before = Some(Instant::now() + self.backoff);
-    }
-
-    fn due(&self) -> bool {
-        self.not_before.is_none_or(|at| Instant::now() >= at)
-    }
 }
 
 struct Worker {
@@ -752,23 +721,51 @@ impl Worker {
 mod tests {
     use super::*;
 
+    fn shared(pending: u32, link: Link, timeout: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
+            name: "test",
+            socket: PathBuf::from("/nowhere"),
+            timeout,
+            state: Mutex::new(State {
+                link,
+                reconnects: 0,
+                config: vec![1, 2, 3],
+                config_generation: 0,
+                config_pending: pending,
+                resetting: false,
+                needs_reset: false,
+                display: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
     #[test]
-    fn a_peer_that_keeps_dying_right_after_coming_back_is_retried_ever_more_slowly() {
-        let mut watch = Watch::default();
-        watch.went_away();
-        assert_eq!(watch.backoff, Duration::ZERO, "first loss: at once");
-        let mut last = Duration::ZERO;
-        for _ in 0..8 {
-            watch.back_at = Some(Instant::now());
-            watch.went_away();
-            assert!(watch.backoff >= FLAP_BACKOFF_MIN && watch.backoff >= last);
-            assert!(watch.backoff <= REFUSED_RETRY);
-            last = watch.backoff;
-        }
-        assert_eq!(last, REFUSED_RETRY, "capped");
-        // Up for longer than the flap window: at once again.
-        watch.back_at = Instant::now().checked_sub(FLAP_WINDOW * 2);
-        watch.went_away();
-        assert_eq!(watch.backoff, Duration::ZERO);
+    fn a_config_read_waits_for_a_pending_refresh_at_most_the_deadline() {
+        // Nothing answers: the read gives up after the deadline and serves the cache.
+        let s = shared(1, Link::Connected, Duration::from_millis(100));
+        let t0 = Instant::now();
+        assert_eq!(s.settled_config().config, [1, 2, 3]);
+        assert!(t0.elapsed() >= Duration::from_millis(90));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // A backend that is away: no wait at all.
+        let s = shared(1, Link::Reconnecting, Duration::from_secs(60));
+        let t0 = Instant::now();
+        drop(s.settled_config());
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // The refresh arrives: the read ends with it, long before the deadline.
+        let s = shared(1, Link::Connected, Duration::from_secs(60));
+        let worker = Arc::clone(&s);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            worker.update(|st| {
+                st.config = vec![9];
+                st.config_pending = 0;
+            });
+        });
+        let t0 = Instant::now();
+        assert_eq!(s.settled_config().config, [9]);
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        t.join().unwrap();
     }
 }

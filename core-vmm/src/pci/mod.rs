@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 pub mod msix;
+mod retry;
 pub mod virtio_pci;
 
 use std::sync::{Arc, Mutex, RwLock};
