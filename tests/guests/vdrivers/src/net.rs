@@ -8,6 +8,10 @@
 //! * `resets`: `resets` rounds of a new driver (reset + initialisation) at queue size `qsize`,
 //!   each sending `round <k>` to host port 7007 and waiting for its echo (ARP answered meanwhile).
 //! * `qsizes`: the same round once at every power-of-two queue size the device allows.
+//! * `loop`: echo rounds on one driver for `ms` milliseconds, each allowed to stall `stall` ms
+//!   (a device process killed meanwhile is a pause); every 100th prints a line.
+//!
+//! Before its first datagram to the host a fresh driver asks for the host's MAC by ARP.
 //!
 //! Stream datagrams (both ways): 60 bytes, sequence number (u32 big-endian) then byte i (4..60)
 //! = seq * 31 + i * 7 (mod 256).
@@ -41,6 +45,7 @@ pub fn run() {
         "work" => work::<16>(&mut root),
         "resets" => resets(&mut root),
         "qsizes" => qsizes(&mut root),
+        "loop" => run_loop(&mut root),
         _ => fail!(exit::SETUP, "unknown vdrivers.mode={mode:?}"),
     }
 }
@@ -192,6 +197,15 @@ impl<const N: usize> Nic<N> {
                     proto::arp_reply(out, mac, sender_mac, sender_ip)
                 });
                 self.arp_answered += 1;
+                None
+            }
+            Packet::ArpReply {
+                sender_mac,
+                sender_ip,
+            } => {
+                if sender_ip == HOST_IP {
+                    self.host_mac = Some(sender_mac);
+                }
                 None
             }
             Packet::IcmpEcho {
@@ -378,35 +392,73 @@ fn udp_in<const N: usize>(
     }
 }
 
-/// One round at queue size N: `round <k>` to host port 7007, its echo back (bounded wait).
-fn echo_round<const N: usize>(root: &mut Root, round: u64, report: bool) {
-    let mut nic = Nic::<N>::open(root, report);
-    let mut msg = [0u8; 32];
-    let text = {
-        use core::fmt::Write;
-        let mut w = proto::SliceWriter::new(&mut msg);
-        let _ = write!(w, "round {round} size {N}");
-        w.len()
-    };
-    let deadline = Deadline::after_ms(20_000);
-    // The host ARPs for us first (we learn its MAC from that); resend every 200 ms.
+/// Sends `msg` from and to UDP port 7007 of the host until it comes back (the host echoes it),
+/// resending every 200 ms and asking for the host's MAC by ARP while it is unknown; answers
+/// ARP and ping meanwhile. Fails the run after `stall_ms`. Returns the milliseconds it took.
+fn echo_once<const N: usize>(nic: &mut Nic<N>, msg: &[u8], stall_ms: u64) -> u64 {
+    let start = rt::now_ms();
+    let deadline = Deadline::after_ms(stall_ms);
     let mut resend = Deadline::after_ms(0);
     loop {
-        if nic.host_mac.is_some() && resend.passed() {
-            nic.send_udp(7007, 7007, &msg[..text]);
+        if resend.passed() {
+            match nic.host_mac {
+                Some(_) => nic.send_udp(7007, 7007, msg),
+                None => {
+                    let mac = nic.mac;
+                    nic.send(5000, |out| proto::arp_request(out, mac, HOST_IP));
+                }
+            }
             resend = Deadline::after_ms(200);
         }
         if let Some(Some((_, 7007, payload))) = nic.poll_rx(|nic, f| nic.handle(f)) {
-            if payload == msg[..text] {
-                break;
+            if payload == msg {
+                return rt::now_ms().saturating_sub(start);
             }
         }
-        deadline.check("echo round");
+        deadline.check("echo");
         core::hint::spin_loop();
     }
+}
+
+/// `round <round> size <N>` as bytes.
+fn round_msg(buf: &mut [u8; 32], round: u64, size: usize) -> usize {
+    use core::fmt::Write;
+    let mut w = proto::SliceWriter::new(buf);
+    let _ = write!(w, "round {round} size {size}");
+    w.len()
+}
+
+/// One round at queue size N: a new driver, one echo, the driver dropped (device reset).
+fn echo_round<const N: usize>(root: &mut Root, round: u64, report: bool) {
+    let mut nic = Nic::<N>::open(root, report);
+    let mut msg = [0u8; 32];
+    let len = round_msg(&mut msg, round, N);
+    echo_once(&mut nic, &msg[..len], 20_000);
     nic.drain_tx(5000);
-    // Tell the host this round is over (it stops expecting retries).
     drop(nic);
+}
+
+/// Echo rounds on one driver for `ms` milliseconds; each may stall `stall` ms (a device process
+/// killed and restarted meanwhile is a pause).
+fn run_loop(root: &mut Root) {
+    let ms = rt::arg_u64("ms", 5000);
+    let stall = rt::arg_u64("stall", 30_000);
+    let mut nic = Nic::<16>::open(root, true);
+    say!("ready");
+    let end = Deadline::after_ms(ms);
+    let mut rounds = 0u64;
+    let mut longest = 0;
+    let mut msg = [0u8; 32];
+    while !end.passed() {
+        let len = round_msg(&mut msg, rounds, 16);
+        longest = longest.max(echo_once(&mut nic, &msg[..len], stall));
+        rounds += 1;
+        if rounds.is_multiple_of(100) {
+            say!("round {rounds} echoed longest-wait-ms={longest}");
+        }
+    }
+    nic.drain_tx(5000);
+    say!("rounds={rounds} longest-wait-ms={longest}");
 }
 
 fn resets(root: &mut Root) {

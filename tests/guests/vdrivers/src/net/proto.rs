@@ -13,6 +13,10 @@ pub enum Packet {
         sender_mac: [u8; 6],
         sender_ip: [u8; 4],
     },
+    ArpReply {
+        sender_mac: [u8; 6],
+        sender_ip: [u8; 4],
+    },
     IcmpEcho {
         src_mac: [u8; 6],
         src_ip: [u8; 4],
@@ -55,10 +59,18 @@ impl Frame {
             ETH_ARP if body.len() >= 28 => {
                 let op = be16(body, 6);
                 let target: [u8; 4] = arr(body, 24);
-                (op == 1 && target == GUEST_IP).then(|| Packet::ArpRequest {
-                    sender_mac: arr(body, 8),
-                    sender_ip: arr(body, 14),
-                })
+                let (sender_mac, sender_ip) = (arr(body, 8), arr(body, 14));
+                match op {
+                    1 if target == GUEST_IP => Some(Packet::ArpRequest {
+                        sender_mac,
+                        sender_ip,
+                    }),
+                    2 if target == GUEST_IP => Some(Packet::ArpReply {
+                        sender_mac,
+                        sender_ip,
+                    }),
+                    _ => None,
+                }
             }
             ETH_IP if body.len() >= 20 => Self::parse_ip(src_mac, body),
             _ => None,
@@ -119,19 +131,36 @@ fn eth(out: &mut [u8], dst: [u8; 6], src: [u8; 6], kind: u16) {
     out[12..14].copy_from_slice(&kind.to_be_bytes());
 }
 
+/// An ARP request (broadcast) for `ip`; returns the frame length.
+pub fn arp_request(out: &mut [u8], mac: [u8; 6], ip: [u8; 4]) -> usize {
+    arp(out, 1, mac, [0xff; 6], [0; 6], ip)
+}
+
 /// An ARP reply from us to `to_mac`/`to_ip`; returns the frame length.
 pub fn arp_reply(out: &mut [u8], mac: [u8; 6], to_mac: [u8; 6], to_ip: [u8; 4]) -> usize {
-    eth(out, to_mac, mac, ETH_ARP);
+    arp(out, 2, mac, to_mac, to_mac, to_ip)
+}
+
+fn arp(
+    out: &mut [u8],
+    op: u16,
+    mac: [u8; 6],
+    eth_dst: [u8; 6],
+    to_mac: [u8; 6],
+    to_ip: [u8; 4],
+) -> usize {
+    eth(out, eth_dst, mac, ETH_ARP);
     let a = &mut out[14..42];
     a[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
     a[2..4].copy_from_slice(&ETH_IP.to_be_bytes());
     a[4] = 6;
     a[5] = 4;
-    a[6..8].copy_from_slice(&2u16.to_be_bytes()); // reply
+    a[6..8].copy_from_slice(&op.to_be_bytes());
     a[8..14].copy_from_slice(&mac);
     a[14..18].copy_from_slice(&GUEST_IP);
     a[18..24].copy_from_slice(&to_mac);
     a[24..28].copy_from_slice(&to_ip);
+    out[42..60].fill(0);
     60 // padded to the Ethernet minimum
 }
 
