@@ -4,7 +4,7 @@
 //! * `echo` (default): `ready`, then every byte received on port 0 is sent back, in chunks as
 //!   received, until `bytes` bytes have been echoed; then `echoed <n> crc=<crc32>`.
 //! * `resets`: `resets` rounds of a new driver (reset + initialisation), each sending
-//!   `round <k>\n` on port 0.
+//!   `ready <k>\n` on port 0, waiting for one byte b and answering `round <k> got <b>\n`.
 
 use alloc::vec::Vec;
 
@@ -99,25 +99,33 @@ fn echo(root: &mut Root) {
     say!("echoed {echoed} crc={crc:#010x}");
 }
 
+/// `text` (formatted) on port 0.
+fn send_line(con: &mut Console, args: core::fmt::Arguments) {
+    use core::fmt::Write;
+    let mut line = [0u8; 64];
+    let mut w = crate::net::proto::SliceWriter::new(&mut line);
+    let _ = w.write_fmt(args);
+    let len = w.len();
+    if let Err(e) = con.send_bytes(&line[..len]) {
+        fail!(exit::FAILED, "send_bytes: {e}");
+    }
+}
+
 fn resets(root: &mut Root) {
     let times = rt::arg_u64("resets", 100);
     let baseline = dma_pages_in_use();
     for round in 0..times {
         let mut con = open(root, round == 0);
-        let mut line = [0u8; 32];
-        let len = {
-            use core::fmt::Write;
-            let mut w = crate::net::proto::SliceWriter::new(&mut line);
-            let _ = writeln!(w, "round {round}");
-            w.len()
-        };
-        if let Err(e) = con.send_bytes(&line[..len]) {
-            fail!(exit::FAILED, "round {round}: send_bytes: {e}");
-        }
+        send_line(&mut con, format_args!("ready {round}\n"));
+        let byte = rt::wait_for(20_000, "a byte on port 0", || match con.recv(true) {
+            Ok(b) => b,
+            Err(e) => fail!(exit::FAILED, "round {round}: recv: {e}"),
+        });
+        send_line(&mut con, format_args!("round {round} got {byte}\n"));
         drop(con);
         if dma_pages_in_use() != baseline {
             fail!(exit::FAILED, "round {round}: DMA pages not returned");
         }
     }
-    say!("resets={times} each sent");
+    say!("resets={times} each echoed");
 }
