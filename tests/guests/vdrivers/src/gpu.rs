@@ -6,6 +6,10 @@
 //!   and RESOURCE_FLUSH: `flushed <w>x<h> frame=<n>`; then the guest stays `hold` ms.
 //! * `resets`: `resets` rounds of a new driver (reset + initialisation) drawing and flushing
 //!   frame (round % 3) + 1, then `hold` ms as above with `last frame=<n>`.
+//! * `loop`: one driver redrawing and flushing frames 1, 2, 3, 1, ... for `ms` milliseconds
+//!   (`frame <k> flushed` every 20th), then frame 1 again: `frames=<n> longest-wait-ms=<ms>`
+//!   and `last frame=1`. The crate's requests block without a deadline, so a device process
+//!   killed meanwhile is a pause (the test bounds the run).
 
 use virtio_drivers::device::gpu::VirtIOGpu;
 use virtio_drivers::transport::pci::PciTransport;
@@ -25,6 +29,7 @@ pub fn run() {
     match mode {
         "draw" => draw(&mut root),
         "resets" => resets(&mut root),
+        "loop" => run_loop(&mut root),
         _ => fail!(exit::SETUP, "unknown vdrivers.mode={mode:?}"),
     }
     let hold = rt::arg_u64("hold", 0);
@@ -54,6 +59,49 @@ fn open(root: &mut Root, report: bool) -> Gpu {
     }
 }
 
+/// Frame `frame` into a B8G8R8A8 framebuffer of `w` x `h`.
+fn paint(fb: &mut [u8], w: u32, h: u32, frame: u32) {
+    for y in 0..h {
+        for x in 0..w {
+            let [r, g, b] = pixel(x, y, frame);
+            let at = ((y * w + x) * 4) as usize;
+            // B8G8R8A8_UNORM, the crate's format.
+            fb[at..at + 4].copy_from_slice(&[b, g, r, 0xff]);
+        }
+    }
+}
+
+fn run_loop(root: &mut Root) {
+    let ms = rt::arg_u64("ms", 5000);
+    let mut gpu = open(root, true);
+    let (w, h) = show(&mut gpu, 1, true);
+    say!("flushed {w}x{h} frame=1");
+    let end = Deadline::after_ms(ms);
+    let mut frames = 1u64;
+    let mut longest = 0;
+    while !end.passed() {
+        let frame = (frames % 3) as u32 + 1;
+        let fb = match gpu.setup_framebuffer() {
+            Ok(fb) => fb,
+            Err(e) => fail!(exit::FAILED, "frame {frames}: framebuffer setup: {e}"),
+        };
+        paint(fb, w, h, frame);
+        let start = rt::now_ms();
+        if let Err(e) = gpu.flush() {
+            fail!(exit::FAILED, "frame {frames}: transfer + flush: {e}");
+        }
+        longest = longest.max(rt::now_ms().saturating_sub(start));
+        frames += 1;
+        if frames.is_multiple_of(20) {
+            say!("frame {frames} flushed");
+        }
+    }
+    show(&mut gpu, 1, false);
+    say!("frames={frames} longest-wait-ms={longest}");
+    say!("last frame=1");
+    core::mem::forget(gpu);
+}
+
 /// Display info, framebuffer, frame `frame`, transfer + flush; returns the size.
 fn show(gpu: &mut Gpu, frame: u32, report: bool) -> (u32, u32) {
     let (w, h) = match gpu.resolution() {
@@ -78,14 +126,7 @@ fn show(gpu: &mut Gpu, frame: u32, report: bool) -> (u32, u32) {
             fb.len()
         );
     }
-    for y in 0..h {
-        for x in 0..w {
-            let [r, g, b] = pixel(x, y, frame);
-            let at = ((y * w + x) * 4) as usize;
-            // B8G8R8A8_UNORM, the crate's format.
-            fb[at..at + 4].copy_from_slice(&[b, g, r, 0xff]);
-        }
-    }
+    paint(fb, w, h, frame);
     if let Err(e) = gpu.flush() {
         fail!(exit::FAILED, "transfer + flush: {e}");
     }
