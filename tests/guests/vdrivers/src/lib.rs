@@ -11,6 +11,7 @@ pub mod blk;
 pub mod console;
 pub mod gpu;
 pub mod hal;
+pub mod input;
 pub mod mem;
 pub mod net;
 pub mod pci;
@@ -49,6 +50,7 @@ pub extern "C" fn guest_main() {
         "net" => net::run(),
         "console" => console::run(),
         "gpu" => gpu::run(),
+        "input" => input::run(),
         _ => fail!(exit::SETUP, "unknown vdrivers.dev={dev:?}"),
     }
     rt::done()
