@@ -42,8 +42,11 @@ fn wait_drained(input: &IsolaInput) {
     }
 }
 
+/// One input event: (type, code, value).
+type Event = (u16, u16, i32);
+
 /// The guest's `dev=<n> report ...` lines as (dev, events).
-fn reports(lines: &[&str]) -> Vec<(u32, Vec<(u16, u16, i32)>)> {
+fn reports(lines: &[&str]) -> Vec<(u32, Vec<Event>)> {
     lines
         .iter()
         .filter_map(|l| {
@@ -62,9 +65,9 @@ fn reports(lines: &[&str]) -> Vec<(u32, Vec<(u16, u16, i32)>)> {
         .collect()
 }
 
-const SYN: (u16, u16, i32) = (0, 0, 0);
+const SYN: Event = (0, 0, 0);
 
-fn key(code: u16, value: i32) -> Vec<(u16, u16, i32)> {
+fn key(code: u16, value: i32) -> Vec<Event> {
     vec![(1, code, value), SYN]
 }
 
