@@ -14,8 +14,8 @@
 
 use alloc::vec::Vec;
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR_SIZE};
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::Error;
 
@@ -24,7 +24,7 @@ use crate::pci::{self, Root};
 use crate::rt::{self, exit, mix64, Rng};
 use crate::{fail, say};
 
-type Blk = VirtIOBlk<IdentityHal, PciTransport>;
+type Blk = VirtIOBlk<IdentityHal, SpecTransport>;
 
 /// What the guest writes to `sector` with `seed`: 64 little-endian words, word i =
 /// mix64(seed * 0x9e3779b97f4a7c15 ^ (sector << 6 | i)). The tests recompute it.
@@ -141,6 +141,7 @@ fn resets(root: &mut Root) {
     let mut capacity = 0;
     for round in 0..times {
         let mut blk = open(root, round == 0);
+        say!("round {round}");
         capacity = blk.capacity();
         // Work between resets: 16 sectors of this round's pattern, written then verified.
         let sectors = random_sectors(16, seed.wrapping_add(round), capacity);

@@ -8,8 +8,8 @@
 
 use alloc::vec::Vec;
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::hal::{dma_pages_in_use, IdentityHal};
@@ -17,7 +17,7 @@ use crate::pci::{self, Root};
 use crate::rt::{self, exit, Deadline};
 use crate::{fail, say};
 
-type Console = VirtIOConsole<IdentityHal, PciTransport>;
+type Console = VirtIOConsole<IdentityHal, SpecTransport>;
 
 pub fn run() {
     let mut buf = [0u8; 16];

@@ -11,8 +11,8 @@
 //!   and `last frame=1`. The crate's requests block without a deadline, so a device process
 //!   killed meanwhile is a pause (the test bounds the run).
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::gpu::VirtIOGpu;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::hal::{dma_pages_in_use, IdentityHal};
@@ -20,7 +20,7 @@ use crate::pci::{self, Root};
 use crate::rt::{self, exit, Deadline};
 use crate::{fail, say};
 
-type Gpu = VirtIOGpu<IdentityHal, PciTransport>;
+type Gpu = VirtIOGpu<IdentityHal, SpecTransport>;
 
 pub fn run() {
     let mut buf = [0u8; 16];

@@ -16,8 +16,8 @@
 
 use alloc::vec::Vec;
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::input::{InputEvent, VirtIOInput};
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::hal::{dma_pages_in_use, IdentityHal};
@@ -25,7 +25,7 @@ use crate::pci::{self, Root};
 use crate::rt::{self, exit, Deadline};
 use crate::{fail, say};
 
-type Input = VirtIOInput<IdentityHal, PciTransport>;
+type Input = VirtIOInput<IdentityHal, SpecTransport>;
 
 const EV_TYPES: [u8; 7] = [0x00, 0x01, 0x02, 0x03, 0x04, 0x11, 0x14];
 const EV_ABS: u8 = 0x03;

@@ -53,5 +53,7 @@ pub extern "C" fn guest_main() {
         "input" => input::run(),
         _ => fail!(exit::SETUP, "unknown vdrivers.dev={dev:?}"),
     }
+    let slow = pci::SLOW_RESETS.load(core::sync::atomic::Ordering::Relaxed);
+    say!("slow-resets={slow}");
     rt::done()
 }

@@ -19,8 +19,8 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceType, Transport};
 use virtio_drivers::Error;
 
@@ -52,7 +52,7 @@ pub fn run() {
 
 /// A driver plus the buffers it has posted.
 pub struct Nic<const N: usize> {
-    dev: VirtIONetRaw<IdentityHal, PciTransport, N>,
+    dev: VirtIONetRaw<IdentityHal, SpecTransport, N>,
     rx: Vec<[u8; BUF]>,
     rx_token: Vec<Option<u16>>,
     tx: Vec<[u8; BUF]>,
@@ -73,7 +73,7 @@ impl<const N: usize> Nic<N> {
         // virtio_net_config.status (offset 6; VIRTIO_NET_S_LINK_UP = 1), which the crate reads but
         // does not expose.
         let status = transport.read_config_space::<u16>(6).unwrap_or(0);
-        let dev = match VirtIONetRaw::<IdentityHal, PciTransport, N>::new(transport) {
+        let dev = match VirtIONetRaw::<IdentityHal, SpecTransport, N>::new(transport) {
             Ok(dev) => dev,
             Err(e) => fail!(exit::FAILED, "VirtIONetRaw<{N}>::new: {e}"),
         };

@@ -13,10 +13,10 @@
 
 use alloc::vec::Vec;
 
+use crate::pci::SpecTransport;
 use virtio_drivers::device::blk::SECTOR_SIZE;
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::bus::DeviceFunction;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
 use crate::blk::{pattern, random_sectors};
@@ -70,7 +70,7 @@ pub fn run(root: &mut Root) {
 }
 
 /// Resets the device and takes it to FEATURES_OK with `features`; fails the run otherwise.
-fn negotiate(t: &mut PciTransport, features: u64) {
+fn negotiate(t: &mut SpecTransport, features: u64) {
     t.set_status(DeviceStatus::empty());
     rt::wait_for(10_000, "device reset", || {
         (t.get_status() == DeviceStatus::empty()).then_some(())
@@ -153,7 +153,7 @@ fn sweep<const N: usize>(
 
 fn submit<const N: usize>(
     queue: &mut VirtQueue<IdentityHal, N>,
-    t: &mut PciTransport,
+    t: &mut SpecTransport,
     slot: &mut Slot,
     sector: u64,
     seed: u64,
