@@ -352,3 +352,36 @@ fn a_frontend_that_truncates_unsealed_memory_gets_a_device_that_dies_of_sigbus()
     assert!(log.contains("killed by SIGBUS (fault in thread "), "{log}");
     println!("dead of SIGBUS {took:?} after the truncation and kick");
 }
+
+/// A frontend that sends a message's header and never its body is dropped once the message
+/// deadline (2 s) passes, even after SET_OWNER; the next frontend is served.
+#[test]
+fn a_frontend_that_stops_in_the_middle_of_a_message_is_dropped() {
+    let dir = Scratch::new("half-message");
+    let image_path = dir.path("disk.img");
+    let image = patterned_image(&image_path, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let backend = Backend::start(&socket, &image_path, dir.path("stderr"), &[]);
+    let stream = UnixStream::connect(&socket).unwrap();
+    testing::raw_message(&stream, 3, V1, &[], &[]);
+    // SET_FEATURES announcing an 8-byte body that never comes.
+    let mut header = Vec::new();
+    for v in [2u32, V1, 8] {
+        header.extend_from_slice(&v.to_le_bytes());
+    }
+    std::io::Write::write_all(&mut &stream, &header).unwrap();
+    let started = Instant::now();
+    assert!(testing::closed_by_peer(&stream, TIMEOUT), "not dropped");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "dropped too early: {waited:?}"
+    );
+    assert!(
+        backend.wait_log("refusing the connection", 1),
+        "{}",
+        backend.log_text()
+    );
+    read_once(&socket, &image);
+    println!("a half-sent message was dropped after {waited:?}");
+}

@@ -45,6 +45,10 @@ fn handshake_timeout() -> Duration {
     Duration::from_millis(HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed))
 }
 
+/// How long the rest of a message may take once its first byte is readable: a frontend that
+/// sends half a header and stops must not hold the device.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How a connection ended.
 #[derive(Debug)]
 pub enum Ending {
@@ -117,6 +121,12 @@ fn is_transient(e: &std::io::Error) -> bool {
 
 /// Serves one frontend until it disconnects or is refused, then resets the device state.
 pub fn serve_connection<D: VirtioDevice>(stream: UnixStream, device: &Arc<D>) -> Ending {
+    // Every read of the connection is bounded; the loop below waits (with poll) for a
+    // message to begin, so an idle owned frontend is not affected.
+    if let Err(e) = stream.set_read_timeout(Some(MESSAGE_TIMEOUT)) {
+        log::warn!("cannot set up a connection: {e}");
+        return Ending::SetupFailed(e);
+    }
     let handler = match stream
         .try_clone()
         .and_then(|clone| DeviceHandler::new(Arc::clone(device), clone))
@@ -136,7 +146,7 @@ pub fn serve_connection<D: VirtioDevice>(stream: UnixStream, device: &Arc<D>) ->
         // hold the device. (Once owned, a frontend may rightly be idle for as long as its
         // guest does not touch the device.)
         let owned = handler.lock().unwrap_or_else(|p| p.into_inner()).owned();
-        if !owned && !readable_before(requests.as_raw_fd(), deadline) {
+        if !readable_before(requests.as_raw_fd(), (!owned).then_some(deadline)) {
             break Ending::HandshakeTimeout(timeout);
         }
         match requests.handle_request() {
@@ -167,19 +177,25 @@ fn is_hangup(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE))
 }
 
-/// Whether `fd` has something to read (or has hung up) before `deadline`.
-fn readable_before(fd: std::os::fd::RawFd, deadline: Instant) -> bool {
+/// Whether `fd` has something to read (or has hung up) before `deadline` (`None`: waits as
+/// long as it takes).
+fn readable_before(fd: std::os::fd::RawFd, deadline: Option<Instant>) -> bool {
     // SAFETY: `fd` is the connection's socket, owned by the request handler that outlives
     // this call; the borrow ends with it.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                PollTimeout::from(u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX))
+            }
+        };
         let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ms)) {
+        match poll(&mut fds, timeout) {
             Ok(0) => continue,
             Ok(_) => return true,
             Err(nix::Error::EINTR) => continue,

@@ -171,6 +171,15 @@ fn base_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         ),
+        // The serve loop bounds each vhost-user message once it has begun to arrive
+        // (server::serve_connection, UnixStream::set_read_timeout): SO_RCVTIMEO only.
+        (
+            libc::SYS_setsockopt,
+            vec![rule(vec![
+                cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+                cond(2, SeccompCmpOp::Eq, libc::SO_RCVTIMEO as u64)?,
+            ])?],
+        ),
         // The panic hook ends the process from whichever thread panicked; a thread may signal
         // only its own process (pid 1 in its pid namespace).
         (
