@@ -221,6 +221,10 @@ mod tests {
             gone.write_all(&reply).unwrap();
             let mut set = [0u8; 20];
             gone.read_exact(&mut set).unwrap();
+            // Shut the socket down rather than only dropping this fd: a test running
+            // beside this one may fork a child that inherits a copy of it, and the
+            // connection stays open until the last copy closes.
+            gone.shutdown(std::net::Shutdown::Both).unwrap();
         });
         assert!(display
             .attach(GpuBackend::from_stream(gpu), generation)
