@@ -376,8 +376,8 @@ impl Rig {
     }
 }
 
-/// Feeds `input` to `server` over a Unix socket pair: a writer thread sends the messages
-/// (each with the descriptors `fds_for` gives it, none when it returns empty), shuts its
+/// Feeds `messages` to `server` over a Unix socket pair: a writer thread sends each message's
+/// bytes in one `sendmsg` with its descriptors attached (SCM_RIGHTS, none if empty), shuts its
 /// writing half and drains whatever comes back until the server closes. `server` runs on
 /// this thread with the other end and must return once the peer's end is shut.
 pub fn over_socket<F>(messages: Vec<(Vec<u8>, Vec<std::os::fd::OwnedFd>)>, server: F)
