@@ -345,6 +345,7 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 pub mod console;
 pub mod desktop;
 pub mod input;
+pub mod linux;
 
 pub mod sandbox;
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
