@@ -296,7 +296,7 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
     let scratch = scratch_dir("linux-gpu-input");
     let run_dir = scratch.join("run");
     let cmdline = format!(
-        "{} isola_checks=gpu,input isola_keys=4",
+        "{} isola_checks=gpu,input,smp isola_keys=4",
         isola_tests::linux::BASE_CMDLINE
     );
     // `isola-run --linux`: the image with every device (disk, console, GPU + display, input).
@@ -394,6 +394,18 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
             "no key event {want} in the guest: {events:?} ({input})"
         );
     }
+    // One vCPU, whose CPUID Isola gives APIC id 0: what Linux read tells whether this host
+    // applies the VMM's CPUID at all (the evidence behind the two-vCPU hang, see below).
+    let smp = guest.check_ok("smp", CHECK);
+    assert!(smp.contains("cpus=1 online=0"), "{smp}");
+    say(format!(
+        "CPUID topology {}: {smp}",
+        if smp.ends_with("initial_apicids=0") {
+            "as Isola set it"
+        } else {
+            "NOT as Isola set it (the host answers CPUID itself)"
+        }
+    ));
     guest.finish();
 }
 
