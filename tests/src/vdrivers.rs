@@ -132,3 +132,19 @@ pub fn random_sectors(count: u64, seed: u64, capacity: u64) -> Vec<u64> {
     let mut rng = Rng(seed);
     (0..count).map(|_| rng.next() % capacity).collect()
 }
+
+/// VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC and VIRTIO_F_EVENT_IDX: in every driver's set.
+pub const COMMON_FEATURES: u64 = (1 << 32) | (1 << 28) | (1 << 29);
+
+/// Checks the `offered=` line against the crate driver's feature set `crate_set`: VERSION_1 is
+/// offered, and returns the bits Isola offers that the crate leaves out (so the crate's subset,
+/// not Isola's full set, is what the run negotiated).
+pub fn features_beyond_crate(lines: &[&str], crate_set: u64) -> u64 {
+    let offered = number(lines, "offered");
+    assert_ne!(offered & (1 << 32), 0, "VERSION_1 offered: {offered:#x}");
+    eprintln!(
+        "offered {offered:#x}, the crate takes {:#x}",
+        offered & crate_set
+    );
+    offered & !crate_set
+}

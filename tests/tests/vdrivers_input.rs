@@ -108,6 +108,11 @@ fn input_configuration_and_isolactl_key_type_and_pointer_events_in_order() {
         "dev=1 abs=0 min=0 max=32767 fuzz=0 flat=0 res=0".to_owned(),
         "dev=1 abs=1 min=0 max=32767 fuzz=0 flat=0 res=0".to_owned(),
     ];
+    // The crate's input set is just the common one; Isola offers nothing beyond it.
+    assert_eq!(
+        vdrivers::features_beyond_crate(&lines, vdrivers::COMMON_FEATURES),
+        0
+    );
     for want in &expect {
         assert!(
             lines.contains(&want.as_str()),
