@@ -126,6 +126,12 @@ impl Heap {
     }
 }
 
+impl Default for Heap {
+    fn default() -> Self {
+        Heap::new()
+    }
+}
+
 // SAFETY: every returned block is inside [HEAP_START, HEAP_START + HEAP_SIZE), aligned as asked
 // and not handed out again until freed (only the topmost block is ever reused).
 unsafe impl GlobalAlloc for Heap {

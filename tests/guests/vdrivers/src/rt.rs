@@ -171,6 +171,7 @@ pub fn wait_for<T>(ms: u64, what: &str, mut ready: impl FnMut() -> Option<T>) ->
 pub struct Rng(pub u64);
 
 impl Rng {
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix64(self.0)

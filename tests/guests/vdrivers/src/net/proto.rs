@@ -240,6 +240,10 @@ impl<'a> SliceWriter<'a> {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl core::fmt::Write for SliceWriter<'_> {
