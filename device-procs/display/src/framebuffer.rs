@@ -32,12 +32,14 @@ impl Rect {
         self.w == 0 || self.h == 0
     }
 
+    // Rectangles come from peers (a VNC client's update request, the GPU's UPDATE): an
+    // edge past u32::MAX saturates, which still clips and unites as the geometry says.
     fn right(&self) -> u32 {
-        self.x + self.w
+        self.x.saturating_add(self.w)
     }
 
     fn bottom(&self) -> u32 {
-        self.y + self.h
+        self.y.saturating_add(self.h)
     }
 
     pub fn union(&self, o: &Rect) -> Rect {
@@ -357,6 +359,16 @@ mod tests {
 
     fn bytes(words: &[u32]) -> Vec<u8> {
         words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn rectangles_past_the_end_of_u32_clip_and_unite_without_overflow() {
+        let huge = Rect::new(u32::MAX - 1, 5, u32::MAX, u32::MAX);
+        assert_eq!(huge.clip(640, 480), Rect::new(640, 5, 0, 475));
+        assert_eq!(
+            Rect::new(0, 0, 1, 1).union(&huge),
+            Rect::new(0, 0, u32::MAX, u32::MAX)
+        );
     }
 
     #[test]
