@@ -36,7 +36,9 @@ impl Vmm {
     }
 
     fn spawn(self, image: &Image) -> Result<Child, String> {
-        let cmdline = format!("{BASE_CMDLINE} isola_checks=");
+        // earlyprintk: the first line leaves the kernel at once, not when the console
+        // driver registers and replays its buffer.
+        let cmdline = format!("{BASE_CMDLINE} earlyprintk=serial,ttyS0,115200 isola_checks=");
         let mut cmd = match self {
             Vmm::Isola => {
                 let mut cmd = Command::new(binary("isola-core"));
