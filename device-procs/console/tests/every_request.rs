@@ -3,34 +3,20 @@
 //! answered or the connection is closed, and the process serves the next frontend (F2: before,
 //! GPU_SET_SOCKET with an fd killed it by seccomp).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use isola_device_common::testing::process::{gone, wait_log};
-use isola_device_common::testing::requests::every_request_after_negotiation;
+use isola_device_common::testing::requests::assert_the_device_serves_on_after_every_request;
 use isola_device_common::testing::Scratch;
 
 #[test]
 fn every_request_code_after_negotiation_is_answered_or_refused_and_the_process_serves_on() {
     let dir = Scratch::new("every-request");
     let socket = dir.path("vu.sock");
-    let log = dir.path("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
+    let mut device = Command::new(env!("CARGO_BIN_EXE_isola-console"));
+    device
         .arg("--socket")
         .arg(&socket)
         .arg("--port")
-        .arg(format!("socket={}", dir.path("p0.sock").display()))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_log(&log, "sandboxed");
-    let pid = child.id();
-    let (answered, closed) = every_request_after_negotiation(&socket, &|| !gone(pid));
-    println!("isola-console: {answered} requests answered, {closed} refused by closing");
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(child.try_wait().unwrap().is_none(), "{text}");
-    assert!(!text.contains("killed by"), "{text}");
-    let _ = child.kill();
-    let _ = child.wait();
+        .arg(format!("socket={}", dir.path("p0.sock").display()));
+    assert_the_device_serves_on_after_every_request(device, &socket, &dir);
 }

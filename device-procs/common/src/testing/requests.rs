@@ -172,3 +172,31 @@ pub fn every_request_after_negotiation(socket: &Path, alive: &dyn Fn() -> bool) 
     drop(negotiated(socket, &ram));
     counts
 }
+
+/// Runs `device` (a command for a device process that serves `socket` and logs "sandboxed"
+/// at info level once its sandbox is in place), sends it [`every_request_after_negotiation`]
+/// and asserts that it still runs and nothing was killed. `dir` holds its stderr log.
+pub fn assert_the_device_serves_on_after_every_request(
+    mut device: std::process::Command,
+    socket: &Path,
+    dir: &super::Scratch,
+) {
+    let log = dir.path("stderr");
+    let mut child = device
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the device's log"))
+        .spawn()
+        .expect("start the device");
+    super::process::wait_log(&log, "sandboxed");
+    let pid = child.id();
+    let (answered, closed) =
+        every_request_after_negotiation(socket, &|| !super::process::gone(pid));
+    println!("{device:?}: {answered} requests answered, {closed} refused by closing");
+    let text = std::fs::read_to_string(&log).expect("read the device's log");
+    let running = child.try_wait().expect("poll the device").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(running, "{text}");
+    assert!(!text.contains("killed by"), "{text}");
+}
