@@ -302,6 +302,7 @@ impl Worker {
                     .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
             }
             let taken_before = self.queue.next_avail();
+            let avail_before = self.avail_idx(&mem)?;
             let mut ctx = QueueContext::new(
                 self.index,
                 &mut self.queue,
@@ -333,10 +334,13 @@ impl Worker {
                 .queue
                 .enable_notification(&*mem)
                 .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
-            // A handler that says Idle but took nothing of what is available would have this
+            // A handler that says Idle but took nothing of what was available would have this
             // loop spin for ever, deaf to GET_VRING_BASE: the next kick or completion calls
-            // it again. A stop request ends the pass too.
-            if !more || took_nothing || self.shared.stop.load(Ordering::Acquire) {
+            // it again. But requests the driver added after the handler looked were added
+            // while kicks were suppressed, so no kick will come for them: go round again.
+            // A stop request ends the pass too.
+            let declined = took_nothing && self.avail_idx(&mem)? == avail_before;
+            if !more || declined || self.shared.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
         }
@@ -351,11 +355,7 @@ impl Worker {
             if self.handler.ready() {
                 return Ok(true);
             }
-            let avail = self
-                .queue
-                .avail_idx(mem, Ordering::Acquire)
-                .map_err(|e| self.queue_err(QueueError::Ring(e)))?;
-            if avail != Wrapping(self.queue.next_avail()) {
+            if self.avail_idx(mem)? != Wrapping(self.queue.next_avail()) {
                 return Ok(true);
             }
             if self.shared.stop.load(Ordering::Acquire) || !self.enabled() {
@@ -366,6 +366,13 @@ impl Worker {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// The driver's available index, as it is now.
+    fn avail_idx(&self, mem: &Memory) -> Result<Wrapping<u16>, WorkerError> {
+        self.queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| self.queue_err(QueueError::Ring(e)))
     }
 
     fn notify(&mut self, mem: &Memory) -> Result<(), WorkerError> {
