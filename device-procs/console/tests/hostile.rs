@@ -5,29 +5,21 @@
 //! outside guest memory is touched (it is not mapped here), and valid traffic still flows
 //! both ways afterwards.
 
+mod support;
+
 use isola_device_common::testing::Scratch;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::{connect, negotiate, start_queue, GuestRam, SplitQueue};
 use vhost::VhostBackend;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-const RAM: u64 = 1 << 20;
+use support::{single_port, Proc, RAM, VERSION_1, WAIT};
+
 const MULTIPORT: u64 = 1 << 1;
-const VERSION_1: u64 = 1 << 32;
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
     let mut m = id.to_le_bytes().to_vec();
@@ -204,30 +196,9 @@ fn input_waits_in_the_kernel_until_the_guest_posts_a_buffer_without_spinning() {
     let d = Scratch::new("wait");
     let vu = d.join("vu.sock");
     let p0 = d.join("p0.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
-        .arg("--socket")
-        .arg(&vu)
-        .arg("--port")
-        .arg(format!("socket={}", p0.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
     let ram = GuestRam::new(RAM);
     let mem = ram.memory();
-    let mut fe = connect(&vu, 2, WAIT);
-    negotiate(
-        &mut fe,
-        VERSION_1,
-        isola_device_common::offered_protocol_features(),
-    );
-    fe.set_mem_table(&[ram.region()]).unwrap();
-    let mut q: Vec<SplitQueue> = (0..2)
-        .map(|i| SplitQueue::new(i, 16, GuestAddress(0x1000 * (1 + 2 * u64::from(i)))))
-        .collect();
-    for queue in &q {
-        start_queue(&mut fe, queue, &ram, 0);
-    }
+    let (proc, fe, mut q) = single_port(&vu, &format!("socket={}", p0.display()), &ram);
     // A user types and hangs up while the guest has no receive buffer posted.
     let mut user = UnixStream::connect(&p0).unwrap();
     std::thread::sleep(Duration::from_millis(200));

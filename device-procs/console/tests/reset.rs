@@ -3,30 +3,18 @@
 //! isola-core does, and each answer comes within a deadline. Found with a Linux guest: with a
 //! virtio-console attached, poweroff hung, the core's vCPU waiting for the console backend.
 
+mod support;
+
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use isola_device_common::testing::{
-    connect, negotiate, start_queue, GuestRam, Scratch, SplitQueue,
-};
+use isola_device_common::testing::{GuestRam, Scratch};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
-const RAM: u64 = 1 << 20;
-const VERSION_1: u64 = 1 << 32;
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{single_port, RAM, WAIT};
 
 /// Runs `f` on the frontend on another thread; panics if it takes longer than `WAIT`.
 fn within<T: Send + 'static>(
@@ -65,33 +53,13 @@ fn reset_while_rx_waits(endpoint: Endpoint) {
     let vu = d.join("vu.sock");
     let port = d.join("p0.sock");
     let log = d.join("p0.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_isola-console"))
-        .arg("--socket")
-        .arg(&vu)
-        .arg("--port")
-        .arg(match endpoint {
-            Endpoint::LogOnly => format!("log={}", log.display()),
-            _ => format!("socket={},log={}", port.display(), log.display()),
-        })
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _proc = Proc(child);
+    let port_arg = match endpoint {
+        Endpoint::LogOnly => format!("log={}", log.display()),
+        _ => format!("socket={},log={}", port.display(), log.display()),
+    };
     let ram = GuestRam::new(RAM);
     let mem = ram.memory();
-    let mut fe = connect(&vu, 2, WAIT);
-    negotiate(
-        &mut fe,
-        VERSION_1,
-        isola_device_common::offered_protocol_features(),
-    );
-    fe.set_mem_table(&[ram.region()]).unwrap();
-    let mut q: Vec<SplitQueue> = (0..2)
-        .map(|i| SplitQueue::new(i, 16, GuestAddress(0x1000 * (1 + 2 * u64::from(i)))))
-        .collect();
-    for queue in &q {
-        start_queue(&mut fe, queue, &ram, 0);
-    }
+    let (_proc, mut fe, mut q) = single_port(&vu, &port_arg, &ram);
     let _user = (endpoint == Endpoint::User).then(|| {
         let user = UnixStream::connect(&port).unwrap();
         std::thread::sleep(Duration::from_millis(200));
