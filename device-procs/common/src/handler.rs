@@ -161,7 +161,7 @@ fn inode_of(fd: std::os::fd::RawFd) -> Option<(u64, u64)> {
 /// device) is refused. An anonymous file of another kind passes, and then fails its first
 /// eventfd read or write, which ends the connection. This replaces a readlink of
 /// /proc/self/fd, which a sandboxed device process has neither the /proc nor the syscall for.
-fn is_eventfd(file: &File) -> bool {
+pub fn is_eventfd(file: &File) -> bool {
     static ANON_INODE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
     let anon = ANON_INODE.get_or_init(|| {
         let reference = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).ok()?;

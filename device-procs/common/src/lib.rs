@@ -31,7 +31,7 @@ pub mod testing;
 
 pub use chain::{DescriptorChain, Segment};
 pub use device::{DeviceError, Progress, QueueHandler, VirtioDevice};
-pub use handler::{offered_protocol_features, HandlerError};
+pub use handler::{is_eventfd, offered_protocol_features, HandlerError};
 pub use memory::Memory;
 pub use queue::{QueueContext, QueueError};
 pub use server::{serve, serve_connection, serve_until, Ending, ServeError};
