@@ -67,7 +67,14 @@ impl ListenArgs {
             self.handshake_timeout_ms,
         ));
         crate::memory::allow_unsealed(self.allow_unsealed_memory);
-        match (&self.at.socket, self.at.fd) {
+        self.at.listener()
+    }
+}
+
+impl ListenAt {
+    /// The listener: bound at `--socket`, or adopted from `--fd`.
+    pub fn listener(&self) -> Result<UnixListener, ListenError> {
+        match (&self.socket, self.fd) {
             (Some(path), _) => bind(path),
             (None, Some(fd)) => adopt(fd),
             // clap's group makes one of the two required.

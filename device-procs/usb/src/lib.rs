@@ -47,9 +47,10 @@ use crate::vfio::{Backend, Device};
     about = "Isola's USB device process: an xHCI controller (vfio-user server) with a HID keyboard, tablet and mass-storage disk"
 )]
 pub struct Cli {
-    /// Serve the controller (vfio-user) on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    /// Where to serve the controller (vfio-user): `--socket PATH`, or `--fd N` for a
+    /// listening socket handed over (isola-supervisor's `--fd 3`).
+    #[command(flatten)]
+    pub listen: isola_device_common::cli::ListenAt,
     /// Take key and pointer requests (isolactl key|type|pointer, isola-display) here.
     #[arg(long, value_name = "PATH")]
     pub control_socket: PathBuf,
@@ -175,11 +176,13 @@ impl Config {
         let (marker, running) = Marker::open(cli.state_file.as_deref())?;
         let device = Arc::new(Mutex::new(Device::new(devices, marker, running)));
         let server = private_pair().map_err(ConfigError::Pair)?;
-        let listener = bind(&cli.socket)?;
+        let listener = cli.listen.listener()?;
         let control = match bind(&cli.control_socket) {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&cli.socket);
+                if let Some(path) = &cli.listen.socket {
+                    let _ = std::fs::remove_file(path);
+                }
                 return Err(e.into());
             }
         };
