@@ -8,8 +8,36 @@ use crate::boot::{mptable, BootConfig};
 use crate::cpu::cpuid::HiddenFeatures;
 use crate::memory::MemoryOptions;
 use crate::sandbox::SeccompMode;
-use crate::virtio::DeviceSpec;
+use crate::vfio_user::{VfioUserSpec, VfioUserSpecError};
+use crate::virtio::{DeviceSpec, DeviceSpecError};
 use crate::vm::VmConfig;
+
+/// One `--device`: a vhost-user device (`KIND,socket=PATH,...`) or a vfio-user device
+/// (`vfio-user,socket=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceArg {
+    Virtio(DeviceSpec),
+    VfioUser(VfioUserSpec),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceArgError {
+    #[error(transparent)]
+    Virtio(#[from] DeviceSpecError),
+    #[error(transparent)]
+    VfioUser(#[from] VfioUserSpecError),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = DeviceArgError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(',').unwrap_or((s, "")) {
+            ("vfio-user", options) => Ok(DeviceArg::VfioUser(VfioUserSpec::parse(options)?)),
+            _ => Ok(DeviceArg::Virtio(s.parse()?)),
+        }
+    }
+}
 
 /// The smallest guest the layout makes sense for: boot structures, a kernel at 1 MiB, room.
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -54,9 +82,10 @@ pub struct Cli {
     pub control_socket: Option<PathBuf>,
     /// A vhost-user device: `KIND,socket=PATH[,queues=N]` with KIND one of blk, net,
     /// console, gpu, input; a gpu may add `display=PATH`, the display process's socket,
-    /// whose connection the core hands to the GPU backend. Repeat for more devices.
+    /// whose connection the core hands to the GPU backend. Or `vfio-user,socket=PATH`: any
+    /// PCI device served by a vfio-user server. Repeat for more devices.
     #[arg(long = "device")]
-    pub devices: Vec<DeviceSpec>,
+    pub devices: Vec<DeviceArg>,
     /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.
     #[arg(long, value_enum, default_value = "kill")]
     pub seccomp: SeccompMode,
@@ -154,7 +183,22 @@ impl Cli {
             hidden_features,
             serial_log: self.serial_log.clone(),
             control_socket: self.control_socket.clone(),
-            devices: self.devices.clone(),
+            devices: self
+                .devices
+                .iter()
+                .filter_map(|d| match d {
+                    DeviceArg::Virtio(spec) => Some(spec.clone()),
+                    DeviceArg::VfioUser(_) => None,
+                })
+                .collect(),
+            vfio_user: self
+                .devices
+                .iter()
+                .filter_map(|d| match d {
+                    DeviceArg::VfioUser(spec) => Some(spec.clone()),
+                    DeviceArg::Virtio(_) => None,
+                })
+                .collect(),
             seccomp: self.seccomp,
             device_timeout: std::time::Duration::from_secs(self.device_timeout),
             backend_timeout: std::time::Duration::from_millis(self.backend_timeout_ms),
@@ -172,6 +216,31 @@ mod tests {
         let mut argv = vec!["isola-core", "--kernel", "k"];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn vfio_user_devices_are_kept_apart_from_vhost_user_ones() {
+        let config = cli(&[
+            "--device",
+            "vfio-user,socket=/u.sock",
+            "--device",
+            "blk,socket=/b.sock",
+        ])
+        .validate_with(MEMINFO)
+        .unwrap();
+        assert_eq!(config.devices.len(), 1);
+        assert_eq!(config.vfio_user[0].socket, PathBuf::from("/u.sock"));
+        assert!(
+            Cli::try_parse_from(["isola-core", "--kernel", "k", "--device", "vfio-user"]).is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "isola-core",
+            "--kernel",
+            "k",
+            "--device",
+            "vfio-users,socket=/s"
+        ])
+        .is_err());
     }
 
     #[test]

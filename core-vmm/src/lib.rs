@@ -17,6 +17,7 @@ pub mod memory;
 pub mod pci;
 pub mod sandbox;
 pub mod vcpu;
+pub mod vfio_user;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;

@@ -20,10 +20,14 @@ use crate::devices::{LegacyDevices, SERIAL_IRQ};
 use crate::interrupts::InterruptRouter;
 use crate::layout;
 use crate::memory::{GuestRam, MemoryError, MemoryOptions};
+use crate::pci::backend::Shared;
+use crate::pci::vfio_user_pci::VfioUserPciDevice;
 use crate::pci::virtio_pci::{self, VirtioPciDevice};
 use crate::pci::PciBus;
 use crate::sandbox::{self, SandboxError, SeccompMode, ThreadKind};
 use crate::vcpu::{self, ExitNotifier, Vcpu, VcpuHandle, VmExit};
+use crate::vfio_user::client::{VfioUserClient, VfioUserError};
+use crate::vfio_user::VfioUserSpec;
 use crate::vhost_user::{Deadlines, VhostUserConnection, VhostUserError};
 use crate::virtio::DeviceSpec;
 
@@ -38,6 +42,8 @@ pub struct VmConfig {
     pub serial_log: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
     pub devices: Vec<DeviceSpec>,
+    /// `--device vfio-user,...`, placed on the bus after the vhost-user devices.
+    pub vfio_user: Vec<VfioUserSpec>,
     pub device_timeout: std::time::Duration,
     /// The deadline of one vhost-user exchange with a device process.
     pub backend_timeout: std::time::Duration,
@@ -83,6 +89,8 @@ pub enum VmError {
     Backend(&'static str, #[source] VhostUserError),
     #[error(transparent)]
     Deadline(#[from] crate::deadline::DeadlineError),
+    #[error("vfio-user device at {}", .0.display())]
+    VfioUser(PathBuf, #[source] VfioUserError),
 }
 
 impl VmError {
@@ -96,6 +104,10 @@ impl VmError {
             VmError::Backend(
                 _,
                 VhostUserError::NotASocket(_) | VhostUserError::ConnectTimeout { .. },
+            ) => true,
+            VmError::VfioUser(
+                _,
+                VfioUserError::NotASocket(_) | VfioUserError::ConnectTimeout { .. },
             ) => true,
             _ => false,
         }
@@ -111,6 +123,8 @@ pub struct Vm {
     control: Option<ControlServer>,
     seccomp: SeccompMode,
     virtio: Vec<SharedVirtioDevice>,
+    /// The status of each vfio-user device, in bus order after the virtio devices.
+    vfio_user: Vec<Arc<Shared>>,
     /// Stops the deadline thread when the VM is gone.
     _watchdog: WatchdogGuard,
 }
@@ -214,8 +228,23 @@ impl Vm {
         };
         let watchdog = WatchdogGuard(watchdog);
         let waiting = starting.as_ref().map(|s| Arc::clone(&s.waiting));
-        let (pci, virtio) =
-            build_pci_bus(config, &ram, &router, &deadlines, &backend_filter, waiting)?;
+        let (mut pci, virtio) = build_pci_bus(
+            config,
+            &ram,
+            &router,
+            &deadlines,
+            &backend_filter,
+            waiting.clone(),
+        )?;
+        let vfio_user = add_vfio_user_devices(
+            &mut pci,
+            config,
+            &ram,
+            &router,
+            &deadlines,
+            &backend_filter,
+            waiting,
+        )?;
         let pci = Arc::new(pci);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -265,6 +294,7 @@ impl Vm {
             control,
             seccomp: config.seccomp,
             virtio,
+            vfio_user,
             _watchdog: watchdog,
         })
     }
@@ -279,6 +309,7 @@ impl Vm {
             control,
             seccomp,
             virtio,
+            vfio_user,
             _watchdog,
         } = self;
         let vcpu_filter = sandbox::filter(ThreadKind::Vcpu, seccomp).map_err(VmError::Sandbox)?;
@@ -334,6 +365,7 @@ impl Vm {
         let shared: Vec<_> = virtio
             .iter()
             .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).shared())
+            .chain(vfio_user)
             .collect();
         let result =
             crate::control::serve(control, &vm, &exit, &handles, &ack_rx, &shared, started);
@@ -408,6 +440,53 @@ fn build_pci_bus(
         );
     }
     Ok((bus, virtio))
+}
+
+/// Connects every `--device vfio-user` server and puts each behind a PCI function of its own,
+/// after the virtio devices; returns what status shows of each.
+fn add_vfio_user_devices(
+    bus: &mut PciBus,
+    config: &VmConfig,
+    ram: &Arc<GuestRam>,
+    router: &Arc<InterruptRouter>,
+    deadlines: &Deadlines,
+    backend_filter: &Option<seccompiler::BpfProgram>,
+    waiting: Option<Arc<Mutex<String>>>,
+) -> Result<Vec<Arc<Shared>>, VmError> {
+    let mut shared = Vec::new();
+    for spec in &config.vfio_user {
+        if let Some(waiting) = &waiting {
+            *waiting.lock().unwrap_or_else(|p| p.into_inner()) = format!(
+                "waiting for the vfio-user server at {}",
+                spec.socket.display()
+            );
+        }
+        let client = VfioUserClient::connect(&spec.socket, config.device_timeout, deadlines)
+            .map_err(|e| VmError::VfioUser(spec.socket.clone(), e))?;
+        let status = Arc::new(Shared::new(
+            "vfio-user",
+            spec.socket.clone(),
+            config.backend_timeout,
+        ));
+        let device = VfioUserPciDevice::new(
+            client,
+            Arc::clone(ram),
+            Arc::clone(router),
+            bus,
+            Arc::clone(&status),
+            backend_filter.clone(),
+        )
+        .map_err(|e| VmError::Device("vfio-user", e.into()))?;
+        let slot = bus
+            .add(Arc::new(Mutex::new(device)))
+            .map_err(|e| VmError::Device("vfio-user", e.into()))?;
+        log::info!(
+            "vfio-user at 00:{slot:02x}.0, server {}",
+            spec.socket.display()
+        );
+        shared.push(status);
+    }
+    Ok(shared)
 }
 
 /// Tells every vCPU to finish and waits for its thread.

@@ -28,6 +28,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("virtio-console", false, &["virtio.c"]),
     ("virtio-input", false, &["virtio.c"]),
     ("desktop", false, &["virtio.c"]),
+    ("vfio-user", false, &[]),
 ];
 
 /// Objects linked into every guest.

@@ -87,9 +87,47 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, f: impl FnOnce(&mut State)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut State)) {
         f(&mut self.lock());
         self.changed.notify_all();
+    }
+
+    /// The shared state of a device that is not virtio (a vfio-user device): only the link
+    /// and the reconnect count mean anything.
+    pub fn new(name: &'static str, socket: PathBuf, timeout: Duration) -> Shared {
+        Shared {
+            name,
+            socket,
+            timeout,
+            state: Mutex::new(State {
+                link: Link::Connected,
+                reconnects: 0,
+                config: Vec::new(),
+                config_generation: 0,
+                config_pending: 0,
+                resetting: false,
+                needs_reset: false,
+                display: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Waits until `deadline` for the link to be [`Link::Connected`]; returns whether it is.
+    pub fn wait_connected(&self, deadline: Instant) -> bool {
+        let mut state = self.lock();
+        while state.link != Link::Connected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Waits (at most the exchange deadline) until no configuration write is pending, while

@@ -43,11 +43,13 @@ pub enum ConfigError {
     NoRoomForCapability(usize),
 }
 
-/// A 64-bit memory BAR as currently programmed.
+/// A memory BAR as currently programmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bar {
     pub index: usize,
     pub size: u64,
+    /// 64-bit (two registers) rather than 32-bit.
+    pub wide: bool,
 }
 
 pub struct PciConfig {
@@ -84,10 +86,9 @@ impl PciConfig {
     /// Declares a 64-bit memory BAR at `index` (using `index` and `index + 1`) at `addr`.
     pub fn add_bar64(&mut self, index: usize, size: u64, addr: u64) -> Result<(), ConfigError> {
         if index >= 5
-            || self
-                .bars
-                .iter()
-                .any(|b| b.index == index || b.index + 1 == index)
+            || self.bars.iter().any(|b| {
+                b.index == index || b.index == index + 1 || (b.wide && b.index + 1 == index)
+            })
         {
             return Err(ConfigError::BadBar(index));
         }
@@ -100,15 +101,45 @@ impl PciConfig {
         self.regs[reg + 1] = (addr >> 32) as u32;
         self.writable[reg] = mask as u32 & !0xf;
         self.writable[reg + 1] = (mask >> 32) as u32;
-        self.bars.push(Bar { index, size });
+        self.bars.push(Bar {
+            index,
+            size,
+            wide: true,
+        });
+        Ok(())
+    }
+
+    /// Declares a 32-bit memory BAR at `index` at `addr` (below 4 GiB).
+    pub fn add_bar32(&mut self, index: usize, size: u64, addr: u64) -> Result<(), ConfigError> {
+        if index >= 6
+            || self
+                .bars
+                .iter()
+                .any(|b| b.index == index || (b.wide && b.index + 1 == index))
+        {
+            return Err(ConfigError::BadBar(index));
+        }
+        if !size.is_power_of_two() || !(16..=1 << 31).contains(&size) || addr >> 32 != 0 {
+            return Err(ConfigError::BadBarSize(size));
+        }
+        let reg = REG_BAR0 / 4 + index;
+        let mask = !(size - 1) as u32;
+        self.regs[reg] = addr as u32 & mask;
+        self.writable[reg] = mask & !0xf;
+        self.bars.push(Bar {
+            index,
+            size,
+            wide: false,
+        });
         Ok(())
     }
 
     /// Current guest-programmed address of the 64-bit BAR at `index`.
     pub fn bar_addr(&self, index: usize) -> Option<u64> {
-        self.bars.iter().find(|b| b.index == index)?;
+        let bar = self.bars.iter().find(|b| b.index == index)?;
         let reg = REG_BAR0 / 4 + index;
-        Some((u64::from(self.regs[reg + 1]) << 32) | u64::from(self.regs[reg] & !0xf))
+        let high = if bar.wide { self.regs[reg + 1] } else { 0 };
+        Some((u64::from(high) << 32) | u64::from(self.regs[reg] & !0xf))
     }
 
     pub fn bars(&self) -> &[Bar] {
@@ -247,6 +278,26 @@ mod tests {
         config.add_bar64(0, 0x1000, 0).unwrap();
         assert_eq!(config.add_bar64(1, 0x1000, 0), Err(ConfigError::BadBar(1)));
         assert_eq!(config.add_bar64(5, 0x1000, 0), Err(ConfigError::BadBar(5)));
+        assert_eq!(config.add_bar32(1, 0x1000, 0), Err(ConfigError::BadBar(1)));
+        assert_eq!(
+            config.add_bar32(2, 0x1000, 1 << 32),
+            Err(ConfigError::BadBarSize(0x1000))
+        );
+    }
+
+    #[test]
+    fn bar32_sizing_and_relocation() {
+        let mut config = PciConfig::new(ids());
+        config.add_bar32(2, 0x1000, 0xc000_0000).unwrap();
+        assert_eq!(config.read_u32(0x18), 0xc000_0000, "32-bit memory type");
+        config.write(0x18, &[0xff; 4]);
+        assert_eq!(config.read_u32(0x18), 0xffff_f000);
+        config.write(0x1c, &[0xff; 4]);
+        assert_eq!(config.read_u32(0x1c), 0, "the next register is no BAR");
+        config.write(0x18, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(config.bar_addr(2), Some(0xd000_0000));
+        config.add_bar64(3, 0x1000, 0).unwrap();
+        assert_eq!(config.add_bar32(4, 0x1000, 0), Err(ConfigError::BadBar(4)));
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod backend;
 pub mod config;
 pub mod msix;
 mod retry;
+pub mod vfio_backend;
+pub mod vfio_user_pci;
 pub mod virtio_pci;
 
 use std::sync::{Arc, Mutex, RwLock};

@@ -133,7 +133,7 @@ pub struct DeviceSpec {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceSpecError {
-    #[error("unknown device type '{0}' (known: blk, net, console, gpu, input)")]
+    #[error("unknown device type '{0}' (known: blk, net, console, gpu, input, vfio-user)")]
     UnknownKind(String),
     #[error("device '{0}' needs socket=PATH")]
     NoSocket(String),

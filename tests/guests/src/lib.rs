@@ -412,6 +412,9 @@ pub const VIRTIO_INPUT_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-input.elf")
 /// `desktop` as an ELF with a PVH note.
 pub const DESKTOP_ELF: &str = concat!(env!("OUT_DIR"), "/desktop.elf");
 
+/// `vfio-user` (a driver for the vfio-user test device) as an ELF with a PVH note.
+pub const VFIO_USER_ELF: &str = concat!(env!("OUT_DIR"), "/vfio-user.elf");
+
 /// `vdrivers` (the virtio-drivers crate's drivers) as an ELF with a PVH note.
 pub const VDRIVERS_ELF: &str = concat!(env!("OUT_DIR"), "/vdrivers.elf");
 
@@ -427,6 +430,7 @@ pub const IMAGES: &[&str] = &[
     "virtio-console.elf",
     "virtio-input.elf",
     "desktop.elf",
+    "vfio-user.elf",
     "vdrivers.elf",
 ];
 

@@ -1,0 +1,449 @@
+//! One vfio-user session as the core's client: connect, negotiate, and one exchange at a time,
+//! each under the exchange deadline ([`crate::deadline`]).
+//!
+//! Runs on the main thread while the VM is set up, then only on the device's backend thread
+//! ([`crate::pci::vfio_backend`]); never on a vCPU thread.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use super::wire::{self, command, DeviceInfo, Header, IoFd, IrqInfo, RegionInfo, WireError};
+use crate::vhost_user::{connect_nonblocking, Deadlines};
+
+/// How often a connect at start is retried while the server is not there yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Fds the core takes with one reply (more are closed and the reply refused).
+const MAX_REPLY_FDS: usize = wire::MAX_IO_FDS as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioUserError {
+    #[error("{} is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("no vfio-user server answered at {} within {waited:?}", path.display())]
+    ConnectTimeout { path: PathBuf, waited: Duration },
+    #[error("{step}: no answer within {timeout:?}")]
+    Unresponsive {
+        step: &'static str,
+        timeout: Duration,
+    },
+    #[error("{step}: the server closed the connection")]
+    Closed { step: &'static str },
+    #[error("{step}: socket error")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{step}: bad reply")]
+    Reply {
+        step: &'static str,
+        #[source]
+        source: WireError,
+    },
+    #[error("{step}: {count} fds came with the reply, at most {max} expected")]
+    Fds {
+        step: &'static str,
+        count: usize,
+        max: usize,
+    },
+}
+
+impl VfioUserError {
+    /// Nobody listening yet, a listener that does not answer (a supervisor's socket while its
+    /// server starts), or one that died mid-handshake: another attempt may succeed.
+    pub fn worth_retrying(&self) -> bool {
+        matches!(
+            self,
+            VfioUserError::ConnectTimeout { .. }
+                | VfioUserError::Unresponsive { .. }
+                | VfioUserError::Closed { .. }
+                | VfioUserError::Io { .. }
+        )
+    }
+
+    /// Whether the session is over (rather than the server refusing one request).
+    pub fn session_lost(&self) -> bool {
+        match self {
+            VfioUserError::Unresponsive { .. }
+            | VfioUserError::Closed { .. }
+            | VfioUserError::Io { .. }
+            | VfioUserError::Fds { .. } => true,
+            // A reply that does not answer the request leaves the stream out of step.
+            VfioUserError::Reply { source, .. } => !matches!(source, WireError::Refused(_)),
+            _ => false,
+        }
+    }
+}
+
+/// A reply's body and the fds that came with it.
+pub struct Reply {
+    pub body: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+pub struct VfioUserClient {
+    path: PathBuf,
+    stream: UnixStream,
+    deadlines: Deadlines,
+    next_id: u16,
+    max_msg_fds: u32,
+}
+
+impl VfioUserClient {
+    /// Connects to `path`, waiting up to `wait` for a server to listen and answer VERSION.
+    pub fn connect(
+        path: &Path,
+        wait: Duration,
+        deadlines: &Deadlines,
+    ) -> Result<Self, VfioUserError> {
+        let until = Instant::now() + wait;
+        let mut said = false;
+        loop {
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(VfioUserError::NotASocket(path.to_owned()));
+                }
+            }
+            match Self::connect_once(path, deadlines) {
+                Ok(client) => return Ok(client),
+                Err(e) if e.worth_retrying() && Instant::now() < until => {
+                    if !said {
+                        log::warn!(
+                            "waiting for vfio-user server {} (at most {wait:?})",
+                            path.display()
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                }
+                Err(e) if e.worth_retrying() => {
+                    return Err(VfioUserError::ConnectTimeout {
+                        path: path.to_owned(),
+                        waited: wait,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt: a connect that never blocks, then VERSION under the deadline.
+    pub fn connect_once(path: &Path, deadlines: &Deadlines) -> Result<Self, VfioUserError> {
+        let stream = connect_nonblocking(path).map_err(|_| VfioUserError::ConnectTimeout {
+            path: path.to_owned(),
+            waited: Duration::ZERO,
+        })?;
+        let mut client = VfioUserClient {
+            path: path.to_owned(),
+            stream,
+            deadlines: deadlines.clone(),
+            next_id: 0,
+            max_msg_fds: 1,
+        };
+        let reply = client.exchange(command::VERSION, &wire::version_body(), &[])?;
+        let version = wire::parse_version(&reply.body).map_err(|source| VfioUserError::Reply {
+            step: "VERSION",
+            source,
+        })?;
+        client.max_msg_fds = version.max_msg_fds;
+        log::info!(
+            "vfio-user {}: protocol {}.{}, up to {} fds a message",
+            path.display(),
+            version.major,
+            version.minor,
+            version.max_msg_fds
+        );
+        Ok(client)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.deadlines
+    }
+
+    pub fn socket_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Shuts the session down (the server sees it end).
+    pub fn disconnect(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Sends one request and reads its reply, under the exchange deadline. A refusal (the
+    /// error bit) is returned as [`WireError::Refused`].
+    pub fn exchange(
+        &mut self,
+        command: u16,
+        body: &[u8],
+        fds: &[RawFd],
+    ) -> Result<Reply, VfioUserError> {
+        let step = command::name(command);
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let request = Header::request(id, command, body.len())
+            .map_err(|source| VfioUserError::Reply { step, source })?;
+        let ticket = match self.stream.try_clone() {
+            Ok(dup) => Some(self.deadlines.watchdog.arm(dup, self.deadlines.timeout)),
+            Err(e) => {
+                log::warn!(
+                    "vfio-user {}: no deadline for {step}: {e}",
+                    self.path.display()
+                );
+                None
+            }
+        };
+        let result = self.exchange_unguarded(step, &request, body, fds);
+        let late = ticket.is_some_and(|t| self.deadlines.watchdog.disarm(t));
+        if late {
+            return Err(VfioUserError::Unresponsive {
+                step,
+                timeout: self.deadlines.timeout,
+            });
+        }
+        result
+    }
+
+    fn exchange_unguarded(
+        &mut self,
+        step: &'static str,
+        request: &Header,
+        body: &[u8],
+        fds: &[RawFd],
+    ) -> Result<Reply, VfioUserError> {
+        let header = request.encode();
+        self.send_all(step, &[&header, body], fds)?;
+        let mut head = [0u8; wire::HEADER_SIZE];
+        let mut got_fds = Vec::new();
+        self.recv_exact(step, &mut head, &mut got_fds)?;
+        let reply = Header::decode(&head);
+        let len = reply
+            .check_reply(request)
+            .map_err(|source| VfioUserError::Reply { step, source })?;
+        let mut body = vec![0u8; len];
+        self.recv_exact(step, &mut body, &mut got_fds)?;
+        if let Some(source) = reply.refusal() {
+            return Err(VfioUserError::Reply { step, source });
+        }
+        Ok(Reply { body, fds: got_fds })
+    }
+
+    fn send_all(
+        &self,
+        step: &'static str,
+        parts: &[&[u8]],
+        fds: &[RawFd],
+    ) -> Result<(), VfioUserError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut sent = 0usize;
+        while sent < total {
+            // The parts not yet sent, the first one cut where the last send stopped.
+            let mut skip = sent;
+            let slices: Vec<IoSlice<'_>> = parts
+                .iter()
+                .filter_map(|p| {
+                    if skip >= p.len() {
+                        skip -= p.len();
+                        None
+                    } else {
+                        let s = IoSlice::new(&p[skip..]);
+                        skip = 0;
+                        Some(s)
+                    }
+                })
+                .collect();
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !fds.is_empty() {
+                &rights
+            } else {
+                &[]
+            };
+            match sendmsg::<()>(
+                self.stream.as_raw_fd(),
+                &slices,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(0) => return Err(VfioUserError::Closed { step }),
+                Ok(n) => sent += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+                    return Err(VfioUserError::Closed { step })
+                }
+                Err(source) => return Err(VfioUserError::Io { step, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes, keeping any fds that come with them.
+    fn recv_exact(
+        &self,
+        step: &'static str,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), VfioUserError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let mut space = nix::cmsg_space!([RawFd; MAX_REPLY_FDS]);
+            let mut iov = [IoSliceMut::new(&mut buf[done..])];
+            let msg = match recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => msg,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECONNRESET) => return Err(VfioUserError::Closed { step }),
+                Err(source) => return Err(VfioUserError::Io { step, source }),
+            };
+            let n = msg.bytes;
+            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        for fd in raw {
+                            // SAFETY: `fd` was just received with SCM_RIGHTS, so it is a new,
+                            // open descriptor that nothing else in this process owns.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+            }
+            if truncated || fds.len() > MAX_REPLY_FDS {
+                return Err(VfioUserError::Fds {
+                    step,
+                    count: fds.len(),
+                    max: MAX_REPLY_FDS,
+                });
+            }
+            if n == 0 {
+                return Err(VfioUserError::Closed { step });
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn parse<T>(step: &'static str, result: Result<T, WireError>) -> Result<T, VfioUserError> {
+        result.map_err(|source| VfioUserError::Reply { step, source })
+    }
+
+    pub fn device_info(&mut self) -> Result<DeviceInfo, VfioUserError> {
+        let reply = self.exchange(command::DEVICE_GET_INFO, &wire::device_info_body(), &[])?;
+        Self::parse("DEVICE_GET_INFO", wire::parse_device_info(&reply.body))
+    }
+
+    /// A region's size and flags. An fd offered for mmap is closed: every access is forwarded.
+    pub fn region_info(&mut self, index: u32) -> Result<RegionInfo, VfioUserError> {
+        let body = wire::region_info_body(index);
+        let reply = self.exchange(command::DEVICE_GET_REGION_INFO, &body, &[])?;
+        Self::parse(
+            "DEVICE_GET_REGION_INFO",
+            wire::parse_region_info(&reply.body, index),
+        )
+    }
+
+    /// The ioeventfds the server offers for region `index`, each with its fd; a server that
+    /// refuses the command (it is optional) offers none.
+    pub fn region_io_fds(&mut self, index: u32) -> Result<Vec<(IoFd, OwnedFd)>, VfioUserError> {
+        let body = wire::region_io_fds_body(index);
+        let reply = match self.exchange(command::GET_REGION_IO_FDS, &body, &[]) {
+            Ok(reply) => reply,
+            Err(VfioUserError::Reply {
+                source: WireError::Refused(_),
+                ..
+            }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let entries = Self::parse(
+            "GET_REGION_IO_FDS",
+            wire::parse_region_io_fds(&reply.body, index, reply.fds.len()),
+        )?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let fd = reply.fds[entry.fd_index as usize]
+                .try_clone()
+                .map_err(|e| VfioUserError::Io {
+                    step: "GET_REGION_IO_FDS",
+                    source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                })?;
+            out.push((entry, fd));
+        }
+        Ok(out)
+    }
+
+    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfo, VfioUserError> {
+        let reply = self.exchange(command::GET_IRQ_INFO, &wire::irq_info_body(index), &[])?;
+        Self::parse("GET_IRQ_INFO", wire::parse_irq_info(&reply.body, index))
+    }
+
+    /// Hands the server one eventfd per vector of interrupt type `index`, in as many messages
+    /// as its fd limit needs.
+    pub fn set_irqs(&mut self, index: u32, fds: &[RawFd]) -> Result<(), VfioUserError> {
+        let chunk = (self.max_msg_fds as usize).clamp(1, wire::CLIENT_MAX_MSG_FDS as usize);
+        for (n, part) in fds.chunks(chunk).enumerate() {
+            let start = (n * chunk) as u32;
+            let body = wire::set_irqs_body(index, start, part.len() as u32);
+            self.exchange(command::SET_IRQS, &body, part)?;
+        }
+        Ok(())
+    }
+
+    pub fn dma_map(
+        &mut self,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: RawFd,
+    ) -> Result<(), VfioUserError> {
+        let body = wire::dma_map_body(offset, address, size);
+        self.exchange(command::DMA_MAP, &body, &[fd]).map(drop)
+    }
+
+    pub fn reset(&mut self) -> Result<(), VfioUserError> {
+        self.exchange(command::DEVICE_RESET, &[], &[]).map(drop)
+    }
+
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), VfioUserError> {
+        let body = wire::region_access_body(region, offset, data.len(), &[]);
+        let reply = self.exchange(command::REGION_READ, &body, &[])?;
+        let got = Self::parse(
+            "REGION_READ",
+            wire::parse_region_access(&reply.body, region, offset, data.len(), true),
+        )?;
+        data.copy_from_slice(got);
+        Ok(())
+    }
+
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), VfioUserError> {
+        let body = wire::region_access_body(region, offset, data.len(), data);
+        let reply = self.exchange(command::REGION_WRITE, &body, &[])?;
+        Self::parse(
+            "REGION_WRITE",
+            wire::parse_region_access(&reply.body, region, offset, data.len(), false),
+        )
+        .map(drop)
+    }
+}
