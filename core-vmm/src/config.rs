@@ -97,6 +97,18 @@ pub struct Cli {
     /// it is disconnected and reconnected like one that died.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub backend_timeout_ms: u64,
+    /// Log filter (error, warn, info, debug, trace, or MODULE=LEVEL,...); overrides RUST_LOG
+    /// (default warn).
+    #[arg(long, value_name = "FILTER", value_parser = parse_log_filter)]
+    pub log_level: Option<String>,
+}
+
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    if isola_ipc::log_filter::valid(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("'{s}' is not a log filter"))
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -17,14 +17,26 @@ const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_GUEST_CRASH: u8 = 3;
 const EXIT_FAILURE: u8 = 1;
 
-fn init_logging() {
+/// Every line: `isola-core[PID]: LEVEL core/THREAD: message` (the thread: `main`, `vcpu0`, a
+/// device's backend thread, `control`), as the device processes write theirs.
+fn init_logging(level: Option<&str>) {
     let pid = std::process::id();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    let mut builder = match level {
+        Some(level) => {
+            let mut builder = env_logger::Builder::new();
+            builder.parse_filters(level);
+            builder
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")),
+    };
+    builder
         .format(move |buf, record| {
+            let thread = std::thread::current();
             writeln!(
                 buf,
-                "isola-core[{pid}]: {}: {}",
+                "isola-core[{pid}]: {} core/{}: {}",
                 record.level(),
+                thread.name().unwrap_or("?"),
                 record.args()
             )
         })
@@ -32,8 +44,8 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
     let config = match cli.validate() {
         Ok(config) => config,
         Err(e) => {

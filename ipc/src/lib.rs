@@ -30,6 +30,7 @@ pub mod display;
 pub mod input;
 pub mod keys;
 pub mod listen;
+pub mod log_filter;
 pub mod supervisor;
 
 /// Errors of the framing layer.

@@ -24,6 +24,17 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// `isolactl ARGS`: whether it succeeded, and its stdout and stderr together.
+pub fn isolactl(args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary("isolactl"))
+        .args(args)
+        .output()
+        .expect("isolactl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// One request to a supervisor's control socket.
 pub fn supervisor_call(socket: &Path, request: &SupervisorRequest) -> SupervisorResponse {
     let mut stream =
@@ -150,6 +161,22 @@ impl Launch {
         }
     }
 
+    /// [`Launch::start`], once the core is up and the guest has printed a line containing
+    /// `guest_line`.
+    pub fn running(run_dir: &Path, args: &[&str], guest_line: &str) -> Launch {
+        let mut launch = Launch::start(run_dir, args);
+        wait_for_path(&launch.control_socket(), Duration::from_secs(60));
+        assert!(
+            launch
+                .stdout
+                .wait_for(guest_line, Duration::from_secs(30))
+                .is_some(),
+            "the guest never printed {guest_line:?}\n{}",
+            launch.report()
+        );
+        launch
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir.join("control.sock")
     }
@@ -180,10 +207,18 @@ impl Launch {
         }
     }
 
-    /// The output so far, for failure messages.
+    /// The output so far and the logs (while the run directory is there), for failure
+    /// messages.
     pub fn report(&mut self) -> String {
+        let mut logs = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.run_dir.join("logs")) {
+            for entry in entries.flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                logs += &format!("{}:\n{text}", entry.path().display());
+            }
+        }
         format!(
-            "stdout:\n{}\nstderr:\n{}",
+            "stdout:\n{}\nstderr:\n{}\n{logs}",
             self.stdout.drain(Duration::from_millis(200)).join("\n"),
             self.stderr.drain(Duration::from_millis(200)).join("\n")
         )

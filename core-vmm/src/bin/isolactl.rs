@@ -128,6 +128,14 @@ enum Command {
     },
     /// Show isola-input's event counters.
     InputStatus,
+    /// Print a log of a VM started by scripts/isola-run (needs --run-dir): NAME is a daemon
+    /// (blk0, console, net, gpu, display, input), `supervisor` or `core`.
+    Logs {
+        name: String,
+        /// Keep printing what is appended, until the VM ends (or Ctrl-C).
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
@@ -340,6 +348,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return screenshot(cli.display_socket(), out, scanout)
         }
         Command::Status => return status(&cli),
+        Command::Logs { ref name, follow } => {
+            let dir = cli.run_dir.as_ref().context("logs needs --run-dir")?;
+            return logs::print(&dir.join("logs"), name, follow);
+        }
         Command::Restart { ref name } => {
             let socket = cli
                 .supervisor_socket()
@@ -471,6 +483,9 @@ fn same_path(a: &str, b: &str) -> bool {
     let canonical = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
     a == b || canonical(a) == canonical(b)
 }
+
+#[path = "isolactl/logs.rs"]
+mod logs;
 
 mod console {
     //! `isolactl console PATH`: the terminal <-> a console port's socket, byte for byte.

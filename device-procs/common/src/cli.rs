@@ -140,8 +140,8 @@ where
 {
     use std::process::ExitCode;
 
-    let cli = match C::try_parse() {
-        Ok(cli) => cli,
+    let (cli, level) = match parse_with_log_level::<C>() {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => {
             // --help, --version
             let _ = e.print();
@@ -152,7 +152,7 @@ where
             return ExitCode::from(2);
         }
     };
-    crate::logging::init(name);
+    crate::logging::init_with_level(name, level.as_deref());
     let config = match from_cli(cli) {
         Ok(config) => config,
         Err(e) => {
@@ -167,6 +167,34 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// The device's own command line plus `--log-level`, which every device process takes.
+fn parse_with_log_level<C: clap::Parser>() -> Result<(C, Option<String>), clap::Error> {
+    let command = C::command().arg(
+        clap::Arg::new("log_level")
+            .long("log-level")
+            .value_name("FILTER")
+            .global(true)
+            .value_parser(|s: &str| {
+                if isola_ipc::log_filter::valid(s) {
+                    Ok(s.to_owned())
+                } else {
+                    Err(format!(
+                        "'{s}' is not a log filter (off, error, warn, info, debug, trace, \
+                         or MODULE=LEVEL,...)"
+                    ))
+                }
+            })
+            .help(
+                "Log filter (error, warn, info, debug, trace, or MODULE=LEVEL,...); \
+                 overrides RUST_LOG",
+            ),
+    );
+    let mut matches = command.try_get_matches()?;
+    let level = matches.remove_one::<String>("log_level");
+    let cli = C::from_arg_matches_mut(&mut matches)?;
+    Ok((cli, level))
 }
 
 /// A clap error on one line: its first paragraph, whitespace collapsed.

@@ -1,26 +1,62 @@
-//! Logging of a device process: every line names the process and its pid, then the level and
-//! the thread, e.g. `isola-blk[4242]: WARN blk-q0: ...`. `RUST_LOG` sets the filter (default
-//! `info`). Lines a guest can trigger go through a [`RateLimiter`].
+//! Logging of a device process: every line names the process and its pid, the level, the
+//! device and the thread, e.g. `isola-blk[4242]: WARN blk0/blk-q0: ...`. The device is the name
+//! the supervisor runs the daemon under (its `ISOLA_DEVICE` environment variable), or the
+//! process's name without `isola-` when started by hand. The filter is `--log-level` if given,
+//! else `RUST_LOG`, else `info` (env_logger's syntax: `debug`, `warn,isola_blk=trace`). Lines a
+//! guest can trigger go through a [`RateLimiter`].
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-/// Installs the logger for process `name` (e.g. "isola-blk"). Later calls do nothing.
+/// The environment variable naming the device a process serves (set by `isola-supervisor` to
+/// the daemon's name).
+pub const DEVICE_ENV: &str = "ISOLA_DEVICE";
+
+/// Installs the logger for process `name` (e.g. "isola-blk") with the `RUST_LOG` filter.
+/// Later calls do nothing.
 pub fn init(name: &str) {
+    init_with_level(name, None);
+}
+
+/// [`init`], with `level` (a `--log-level` value) in place of `RUST_LOG` when given.
+pub fn init_with_level(name: &str, level: Option<&str>) {
     let name = name.to_owned();
+    let device = device_name(&name, std::env::var(DEVICE_ENV).ok().as_deref());
     let pid = std::process::id();
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let mut builder = match level {
+        Some(level) => {
+            let mut builder = env_logger::Builder::new();
+            builder.parse_filters(level);
+            builder
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    let _ = builder
         .format(move |buf, record| {
             let thread = std::thread::current();
             writeln!(
                 buf,
-                "{name}[{pid}]: {} {}: {}",
+                "{name}[{pid}]: {} {device}/{}: {}",
                 record.level(),
                 thread.name().unwrap_or("?"),
                 record.args()
             )
         })
         .try_init();
+}
+
+/// The device a process's lines name: `given` (from [`DEVICE_ENV`]) if it is a plausible name
+/// (1-32 letters, digits, `-`, `_`), else the process name without `isola-`.
+fn device_name(process: &str, given: Option<&str>) -> String {
+    let plausible = |n: &str| {
+        (1..=32).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    match given {
+        Some(name) if plausible(name) => name.to_owned(),
+        _ => process.strip_prefix("isola-").unwrap_or(process).to_owned(),
+    }
 }
 
 /// An error and its causes on one line: "outer: inner: root".
@@ -84,6 +120,14 @@ mod tests {
         assert_eq!(limiter.allow(), None);
         limiter.window -= Duration::from_secs(2);
         assert_eq!(limiter.allow(), Some(2));
+    }
+
+    #[test]
+    fn lines_name_the_device_given_or_the_process() {
+        assert_eq!(device_name("isola-blk", Some("blk1")), "blk1");
+        assert_eq!(device_name("isola-blk", None), "blk");
+        assert_eq!(device_name("isola-blk", Some("bad/name")), "blk");
+        assert_eq!(device_name("echo-test", Some("")), "echo-test");
     }
 
     #[test]

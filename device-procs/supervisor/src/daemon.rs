@@ -15,9 +15,10 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -125,6 +126,8 @@ pub struct Daemon {
     config_error: bool,
     /// Not yet revived by `isolactl restart`: its first start is the one at launch.
     at_launch: bool,
+    /// Where its output goes (appended); the supervisor's stderr if `None`.
+    log_file: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -142,7 +145,15 @@ impl Daemon {
             first_start: true,
             config_error: false,
             at_launch: true,
+            log_file: None,
         }
+    }
+
+    /// Sends the daemon's output (stdout and stderr, line by line, each with the time) to
+    /// `dir/NAME.log` instead of the supervisor's stderr.
+    pub fn log_to(mut self, dir: &std::path::Path) -> Daemon {
+        self.log_file = Some(dir.join(format!("{}.log", self.spec.name)));
+        self
     }
 
     /// Why the daemon failed, if a configuration error on its first start failed it.
@@ -182,7 +193,7 @@ impl Daemon {
         }
         let first = self.last_exit.is_none() && self.restarts == 0 && self.deaths.is_empty();
         match self.spawn() {
-            Ok(mut child) => {
+            Ok((child, output)) => {
                 if first {
                     log::info!("{}: started, pid {}", self.spec.name, child.id());
                 } else {
@@ -194,7 +205,7 @@ impl Daemon {
                         self.restarts
                     );
                 }
-                let stderr = forward_stderr(&self.spec.name, &mut child);
+                let stderr = forward_output(&self.spec.name, output, self.log_file.as_deref());
                 self.life = Life::Running {
                     child,
                     since: now,
@@ -213,7 +224,7 @@ impl Daemon {
         }
     }
 
-    fn spawn(&self) -> std::io::Result<Child> {
+    fn spawn(&self) -> std::io::Result<(Child, OwnedFd)> {
         let listen_fd = self.listener.as_ref().map(|l| l.as_raw_fd());
         let mut command = Command::new(&self.spec.argv[0]);
         command.args(&self.spec.argv[1..]);
@@ -245,7 +256,15 @@ impl Daemon {
                 Ok(())
             });
         }
-        command.stderr(Stdio::piped()).spawn()
+        command.env(isola_device_common::logging::DEVICE_ENV, &self.spec.name);
+        // stdout and stderr into one pipe: a daemon's every line goes to its log.
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write.try_clone()?))
+            .stderr(Stdio::from(write));
+        let child = command.spawn()?;
+        Ok((child, read))
     }
 
     /// Reaps the instance if it has exited, and schedules the next one (or gives up).
@@ -460,32 +479,53 @@ impl StderrWatch {
     }
 }
 
-/// Copies a daemon's stderr to ours line by line, keeping what explains an ending.
-fn forward_stderr(name: &str, child: &mut Child) -> StderrWatch {
+/// Copies a daemon's output line by line to its log file (each line after the UTC time), or
+/// to our stderr without a log file, keeping what explains an ending.
+fn forward_output(name: &str, output: OwnedFd, log_file: Option<&Path>) -> StderrWatch {
     let tail = Arc::new(Mutex::new(Tail::default()));
     let (alive, done) = mpsc::channel::<()>();
     let watch = StderrWatch {
         tail: Arc::clone(&tail),
         done,
     };
-    let Some(stderr) = child.stderr.take() else {
-        return watch;
-    };
+    let mut file = None;
+    if let Some(path) = log_file {
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path);
+        match opened {
+            Ok(f) => file = Some(f),
+            Err(e) => log::warn!(
+                "{name}: cannot open {}: {e}; its output goes to stderr",
+                path.display()
+            ),
+        }
+    }
     let spawned = std::thread::Builder::new()
         .name(format!("log-{name}"))
         .spawn(move || {
             let _alive = alive;
-            let mut out = std::io::stderr();
-            for line in BufReader::new(stderr).lines() {
+            let stamped = file.is_some();
+            let mut out: Box<dyn Write> = match file {
+                Some(file) => Box::new(file),
+                None => Box::new(std::io::stderr()),
+            };
+            for line in BufReader::new(std::fs::File::from(output)).lines() {
                 let Ok(line) = line else { break };
-                let _ = writeln!(out, "{line}");
+                let _ = if stamped {
+                    writeln!(out, "{} {line}", crate::time::utc_now())
+                } else {
+                    writeln!(out, "{line}")
+                };
                 if let Ok(mut tail) = tail.lock() {
                     tail.note(&line);
                 }
             }
         });
     if let Err(e) = spawned {
-        log::warn!("{name}: cannot forward its stderr: {e}");
+        log::warn!("{name}: cannot forward its output: {e}");
     }
     watch
 }

@@ -17,8 +17,8 @@
 
 mod daemon;
 mod exit;
+mod time;
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -65,25 +65,34 @@ struct Cli {
     /// `isolactl restart` such an error only fails that daemon again.
     #[arg(long)]
     exit_on_config_error: bool,
+    /// Write each daemon's output (stdout and stderr, each line after its UTC time) to
+    /// DIR/NAME.log, appending, instead of this process's stderr.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Log filter of this process (error, warn, info, debug, trace, or MODULE=LEVEL,...);
+    /// overrides RUST_LOG. Daemons take their own --log-level in their COMMAND.
+    #[arg(long, value_name = "FILTER", value_parser = parse_log_level)]
+    log_level: Option<String>,
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    if isola_ipc::log_filter::valid(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("'{s}' is not a log filter"))
+    }
 }
 
 fn main() -> ExitCode {
-    let pid = std::process::id();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| {
-            writeln!(
-                buf,
-                "isola-supervisor[{pid}]: {}: {}",
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
     let cli = Cli::parse();
+    isola_device_common::logging::init_with_level("isola-supervisor", cli.log_level.as_deref());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("isola-supervisor: error: {e}");
+            eprintln!(
+                "isola-supervisor: error: {}",
+                isola_device_common::logging::chain(&e)
+            );
             ExitCode::from(2)
         }
     }
@@ -99,6 +108,8 @@ enum Error {
     Signals(nix::Error),
     #[error("cannot serve the control socket: {0}")]
     Control(std::io::Error),
+    #[error("cannot use the log directory {}", .0.display())]
+    LogDir(PathBuf, #[source] std::io::Error),
     #[error("{0}; every daemon stopped")]
     Config(String),
 }
@@ -136,6 +147,12 @@ fn run(cli: Cli) -> Result<(), Error> {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
 
+    if let Some(dir) = &cli.log_dir {
+        if !dir.is_dir() {
+            let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(Error::LogDir(dir.clone(), missing));
+        }
+    }
     let mut daemons: Vec<Daemon> = Vec::new();
     for spec in cli.daemons {
         if daemons.iter().any(|d| d.spec.name == spec.name) {
@@ -146,7 +163,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             .as_deref()
             .map(isola_device_common::cli::bind)
             .transpose()?;
-        daemons.push(Daemon::new(spec, listener));
+        let daemon = Daemon::new(spec, listener);
+        daemons.push(match &cli.log_dir {
+            Some(dir) => daemon.log_to(dir),
+            None => daemon,
+        });
     }
     let mut kernel_log = exit::KernelLog::open();
     let now = Instant::now();

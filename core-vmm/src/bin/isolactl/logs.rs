@@ -1,0 +1,96 @@
+//! `isolactl logs NAME [--follow]`: one log of a VM started by `scripts/isola-run`, from its
+//! run directory's `logs/` (a daemon's `NAME.log`, `supervisor.log`, `core.log`).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// How often `--follow` looks for more.
+const POLL: Duration = Duration::from_millis(100);
+
+pub fn print(dir: &Path, name: &str, follow: bool) -> anyhow::Result<()> {
+    let plausible = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plausible {
+        bail!("'{name}' is not a log name (a daemon's name, supervisor or core)");
+    }
+    let path = dir.join(format!("{name}.log"));
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "no log named '{name}' in {} (there are: {})",
+                dir.display(),
+                names(dir)
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut offset = copy(&mut file, &mut out)?;
+    if !follow {
+        return Ok(());
+    }
+    // Until the file goes (isola-run removes the run directory when the VM ends).
+    loop {
+        std::thread::sleep(POLL);
+        let len = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(_) => {
+                eprintln!("isolactl: {} is gone: the VM has ended", path.display());
+                return Ok(());
+            }
+        };
+        if len < offset {
+            // Truncated: start again from its beginning.
+            offset = file.seek(SeekFrom::Start(0))?;
+        }
+        offset += copy(&mut file, &mut out)?;
+    }
+}
+
+/// Copies what `file` holds from its position on; how many bytes. A reader that went away
+/// (`| head`) ends the program quietly.
+fn copy(file: &mut std::fs::File, out: &mut impl Write) -> anyhow::Result<u64> {
+    let mut buf = [0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).context("cannot read the log")?;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = out.write_all(&buf[..n]).and_then(|()| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e).context("cannot write to stdout");
+        }
+        total += n as u64;
+    }
+    Ok(total)
+}
+
+/// The log names in `dir`, for an error message.
+fn names(dir: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    name.strip_suffix(".log").map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}

@@ -1,0 +1,210 @@
+//! Day-2 operations as an operator meets them (issue 16): logs in files of their own, the
+//! guest's console alone on the terminal, `isolactl logs`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use isola_ipc::supervisor::DaemonState;
+use isola_tests::supervisor::{isolactl, supervisor_status, wait_until, Launch};
+use isola_tests::{binary, scratch_dir};
+
+/// `PROCESS[PID]: LEVEL DEVICE/THREAD: message`, after the supervisor's UTC time in a daemon's
+/// log file: whether `line` names all four.
+fn names_process_pid_device_thread(line: &str, process: &str, device: &str) -> bool {
+    let Some(at) = line.find(&format!("{process}[")) else {
+        return false;
+    };
+    let rest = &line[at + process.len() + 1..];
+    let Some((pid, rest)) = rest.split_once("]: ") else {
+        return false;
+    };
+    let Some((_level, rest)) = rest.split_once(' ') else {
+        return false;
+    };
+    let Some((who, _message)) = rest.split_once(": ") else {
+        return false;
+    };
+    let Some((dev, thread)) = who.split_once('/') else {
+        return false;
+    };
+    pid.parse::<u32>().is_ok() && dev == device && !thread.is_empty()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn logs_land_in_their_files_and_never_in_the_guest_console_stream() {
+    let scratch = scratch_dir("ops-logs");
+    let run_dir = scratch.join("run");
+    let dir = run_dir.to_str().unwrap();
+    let mut launch = Launch::running(
+        &run_dir,
+        &[
+            "--console",
+            "--log-level",
+            "info",
+            "--cmdline",
+            "virtio-blk.mode=loop virtio-blk.sectors=64",
+        ],
+        "virtio-blk: mode=loop",
+    );
+    let logs = run_dir.join("logs");
+    // Each daemon's lines in its own file, naming process, pid, device and thread.
+    let blk = wait_until("blk0.log has a line", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(logs.join("blk0.log")).ok()?;
+        text.lines()
+            .any(|l| l.contains("isola-blk["))
+            .then_some(text)
+    });
+    for line in blk.lines() {
+        assert!(
+            names_process_pid_device_thread(line, "isola-blk", "blk0"),
+            "blk0.log: {line:?}"
+        );
+        assert!(line.starts_with("20"), "no UTC time first: {line:?}");
+    }
+    let console = read(&logs.join("console.log"));
+    assert!(
+        console
+            .lines()
+            .any(|l| names_process_pid_device_thread(l, "isola-console", "console")),
+        "console.log:\n{console}"
+    );
+    assert!(!console.contains("isola-blk["), "{console}");
+    let supervisor = read(&logs.join("supervisor.log"));
+    assert!(
+        supervisor.lines().any(|l| names_process_pid_device_thread(
+            l,
+            "isola-supervisor",
+            "supervisor"
+        )),
+        "supervisor.log:\n{supervisor}"
+    );
+    assert!(logs.join("core.log").exists());
+
+    // isolactl logs prints a file; an unknown name is one line that lists the known ones.
+    let (ok, text) = isolactl(&["--run-dir", dir, "logs", "blk0"]);
+    assert!(ok, "{text}");
+    assert!(text.starts_with(&blk), "{text}");
+    let (ok, text) = isolactl(&["--run-dir", dir, "logs", "nosuch"]);
+    assert!(!ok);
+    assert!(text.contains("blk0, console, core, supervisor"), "{text}");
+    let (ok, text) = isolactl(&["--run-dir", dir, "logs", "../control"]);
+    assert!(!ok && text.contains("not a log name"), "{text}");
+
+    // --follow shows what is written later (a killed daemon's restart), and ends on its own
+    // when the VM ends and its run directory goes.
+    let mut follow = Command::new(binary("isolactl"))
+        .args(["--run-dir", dir, "logs", "supervisor", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("isolactl logs --follow starts");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let sup = launch.supervisor_socket();
+    let pid = supervisor_status(&sup)
+        .into_iter()
+        .find(|d| d.name == "blk0")
+        .and_then(|d| d.pid)
+        .expect("blk0 runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill blk0");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut followed = Vec::new();
+    while !followed
+        .iter()
+        .any(|l: &String| l.contains("blk0: restarted"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => followed.push(line),
+            Err(_) => panic!("--follow never showed the restart: {followed:#?}"),
+        }
+    }
+    wait_until("blk0 back", Duration::from_secs(20), || {
+        supervisor_status(&sup)
+            .into_iter()
+            .any(|d| d.name == "blk0" && d.state == DaemonState::Running)
+            .then_some(())
+    });
+    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+    let ended = wait_until("--follow ends", Duration::from_secs(10), || {
+        follow.try_wait().expect("wait works")
+    });
+    assert!(ended.success(), "{ended:?}");
+
+    // The terminal: the guest's console on stdout, nothing but isola-run's lines on stderr.
+    let stdout = launch.stdout.drain(Duration::from_millis(100)).to_vec();
+    assert!(
+        stdout.iter().any(|l| l.starts_with("virtio-blk: ")),
+        "{stdout:#?}"
+    );
+    let process_line = |l: &String| {
+        [
+            "isola-blk[",
+            "isola-console[",
+            "isola-supervisor[",
+            "isola-core[",
+        ]
+        .iter()
+        .any(|p| l.contains(p))
+    };
+    assert!(!stdout.iter().any(process_line), "{stdout:#?}");
+    let stderr = launch.stderr.drain(Duration::from_millis(100)).to_vec();
+    assert!(
+        stderr.iter().all(|l| l.starts_with("isola-run: ")),
+        "{stderr:#?}"
+    );
+}
+
+/// Every binary takes `--log-level`, and refuses a filter it cannot use with status 2 before
+/// it does anything else.
+#[test]
+fn every_binary_takes_log_level_and_refuses_a_bad_one() {
+    let programs = [
+        "isola-core",
+        "isola-supervisor",
+        "isola-blk",
+        "isola-net",
+        "isola-console",
+        "isola-gpu",
+        "isola-display",
+        "isola-input",
+        "isola-usb",
+    ];
+    for program in programs {
+        let help = Command::new(binary(program))
+            .arg("--help")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(text.contains("--log-level"), "{program} --help:\n{text}");
+        let out = Command::new(binary(program))
+            .args(["--log-level", "blk=loud"])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{program}: {stderr}");
+        // The first line says what is wrong (the core and the supervisor add clap's hint).
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(first.contains("blk=loud"), "{program}: {stderr}");
+    }
+}
