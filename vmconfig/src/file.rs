@@ -79,7 +79,8 @@ pub type Located = (usize, String, String);
 pub fn parse(text: &str) -> Result<VmConfig, Located> {
     let de = toml::Deserializer::parse(text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
-        (line, String::new(), e.message().trim().to_owned())
+        let why = e.message().trim().replace('\n', "; ");
+        (line, String::new(), format!("not TOML: {why}"))
     })?;
     let vm: VmConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = key_path(e.path());

@@ -311,3 +311,22 @@ fn bad_flags_name_the_flag() {
     assert!(err(&["--bogus"]).contains("unknown VM flag"));
     assert!(err(&["--kernel"]).contains("needs a value"));
 }
+
+#[test]
+fn the_examples_in_docs_parse() {
+    for (name, text) in [
+        (
+            "test-guest",
+            include_str!("../../docs/examples/test-guest.toml"),
+        ),
+        (
+            "linux-desktop",
+            include_str!("../../docs/examples/linux-desktop.toml"),
+        ),
+        ("server", include_str!("../../docs/examples/server.toml")),
+    ] {
+        let vm = parse(text).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let back = args::from_args(&args::to_args(&vm)).unwrap();
+        assert_eq!(back.resolved(), vm.resolved(), "{name}");
+    }
+}
