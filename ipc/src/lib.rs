@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.

@@ -7,8 +7,16 @@ use serde::{Deserialize, Serialize};
 pub enum SupervisorRequest {
     /// Every supervised daemon.
     Status,
-    /// Start a daemon that was given up on again, with a fresh retry budget.
+    /// Start a daemon again: a running instance is stopped (SIGTERM, then SIGKILL) and the
+    /// next one started at once; one given up on gets a fresh retry budget.
     Restart { name: String },
+    /// Restart with a new program (`binary`, an absolute path; `None`: the file at the
+    /// daemon's program path, e.g. rebuilt in place), same arguments, same socket. The first
+    /// instance of the new program dying at once puts the old one back.
+    Upgrade {
+        name: String,
+        binary: Option<String>,
+    },
     /// Stop every daemon (SIGTERM, then SIGKILL) and exit.
     Stop,
 }

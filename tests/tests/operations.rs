@@ -208,3 +208,53 @@ fn every_binary_takes_log_level_and_refuses_a_bad_one() {
         assert!(first.contains("blk=loud"), "{program}: {stderr}");
     }
 }
+
+/// `isolactl restart NAME` on a healthy daemon: the running instance is stopped (SIGTERM) and
+/// a new one started at once, without counting against the give-up budget; one that ignores
+/// SIGTERM is killed after the stop timeout.
+#[test]
+fn restart_on_demand_works_on_a_healthy_daemon() {
+    let dir = scratch_dir("ops-restart-healthy");
+    let control = dir.join("supervisor.sock");
+    let daemons = [
+        "calm:-:sh -c 'trap \"exit 0\" TERM; while :; do sleep 0.05; done'".to_owned(),
+        "stubborn:-:sh -c 'trap \"\" TERM; while :; do sleep 0.05; done'".to_owned(),
+    ];
+    let sup = isola_tests::supervisor::Supervisor::start(
+        &control,
+        &daemons,
+        &["--restart-limit", "1", "--stop-timeout-ms", "300"],
+    );
+    let running = |name: &str| {
+        let d = sup.daemon(name);
+        (d.state == DaemonState::Running).then_some(d.pid?)
+    };
+    for name in ["calm", "stubborn"] {
+        // More restarts than the give-up budget (1): on demand, none of them counts.
+        for round in 1..=3u32 {
+            let old = wait_until("running", Duration::from_secs(10), || running(name));
+            let (ok, text) =
+                isolactl(&["--supervisor", control.to_str().unwrap(), "restart", name]);
+            assert!(ok, "{name}: {text}");
+            let new = wait_until("a new instance", Duration::from_secs(10), || {
+                running(name).filter(|&pid| pid != old)
+            });
+            let status = sup.daemon(name);
+            assert_eq!(status.restarts, round, "{status:?}");
+            assert!(
+                std::fs::read(format!("/proc/{old}/cmdline")).is_ok_and(|c| c.is_empty())
+                    || std::fs::metadata(format!("/proc/{old}")).is_err(),
+                "{name}: the old instance {old} still runs beside {new}"
+            );
+        }
+        let last = sup.daemon(name).last_exit.unwrap_or_default();
+        let expected = if name == "calm" {
+            "restarted on request"
+        } else {
+            "restarted on request: killed by SIGKILL"
+        };
+        assert!(last.contains(expected), "{name}: {last}");
+    }
+    let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "restart", "nope"]);
+    assert!(!ok && text.contains("no daemon named 'nope'"), "{text}");
+}

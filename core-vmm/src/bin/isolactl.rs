@@ -81,8 +81,18 @@ enum Command {
     Resume,
     /// End the VM.
     Shutdown,
-    /// Start a device daemon the supervisor gave up on again.
+    /// Restart a device daemon: a running one is stopped (SIGTERM; SIGKILL after the
+    /// supervisor's stop timeout) and started again at once; one given up on gets a fresh
+    /// retry budget. The guest sees a pause; in-flight requests are resubmitted.
     Restart { name: String },
+    /// Replace a device daemon's program: like restart, the new instance on the same socket
+    /// with the same arguments; `--binary PATH` (default: the file at the same path, e.g.
+    /// after a rebuild). If the new program dies at once, the old one is put back.
+    Upgrade {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Debugging aid: deliver one MSI to the guest.
     InjectMsi {
         #[arg(long, value_parser = parse_u64, default_value = "0xfee00000")]
@@ -353,16 +363,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return logs::print(&dir.join("logs"), name, follow);
         }
         Command::Restart { ref name } => {
-            let socket = cli
-                .supervisor_socket()
-                .context("give the supervisor's socket (--supervisor) or --run-dir")?;
-            return match supervisor_call(
-                &socket,
-                &SupervisorRequest::Restart { name: name.clone() },
-            )? {
-                SupervisorResponse::Error(e) => bail!("{e}"),
-                _ => Ok(()),
+            return supervisor_request(&cli, SupervisorRequest::Restart { name: name.clone() })
+        }
+        Command::Upgrade {
+            ref name,
+            ref binary,
+        } => {
+            let binary = match binary {
+                Some(path) => Some(
+                    std::fs::canonicalize(path)
+                        .with_context(|| format!("--binary {}", path.display()))?
+                        .to_str()
+                        .context("--binary: the path is not UTF-8")?
+                        .to_owned(),
+                ),
+                None => None,
             };
+            let name = name.clone();
+            return supervisor_request(&cli, SupervisorRequest::Upgrade { name, binary });
         }
         Command::Pause => ControlRequest::Pause,
         Command::Resume => ControlRequest::Resume,
@@ -380,6 +398,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match core_call(&cli.core_socket()?, &request)? {
         ControlResponse::Error(e) => bail!("{e}"),
+        _ => Ok(()),
+    }
+}
+
+/// A request the supervisor answers with `Done` or an error.
+fn supervisor_request(cli: &Cli, request: SupervisorRequest) -> anyhow::Result<()> {
+    let socket = cli
+        .supervisor_socket()
+        .context("give the supervisor's socket (--supervisor) or --run-dir")?;
+    match supervisor_call(&socket, &request)? {
+        SupervisorResponse::Error(e) => bail!("{e}"),
         _ => Ok(()),
     }
 }

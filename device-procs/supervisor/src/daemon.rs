@@ -13,28 +13,23 @@
 //! Restarting would only print the same error again.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use isola_ipc::supervisor::{DaemonState, DaemonStatus};
+
+use crate::output::{forward_output, StderrWatch};
 
 /// The descriptor number the listening socket has in a daemon.
 pub const LISTEN_FD: i32 = 3;
 
 /// The exit status of a device process refusing its command line or configuration.
 const CONFIG_ERROR_STATUS: i32 = 2;
-
-/// How long a reap waits for a dead instance's last stderr lines.
-const STDERR_GRACE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
@@ -97,6 +92,25 @@ pub struct RestartPolicy {
     /// Give up when the daemon died more than `limit` times within `window`.
     pub limit: u32,
     pub window: Duration,
+    /// How long an instance stopped on request (restart, upgrade) has after SIGTERM before
+    /// SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// A running instance stopped on request (`isolactl restart` or `upgrade`): it does not count
+/// as a death, and the next instance starts as soon as it is gone.
+struct StopRequest {
+    /// What its ending is recorded as ("restarted on request", "upgraded to PATH").
+    why: String,
+    /// SIGKILL then, if it is still there (cleared once sent).
+    kill_at: Option<Instant>,
+}
+
+/// An upgraded daemon's first instance, until it has lived `min_uptime`: if it dies sooner,
+/// the previous program is put back.
+struct Upgrade {
+    previous: String,
+    since: Option<Instant>,
 }
 
 enum Life {
@@ -128,6 +142,10 @@ pub struct Daemon {
     at_launch: bool,
     /// Where its output goes (appended); the supervisor's stderr if `None`.
     log_file: Option<PathBuf>,
+    /// The running instance is being stopped on request.
+    stop_request: Option<StopRequest>,
+    /// The program was just replaced by `isolactl upgrade`.
+    upgrade: Option<Upgrade>,
 }
 
 impl Daemon {
@@ -146,6 +164,8 @@ impl Daemon {
             config_error: false,
             at_launch: true,
             log_file: None,
+            stop_request: None,
+            upgrade: None,
         }
     }
 
@@ -204,6 +224,9 @@ impl Daemon {
                         child.id(),
                         self.restarts
                     );
+                }
+                if let Some(upgrade) = &mut self.upgrade {
+                    upgrade.since.get_or_insert(now);
                 }
                 let stderr = forward_output(&self.spec.name, output, self.log_file.as_deref());
                 self.life = Life::Running {
@@ -310,6 +333,28 @@ impl Daemon {
             reason.push_str(": ");
             reason.push_str(&note);
         }
+        if let Some(request) = self.stop_request.take() {
+            let reason = format!("{}: {reason}", request.why);
+            log::info!("{}: {reason}; starting the next instance", self.spec.name);
+            self.last_exit = Some(reason);
+            self.life = Life::Waiting { until: now };
+            return Some(report);
+        }
+        if let Some(upgrade) = self.upgrade.take() {
+            let early = upgrade
+                .since
+                .is_none_or(|since| now.saturating_duration_since(since) < policy.min_uptime);
+            if early {
+                log::error!(
+                    "{}: the upgraded {} ended after {} ms ({reason}); back to {}",
+                    self.spec.name,
+                    self.spec.argv[0],
+                    uptime.as_millis(),
+                    upgrade.previous
+                );
+                self.spec.argv[0] = upgrade.previous;
+            }
+        }
         if std::mem::take(&mut self.first_start) && status.code() == Some(CONFIG_ERROR_STATUS) {
             self.fail_config(reason);
         } else {
@@ -359,6 +404,75 @@ impl Daemon {
             self.life = Life::Waiting {
                 until: now + self.backoff,
             };
+        }
+    }
+
+    /// `isolactl restart NAME` (`binary` None) or `isolactl upgrade NAME [--binary PATH]`: a
+    /// running instance gets SIGTERM (SIGKILL after `policy.stop_timeout`) and the next one
+    /// starts as soon as it is gone, the listening socket staying open meanwhile, so the core's
+    /// reconnect waits in its backlog; none of this counts as a death. A daemon waiting for its
+    /// back-off starts at once; one given up on gets a fresh budget. With `binary`, this and
+    /// every later instance run that program (put back if its first instance dies within
+    /// `min_uptime`). Refused while an instance is already being stopped.
+    pub fn restart_on_request(
+        &mut self,
+        now: Instant,
+        policy: &RestartPolicy,
+        binary: Option<&str>,
+    ) -> Result<(), String> {
+        if self.stop_request.is_some() {
+            return Err(format!("{} is already being restarted", self.spec.name));
+        }
+        let why = match binary {
+            Some(path) => {
+                let previous = std::mem::replace(&mut self.spec.argv[0], path.to_owned());
+                self.upgrade = Some(Upgrade {
+                    previous,
+                    since: None,
+                });
+                format!("upgraded to {path}")
+            }
+            None => "restarted on request".to_owned(),
+        };
+        match &self.life {
+            Life::Failed(_) => {
+                self.revive(now);
+            }
+            Life::Waiting { .. } => {
+                self.backoff = Duration::ZERO;
+                self.life = Life::Waiting { until: now };
+            }
+            Life::Running { .. } => {
+                self.signal(nix::sys::signal::Signal::SIGTERM);
+                self.stop_request = Some(StopRequest {
+                    why,
+                    kill_at: Some(now + policy.stop_timeout),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// When the main loop must look at this daemon again: its next start, or the SIGKILL of
+    /// an instance stopped on request.
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.due()
+            .or_else(|| self.stop_request.as_ref().and_then(|r| r.kill_at))
+    }
+
+    /// SIGKILL to an instance stopped on request that outlived its stop timeout.
+    pub fn enforce_stop(&mut self, now: Instant) {
+        let Some(request) = &mut self.stop_request else {
+            return;
+        };
+        if request.kill_at.is_some_and(|at| at <= now) {
+            request.kill_at = None;
+            log::warn!(
+                "{}: still running {} after SIGTERM; killing it",
+                self.spec.name,
+                "on request"
+            );
+            self.signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -436,100 +550,6 @@ pub struct ExitReport {
     pub seccomp_line: Option<String>,
 }
 
-/// What an instance's stderr said that explains its ending.
-#[derive(Debug, Default, Clone)]
-struct Tail {
-    /// Its last line that is not routine logging (INFO, DEBUG, TRACE): an error or warning,
-    /// or a plain line such as a device's one-line refusal of its configuration.
-    error_line: Option<String>,
-    /// The sandbox reaper's report of a seccomp kill ("syscall=N (name) thread=T").
-    seccomp: Option<String>,
-}
-
-impl Tail {
-    fn note(&mut self, line: &str) {
-        if let Some(at) = line.find("killed by seccomp: syscall=") {
-            self.seccomp = Some(line[at + "killed by seccomp: ".len()..].to_owned());
-        }
-        let routine = [" INFO ", " DEBUG ", " TRACE "].iter().any(|level| {
-            line.split_once("]:")
-                .is_some_and(|(_, rest)| rest.starts_with(level))
-        });
-        if !routine && !line.trim().is_empty() {
-            self.error_line = Some(line.to_owned());
-        }
-    }
-}
-
-/// The forwarder of one instance's stderr.
-struct StderrWatch {
-    tail: Arc<Mutex<Tail>>,
-    /// Disconnected when the forwarder has seen the end of the stream.
-    done: Receiver<()>,
-}
-
-impl StderrWatch {
-    /// What the instance said last, once its stderr has ended (the instance is dead: that
-    /// follows at once unless something it started still holds the pipe; bounded).
-    fn last_words(&self) -> Tail {
-        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(STDERR_GRACE) {
-            log::debug!("stderr still open after the instance ended");
-        }
-        self.tail.lock().map(|t| t.clone()).unwrap_or_default()
-    }
-}
-
-/// Copies a daemon's output line by line to its log file (each line after the UTC time), or
-/// to our stderr without a log file, keeping what explains an ending.
-fn forward_output(name: &str, output: OwnedFd, log_file: Option<&Path>) -> StderrWatch {
-    let tail = Arc::new(Mutex::new(Tail::default()));
-    let (alive, done) = mpsc::channel::<()>();
-    let watch = StderrWatch {
-        tail: Arc::clone(&tail),
-        done,
-    };
-    let mut file = None;
-    if let Some(path) = log_file {
-        let opened = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path);
-        match opened {
-            Ok(f) => file = Some(f),
-            Err(e) => log::warn!(
-                "{name}: cannot open {}: {e}; its output goes to stderr",
-                path.display()
-            ),
-        }
-    }
-    let spawned = std::thread::Builder::new()
-        .name(format!("log-{name}"))
-        .spawn(move || {
-            let _alive = alive;
-            let stamped = file.is_some();
-            let mut out: Box<dyn Write> = match file {
-                Some(file) => Box::new(file),
-                None => Box::new(std::io::stderr()),
-            };
-            for line in BufReader::new(std::fs::File::from(output)).lines() {
-                let Ok(line) = line else { break };
-                let _ = if stamped {
-                    writeln!(out, "{} {line}", crate::time::utc_now())
-                } else {
-                    writeln!(out, "{line}")
-                };
-                if let Ok(mut tail) = tail.lock() {
-                    tail.note(&line);
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::warn!("{name}: cannot forward its output: {e}");
-    }
-    watch
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,6 +596,7 @@ mod tests {
             backoff_max: Duration::from_millis(80),
             limit: 3,
             window: Duration::from_secs(10),
+            stop_timeout: Duration::from_millis(300),
         }
     }
 
@@ -714,6 +735,34 @@ mod tests {
         assert_eq!(
             quiet.status().last_exit.as_deref(),
             Some("killed by SIGUSR1")
+        );
+    }
+
+    #[test]
+    fn an_upgrade_whose_program_dies_at_once_is_rolled_back() {
+        let p = policy();
+        let mut d = shell_daemon("trap 'exit 0' TERM; while :; do sleep 0.05; done");
+        d.start_if_due(&p, Instant::now());
+        let first = d.pid().expect("started");
+        d.restart_on_request(Instant::now(), &p, Some("/bin/false"))
+            .unwrap();
+        assert!(d.restart_on_request(Instant::now(), &p, None).is_err());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old instance goes (not a death), /bin/false runs and fails, sh comes back.
+        while !(d.restarts == 2 && d.pid().is_some()) {
+            assert!(Instant::now() < deadline, "{:?}", d.status());
+            let now = Instant::now();
+            d.reap(&p, now, &mut |_| None);
+            d.enforce_stop(now);
+            d.start_if_due(&p, now);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(d.pid(), Some(first));
+        assert_eq!(d.spec.argv[0], "sh");
+        assert_eq!(d.deaths.len(), 1, "only /bin/false's ending counts");
+        assert_eq!(
+            d.status().last_exit.as_deref(),
+            Some("exited with status 1")
         );
     }
 

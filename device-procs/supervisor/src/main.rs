@@ -17,6 +17,7 @@
 
 mod daemon;
 mod exit;
+mod output;
 mod time;
 
 use std::os::fd::AsFd;
@@ -129,6 +130,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         backoff_max: Duration::from_secs(2),
         limit: cli.restart_limit,
         window: Duration::from_secs(cli.restart_window),
+        stop_timeout: Duration::from_millis(cli.stop_timeout_ms),
     };
     // Signals arrive on a signalfd; the mask is reset in every daemon before exec.
     let mut signals = SigSet::empty();
@@ -229,7 +231,7 @@ fn serve(
         let now = Instant::now();
         let timeout = daemons
             .iter()
-            .filter_map(Daemon::due)
+            .filter_map(Daemon::wake_at)
             .min()
             .map(|due| {
                 let ms = due.saturating_duration_since(now).as_millis();
@@ -270,12 +272,13 @@ fn serve(
             });
         }
         for d in daemons.iter_mut() {
+            d.enforce_stop(Instant::now());
             d.start_if_due(policy, Instant::now());
         }
         loop {
             match control.accept() {
                 Ok((stream, _)) => {
-                    if serve_client(daemons, stream) {
+                    if serve_client(daemons, policy, stream) {
                         return Stop::Asked("stop requested".into());
                     }
                 }
@@ -290,7 +293,7 @@ fn serve(
 }
 
 /// Answers one request; true if it asked the supervisor to stop.
-fn serve_client(daemons: &mut [Daemon], mut stream: UnixStream) -> bool {
+fn serve_client(daemons: &mut [Daemon], policy: &RestartPolicy, mut stream: UnixStream) -> bool {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
@@ -310,28 +313,62 @@ fn serve_client(daemons: &mut [Daemon], mut stream: UnixStream) -> bool {
             SupervisorResponse::Status(daemons.iter().map(Daemon::status).collect()),
             false,
         ),
-        SupervisorRequest::Restart { name } => {
-            let found = daemons.iter_mut().find(|d| d.spec.name == name);
-            match found.map(|d| d.revive(Instant::now())) {
-                // The main loop starts it right after this answer.
-                Some(true) => {
-                    log::info!("{name}: restart requested");
-                    (SupervisorResponse::Done, false)
-                }
-                Some(false) => (
-                    SupervisorResponse::Error(format!("{name} has not been given up on")),
-                    false,
-                ),
-                None => (
-                    SupervisorResponse::Error(format!("no daemon named '{name}'")),
-                    false,
-                ),
-            }
+        SupervisorRequest::Restart { name } => (restart(daemons, policy, &name, None), false),
+        SupervisorRequest::Upgrade { name, binary } => {
+            (restart(daemons, policy, &name, Some(binary)), false)
         }
         SupervisorRequest::Stop => (SupervisorResponse::Done, true),
     };
     let _ = isola_ipc::write_message(&mut stream, &response);
     stop
+}
+
+/// `isolactl restart NAME`, or `upgrade NAME` with `binary` (`None`: the same program again).
+fn restart(
+    daemons: &mut [Daemon],
+    policy: &RestartPolicy,
+    name: &str,
+    binary: Option<Option<String>>,
+) -> SupervisorResponse {
+    let Some(daemon) = daemons.iter_mut().find(|d| d.spec.name == name) else {
+        return SupervisorResponse::Error(format!("no daemon named '{name}'"));
+    };
+    let program = match &binary {
+        Some(Some(path)) => {
+            if let Err(why) = executable(path) {
+                return SupervisorResponse::Error(why);
+            }
+            Some(path.clone())
+        }
+        // `upgrade` without --binary: the file at the same path, now.
+        Some(None) => Some(daemon.spec.argv[0].clone()),
+        None => None,
+    };
+    match daemon.restart_on_request(Instant::now(), policy, program.as_deref()) {
+        Ok(()) => {
+            let what = if binary.is_some() {
+                "upgrade"
+            } else {
+                "restart"
+            };
+            log::info!("{name}: {what} requested");
+            SupervisorResponse::Done
+        }
+        Err(why) => SupervisorResponse::Error(why),
+    }
+}
+
+/// Whether `path` is an absolute path to a regular file someone may execute.
+fn executable(path: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.starts_with('/') {
+        return Err(format!("--binary '{path}' is not an absolute path"));
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("--binary '{path}' is not an executable file")),
+        Err(e) => Err(format!("--binary '{path}': {e}")),
+    }
 }
 
 /// SIGTERM to every daemon, SIGKILL to those still there after `timeout`; removes the sockets.
