@@ -13,7 +13,10 @@
 //!   `isola-blk,raw`: a target's name, or the first word of one other than isola-blk's);
 //!   `ISOLA_BENCH_CORE=0` skips the guest context-switch count;
 //! - `ISOLA_BLK_ENGINE`: isola-blk's engine (`auto`, `io-uring` or `sync`; default: isola-blk's
-//!   own default); `ISOLA_BLK_ARGS`: more isola-blk arguments.
+//!   own default); `ISOLA_BLK_ARGS`: more isola-blk arguments;
+//! - `ISOLA_BENCH_BASELINE`: a directory holding another build's `isola-blk` (e.g. main's
+//!   `target/release`), run as one more target, `isola-blk baseline`, with its default options:
+//!   before and after a change, interleaved in one run.
 //!
 //! Targets that are not available (no `qemu-storage-daemon`, or `isola-blk` not built) are
 //! reported as skipped.
@@ -86,6 +89,15 @@ const SQPOLL: &str = "isola-blk sq-poll";
 /// last CPU) and the client on the others, as on a host that keeps a CPU for storage.
 const SQPOLL_CPU: &str = "isola-blk sq-poll-cpu";
 const RAW: &str = "raw io_uring";
+/// `isola-blk` from the `ISOLA_BENCH_BASELINE` directory, default options.
+const BASELINE: &str = "isola-blk baseline";
+
+/// The `isola-blk` binary of another build, to compare against (`ISOLA_BENCH_BASELINE`).
+fn baseline_binary() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("ISOLA_BENCH_BASELINE")?);
+    let path = dir.join("isola-blk");
+    path.exists().then_some(path)
+}
 
 /// The CPUs this thread may run on.
 fn own_cpus() -> nix::sched::CpuSet {
@@ -118,6 +130,9 @@ fn avoiding_cpu<T>(cpu: Option<usize>, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// libblkio 0.5 keeps its rings in memfds it cannot seal (device-procs/README.md).
+const UNSEALED: &str = "--allow-unsealed-memory";
+
 /// A vhost-user-blk backend process serving `image` on `socket`.
 struct Backend {
     child: Child,
@@ -133,9 +148,16 @@ impl Drop for Backend {
 fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
     let _ = std::fs::remove_file(socket);
     let mut cmd = match target {
+        BASELINE => {
+            let mut cmd = Command::new(baseline_binary()?);
+            cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+            cmd.arg(UNSEALED);
+            cmd
+        }
         "isola-blk" | SQPOLL | SQPOLL_CPU => {
             let mut cmd = Command::new(binary_if_built("isola-blk")?);
             cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+            cmd.arg(UNSEALED);
             if target != "isola-blk" {
                 cmd.args(["--sq-poll-ms", "10"]);
             }
@@ -464,7 +486,14 @@ fn main() {
     let duration = Duration::from_secs_f64(seconds);
     let dir = scratch_dir("bench-blk");
     let image = prepare_image(&dir);
-    let targets = ["isola-blk", SQPOLL, SQPOLL_CPU, "qemu-storage-daemon", RAW];
+    let targets = [
+        "isola-blk",
+        SQPOLL,
+        SQPOLL_CPU,
+        "qemu-storage-daemon",
+        RAW,
+        BASELINE,
+    ];
     // A name selects the target of that name, or the one it is the first word of.
     let wanted = |target: &str| {
         only_targets.as_ref().is_none_or(|list| {
@@ -472,6 +501,7 @@ fn main() {
                 target == t
                     || target.split(' ').next() == Some(t.as_str())
                         && !target.starts_with("isola-blk")
+                    || target == BASELINE && t == "baseline"
             })
         })
     };
@@ -576,7 +606,9 @@ fn main() {
     for (label, cells) in &rows {
         let iops = |i: usize| cells[i].as_ref().map(|s| s.iops);
         let (qsd, raw) = (iops(3), iops(4));
-        let ratios: Vec<String> = (0..3)
+        let ratios: Vec<String> = [0, 1, 2, 5]
+            .into_iter()
+            .filter(|&i| cells[i].is_some())
             .map(|i| {
                 let ratio = |b: Option<f64>, percent: bool| match (iops(i), b) {
                     (Some(a), Some(b)) if percent => format!("{:.0}%", 100.0 * a / b),
@@ -591,6 +623,10 @@ fn main() {
                 )
             })
             .collect();
-        println!("  {label:<16} {}", ratios.join("   "));
+        let before = match (iops(0), iops(5)) {
+            (Some(a), Some(b)) => format!("   isola-blk / baseline: {:.2}x", a / b),
+            _ => String::new(),
+        };
+        println!("  {label:<16} {}{before}", ratios.join("   "));
     }
 }
