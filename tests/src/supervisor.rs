@@ -137,9 +137,15 @@ pub struct Launch {
 
 impl Launch {
     pub fn start(run_dir: &Path, args: &[&str]) -> Launch {
+        Launch::start_with_env(run_dir, args, &[])
+    }
+
+    /// [`Launch::start`] with these environment variables added.
+    pub fn start_with_env(run_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launch {
         binary("isola-supervisor");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/isola-run");
         let mut child = Command::new(script)
+            .envs(env.iter().copied())
             .arg("--bin-dir")
             .arg(profile_dir())
             .arg("--run-dir")

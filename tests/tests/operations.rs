@@ -258,3 +258,117 @@ fn restart_on_demand_works_on_a_healthy_daemon() {
     let (ok, text) = isolactl(&["--supervisor", control.to_str().unwrap(), "restart", "nope"]);
     assert!(!ok && text.contains("no daemon named 'nope'"), "{text}");
 }
+
+/// `isola-run --detach` returns once the VM runs with the run directory on stdout; the VM
+/// goes on with DIR/isola.pid naming its launcher; `isolactl shutdown` ends it all.
+#[test]
+fn detach_prints_the_run_directory_writes_the_pidfile_and_shutdown_ends_it() {
+    let scratch = scratch_dir("ops-detach");
+    let run_dir = scratch.join("run");
+    let dir = run_dir.to_str().unwrap();
+    binary("isola-supervisor");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/isola-run");
+    let mut child = Command::new(&script)
+        .args(["--bin-dir", isola_tests::profile_dir().to_str().unwrap()])
+        .args(["--run-dir", dir, "--detach"])
+        .args(["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("isola-run starts");
+    let status = wait_until(
+        "isola-run --detach returns",
+        Duration::from_secs(120),
+        || child.try_wait().expect("wait works"),
+    );
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(status.success(), "{status:?}\n{stdout}\n{stderr}");
+    assert_eq!(stdout.trim_end(), dir, "stderr: {stderr}");
+    // It returned once the VM runs: the core answers status at once.
+    let (ok, text) = isolactl(&["--run-dir", dir, "status"]);
+    assert!(ok && text.contains("vcpu0: running"), "{text}");
+    let pid: i32 = read(&run_dir.join("isola.pid"))
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // The guest's console went to its own file, not to the terminal that started it.
+    wait_until(
+        "the guest's lines in serial.log",
+        Duration::from_secs(30),
+        || {
+            read(&run_dir.join("logs/serial.log"))
+                .contains("virtio-blk: mode=loop")
+                .then_some(())
+        },
+    );
+    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown"]);
+    assert!(ok, "{text}");
+    wait_until("the launcher gone", Duration::from_secs(30), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z ")).then_some(())
+    });
+    wait_until("the run directory gone", Duration::from_secs(10), || {
+        (!run_dir.exists()).then_some(())
+    });
+}
+
+/// A detached start that fails says why on stderr and returns the run's status.
+#[test]
+fn a_detached_start_that_fails_returns_its_error() {
+    let scratch = scratch_dir("ops-detach-fail");
+    let run_dir = scratch.join("run");
+    binary("isola-supervisor");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/isola-run");
+    let out = Command::new(&script)
+        .args(["--bin-dir", isola_tests::profile_dir().to_str().unwrap()])
+        .args(["--run-dir", run_dir.to_str().unwrap(), "--detach"])
+        .args(["--net", "nosuchtap8"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("isola-run runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(stderr.contains("nosuchtap8"), "{stderr}");
+    assert!(!run_dir.exists());
+}
+
+/// Under systemd (Type=notify): READY=1 and MAINPID on $NOTIFY_SOCKET once the VM runs.
+#[test]
+fn the_launcher_notifies_systemd_when_the_vm_runs() {
+    let scratch = scratch_dir("ops-notify");
+    let run_dir = scratch.join("run");
+    let notify_path = scratch.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let mut launch = Launch::start_with_env(
+        &run_dir,
+        &["--cmdline", "virtio-blk.mode=loop virtio-blk.sectors=64"],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 4096];
+    let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+        panic!("no notification: {e}\n{}", launch.report());
+    });
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.contains(&"READY=1"), "{text}");
+    let main_pid = format!("MAINPID={}", launch.child.id());
+    assert!(lines.contains(&main_pid.as_str()), "{text}");
+    assert_eq!(
+        read(&run_dir.join("isola.pid")).trim(),
+        launch.child.id().to_string()
+    );
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "status"]);
+    assert!(ok, "{text}");
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown"]);
+    assert!(ok, "{text}");
+    let status = launch.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+}

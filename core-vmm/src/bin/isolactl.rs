@@ -138,6 +138,11 @@ enum Command {
     },
     /// Show isola-input's event counters.
     InputStatus,
+    /// Send systemd a notification (sd_notify, e.g. READY=1) on $NOTIFY_SOCKET.
+    Notify {
+        #[arg(required = true, value_name = "VAR=VALUE")]
+        assignments: Vec<String>,
+    },
     /// Print a log of a VM started by scripts/isola-run (needs --run-dir): NAME is a daemon
     /// (blk0, console, net, gpu, display, input), `supervisor` or `core`.
     Logs {
@@ -358,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return screenshot(cli.display_socket(), out, scanout)
         }
         Command::Status => return status(&cli),
+        Command::Notify { ref assignments } => return notify::send(assignments),
         Command::Logs { ref name, follow } => {
             let dir = cli.run_dir.as_ref().context("logs needs --run-dir")?;
             return logs::print(&dir.join("logs"), name, follow);
@@ -515,6 +521,8 @@ fn same_path(a: &str, b: &str) -> bool {
 
 #[path = "isolactl/logs.rs"]
 mod logs;
+#[path = "isolactl/notify.rs"]
+mod notify;
 
 mod console {
     //! `isolactl console PATH`: the terminal <-> a console port's socket, byte for byte.
