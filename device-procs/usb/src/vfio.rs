@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Error, ErrorKind, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
@@ -82,6 +83,10 @@ pub struct Device {
     marker: Arc<Mutex<Marker>>,
     /// The guest memory a killed predecessor had running (see `state`).
     resume_hse: Option<(u64, u64)>,
+    /// Host System Error was reported for a restart and the guest has not yet started the
+    /// controller again: a DEVICE_RESET from the frontend (which may come after its DMA
+    /// maps) must not clear it, or the guest's driver would never learn of the restart.
+    restart_pending: Arc<AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,13 +116,21 @@ impl Device {
         })));
         let marker = Arc::new(Mutex::new(marker));
         let m = Arc::clone(&marker);
-        ctl.set_on_run(Box::new(move |running| lock(&m).save(running)));
+        let restart_pending = Arc::new(AtomicBool::new(false));
+        let pending = Arc::clone(&restart_pending);
+        ctl.set_on_run(Box::new(move |running| {
+            if running {
+                pending.store(false, Ordering::Relaxed);
+            }
+            lock(&m).save(running)
+        }));
         Device {
             ctl,
             config: ConfigSpace::default(),
             irq,
             marker,
             resume_hse,
+            restart_pending,
         }
     }
 
@@ -222,6 +235,7 @@ impl ServerBackend for Backend {
                  reporting Host System Error so that its driver resets the controller"
             );
             d.resume_hse = None;
+            d.restart_pending.store(true, Ordering::Relaxed);
             d.ctl.host_system_error();
         }
         Ok(())
@@ -240,7 +254,11 @@ impl ServerBackend for Backend {
     }
 
     fn reset(&mut self) -> Result<(), Error> {
-        lock(&self.0).ctl.reset();
+        let mut d = lock(&self.0);
+        d.ctl.reset();
+        if d.restart_pending.load(Ordering::Relaxed) {
+            d.ctl.host_system_error();
+        }
         Ok(())
     }
 
