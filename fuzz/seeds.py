@@ -321,6 +321,32 @@ def vhost_seeds():
     write("vhost_user", "gpu-set-socket", setup + vmsg(33, b"", fd=EVENTFD))
 
 
+# --- usb ---------------------------------------------------------------------------------
+def usb_seeds():
+    def cbw(tag, length, data_in, cdb):
+        return (b"USBC" + u32(tag) + u32(length) + u8(0x80 if data_in else 0) + u8(0)
+                + u8(len(cdb)) + cdb + bytes(16 - len(cdb)))
+    read10 = bytes([0x28, 0, 0, 0, 0, 4, 0, 0, 2, 0])
+    trb = u64(0x0012000001000680) + u32(8) + u32((2 << 10) | 1 | (1 << 6))
+    # mode 0: a TRB, a CBW, a geometry and a CDB.
+    write("usb", "parsers", u8(0) + trb + u8(31) + cbw(1, 1024, True, read10) + u32(2048) + u8(0)
+          + u8(len(read10)) + read10 + u8(0) + u8(0) + u8(0))
+    # mode 1: a write of one block (CBW, data, CSW), then a read back.
+    write10 = bytes([0x2a, 0, 0, 0, 0, 3, 0, 0, 1, 0])
+    op_out = lambda data: u16(len(data)) + u8(2) + u8(0) + data
+    op_in = lambda n: u16(n) + u8(1) + u8(1)
+    write("usb", "transport", u8(1) + u8(0) + op_out(cbw(2, 512, False, write10))
+          + op_out(bytes(range(256)) * 2) + op_in(13) + op_out(cbw(3, 512, True, read10)) + op_in(512) + op_in(13))
+    # mode 2: start the controller (DCBAAP, CRCR, ERST, RS), an Enable Slot, a doorbell.
+    mem = lambda off, data: u8(0) + u16(off) + data + bytes(16 - len(data))
+    reg = lambda off, v: u8(1) + u16(off) + u32(v)
+    erst = u64(0x14000) + u32(16) + u32(0)
+    enable = u64(0) + u32(0) + u32((9 << 10) | 1)
+    write("usb", "controller", u8(2) + mem(0x3000, erst) + mem(0x2000, enable)
+          + reg(0x70, 0x11000) + reg(0x58, 0x12001) + reg(0x1028, 1) + reg(0x1030, 0x13000)
+          + reg(0x1038, 0x14000) + reg(0x1020, 2) + reg(0x40, 5) + reg(0x2000, 0) + reg(0x440, 0x10))
+
+
 if __name__ == "__main__":
     chain_seeds()
     blk_seeds()
@@ -332,3 +358,4 @@ if __name__ == "__main__":
     rfb_seeds()
     ipc_seeds()
     vhost_seeds()
+    usb_seeds()
