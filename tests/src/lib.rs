@@ -300,7 +300,23 @@ pub fn device(core: &mut Core, socket: &Path) -> isola_ipc::DeviceStatus {
     if let Some(report) = core.exit_report() {
         panic!("{report}");
     }
-    match control(socket, &isola_ipc::ControlRequest::Status) {
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        // The core removes its socket as it exits: wait for the exit and say why it came.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(report) = core.exit_report() {
+                panic!("the control socket went away: {report}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the control socket {} went away and the core runs on",
+            socket.display()
+        );
+    };
+    isola_ipc::write_message(&mut stream, &isola_ipc::ControlRequest::Status)
+        .expect("request is sent");
+    match isola_ipc::read_message(&mut stream).expect("core answers") {
         isola_ipc::ControlResponse::Status(status) => {
             status.devices.into_iter().next().expect("one device")
         }

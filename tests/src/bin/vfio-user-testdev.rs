@@ -52,6 +52,10 @@ struct Device {
     config: [u8; 256],
     scratch: u32,
     dma_address: u64,
+    /// Whether the low half of the DMA address was written since the server started (or the
+    /// device was reset): a server that replaced a killed one may have seen only the last
+    /// writes of a round, and must not DMA to an address the guest never gave it.
+    dma_address_set: bool,
     dma_len: u32,
     doorbells: u32,
     resets: u32,
@@ -84,6 +88,7 @@ impl Device {
             config: c,
             scratch: 0,
             dma_address: 0,
+            dma_address_set: false,
             dma_len: 0,
             doorbells: 0,
             resets: 0,
@@ -108,6 +113,11 @@ impl Device {
 
     fn doorbell(&mut self, value: u8) -> std::io::Result<()> {
         let (address, len) = (self.dma_address, u64::from(self.dma_len));
+        if !self.dma_address_set || len == 0 {
+            return Err(bad(format!(
+                "doorbell before the DMA address and length were written (address {address:#x}, length {len})"
+            )));
+        }
         let map = self
             .maps
             .iter()
@@ -182,8 +192,11 @@ impl ServerBackend for Device {
                 let value = u64::from_le_bytes(word);
                 match (offset, data.len()) {
                     (0x04, 4) => self.scratch = value as u32,
-                    (0x08, 8) => self.dma_address = value,
-                    (0x08, 4) => self.dma_address = (self.dma_address & !0xffff_ffff) | value,
+                    (0x08, 8) => (self.dma_address, self.dma_address_set) = (value, true),
+                    (0x08, 4) => {
+                        self.dma_address = (self.dma_address & !0xffff_ffff) | value;
+                        self.dma_address_set = true;
+                    }
                     (0x0c, 4) => {
                         self.dma_address = (self.dma_address & 0xffff_ffff) | (value << 32)
                     }
@@ -249,6 +262,7 @@ impl ServerBackend for Device {
         self.resets += 1;
         self.scratch = 0;
         self.dma_address = 0;
+        self.dma_address_set = false;
         self.dma_len = 0;
         Ok(())
     }
