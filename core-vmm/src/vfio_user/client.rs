@@ -447,3 +447,335 @@ impl VfioUserClient {
         .map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deadline::{Watchdog, WatchdogGuard};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    struct Peer {
+        _dir: tempdir::Dir,
+        path: PathBuf,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    /// A scripted server: answers VERSION properly, then runs `script` on the connection.
+    fn peer(name: &str, script: impl FnOnce(&mut UnixStream) + Send + 'static) -> Peer {
+        let dir =
+            std::env::temp_dir().join(format!("isola-vfio-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let (header, _) = request(&mut stream);
+            let mut body = vec![0, 0, 1, 0];
+            body.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":8}}\0");
+            reply(&mut stream, &header, 0, &body);
+            script(&mut stream);
+        });
+        Peer {
+            _dir: tempdir::Dir(dir),
+            path,
+            thread,
+        }
+    }
+
+    fn request(stream: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut head = [0u8; wire::HEADER_SIZE];
+        stream.read_exact(&mut head).unwrap();
+        let header = Header::decode(&head);
+        let mut body = vec![0u8; header.size as usize - wire::HEADER_SIZE];
+        stream.read_exact(&mut body).unwrap();
+        (header, body)
+    }
+
+    fn reply(stream: &mut UnixStream, to: &Header, flags: u32, body: &[u8]) {
+        let h = Header {
+            id: to.id,
+            command: to.command,
+            size: (wire::HEADER_SIZE + body.len()) as u32,
+            flags: 1 | flags,
+            error: if flags != 0 { 22 } else { 0 },
+        };
+        stream.write_all(&h.encode()).unwrap();
+        stream.write_all(body).unwrap();
+    }
+
+    fn deadlines() -> (Deadlines, WatchdogGuard) {
+        let watchdog = Watchdog::start(Box::new(|| Ok(()))).unwrap();
+        let guard = WatchdogGuard(watchdog.clone());
+        (
+            Deadlines {
+                watchdog,
+                timeout: TIMEOUT,
+            },
+            guard,
+        )
+    }
+
+    fn read_reply(body: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut out = body[..16].to_vec();
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_good_server_is_read_and_the_fd_limit_is_taken() {
+        let p = peer("good", |s| {
+            let (h, body) = request(s);
+            reply(s, &h, 0, &read_reply(&body, &[1, 2, 3, 4]));
+        });
+        let (d, _g) = deadlines();
+        let mut c = VfioUserClient::connect(&p.path, Duration::from_secs(5), &d).unwrap();
+        assert_eq!(c.max_msg_fds, 8);
+        let mut data = [0u8; 4];
+        c.region_read(0, 0x10, &mut data).unwrap();
+        assert_eq!(data, [1, 2, 3, 4]);
+        p.thread.join().unwrap();
+    }
+
+    /// Runs one REGION_READ against a server that answers with `bad`; returns the error.
+    fn one_bad_read(
+        name: &str,
+        bad: impl FnOnce(&mut UnixStream, Header, Vec<u8>) + Send + 'static,
+    ) -> VfioUserError {
+        let p = peer(name, move |s| {
+            let (h, body) = request(s);
+            bad(s, h, body);
+            // Keep the connection open a while, as a live but wrong server would.
+            std::thread::sleep(TIMEOUT * 3);
+        });
+        let (d, _g) = deadlines();
+        let mut c = VfioUserClient::connect(&p.path, Duration::from_secs(5), &d).unwrap();
+        let mut data = [0u8; 4];
+        let t0 = Instant::now();
+        let err = c.region_read(0, 0x10, &mut data).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(20), "bounded");
+        p.thread.join().unwrap();
+        err
+    }
+
+    #[test]
+    fn hostile_replies_with_a_wrong_id_or_command_end_the_session() {
+        let e = one_bad_read("id", |s, mut h, body| {
+            h.id = h.id.wrapping_add(5);
+            reply(s, &h, 0, &read_reply(&body, &[0; 4]));
+        });
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::WrongId { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.session_lost());
+        let e = one_bad_read("cmd", |s, mut h, body| {
+            h.command = wire::command::REGION_WRITE;
+            reply(s, &h, 0, &read_reply(&body, &[0; 4]));
+        });
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::WrongCommand { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hostile_replies_with_a_huge_size_are_refused_before_reading_on() {
+        let e = one_bad_read("huge", |s, h, _| {
+            let bad = Header {
+                id: h.id,
+                command: h.command,
+                size: u32::MAX,
+                flags: 1,
+                error: 0,
+            };
+            s.write_all(&bad.encode()).unwrap();
+        });
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::Size(u32::MAX),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.session_lost());
+    }
+
+    #[test]
+    fn hostile_replies_that_are_short_or_carry_the_wrong_data_fail() {
+        let e = one_bad_read("short", |s, h, body| {
+            let r = read_reply(&body, &[0; 4]);
+            let full = Header {
+                id: h.id,
+                command: h.command,
+                size: (wire::HEADER_SIZE + r.len()) as u32,
+                flags: 1,
+                error: 0,
+            };
+            s.write_all(&full.encode()).unwrap();
+            s.write_all(&r[..5]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        assert!(matches!(e, VfioUserError::Closed { .. }), "{e}");
+        let e = one_bad_read("data", |s, h, body| {
+            reply(s, &h, 0, &read_reply(&body, &[0; 2]));
+        });
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::Bad(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hostile_replies_that_never_come_miss_the_deadline() {
+        let e = one_bad_read("hang", |_, _, _| {});
+        assert!(matches!(e, VfioUserError::Unresponsive { .. }), "{e}");
+        assert!(e.session_lost());
+    }
+
+    #[test]
+    fn hostile_replies_with_too_many_fds_end_the_session() {
+        let e = one_bad_read("fds", |s, h, body| {
+            let r = read_reply(&body, &[0; 4]);
+            let head = Header {
+                id: h.id,
+                command: h.command,
+                size: (wire::HEADER_SIZE + r.len()) as u32,
+                flags: 1,
+                error: 0,
+            }
+            .encode();
+            let fds: Vec<std::fs::File> = (0..MAX_REPLY_FDS + 4)
+                .map(|_| std::fs::File::open("/dev/null").unwrap())
+                .collect();
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let parts = [IoSlice::new(&head), IoSlice::new(&r)];
+            sendmsg::<()>(
+                s.as_raw_fd(),
+                &parts,
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        });
+        assert!(matches!(e, VfioUserError::Fds { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_refusal_fails_one_request_and_the_session_goes_on() {
+        let p = peer("refusal", |s| {
+            let (h, _) = request(s);
+            reply(s, &h, 1 << 5, &[]);
+            let (h, body) = request(s);
+            reply(s, &h, 0, &read_reply(&body, &[9; 4]));
+        });
+        let (d, _g) = deadlines();
+        let mut c = VfioUserClient::connect(&p.path, Duration::from_secs(5), &d).unwrap();
+        let mut data = [0u8; 4];
+        let e = c.region_read(0, 0, &mut data).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::Refused(22),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!e.session_lost());
+        c.region_read(0, 0, &mut data).unwrap();
+        assert_eq!(data, [9; 4]);
+        p.thread.join().unwrap();
+    }
+
+    #[test]
+    fn hostile_io_fd_lists_without_their_fds_are_refused() {
+        let p = peer("iofds", |s| {
+            let (h, _) = request(s);
+            // One eventfd entry naming fd 0, but no fd comes with the reply.
+            let mut body = Vec::new();
+            for v in [56u32, 0, 0, 1] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&0x14u64.to_le_bytes());
+            body.extend_from_slice(&4u64.to_le_bytes());
+            for v in [0u32, 0, 0, 0] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&0u64.to_le_bytes());
+            reply(s, &h, 0, &body);
+            // A server without the (optional) command refuses it: no io fds, no error.
+            let (h, _) = request(s);
+            reply(s, &h, 1 << 5, &[]);
+        });
+        let (d, _g) = deadlines();
+        let mut c = VfioUserClient::connect(&p.path, Duration::from_secs(5), &d).unwrap();
+        let e = c.region_io_fds(0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VfioUserError::Reply {
+                    source: WireError::Bad(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(c.region_io_fds(0).unwrap().is_empty());
+        p.thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_socket_is_refused_at_once_and_silence_is_bounded() {
+        let (d, _g) = deadlines();
+        let file = std::env::temp_dir().join(format!("isola-vfio-notsock-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            VfioUserClient::connect(&file, Duration::from_secs(5), &d),
+            Err(VfioUserError::NotASocket(_))
+        ));
+        let _ = std::fs::remove_file(&file);
+        let t0 = Instant::now();
+        let missing = std::env::temp_dir().join("isola-vfio-nobody-here.sock");
+        assert!(matches!(
+            VfioUserClient::connect(&missing, Duration::from_millis(200), &d),
+            Err(VfioUserError::ConnectTimeout { .. })
+        ));
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+}
