@@ -80,6 +80,11 @@ pub struct Cli {
     /// Serve the control protocol (isolactl) on this Unix socket.
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// When the VM ends, write one line saying how to this inherited file descriptor (the
+    /// VM's manager, isola-api, reads it): `poweroff`, `reset`, `shutdown`, `debug-exit N`,
+    /// `crash ...`, `failed ...` or `error ...`.
+    #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    pub exit_report_fd: Option<i32>,
     /// A vhost-user device: `KIND,socket=PATH[,queues=N]` with KIND one of blk, net,
     /// console, gpu, input; a gpu may add `display=PATH`, the display process's socket,
     /// whose connection the core hands to the GPU backend. Or `vfio-user,socket=PATH`: any

@@ -43,9 +43,34 @@ fn init_logging(level: Option<&str>) {
         .init();
 }
 
+/// The `--exit-report-fd` file, checked to be an open descriptor and made close-on-exec.
+fn exit_report(fd: Option<i32>) -> Result<Option<std::fs::File>, String> {
+    let Some(fd) = fd else { return Ok(None) };
+    // SAFETY: F_GETFD takes no pointer; an fd that is not open only yields EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!(
+            "--exit-report-fd {fd}: not an open file descriptor"
+        ));
+    }
+    // SAFETY: F_SETFD with an integer flag, on the fd just checked to be open.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: fd is open (checked above), was inherited for this purpose (the option's
+    // contract), and nothing else in this process owns it: it is taken once, here.
+    Ok(Some(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    }))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
+    let mut report = match exit_report(cli.exit_report_fd) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("isola-core: error: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
     let config = match cli.validate() {
         Ok(config) => config,
         Err(e) => {
@@ -54,6 +79,10 @@ fn main() -> ExitCode {
         }
     };
     let outcome = Vm::new(&config).and_then(Vm::run);
+    if let Some(file) = report.as_mut() {
+        // One line for the manager; a manager that is gone does not change the exit.
+        let _ = writeln!(file, "{}", exit_line(&outcome));
+    }
     match outcome {
         Ok(VmExit::Poweroff) => {
             log::info!("guest powered off");
@@ -89,5 +118,21 @@ fn main() -> ExitCode {
                 EXIT_FAILURE
             })
         }
+    }
+}
+
+/// The `--exit-report-fd` line: a reason word, then details.
+fn exit_line(outcome: &Result<VmExit, core_vmm::vm::VmError>) -> String {
+    let one_line = |s: &str| s.lines().next().unwrap_or("").to_owned();
+    match outcome {
+        Ok(VmExit::Poweroff) => "poweroff".into(),
+        Ok(VmExit::Reset) => "reset".into(),
+        Ok(VmExit::Shutdown) => "shutdown".into(),
+        Ok(VmExit::DebugExit(status)) => format!("debug-exit {status}"),
+        Ok(VmExit::Failed(reason)) => format!("failed {}", one_line(reason)),
+        Ok(VmExit::Crash { vcpu, reason, .. }) => {
+            format!("crash {} on vcpu{vcpu}", one_line(reason))
+        }
+        Err(e) => format!("error {}", one_line(&error_chain(e))),
     }
 }

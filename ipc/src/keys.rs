@@ -108,6 +108,42 @@ pub fn char_key(c: char) -> Option<(u16, bool)> {
     plain(c).map(|k| (k, false))
 }
 
+/// Key events (code, pressed) for a chord: pressed in order unless `release_only`, then
+/// released in reverse unless `press_only`.
+pub fn chord_events(
+    text: &str,
+    press_only: bool,
+    release_only: bool,
+) -> Result<Vec<(u16, bool)>, String> {
+    let codes = chord(text)?;
+    let mut out = Vec::new();
+    if !release_only {
+        out.extend(codes.iter().map(|&code| (code, true)));
+    }
+    if !press_only {
+        out.extend(codes.iter().rev().map(|&code| (code, false)));
+    }
+    Ok(out)
+}
+
+/// Key events (code, pressed) that type `text` on a US keyboard, shift held where needed.
+pub fn text_events(text: &str) -> Result<Vec<(u16, bool)>, String> {
+    const SHIFT: u16 = 42;
+    let mut out = Vec::new();
+    for c in text.chars() {
+        let (code, shift) =
+            char_key(c).ok_or_else(|| format!("no key types {c:?} on a US keyboard"))?;
+        if shift {
+            out.push((SHIFT, true));
+        }
+        out.extend([(code, true), (code, false)]);
+        if shift {
+            out.push((SHIFT, false));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +169,15 @@ mod tests {
         assert_eq!(char_key('\n'), Some((28, false)));
         assert_eq!(char_key('?'), Some((53, true)));
         assert_eq!(char_key('é'), None);
+        assert_eq!(
+            text_events("A"),
+            Ok(vec![(42, true), (30, true), (30, false), (42, false)])
+        );
+        assert!(text_events("é").is_err());
+        assert_eq!(
+            chord_events("ctrl+c", false, false),
+            Ok(vec![(29, true), (46, true), (46, false), (29, false)])
+        );
+        assert_eq!(chord_events("a", true, false), Ok(vec![(30, true)]));
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers for Isola's end-to-end tests: build and find the binaries a user runs, start them,
 //! and read what the guest prints.
 
+pub mod api;
 pub mod display;
 pub mod hang;
 pub mod net;

@@ -280,39 +280,24 @@ fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Res
 fn key_requests(keys: &[String], press: bool, release: bool) -> anyhow::Result<Vec<InputRequest>> {
     let mut out = Vec::new();
     for text in keys {
-        let codes = isola_ipc::keys::chord(text).map_err(anyhow::Error::msg)?;
-        if !release {
-            out.extend(codes.iter().map(|&code| InputRequest::Key {
-                code,
-                pressed: true,
-            }));
-        }
-        if !press {
-            out.extend(codes.iter().rev().map(|&code| InputRequest::Key {
-                code,
-                pressed: false,
-            }));
-        }
+        let events =
+            isola_ipc::keys::chord_events(text, press, release).map_err(anyhow::Error::msg)?;
+        out.extend(
+            events
+                .into_iter()
+                .map(|(code, pressed)| InputRequest::Key { code, pressed }),
+        );
     }
     Ok(out)
 }
 
 fn type_requests(text: &str) -> anyhow::Result<Vec<InputRequest>> {
-    const SHIFT: u16 = 42;
-    let mut out = Vec::new();
-    for c in text.replace("\\n", "\n").chars() {
-        let (code, shift) = isola_ipc::keys::char_key(c)
-            .with_context(|| format!("no key types {c:?} on a US keyboard"))?;
-        let key = |code, pressed| InputRequest::Key { code, pressed };
-        if shift {
-            out.push(key(SHIFT, true));
-        }
-        out.extend([key(code, true), key(code, false)]);
-        if shift {
-            out.push(key(SHIFT, false));
-        }
-    }
-    Ok(out)
+    let events =
+        isola_ipc::keys::text_events(&text.replace("\\n", "\n")).map_err(anyhow::Error::msg)?;
+    Ok(events
+        .into_iter()
+        .map(|(code, pressed)| InputRequest::Key { code, pressed })
+        .collect())
 }
 
 fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {

@@ -1,0 +1,109 @@
+//! Clients of a VM's API socket (`DIR/api.sock`) for the tests and the benchmark: curl, the
+//! independent client every endpoint is exercised with, and a raw HTTP/1.1 writer for the
+//! byte-level bad-input cases; and the Python tools (`.ci/run` installs them in a venv).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// One answer: status and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// `curl --unix-socket SOCKET` with `args` (method, data, ...) on `path`; the status and body.
+pub fn curl(socket: &Path, args: &[&str], path: &str) -> Answer {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .args(args)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl runs (Debian package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Answer {
+        status: status.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl {args:?} {path}: no status: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }),
+        body: body.to_owned(),
+    }
+}
+
+/// curl on a JSON body: `POST path` with `data`.
+pub fn post_json(socket: &Path, path: &str, data: &str) -> Answer {
+    curl(
+        socket,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            data,
+        ],
+        path,
+    )
+}
+
+/// Writes `request` as it is and reads until the server closes or `timeout` passes; what
+/// arrived (possibly nothing).
+pub fn raw(socket: &Path, request: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(request)?;
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    Ok(got)
+}
+
+/// The status code of a raw HTTP answer.
+pub fn status_of(answer: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// A Python with schemathesis, openapi-spec-validator and prometheus_client: `$ISOLA_API_PYTHON`,
+/// else the venv `.ci/run` makes (`target/api-venv`). `None` if it is not there.
+pub fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("ISOLA_API_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/api-venv/bin/python3")
+        });
+    let ok = Command::new(&python)
+        .args([
+            "-c",
+            "import schemathesis, openapi_spec_validator, prometheus_client",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+/// The OpenAPI document.
+pub fn document() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.yaml")
+}
