@@ -25,7 +25,7 @@ fn launch_blk(run_dir: &Path, seconds: u32) -> Launch {
     assert!(
         launch
             .stdout
-            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(60))
+            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
             .is_some(),
         "the guest never ran its I/O loop\n{}",
         launch.report()
@@ -49,7 +49,7 @@ fn launch_gpu(run_dir: &Path) -> Launch {
     assert!(
         launch
             .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(60))
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
             .is_some(),
         "the GPU guest never drew\n{}",
         launch.report()
