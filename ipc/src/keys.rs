@@ -30,6 +30,11 @@ const KEYS: &[(&str, u16)] = &[
     ("menu", 139),
 ];
 
+/// Every key name, in the table's order (PC keyboard rows), aliases included.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(name, _)| *name)
+}
+
 /// The code of one key: a name from the table (any case) or a number (`30`, `0x1e`).
 pub fn key_code(name: &str) -> Result<u16, String> {
     let lower = name.to_ascii_lowercase();

@@ -213,6 +213,9 @@ fn isolactl_gives_up_on_a_socket_that_never_answers_and_names_it() {
 fn isolactl_status_reports_the_core_with_the_supervisor_gone() {
     let dir = scratch_dir("isolactl-no-supervisor");
     let (_core, _socket) = msi_core(&dir);
+    // A killed supervisor leaves its socket file, which nobody listens on any more. (A run
+    // directory without one is a VM without device daemons: tests/tests/isolactl.rs.)
+    drop(UnixListener::bind(dir.join("supervisor.sock")).unwrap());
     let (code, out, err, _) = isolactl(&["--run-dir", dir.to_str().unwrap(), "status"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("vcpu0"), "{out}");

@@ -13,24 +13,32 @@ use isola_ipc::supervisor::{DaemonStatus, SupervisorRequest, SupervisorResponse}
 use isola_ipc::{ControlRequest, ControlResponse};
 
 #[derive(Debug, Parser)]
-#[command(name = "isolactl", version, about = "Control a running Isola VM")]
+#[command(
+    name = "isolactl",
+    version,
+    about = "Control a running Isola VM",
+    after_help = "Every command gives up after --timeout seconds (default 5) on a socket that \
+                  does not accept or answer. With --run-dir, every socket is found in the run \
+                  directory; a VM without a device (no daemon's socket there) is not an error \
+                  for status."
+)]
 struct Cli {
     /// The core's control socket (its --control-socket); not needed by `console`.
-    #[arg(long, short = 's', env = "ISOLA_CONTROL_SOCKET")]
+    #[arg(long, short = 's', global = true, env = "ISOLA_CONTROL_SOCKET")]
     socket: Option<PathBuf>,
     /// The supervisor's control socket (isola-supervisor --control).
-    #[arg(long, env = "ISOLA_SUPERVISOR_SOCKET")]
+    #[arg(long, global = true, env = "ISOLA_SUPERVISOR_SOCKET")]
     supervisor: Option<PathBuf>,
-    /// A VM started by scripts/isola-run: its run directory holds control.sock and
-    /// supervisor.sock.
-    #[arg(long, short = 'r', env = "ISOLA_RUN_DIR")]
+    /// A VM started by scripts/isola-run: its run directory holds control.sock,
+    /// supervisor.sock, console.sock, input-control.sock and display-control.sock.
+    #[arg(long, short = 'r', global = true, env = "ISOLA_RUN_DIR")]
     run_dir: Option<PathBuf>,
     /// isola-display's control socket (its --control), for `screenshot`.
     #[arg(long, global = true, env = "ISOLA_DISPLAY_SOCKET")]
     display: Option<PathBuf>,
     /// isola-input's control socket (its --control-socket), for key, type, pointer and
     /// input-status.
-    #[arg(long, short = 'i', env = "ISOLA_INPUT_SOCKET")]
+    #[arg(long, short = 'i', global = true, env = "ISOLA_INPUT_SOCKET")]
     input: Option<PathBuf>,
     /// Seconds to wait for each socket to accept and answer (fractions allowed).
     #[arg(long, global = true, default_value_t = 5.0, value_parser = parse_timeout)]
@@ -48,26 +56,81 @@ impl Cli {
         }
     }
 
-    fn input_socket(&self) -> Option<PathBuf> {
-        self.input.clone().or_else(|| {
-            self.run_dir
-                .as_ref()
-                .map(|dir| dir.join("input-control.sock"))
+    /// The socket given with `explicit`, or `name` in the run directory. `Ok(None)`: the run
+    /// directory has no such socket, so the VM has no such device (`what`, for the error).
+    fn socket_for(
+        &self,
+        explicit: &Option<PathBuf>,
+        name: &str,
+        flag: &str,
+    ) -> anyhow::Result<Option<PathBuf>> {
+        match (explicit, &self.run_dir) {
+            (Some(socket), _) => Ok(Some(socket.clone())),
+            (None, Some(dir)) => {
+                let socket = dir.join(name);
+                // A socket file left by a killed process still counts: connecting to it
+                // says what happened.
+                Ok(std::fs::symlink_metadata(&socket).is_ok().then_some(socket))
+            }
+            (None, None) => bail!("give {flag} SOCKET or --run-dir"),
+        }
+    }
+
+    /// A socket this command needs; `what` names the device the VM would lack.
+    fn needed(
+        &self,
+        explicit: &Option<PathBuf>,
+        name: &str,
+        flag: &str,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
+        self.socket_for(explicit, name, flag)?.with_context(|| {
+            let dir = self.run_dir.as_deref().unwrap_or(Path::new("."));
+            format!("this VM has {what} (no {})", dir.join(name).display())
         })
     }
 
-    fn display_socket(&self) -> Option<PathBuf> {
-        self.display.clone().or_else(|| {
-            self.run_dir
-                .as_ref()
-                .map(|dir| dir.join("display-control.sock"))
-        })
+    fn input_socket(&self) -> anyhow::Result<PathBuf> {
+        self.needed(
+            &self.input,
+            "input-control.sock",
+            "--input",
+            "no input device",
+        )
     }
 
-    fn supervisor_socket(&self) -> Option<PathBuf> {
-        self.supervisor
-            .clone()
-            .or_else(|| self.run_dir.as_ref().map(|dir| dir.join("supervisor.sock")))
+    fn display_socket(&self) -> anyhow::Result<PathBuf> {
+        self.needed(
+            &self.display,
+            "display-control.sock",
+            "--display",
+            "no display",
+        )
+    }
+
+    fn supervisor_socket(&self) -> anyhow::Result<PathBuf> {
+        self.needed(
+            &self.supervisor,
+            "supervisor.sock",
+            "--supervisor",
+            "no device daemons",
+        )
+    }
+
+    /// Port 0 is `console.sock` in the run directory, port N `console-N.sock`.
+    fn console_socket(&self, path: &Option<PathBuf>, port: Option<u32>) -> anyhow::Result<PathBuf> {
+        let name = match port {
+            None | Some(0) => "console.sock".to_owned(),
+            Some(n) => format!("console-{n}.sock"),
+        };
+        let what = match port {
+            None | Some(0) => "no console".to_owned(),
+            Some(n) => format!("no console port {n}"),
+        };
+        if path.is_none() && self.run_dir.is_none() {
+            bail!("give the console port's socket (isolactl console PATH) or --run-dir");
+        }
+        self.needed(path, &name, "PATH", &what)
     }
 }
 
@@ -84,39 +147,54 @@ enum Command {
     /// Restart a device daemon: a running one is stopped (SIGTERM; SIGKILL after the
     /// supervisor's stop timeout) and started again at once; one given up on gets a fresh
     /// retry budget. The guest sees a pause; in-flight requests are resubmitted.
-    Restart { name: String },
+    Restart {
+        /// The daemon's name as `status` shows it: blk0, blk1, console, net, input, gpu,
+        /// display, ...
+        name: String,
+    },
     /// Replace a device daemon's program: like restart, the new instance on the same socket
     /// with the same arguments; `--binary PATH` (default: the file at the same path, e.g.
     /// after a rebuild). If the new program dies at once, the old one is put back.
     Upgrade {
+        /// The daemon's name as `status` shows it.
         name: String,
+        /// The new program (default: the file at the daemon's program's path).
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
     /// Debugging aid: deliver one MSI to the guest.
     InjectMsi {
+        /// The MSI's address (decimal or 0x hex); the default targets the BSP's local APIC.
         #[arg(long, value_parser = parse_u64, default_value = "0xfee00000")]
         address: u64,
+        /// The MSI's data, 32 bits (decimal or 0x hex): the vector is its low byte.
         #[arg(long, value_parser = parse_u64)]
         data: u64,
     },
-    /// Save what scanout 0 of the display shows as a PNG file (needs --display).
+    /// Save what a scanout of the display shows as a PNG file (needs --display or --run-dir).
     Screenshot {
         /// The PNG file to write.
         out: PathBuf,
+        /// Which scanout (0 is the first display).
         #[arg(long, default_value_t = 0)]
         scanout: u32,
     },
-    /// Attach this terminal to a console port's Unix socket (isola-console --port
-    /// socket=PATH). The terminal is raw while attached; Ctrl-] detaches.
+    /// Attach this terminal to a console port (isola-console --port socket=PATH): with
+    /// --run-dir, port 0 (hvc0) unless --port says another. The terminal is raw while
+    /// attached; Ctrl-] detaches.
     Console {
-        /// The port's socket.
-        path: PathBuf,
+        /// The port's socket (default with --run-dir: DIR/console.sock).
+        #[arg(conflicts_with = "port")]
+        path: Option<PathBuf>,
+        /// With --run-dir: port N's socket, DIR/console-N.sock (isola-run --console-port).
+        #[arg(long, value_name = "N")]
+        port: Option<u32>,
     },
     /// Press and release keys on the guest's keyboard: names such as `a`, `enter`, `f1`,
     /// codes (`30`, `0x1e`), or chords (`ctrl+alt+delete`: pressed in order, released in
     /// reverse). Several arguments are typed one after the other.
     Key {
+        /// A key name (list below), a code, or a chord of them joined by `+`.
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
         /// Only press (and hold) the keys.
@@ -127,10 +205,16 @@ enum Command {
         release: bool,
     },
     /// Type text on the guest's keyboard (US layout; `\n` in the text is Enter).
-    Type { text: String },
+    Type {
+        /// The text; a character with no key on a US keyboard is refused before anything
+        /// is typed.
+        text: String,
+    },
     /// Move the guest's tablet pointer to (X, Y), each 0 to 32767, with buttons held.
     Pointer {
+        /// Horizontal position, 0 (left edge) to 32767 (right edge).
         x: u32,
+        /// Vertical position, 0 (top) to 32767 (bottom).
         y: u32,
         /// Buttons held at the new position: any of left, middle, right, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = ["left", "middle", "right"])]
@@ -140,12 +224,14 @@ enum Command {
     InputStatus,
     /// Send systemd a notification (sd_notify, e.g. READY=1) on $NOTIFY_SOCKET.
     Notify {
+        /// The notification's lines, e.g. READY=1 or STATUS=text.
         #[arg(required = true, value_name = "VAR=VALUE")]
         assignments: Vec<String>,
     },
     /// Print a log of a VM started by scripts/isola-run (needs --run-dir): NAME is a daemon
     /// (blk0, console, net, gpu, display, input), `supervisor` or `core`.
     Logs {
+        /// The log: a daemon's name, `supervisor` or `core`.
         name: String,
         /// Keep printing what is appended, until the VM ends (or Ctrl-C).
         #[arg(long, short = 'f')]
@@ -248,6 +334,16 @@ macro_rules! say {
     }};
 }
 
+/// Writes a line to stderr, never panicking (`eprintln!` panics when stderr is a closed
+/// pipe): a message nobody can read is dropped.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use tell;
+
 fn parse_u64(s: &str) -> Result<u64, String> {
     let parsed = match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),
@@ -257,12 +353,10 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 }
 
 /// `isolactl screenshot`: asks isola-display, not the core.
-fn screenshot(display: Option<PathBuf>, out: &Path, scanout: u32) -> anyhow::Result<()> {
+fn screenshot(socket: &Path, out: &Path, scanout: u32) -> anyhow::Result<()> {
     use isola_ipc::display::{DisplayRequest, DisplayResponse};
-    let socket =
-        display.context("screenshot needs --display SOCKET (isola-display's --control)")?;
     match call(
-        &socket,
+        socket,
         "isola-display",
         &DisplayRequest::Screenshot { scanout },
     )? {
@@ -343,9 +437,12 @@ fn run_input(socket: &std::path::Path, requests: Vec<InputRequest>) -> anyhow::R
 fn run(cli: Cli) -> anyhow::Result<()> {
     let input_socket = cli.input_socket();
     let request = match cli.command {
-        Command::Console { ref path } => return console::attach(path),
+        Command::Console { ref path, port } => {
+            let socket = cli.console_socket(path, port)?;
+            return console::attach(&connect(&socket, "the console port")?, &socket);
+        }
         Command::Screenshot { ref out, scanout } => {
-            return screenshot(cli.display_socket(), out, scanout)
+            return screenshot(&cli.display_socket()?, out, scanout)
         }
         Command::Status => return status(&cli),
         Command::Notify { ref assignments } => return notify::send(assignments),
@@ -381,10 +478,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
         },
         input => {
-            let socket = input_socket.context(
-                "--input SOCKET (or ISOLA_INPUT_SOCKET, or --run-dir) is needed for this command",
-            )?;
-            return run_input(&socket, input_requests(input)?);
+            let requests = input_requests(input)?;
+            return run_input(&input_socket?, requests);
         }
     };
     match core_call(&cli.core_socket()?, &request)? {
@@ -395,9 +490,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A request the supervisor answers with `Done` or an error.
 fn supervisor_request(cli: &Cli, request: SupervisorRequest) -> anyhow::Result<()> {
-    let socket = cli
-        .supervisor_socket()
-        .context("give the supervisor's socket (--supervisor) or --run-dir")?;
+    let socket = cli.supervisor_socket()?;
     match supervisor_call(&socket, &request)? {
         SupervisorResponse::Error(e) => bail!("{e}"),
         _ => Ok(()),
@@ -418,12 +511,17 @@ fn supervisor_call(
 /// The core's view (vCPUs, each device's link) merged with the supervisor's (each device
 /// daemon's pid, restarts and last exit), matched by socket path.
 ///
-/// With `--run-dir` the supervisor's socket is implied, and a supervisor that is gone or does
-/// not answer is reported (on stderr) without hiding the core's status.
+/// With `--run-dir` the supervisor's socket is implied: a run directory without one is a VM
+/// without device daemons (nothing to report), and a supervisor that is gone (its socket
+/// left behind) or does not answer is reported on stderr without hiding the core's status.
 fn status(cli: &Cli) -> anyhow::Result<()> {
     let only_supervisor = cli.socket.is_none() && cli.run_dir.is_none();
     let mut supervisor_failed = None;
-    let mut daemons = match cli.supervisor_socket() {
+    let supervisor = match (&cli.supervisor, &cli.run_dir) {
+        (None, None) => None,
+        _ => cli.socket_for(&cli.supervisor, "supervisor.sock", "--supervisor")?,
+    };
+    let mut daemons = match supervisor {
         Some(socket) => match supervisor_call(&socket, &SupervisorRequest::Status) {
             Ok(SupervisorResponse::Status(daemons)) => daemons,
             Ok(SupervisorResponse::Error(e)) => bail!("supervisor: {e}"),
@@ -483,7 +581,7 @@ fn status(cli: &Cli) -> anyhow::Result<()> {
         print_daemon(daemon);
     }
     if let Some(e) = supervisor_failed {
-        eprintln!("isolactl: supervisor: {e:#}");
+        tell!("isolactl: supervisor: {e:#}");
     }
     Ok(())
 }
@@ -509,104 +607,28 @@ mod logs;
 #[path = "isolactl/notify.rs"]
 mod notify;
 
-mod console {
-    //! `isolactl console PATH`: the terminal <-> a console port's socket, byte for byte.
+#[path = "isolactl/console.rs"]
+mod console;
 
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    use std::path::Path;
-
-    use anyhow::Context;
-
-    /// Ctrl-]: detach, as telnet does.
-    const DETACH: u8 = 0x1d;
-
-    /// Puts stdin in raw mode while alive (if it is a terminal) and restores it when dropped.
-    struct RawTerminal(Option<libc::termios>);
-
-    impl RawTerminal {
-        fn new() -> RawTerminal {
-            // SAFETY: `termios` is plain data; an all-zero value is valid and is overwritten
-            // by tcgetattr before use.
-            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-            // SAFETY: tcgetattr writes one termios through the pointer, which points at
-            // `saved`, a live local; on a non-terminal stdin it fails and writes nothing.
-            if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-                return RawTerminal(None);
-            }
-            let mut raw = saved;
-            // SAFETY: cfmakeraw only edits the termios it is given, a live local copy.
-            unsafe { libc::cfmakeraw(&mut raw) };
-            // SAFETY: tcsetattr reads one termios from the pointer, a live local.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
-            RawTerminal(Some(saved))
-        }
-    }
-
-    impl Drop for RawTerminal {
-        fn drop(&mut self) {
-            if let Some(saved) = &self.0 {
-                // SAFETY: tcsetattr reads one termios from the pointer, which points at the
-                // settings saved by `new`, alive in `self`.
-                unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
-            }
-        }
-    }
-
-    pub fn attach(path: &Path) -> anyhow::Result<()> {
-        let stream = UnixStream::connect(path)
-            .with_context(|| format!("cannot connect to {}", path.display()))?;
-        let mut from_guest = stream.try_clone().context("cannot clone the socket")?;
-        eprintln!(
-            "isolactl: attached to {}; Ctrl-] detaches\r",
-            path.display()
-        );
-        let raw = RawTerminal::new();
-        let output = std::thread::spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            let mut out = std::io::stdout();
-            loop {
-                match from_guest.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        let mut to_guest = stream;
-        let mut buf = [0u8; 4096];
-        let mut stdin = std::io::stdin();
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let (data, detach) = match buf[..n].iter().position(|&b| b == DETACH) {
-                Some(at) => (&buf[..at], true),
-                None => (&buf[..n], false),
-            };
-            if to_guest.write_all(data).is_err() || detach {
-                break;
-            }
-        }
-        let _ = to_guest.shutdown(std::net::Shutdown::Both);
-        let _ = output.join();
-        drop(raw);
-        eprintln!("isolactl: detached");
-        Ok(())
-    }
+/// The command line, with the list of key names in `key`'s help.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let keys = format!(
+        "Key names (any case): {}.",
+        isola_ipc::keys::names().collect::<Vec<_>>().join(" ")
+    );
+    let command = Cli::command().mut_subcommand("key", |key| key.after_help(keys));
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let _ = TIMEOUT.set(Duration::from_secs_f64(cli.timeout));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("isolactl: error: {e:#}");
+            tell!("isolactl: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -41,7 +41,7 @@ pub fn print(dir: &Path, name: &str, follow: bool) -> anyhow::Result<()> {
         let len = match std::fs::metadata(&path) {
             Ok(meta) => meta.len(),
             Err(_) => {
-                eprintln!("isolactl: {} is gone: the VM has ended", path.display());
+                crate::tell!("isolactl: {} is gone: the VM has ended", path.display());
                 return Ok(());
             }
         };
