@@ -71,6 +71,8 @@ pub struct Link {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Daemon {
+    /// The supervisor's name for it (one daemon may serve several devices: `input`).
+    pub name: String,
     pub pid: Option<u32>,
     /// `running`, `restarting` or `failed`.
     pub state: &'static str,

@@ -221,8 +221,18 @@ async fn core_action(watch: &Arc<Watch>, request: ControlRequest) -> Answer {
 }
 
 async fn restart(watch: &Arc<Watch>, name: &str) -> Answer {
+    // A device is restarted through the daemon that serves it (`input0` -> `input`); a name
+    // that is no device's goes to the supervisor as it is.
+    let daemon = match status::devices(watch).await {
+        Ok(devices) => devices
+            .into_iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.daemon)
+            .map(|d| d.name),
+        Err(_) => None,
+    };
     let request = SupervisorRequest::Restart {
-        name: name.to_owned(),
+        name: daemon.unwrap_or_else(|| name.to_owned()),
     };
     let answer = backends::call::<_, SupervisorResponse>(
         "isola-supervisor",

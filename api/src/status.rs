@@ -151,6 +151,7 @@ fn daemon(d: &DaemonStatus) -> Daemon {
         DaemonState::Failed(why) => ("failed", Some(why.clone())),
     };
     Daemon {
+        name: d.name.clone(),
         pid: d.pid,
         state,
         failed_reason,

@@ -205,11 +205,6 @@ fn every_endpoint_answers_curl() {
     );
     refused(&curl(&api, &[], "/devices/nosuch"), 404, "nosuch");
     refused(
-        &curl(&api, &["-X", "POST"], "/devices/gpu/restart"),
-        409,
-        "given up",
-    );
-    refused(
         &curl(&api, &["-X", "POST"], "/devices/nosuch/restart"),
         404,
         "nosuch",
@@ -284,6 +279,30 @@ fn every_endpoint_answers_curl() {
         400,
         "32767",
     );
+
+    // A running daemon restarted on request: a new process, counted, and its device back.
+    let input_pid = by_name("input0")["daemon"]["pid"].as_u64().expect("a pid");
+    let restarted = ok(
+        &curl(&api, &["-X", "POST"], "/devices/input0/restart"),
+        "POST /devices/input0/restart",
+    );
+    assert!(
+        restarted["daemon"]["restarts"].as_u64() >= Some(1),
+        "{restarted}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = ok(&curl(&api, &[], "/devices/input0"), "GET /devices/input0");
+        let pid = now["daemon"]["pid"].as_u64();
+        if pid.is_some() && pid != Some(input_pid) && now["link"]["state"] == "connected" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "input0 did not come back after its restart: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let paused = ok(&curl(&api, &["-X", "POST"], "/vm/pause"), "pause");
     assert_eq!(paused["state"], "paused", "{paused}");
