@@ -29,6 +29,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("virtio-input", false, &["virtio.c"]),
     ("desktop", false, &["virtio.c"]),
     ("vfio-user", false, &[]),
+    ("usb", false, &[]),
 ];
 
 /// Objects linked into every guest.

@@ -414,6 +414,9 @@ pub const DESKTOP_ELF: &str = concat!(env!("OUT_DIR"), "/desktop.elf");
 
 /// `vfio-user` (a driver for the vfio-user test device) as an ELF with a PVH note.
 pub const VFIO_USER_ELF: &str = concat!(env!("OUT_DIR"), "/vfio-user.elf");
+/// `usb` (a small xHCI driver for isola-usb: `guest/usb.c`, its header comment has the
+/// command line) as an ELF with a PVH note.
+pub const USB_ELF: &str = concat!(env!("OUT_DIR"), "/usb.elf");
 
 /// `vdrivers` (the virtio-drivers crate's drivers) as an ELF with a PVH note.
 pub const VDRIVERS_ELF: &str = concat!(env!("OUT_DIR"), "/vdrivers.elf");
@@ -431,6 +434,7 @@ pub const IMAGES: &[&str] = &[
     "virtio-input.elf",
     "desktop.elf",
     "vfio-user.elf",
+    "usb.elf",
     "vdrivers.elf",
 ];
 
