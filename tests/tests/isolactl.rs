@@ -342,3 +342,366 @@ fn check_help(command: &str, text: &str) {
         }
     }
 }
+
+/// `isolactl --json ARGS`: its stdout parsed as one JSON document, and the exit code.
+fn json(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out, err, _) = isolactl(&all);
+    let value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {out}{err}"));
+    (code, value, err)
+}
+
+/// The sorted keys of a JSON object.
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The API's `Vm` keys (docs/api.yaml), which isolactl's own JSON (no API socket) repeats.
+const VM_KEYS: [&str; 6] = ["exit", "pid", "state", "uptime_ms", "vcpus", "waiting_for"];
+
+/// `--json` on every command of a VM with no API socket and no device daemons: the core's
+/// answers in the API's shapes, logs and notify as JSON lines, errors as `{"error": ...}`.
+#[test]
+fn json_for_every_command_without_the_api() {
+    let dir = scratch_dir("isolactl-json-direct");
+    let _core = core_without_daemons(&dir);
+    let d = dir.to_str().unwrap();
+    let (code, status, err) = json(&["--run-dir", d, "status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(keys(&status["vm"]), VM_KEYS);
+    assert_eq!(status["vm"]["state"], "running", "{status}");
+    assert_eq!(status["vm"]["vcpus"][0]["state"], "running", "{status}");
+    assert!(status["vm"]["uptime_ms"].as_u64().is_some(), "{status}");
+    assert_eq!(status["devices"], serde_json::json!([]), "{status}");
+
+    let (code, paused, err) = json(&["--run-dir", d, "pause"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(paused["vcpus"][0]["state"], "paused", "{paused}");
+    let (code, resumed, err) = json(&["--run-dir", d, "resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    let (code, msi, err) = json(&["--run-dir", d, "inject-msi", "--data", "0x40"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(keys(&msi), VM_KEYS);
+
+    // Commands this VM has no socket for: the error, as JSON.
+    for args in [
+        &["--run-dir", d, "key", "a"][..],
+        &["--run-dir", d, "type", "hi"],
+        &["--run-dir", d, "pointer", "1", "2"],
+        &["--run-dir", d, "input-status"],
+        &["--run-dir", d, "screenshot", "/tmp/never.png"],
+        &["--run-dir", d, "restart", "blk0"],
+        &["--run-dir", d, "upgrade", "blk0"],
+        &["--run-dir", d, "events"],
+        &["--run-dir", d, "logs", "nosuchlog"],
+        &["--run-dir", d, "console", "--port", "7"],
+    ] {
+        let (code, e, _) = json(args);
+        assert_eq!(code, Some(1), "{args:?}: {e}");
+        assert_eq!(keys(&e), ["error"], "{args:?}: {e}");
+        assert!(!e["error"].as_str().unwrap().is_empty(), "{args:?}: {e}");
+    }
+    let (code, e, _) = json(&["--run-dir", d, "events"]);
+    assert_eq!(code, Some(1));
+    assert!(e["error"].as_str().unwrap().contains("api.sock"), "{e}");
+
+    // logs: a JSON line per log line, the last one without its newline too.
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    std::fs::write(
+        dir.join("logs/blk0.log"),
+        "first line\n\"quoted\" second\nthird",
+    )
+    .unwrap();
+    let (code, out, err, _) = isolactl(&["--json", "--run-dir", d, "logs", "blk0"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let texts: Vec<&str> = lines.iter().map(|l| l["line"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["first line", "\"quoted\" second", "third"], "{out}");
+    assert!(lines.iter().all(|l| l["log"] == "blk0"), "{out}");
+
+    // notify: what was sent, and the datagram arrived.
+    let notify = dir.join("notify.sock");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = Command::new(binary("isolactl"))
+        .args(["--json", "notify", "READY=1"])
+        .env("NOTIFY_SOCKET", &notify)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sent, serde_json::json!({ "sent": ["READY=1"] }));
+    let mut buf = [0u8; 64];
+    let n = receiver.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+
+    // console: the notices on stderr are JSON lines; the port's bytes go through unchanged.
+    let got = attach(
+        &["--json", "--run-dir", d, "console"],
+        &dir.join("console.sock"),
+        "hi",
+    );
+    assert_eq!(got, b"typed");
+
+    let (code, end, err) = json(&["--run-dir", d, "shutdown"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(keys(&end), VM_KEYS);
+}
+
+/// A socket that accepts and never answers, as `DIR/api.sock`: every command that goes
+/// through the API gives up at `--timeout`, says so, and prints `{"error": ...}`.
+#[test]
+fn the_timeout_bounds_commands_through_a_silent_api_socket() {
+    let dir = scratch_dir("isolactl-api-deadline");
+    let _silent = UnixListener::bind(dir.join("api.sock")).unwrap();
+    let d = dir.to_str().unwrap();
+    let cases: [&[&str]; 5] = [
+        &["--json", "status"][..],
+        &["--json", "pause"],
+        &["--json", "key", "a"],
+        &["--json", "restart", "blk0"],
+        &["events"],
+    ];
+    let runs: Vec<_> = cases
+        .iter()
+        .map(|args| {
+            let mut all: Vec<String> = vec!["--run-dir".into(), d.into(), "--timeout".into()];
+            all.push("1.5".into());
+            all.extend(args.iter().map(|a| a.to_string()));
+            std::thread::spawn(move || {
+                let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                isolactl(&all)
+            })
+        })
+        .collect();
+    for (args, run) in cases.iter().zip(runs) {
+        let (code, out, err, took) = run.join().unwrap();
+        eprintln!("{args:?}: {took:?}: {}", err.trim());
+        assert_eq!(code, Some(1), "{args:?}: {out}{err}");
+        assert!(
+            err.contains("isola-api did not answer") && err.contains("1.5s"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_secs(20),
+            "{args:?}: took {took:?}"
+        );
+        if args[0] == "--json" {
+            let e: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON error");
+            assert!(
+                e["error"].as_str().unwrap().contains("did not answer"),
+                "{e}"
+            );
+        }
+    }
+}
+
+/// `isolactl events` (prose, and `--json`) in the background: its lines, and the child.
+struct Events {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Events {
+    fn start(args: &[&str]) -> Events {
+        let mut child = Command::new(binary("isolactl"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("isolactl runs");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Events { child, lines }
+    }
+
+    /// Lines until one containing `needle`; panics after `timeout`.
+    fn until(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {needle:?} within {timeout:?}; saw {seen:?}"));
+            let done = line.contains(needle);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// The exit status, if isolactl ended by itself within `timeout`.
+    fn ends_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A VM with a disk started by isola-run (so with isola-api): `--json` answers through
+/// `DIR/api.sock` and straight from the internal sockets have the same shape; `isolactl
+/// events` sees blk0 killed, restarted and reconnected, in that order, and ends with the VM.
+#[test]
+fn json_through_the_api_and_events_follow_a_killed_device() {
+    use isola_tests::supervisor::Launch;
+    let scratch = scratch_dir("isolactl-api");
+    let run_dir = scratch.join("run");
+    let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=25 virtio-blk.sectors=2048";
+    let mut launch = Launch::start(&run_dir, &["--cmdline", cmdline]);
+    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
+            .is_some(),
+        "the guest never ran its I/O loop\n{}",
+        launch.report()
+    );
+    let d = run_dir.to_str().unwrap();
+    let json_events = Events::start(&["--run-dir", d, "--json", "events"]);
+    let prose_events = Events::start(&["--run-dir", d, "events"]);
+    // The stream is subscribed once the answer's head is out.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // status: through the API, and from the core and supervisor sockets: same shape.
+    let (code, api, err) = json(&["--run-dir", d, "status"]);
+    assert_eq!(code, Some(0), "{err}");
+    let control = run_dir.join("control.sock");
+    let supervisor = run_dir.join("supervisor.sock");
+    let direct_args = [
+        "--socket",
+        control.to_str().unwrap(),
+        "--supervisor",
+        supervisor.to_str().unwrap(),
+        "status",
+    ];
+    let (code, direct, err) = json(&direct_args);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(keys(&api["vm"]), VM_KEYS);
+    assert_eq!(keys(&api["vm"]), keys(&direct["vm"]));
+    assert!(
+        api["vm"]["pid"].as_u64().is_some(),
+        "the API knows the core's pid: {api}"
+    );
+    let (api_devices, direct_devices) = (
+        api["devices"].as_array().unwrap(),
+        direct["devices"].as_array().unwrap(),
+    );
+    assert_eq!(api_devices.len(), direct_devices.len(), "{api}\n{direct}");
+    for (a, b) in api_devices.iter().zip(direct_devices) {
+        assert_eq!(keys(a), keys(b), "{a}\n{b}");
+        assert_eq!(keys(&a["daemon"]), keys(&b["daemon"]), "{a}\n{b}");
+        for field in ["name", "kind", "slot", "socket", "link", "reconnects"] {
+            assert_eq!(a[field], b[field], "{field}: {a}\n{b}");
+        }
+        assert_eq!(a["daemon"]["pid"], b["daemon"]["pid"], "{a}\n{b}");
+    }
+    let blk0 = api_devices
+        .iter()
+        .find(|d| d["name"] == "blk0")
+        .unwrap_or_else(|| panic!("no blk0: {api}"));
+    let pid = blk0["daemon"]["pid"].as_u64().expect("blk0 runs") as i32;
+
+    // Kill blk0's daemon: died, restarted, reconnected, in that order, in both streams.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill blk0");
+    let seen = json_events.until("device_reconnected", Duration::from_secs(60));
+    let parsed: Vec<serde_json::Value> = seen
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let order: Vec<&str> = parsed
+        .iter()
+        .filter(|e| e["device"] == "blk0")
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        ["device_died", "device_restarted", "device_reconnected"],
+        "{seen:?}"
+    );
+    assert_eq!(parsed[0]["reason"], "killed by SIGKILL", "{seen:?}");
+    assert!(parsed.iter().all(|e| e["timestamp_ms"].as_u64().is_some()));
+    let prose = prose_events.until("device_reconnected blk0", Duration::from_secs(30));
+    let at = |needle: &str| prose.iter().position(|l| l.contains(needle));
+    assert!(
+        at("device_died blk0") < at("device_restarted blk0")
+            && at("device_died blk0").is_some()
+            && prose[at("device_died blk0").unwrap()].ends_with(": killed by SIGKILL"),
+        "{prose:?}"
+    );
+
+    // restart through the API: the device after it; pause and resume: the VM.
+    let (code, restarted, err) = json(&["--run-dir", d, "restart", "blk0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(restarted["name"], "blk0", "{restarted}");
+    assert_eq!(keys(&restarted), keys(blk0));
+    let (code, paused, err) = json(&["--run-dir", d, "pause"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(paused["state"], "paused", "{paused}");
+    let (code, resumed, err) = json(&["--run-dir", d, "resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    let (code, e, _) = json(&["--run-dir", d, "restart", "nosuchdevice"]);
+    assert_eq!(code, Some(1));
+    assert!(e["error"].as_str().unwrap().contains("HTTP 404"), "{e}");
+    let seen = json_events.until("vcpus_resumed", Duration::from_secs(30));
+    assert!(seen.iter().any(|l| l.contains("vcpus_paused")), "{seen:?}");
+
+    // The guest finishes and powers off: the stream says so, and isolactl events ends.
+    let mut json_events = json_events;
+    let end = json_events.until("vm_ended", Duration::from_secs(120));
+    assert!(
+        end.iter().any(|l| l.contains("guest_powered_off")),
+        "{end:?}"
+    );
+    let status = json_events.ends_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "isolactl events did not end with the VM: {status:?}"
+    );
+    let finished = launch.finish(Duration::from_secs(60));
+    assert!(finished.success(), "{}", launch.report());
+}

@@ -1,5 +1,7 @@
 //! `isolactl`: talk to a running core over its control socket, and to `isola-input`'s
-//! control socket (`key`, `type`, `pointer`, `input-status`).
+//! control socket (`key`, `type`, `pointer`, `input-status`); with `--json`, answer in the
+//! API's JSON (through `DIR/api.sock` when the VM has one); `events` follows the API's event
+//! stream.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,10 @@ use isola_ipc::{ControlRequest, ControlResponse};
     after_help = "Every command gives up after --timeout seconds (default 5) on a socket that \
                   does not accept or answer. With --run-dir, every socket is found in the run \
                   directory; a VM without a device (no daemon's socket there) is not an error \
-                  for status."
+                  for status. With --json, each command prints one JSON document (events and \
+                  logs: one per line; errors: {\"error\": TEXT} on stdout, exit status 1); \
+                  through DIR/api.sock when the run directory has one and no other socket is \
+                  named, the API's own JSON (docs/api.yaml)."
 )]
 struct Cli {
     /// The core's control socket (its --control-socket); not needed by `console`.
@@ -40,14 +45,37 @@ struct Cli {
     /// input-status.
     #[arg(long, short = 'i', global = true, env = "ISOLA_INPUT_SOCKET")]
     input: Option<PathBuf>,
-    /// Seconds to wait for each socket to accept and answer (fractions allowed).
+    /// Seconds to wait for each socket to accept and answer (fractions allowed). `events`,
+    /// `logs --follow` and `console`: for the connection and the first answer only.
     #[arg(long, global = true, default_value_t = 5.0, value_parser = parse_timeout)]
     timeout: f64,
+    /// The VM's API socket (isola-api; default with --run-dir: DIR/api.sock if there), for
+    /// `events` and the answers of --json.
+    #[arg(long, global = true, env = "ISOLA_API_SOCKET")]
+    api: Option<PathBuf>,
+    /// Print machine-readable JSON: the API's shapes (docs/api.yaml: Vm, Device, Input,
+    /// Event), one document per command, or one per line for events and logs.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 impl Cli {
+    /// The API socket --json and `events` use: `--api`, or `DIR/api.sock` when it is there
+    /// and no internal socket is named on the command line.
+    fn api_socket(&self) -> Option<PathBuf> {
+        if self.api.is_some() {
+            return self.api.clone();
+        }
+        let named = self.socket.is_some()
+            || self.supervisor.is_some()
+            || self.input.is_some()
+            || self.display.is_some();
+        let socket = self.run_dir.as_ref()?.join("api.sock");
+        (!named && std::fs::symlink_metadata(&socket).is_ok()).then_some(socket)
+    }
+
     fn core_socket(&self) -> anyhow::Result<PathBuf> {
         match (&self.socket, &self.run_dir) {
             (Some(socket), _) => Ok(socket.clone()),
@@ -222,6 +250,10 @@ enum Command {
     },
     /// Show isola-input's event counters.
     InputStatus,
+    /// Follow the VM's events (GET /events of its API socket: device died, restarted, given
+    /// up, refused, reconnected; vCPUs paused, resumed; guest powered off, reset, crashed):
+    /// one line each, until the VM ends. Needs --api or a run directory with api.sock.
+    Events,
     /// Send systemd a notification (sd_notify, e.g. READY=1) on $NOTIFY_SOCKET.
     Notify {
         /// The notification's lines, e.g. READY=1 or STATUS=text.
@@ -353,7 +385,7 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 }
 
 /// `isolactl screenshot`: asks isola-display, not the core.
-fn screenshot(socket: &Path, out: &Path, scanout: u32) -> anyhow::Result<()> {
+fn screenshot(socket: &Path, out: &Path, scanout: u32) -> anyhow::Result<(u32, u32)> {
     use isola_ipc::display::{DisplayRequest, DisplayResponse};
     match call(
         socket,
@@ -362,8 +394,7 @@ fn screenshot(socket: &Path, out: &Path, scanout: u32) -> anyhow::Result<()> {
     )? {
         DisplayResponse::Screenshot { width, height, png } => {
             std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
-            say!("{width}x{height} -> {}", out.display());
-            Ok(())
+            Ok((width, height))
         }
         DisplayResponse::Error(e) => bail!("{e}"),
         DisplayResponse::Status(_) => bail!("isola-display answered with something else"),
@@ -394,15 +425,15 @@ fn type_requests(text: &str) -> anyhow::Result<Vec<InputRequest>> {
         .collect())
 }
 
-fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {
+fn input_requests(command: &Command) -> anyhow::Result<Vec<InputRequest>> {
     use isola_ipc::input::{BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT};
     Ok(match command {
         Command::Key {
             keys,
             press,
             release,
-        } => key_requests(&keys, press, release)?,
-        Command::Type { text } => type_requests(&text)?,
+        } => key_requests(keys, *press, *release)?,
+        Command::Type { text } => type_requests(text)?,
         Command::Pointer { x, y, buttons } => {
             let buttons = buttons.iter().fold(0, |mask, b| {
                 mask | match b.as_str() {
@@ -411,7 +442,11 @@ fn input_requests(command: Command) -> anyhow::Result<Vec<InputRequest>> {
                     _ => BUTTON_RIGHT,
                 }
             });
-            vec![InputRequest::Pointer { x, y, buttons }]
+            vec![InputRequest::Pointer {
+                x: *x,
+                y: *y,
+                buttons,
+            }]
         }
         _ => vec![InputRequest::Status],
     })
@@ -435,23 +470,97 @@ fn run_input(socket: &std::path::Path, requests: Vec<InputRequest>) -> anyhow::R
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let input_socket = cli.input_socket();
-    let request = match cli.command {
+    // The streams first: prose or JSON, they print as they go.
+    match cli.command {
         Command::Console { ref path, port } => {
             let socket = cli.console_socket(path, port)?;
-            return console::attach(&connect(&socket, "the console port")?, &socket);
+            return console::attach(&connect(&socket, "the console port")?, &socket, cli.json);
         }
+        Command::Logs { ref name, follow } => {
+            let dir = cli.run_dir.as_ref().context("logs needs --run-dir")?;
+            return logs::print(&dir.join("logs"), name, follow, cli.json);
+        }
+        Command::Events => return events(&cli),
+        _ => {}
+    }
+    if cli.json {
+        let answer = json::run(&cli)?;
+        say!("{answer}");
+        return Ok(());
+    }
+    let input_socket = cli.input_socket();
+    let request = match cli.command {
         Command::Screenshot { ref out, scanout } => {
-            return screenshot(&cli.display_socket()?, out, scanout)
+            let (width, height) = screenshot(&cli.display_socket()?, out, scanout)?;
+            say!("{width}x{height} -> {}", out.display());
+            return Ok(());
         }
         Command::Status => return status(&cli),
         Command::Notify { ref assignments } => return notify::send(assignments),
-        Command::Logs { ref name, follow } => {
-            let dir = cli.run_dir.as_ref().context("logs needs --run-dir")?;
-            return logs::print(&dir.join("logs"), name, follow);
+        Command::Restart { .. } | Command::Upgrade { .. } => return run_supervisor_command(&cli),
+        Command::Pause => ControlRequest::Pause,
+        Command::Resume => ControlRequest::Resume,
+        Command::Shutdown => ControlRequest::Shutdown,
+        Command::InjectMsi { address, data } => ControlRequest::InjectMsi {
+            address,
+            data: u32::try_from(data).context("--data must fit in 32 bits")?,
+        },
+        ref input => {
+            let requests = input_requests(input)?;
+            return run_input(&input_socket?, requests);
         }
+    };
+    match core_call(&cli.core_socket()?, &request)? {
+        ControlResponse::Error(e) => bail!("{e}"),
+        _ => Ok(()),
+    }
+}
+
+/// `isolactl events`: GET /events of the API socket, each event a line (its JSON with
+/// --json), until the server ends the stream when the VM ends.
+fn events(cli: &Cli) -> anyhow::Result<()> {
+    let Some(api) = cli.api_socket() else {
+        let dir = cli.run_dir.as_deref().unwrap_or(Path::new("."));
+        bail!(
+            "events needs the VM's API socket: give --api SOCKET, or --run-dir of a VM started \
+             with isola-api (no {})",
+            dir.join("api.sock").display()
+        );
+    };
+    http::follow_lines(&api, "/events", |line| {
+        if cli.json {
+            say!("{line}");
+            return Ok(());
+        }
+        let e: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not a JSON event: {line}"))?;
+        let mut text = format!(
+            "{} {}",
+            e["time"].as_str().unwrap_or("-"),
+            e["event"].as_str().unwrap_or("?")
+        );
+        if let Some(device) = e["device"].as_str() {
+            text.push_str(&format!(" {device}"));
+        }
+        if let Some(pid) = e["pid"].as_u64() {
+            text.push_str(&format!(" pid {pid}"));
+        }
+        if let Some(latency) = e["latency_seconds"].as_f64() {
+            text.push_str(&format!(" after {latency:.3} s"));
+        }
+        if let Some(reason) = e["reason"].as_str() {
+            text.push_str(&format!(": {reason}"));
+        }
+        say!("{text}");
+        Ok(())
+    })
+}
+
+/// `restart` and `upgrade`: requests to the supervisor.
+fn run_supervisor_command(cli: &Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Restart { ref name } => {
-            return supervisor_request(&cli, SupervisorRequest::Restart { name: name.clone() })
+            supervisor_request(cli, SupervisorRequest::Restart { name: name.clone() })
         }
         Command::Upgrade {
             ref name,
@@ -468,23 +577,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let name = name.clone();
-            return supervisor_request(&cli, SupervisorRequest::Upgrade { name, binary });
+            supervisor_request(cli, SupervisorRequest::Upgrade { name, binary })
         }
-        Command::Pause => ControlRequest::Pause,
-        Command::Resume => ControlRequest::Resume,
-        Command::Shutdown => ControlRequest::Shutdown,
-        Command::InjectMsi { address, data } => ControlRequest::InjectMsi {
-            address,
-            data: u32::try_from(data).context("--data must fit in 32 bits")?,
-        },
-        input => {
-            let requests = input_requests(input)?;
-            return run_input(&input_socket?, requests);
-        }
-    };
-    match core_call(&cli.core_socket()?, &request)? {
-        ControlResponse::Error(e) => bail!("{e}"),
-        _ => Ok(()),
+        _ => bail!("not a supervisor command"),
     }
 }
 
@@ -602,6 +697,10 @@ fn same_path(a: &str, b: &str) -> bool {
     a == b || canonical(a) == canonical(b)
 }
 
+#[path = "isolactl/http.rs"]
+mod http;
+#[path = "isolactl/json.rs"]
+mod json;
 #[path = "isolactl/logs.rs"]
 mod logs;
 #[path = "isolactl/notify.rs"]
@@ -625,10 +724,17 @@ fn parse_cli() -> Cli {
 fn main() -> ExitCode {
     let cli = parse_cli();
     let _ = TIMEOUT.set(Duration::from_secs_f64(cli.timeout));
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tell!("isolactl: error: {e:#}");
+            if json {
+                // Not `say!`: a closed stdout must not turn the failure into status 0.
+                use std::io::Write as _;
+                let error = serde_json::json!({ "error": format!("{e:#}") });
+                let _ = writeln!(std::io::stdout().lock(), "{error}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -45,15 +45,22 @@ impl Drop for RawTerminal {
 /// Attaches the terminal to `stream`, connected (within the deadline) to the port at `path`.
 /// The session itself has no deadline: it lasts until Ctrl-], the end of stdin, or the port
 /// hanging up.
-pub fn attach(stream: &UnixStream, path: &Path) -> anyhow::Result<()> {
+/// With `json`, the two notices on stderr are JSON lines (`{"console": "attached", "socket":
+/// PATH}`, `{"console": "detached"}`); the port's bytes are the port's bytes either way.
+pub fn attach(stream: &UnixStream, path: &Path, json: bool) -> anyhow::Result<()> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     let stream = stream.try_clone().context("cannot clone the socket")?;
     let mut from_guest = stream.try_clone().context("cannot clone the socket")?;
-    crate::tell!(
-        "isolactl: attached to {}; Ctrl-] detaches\r",
-        path.display()
-    );
+    if json {
+        let notice = serde_json::json!({ "console": "attached", "socket": path });
+        crate::tell!("{notice}\r");
+    } else {
+        crate::tell!(
+            "isolactl: attached to {}; Ctrl-] detaches\r",
+            path.display()
+        );
+    }
     let raw = RawTerminal::new();
     let output = std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
@@ -88,6 +95,10 @@ pub fn attach(stream: &UnixStream, path: &Path) -> anyhow::Result<()> {
     let _ = to_guest.shutdown(std::net::Shutdown::Both);
     let _ = output.join();
     drop(raw);
-    crate::tell!("isolactl: detached");
+    if json {
+        crate::tell!("{}", serde_json::json!({ "console": "detached" }));
+    } else {
+        crate::tell!("isolactl: detached");
+    }
     Ok(())
 }
