@@ -367,6 +367,8 @@ pub mod linux;
 pub mod sandbox;
 /// `qemu-storage-daemon`, the independent vhost-user-blk backend the tests use.
 pub mod supervisor;
+/// `isolactl upgrade` of a device daemon under a running guest, and the processes' fds.
+pub mod upgrade;
 
 pub mod qsd {
     use std::fs::File;

@@ -247,10 +247,19 @@ static uint64_t deadline(uint64_t cycles)
 /* Hostile mode: the case whose follow-up request is being waited for. */
 static const char *hostile_case;
 
+/* The longest wait for a completion since the last loop progress line, in TSC cycles: the
+ * pause the guest sees when its device stalls (a restart or upgrade of the device process). */
+static uint64_t max_wait;
+
 static void wait_used(void)
 {
-	if (virtq_wait(&q, deadline(timeout_cycles)))
+	uint64_t before = rdtsc();
+	if (virtq_wait(&q, deadline(timeout_cycles))) {
+		uint64_t waited = rdtsc() - before;
+		if (waited > max_wait)
+			max_wait = waited;
 		return;
+	}
 	if (hostile_case)
 		die(EXIT_HOSTILE, "hostile %s: valid request afterwards got no answer (status=0x%x)",
 		    hostile_case, virtio_status(&dev));
@@ -690,6 +699,7 @@ void guest_main(void)
 	uint64_t cycles = param("virtio-blk.cycles", 0, 0, ~0ull);
 	uint64_t timeout_s = param("virtio-blk.timeout", 30, 1, 3600);
 	int reset = (int)param("virtio-blk.reset", 0, 0, 1);
+	uint64_t report_ms = param("virtio-blk.report_ms", 1000, 1, 60000);
 
 	if (hostile_mode)
 		parse_cases();
@@ -749,11 +759,13 @@ void guest_main(void)
 			uint64_t now = rdtsc();
 			int out_of_time = seconds && now - start >= seconds * hz;
 			int finished = (cycles && done >= cycles) || out_of_time;
-			if (now - last >= hz || finished) {
+			if (now - last >= hz / 1000 * report_ms || finished) {
 				last = now;
-				print("virtio-blk: loop cycles=%lu requests=%lu interrupts=%u ms=%lu\n",
+				print("virtio-blk: loop cycles=%lu requests=%lu interrupts=%u ms=%lu "
+				      "max-wait-us=%lu\n",
 				      done, requests, irq_counts[QUEUE_VECTOR],
-				      (now - start) / (hz / 1000));
+				      (now - start) / (hz / 1000), max_wait * 1000 / (hz / 1000));
+				max_wait = 0;
 			}
 			if (finished)
 				break;

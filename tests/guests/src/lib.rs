@@ -104,6 +104,7 @@
 //! | `virtio-blk.indirect` | 0 | negotiate VIRTIO_F_INDIRECT_DESC if offered (one descriptor per request); never in hostile mode |
 //! | `virtio-blk.reset` | 0 | normal mode: afterwards reset the running device, set it up again and verify once more |
 //! | `virtio-blk.cycles`, `virtio-blk.seconds` | 0, 0 | loop mode: stop after this many cycles / seconds (0: no limit; both 0: forever) |
+//! | `virtio-blk.report_ms` | 1000 | loop mode: least time between progress lines, 1..=60000 ms |
 //! | `virtio-blk.timeout` | 30 | seconds a request may take before the guest gives up (exit 17; hostile follow-ups: 18) |
 //! | `virtio-blk.cases` | `all` | hostile mode: comma-separated subset of the cases below |
 //!
@@ -133,9 +134,11 @@
 //! * `verify`: only reads [0, sectors) and verifies generation `seed`: `virtio-blk: verified
 //!   <n> sectors`.
 //! * `loop`: cycle `c` (from 0) writes generation `seed + c` to [0, sectors) and reads it back;
-//!   at most once a second and after the last cycle `virtio-blk: loop cycles=<done>
-//!   requests=<so far> interrupts=<so far> ms=<since start>`; then `virtio-blk: loop done
-//!   cycles=<n> sectors=<n>`.
+//!   after a cycle, once `report_ms` have passed since the last one, and after the last cycle
+//!   `virtio-blk: loop cycles=<done> requests=<so far> interrupts=<so far> ms=<since start>
+//!   max-wait-us=<longest wait for a completion since the last such line>` (the pause the guest
+//!   saw when its device stalled, e.g. for a restart or upgrade of the device process); then
+//!   `virtio-blk: loop done cycles=<n> sectors=<n>`.
 //! * `hostile`: `virtio-blk: hostile: cases=<list> bad-address=0x<a> wait=2000ms`, then for
 //!   each case in this order: `header-outside-ram` (header descriptor at the bad address),
 //!   `data-outside-ram` (a read into the bad address), `short-header` (8-byte header),
