@@ -5,7 +5,9 @@
 //! first wrong byte, failed request or request that is never answered (30 s); it must still
 //! be looping, unharmed, after the last upgrade; each pause must stay under 5 s, every old
 //! instance must be gone, and the core and the supervisor must hold as many file descriptors
-//! as before the first.
+//! as before the first. The API records each one: `GET /events` gives `device_died` ("upgraded
+//! to PATH"), `device_restarted` (the new pid) and `device_reconnected` per upgrade, and
+//! `/devices/blk0` and `/metrics` count them all.
 //!
 //! 20 upgrades by default; `ISOLA_SOAK=1` makes it 100 (the issue's soak), and
 //! `ISOLA_UPGRADES=N` any other count. Each upgrade's guest-visible pause is the guest's own
@@ -14,8 +16,11 @@
 
 use std::time::{Duration, Instant};
 
-use isola_tests::supervisor::{isolactl, processes_mentioning, Launch};
-use isola_tests::upgrade::{max_wait_us, open_fds, pid_of, upgrade_once};
+use std::process::{Command, Stdio};
+
+use isola_tests::api::curl;
+use isola_tests::supervisor::{isolactl, processes_mentioning, Launch, Lines};
+use isola_tests::upgrade::{max_wait_us, open_fds, pid_of, quiet_fds, upgrade_once};
 use isola_tests::{binary, scratch_dir};
 
 const PROGRESS: &str = "virtio-blk: loop cycles=";
@@ -40,13 +45,13 @@ fn upgrades() -> usize {
     }
 }
 
-/// Waits until `pid` holds `expected` file descriptors again (a control connection being
+/// Waits until `pid` holds no more file descriptors than `before` again (a control connection being
 /// closed may lag its answer); panics with both lists if it does not within 5 s.
 fn assert_fds_settle(what: &str, pid: u32, before: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let now = open_fds(pid);
-        if now.len() == before.len() {
+        if now.len() <= before.len() {
             return;
         }
         assert!(
@@ -96,7 +101,19 @@ fn upgrades_of_the_disk_daemon_under_verified_io_lose_nothing() {
     let original = binary("isola-blk");
     let core = pid_of("isola-core", run);
     let supervisor = pid_of("isola-supervisor", run);
-    let (core_fds, supervisor_fds) = (open_fds(core), open_fds(supervisor));
+    let (core_fds, supervisor_fds) = (quiet_fds(core), quiet_fds(supervisor));
+    // The API's event stream (isola-api, started by isola-run) through curl.
+    let api = run_dir.join("api.sock");
+    let mut events_curl = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "600", "--unix-socket"])
+        .arg(&api)
+        .arg("http://localhost/events")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs (Debian package curl)");
+    let mut events = Lines::new(events_curl.stdout.take().expect("piped"));
+    // The stream is subscribed once the answer's head is out; give curl that moment.
+    std::thread::sleep(Duration::from_millis(500));
     let blk_before = blk_processes(run);
 
     // The same measure without an upgrade, for comparison: the longest wait in each of 20
@@ -114,6 +131,7 @@ fn upgrades_of_the_disk_daemon_under_verified_io_lose_nothing() {
 
     let mut took = Vec::new();
     let mut paused = Vec::new();
+    let mut pids = Vec::new();
     let mut reconnected = Instant::now();
     for i in 0..count {
         std::thread::sleep(SPACING.saturating_sub(reconnected.elapsed()));
@@ -163,6 +181,7 @@ fn upgrades_of_the_disk_daemon_under_verified_io_lose_nothing() {
         );
         took.push(time);
         paused.push(pause);
+        pids.push((pid, expected.to_owned()));
         assert!(
             launch.child.try_wait().expect("wait works").is_none(),
             "the VM ended at upgrade {i}\n{}",
@@ -184,6 +203,69 @@ fn upgrades_of_the_disk_daemon_under_verified_io_lose_nothing() {
     assert!(ok, "{text}");
     assert!(text.contains(&format!("restarts {count},")), "{text}");
     assert!(text.contains("upgraded to"), "{text}");
+
+    // Events and the API's device record each upgrade: blk0 died ("upgraded to PATH"), was
+    // restarted with the new pid and reconnected, once per upgrade and in that order.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let blk0 = |events: &Lines| -> Vec<serde_json::Value> {
+        events
+            .seen
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(|e: &serde_json::Value| e["device"] == "blk0")
+            .collect()
+    };
+    while blk0(&events)
+        .iter()
+        .filter(|e| e["event"] == "device_reconnected")
+        .count()
+        < count
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            events.wait_for("device_reconnected", left).is_some(),
+            "not {count} device_reconnected events: {:#?}",
+            events.seen
+        );
+    }
+    let recorded = blk0(&events);
+    assert_eq!(recorded.len(), 3 * count, "{recorded:#?}");
+    for (i, (triple, (pid, program))) in recorded.chunks(3).zip(&pids).enumerate() {
+        let names: Vec<&str> = triple
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["device_died", "device_restarted", "device_reconnected"],
+            "upgrade {i}: {triple:#?}"
+        );
+        let reason = triple[0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(&format!("upgraded to {}", program.display())),
+            "upgrade {i}: {reason}"
+        );
+        assert_eq!(triple[1]["pid"], *pid, "upgrade {i}: {triple:#?}");
+        assert!(
+            triple[2]["latency_seconds"].as_f64().is_some(),
+            "upgrade {i}: {triple:#?}"
+        );
+    }
+    let device = curl(&api, &[], "/devices/blk0").json();
+    assert_eq!(device["daemon"]["restarts"], count, "{device}");
+    assert_eq!(device["reconnects"], count, "{device}");
+    let metrics = curl(&api, &[], "/metrics").body;
+    for line in [
+        format!("isola_device_restarts_total{{device=\"blk0\"}} {count}"),
+        format!("isola_device_reconnects_total{{device=\"blk0\"}} {count}"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    let _ = events_curl.kill();
+    let _ = events_curl.wait();
     took.sort();
     paused.sort();
     eprintln!(
