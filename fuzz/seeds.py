@@ -268,17 +268,27 @@ def rfb_seeds():
 # --- ipc --------------------------------------------------------------------------------
 
 
-def frame(body, version=4):
+def frame(body, version=7):
+    """isola-ipc's framing: length, PROTOCOL_VERSION, a postcard body."""
     return u32(len(body) + 2) + u16(version) + body
 
 
+def var(v):
+    """postcard's varint (LEB128): integers wider than u8, enum variants, lengths."""
+    out = b""
+    while v >= 0x80:
+        out += u8(v & 0x7F | 0x80)
+        v >>= 7
+    return out + u8(v)
+
+
 def ipc_seeds():
-    string = lambda s: u64(len(s)) + s
-    write("ipc", "control-requests", u8(0) + b"".join(frame(u32(v)) for v in range(4)) + frame(u32(4) + u64(0xFEE00000) + u32(0x41)))
-    write("ipc", "supervisor-requests", u8(2) + frame(u32(0)) + frame(u32(1) + string(b"blk0")) + frame(u32(2)))
-    write("ipc", "display-requests", u8(4) + frame(u32(0) + u32(0)) + frame(u32(1)))
-    write("ipc", "input-requests", u8(6) + frame(u32(0) + u16(30) + u8(1)) + frame(u32(1) + u32(100) + u32(200) + u8(1)) + frame(u32(2)))
-    write("ipc", "responses", u8(3) + frame(u32(1)) + frame(u32(2) + string(b"no such daemon")))
+    string = lambda s: var(len(s)) + s
+    write("ipc", "control-requests", u8(0) + b"".join(frame(var(v)) for v in range(4)) + frame(var(4) + var(0xFEE00000) + var(0x41)))
+    write("ipc", "supervisor-requests", u8(2) + frame(var(0)) + frame(var(1) + string(b"blk0")) + frame(var(2) + string(b"blk0") + u8(0)))
+    write("ipc", "display-requests", u8(4) + frame(var(0) + var(0)) + frame(var(1)))
+    write("ipc", "input-requests", u8(6) + frame(var(0) + var(30) + u8(1)) + frame(var(1) + var(100) + var(200) + var(1)) + frame(var(2)))
+    write("ipc", "responses", u8(3) + frame(var(1)) + frame(var(2) + string(b"no such daemon")))
 
 
 # --- vhost-user -------------------------------------------------------------------------

@@ -1,26 +1,29 @@
 //! Messages between Isola's processes.
 //!
-//! Every message is a closed `serde` enum, encoded with bincode's legacy (fixed-int,
-//! little-endian) configuration and framed as:
+//! Every message is a closed `serde` enum, encoded with postcard (a compact, maintained serde
+//! format: varint integers and enum indices, length-prefixed strings and sequences) and
+//! framed as:
 //!
 //! ```text
 //! u32 LE  length of what follows (version + body), at most MAX_FRAME
 //! u16 LE  PROTOCOL_VERSION of the sender
-//! [u8]    bincode body
+//! [u8]    postcard body, exactly one message (trailing bytes are refused)
 //! ```
 //!
 //! The version is read before the body, so a peer speaking another version gets a clear
 //! [`IpcError::Version`] instead of a garbled decode. Frames larger than [`MAX_FRAME`] are
 //! refused before anything is allocated, so a hostile peer cannot make the reader allocate
-//! unbounded memory.
+//! unbounded memory: the body is decoded from that bounded buffer, and every length in it is
+//! checked against the bytes that are left.
 
 use std::io::{self, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Version of every message in this crate; bump it on any change of a message's shape.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// Version of every message in this crate; bump it on any change of a message's shape or of
+/// the encoding (7: postcard replaced bincode).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.
@@ -45,9 +48,11 @@ pub enum IpcError {
     #[error("frame of {0} bytes is outside 2..={MAX_FRAME}")]
     FrameSize(u32),
     #[error("malformed message body")]
-    Decode(#[source] bincode::error::DecodeError),
+    Decode(#[source] postcard::Error),
+    #[error("malformed message body: {0} trailing bytes after the message")]
+    Trailing(usize),
     #[error("message could not be encoded")]
-    Encode(#[source] bincode::error::EncodeError),
+    Encode(#[source] postcard::Error),
 }
 
 /// A request to the core's control socket.
@@ -161,13 +166,9 @@ impl std::fmt::Display for VcpuState {
     }
 }
 
-fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::legacy().with_limit::<{ MAX_FRAME as usize }>()
-}
-
 /// Writes one framed message.
 pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), IpcError> {
-    let body = bincode::serde::encode_to_vec(msg, bincode_config()).map_err(IpcError::Encode)?;
+    let body = postcard::to_allocvec(msg).map_err(IpcError::Encode)?;
     let len = u32::try_from(body.len() + 2)
         .ok()
         .filter(|len| *len <= MAX_FRAME)
@@ -202,12 +203,9 @@ pub fn read_message<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, IpcErr
     if peer != PROTOCOL_VERSION {
         return Err(IpcError::Version { peer });
     }
-    let (msg, used) =
-        bincode::serde::decode_from_slice(&body, bincode_config()).map_err(IpcError::Decode)?;
-    if used != body.len() {
-        return Err(IpcError::Decode(bincode::error::DecodeError::OtherString(
-            format!("{} trailing bytes after the message", body.len() - used),
-        )));
+    let (msg, rest) = postcard::take_from_bytes(&body).map_err(IpcError::Decode)?;
+    if !rest.is_empty() {
+        return Err(IpcError::Trailing(rest.len()));
     }
     Ok(msg)
 }
@@ -295,7 +293,58 @@ mod tests {
         let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) + 1;
         buf[..4].copy_from_slice(&len.to_le_bytes());
         let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
+        assert!(matches!(err, IpcError::Trailing(1)), "{err}");
+    }
+
+    #[test]
+    fn truncated_bodies_and_lying_lengths_are_decode_errors() {
+        // A status whose device list claims far more entries than the body holds, and every
+        // cut of a whole status: errors, never a panic or a huge allocation.
+        let mut body = vec![0u8]; // ControlResponse::Status
+        body.push(12); // uptime_ms
+        body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // vcpus: u32::MAX entries
+        let mut buf = (body.len() as u32 + 2).to_le_bytes().to_vec();
+        buf.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        buf.extend_from_slice(&body);
+        let err = read_message::<_, ControlResponse>(&mut Cursor::new(buf)).unwrap_err();
         assert!(matches!(err, IpcError::Decode(_)), "{err}");
+
+        let mut whole = Vec::new();
+        let status = ControlResponse::Status(VmStatus {
+            uptime_ms: 1 << 40,
+            vcpus: vec![VcpuStatus {
+                index: 3,
+                state: VcpuState::Running,
+            }],
+            devices: vec![DeviceStatus {
+                name: "net".into(),
+                slot: "00:02.0".into(),
+                socket: "/run/net.sock".into(),
+                link: DeviceLink::Unresponsive("GET_VRING_BASE".into()),
+                reconnects: 7,
+                display: None,
+            }],
+        });
+        write_message(&mut whole, &status).unwrap();
+        for cut in 7..whole.len() {
+            let mut frame = whole[..cut].to_vec();
+            frame[..4].copy_from_slice(&(cut as u32 - 4).to_le_bytes());
+            let err = read_message::<_, ControlResponse>(&mut Cursor::new(frame)).unwrap_err();
+            assert!(matches!(err, IpcError::Decode(_)), "cut at {cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_encoding_is_postcard() {
+        // InjectMsi is variant 4; varint address and data.
+        let mut buf = Vec::new();
+        let msi = ControlRequest::InjectMsi {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+        write_message(&mut buf, &msi).unwrap();
+        assert_eq!(&buf[6..], &[4, 0x80, 0x80, 0x80, 0xf7, 0x0f, 0x41]);
+        assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()), 9);
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub const VERSION: u32 = 1;
+    /// 2: the payload is postcard (1 was bincode); a file of another version is unusable.
+    pub const VERSION: u32 = 2;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +86,17 @@ pub enum StateError {
     #[error("{} is not a state file of this version", .0.display())]
     Unusable(PathBuf, Box<StateFile>),
     #[error("cannot encode the state")]
-    Encode(#[source] bincode::error::EncodeError),
+    Encode(#[source] postcard::Error),
+    #[error("the state is {0} bytes, over the bound of {MAX_STATE_BYTES}")]
+    TooLarge(usize),
 }
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_STATE_BYTES>()
+/// The snapshot in a slot's payload: postcard, the whole payload, this version.
+fn decode(payload: &[u8]) -> Option<Snapshot> {
+    match postcard::take_from_bytes::<Snapshot>(payload) {
+        Ok((snap, rest)) if rest.is_empty() && snap.version == Snapshot::VERSION => Some(snap),
+        _ => None,
+    }
 }
 
 /// FNV-1a (64 bit) over the generation, the length and the payload: enough to tell a torn
@@ -191,16 +198,19 @@ impl StateFile {
         };
         state.generation = generation;
         state.newest_slot = slot;
-        match bincode::serde::decode_from_slice::<Snapshot, _>(&payload, config()) {
-            Ok((snap, _)) if snap.version == Snapshot::VERSION => Ok((state, Some(snap))),
-            _ => Err(StateError::Unusable(path.to_owned(), Box::new(state))),
+        match decode(&payload) {
+            Some(snap) => Ok((state, Some(snap))),
+            None => Err(StateError::Unusable(path.to_owned(), Box::new(state))),
         }
     }
 
     /// Writes `snap` to the slot not holding the newest snapshot, which stays valid until
     /// this write is complete.
     pub fn save(&mut self, snap: &Snapshot) -> Result<(), StateError> {
-        let payload = bincode::serde::encode_to_vec(snap, config()).map_err(StateError::Encode)?;
+        let payload = postcard::to_allocvec(snap).map_err(StateError::Encode)?;
+        if payload.len() > MAX_STATE_BYTES {
+            return Err(StateError::TooLarge(payload.len()));
+        }
         let generation = self.generation + 1;
         let slot = 1 - self.newest_slot;
         let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -271,6 +281,32 @@ mod tests {
         // The unusable file is overwritten by the next save.
         file.save(&snapshot(3)).unwrap();
         assert_eq!(StateFile::open(&path).unwrap().1, Some(snapshot(3)));
+    }
+
+    #[test]
+    fn another_version_or_a_malformed_payload_is_unusable() {
+        let whole = postcard::to_allocvec(&snapshot(5)).unwrap();
+        assert_eq!(decode(&whole), Some(snapshot(5)));
+        let mut old = snapshot(5);
+        old.version = 1;
+        assert_eq!(decode(&postcard::to_allocvec(&old).unwrap()), None);
+        for cut in 0..whole.len() {
+            assert_eq!(decode(&whole[..cut]), None, "cut at {cut}");
+        }
+        let mut trailing = whole.clone();
+        trailing.push(0);
+        assert_eq!(decode(&trailing), None);
+        // A resource count far past the payload.
+        assert_eq!(decode(&[2, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]), None);
+        // A whole slot of a well-formed older snapshot: the file is unusable, not misread.
+        let dir = Scratch::new("old");
+        let path = dir.join("state");
+        let (mut file, _) = StateFile::open(&path).unwrap();
+        file.save(&old).unwrap();
+        assert!(matches!(
+            StateFile::open(&path),
+            Err(StateError::Unusable(..))
+        ));
     }
 
     #[test]
