@@ -706,3 +706,108 @@ fn json_through_the_api_and_events_follow_a_killed_device() {
     let finished = launch.finish(Duration::from_secs(60));
     assert!(finished.success(), "{}", launch.report());
 }
+
+/// The sum of an `Input` answer's counters: events handed to the guest or waiting for it.
+fn input_count(v: &serde_json::Value) -> u64 {
+    ["keyboard_events", "tablet_events", "pending"]
+        .iter()
+        .map(|k| v[k].as_u64().unwrap_or_else(|| panic!("no {k}: {v}")))
+        .sum()
+}
+
+/// A VM with a display, a keyboard and a tablet: `--json` for key, type, pointer,
+/// input-status and screenshot, through the API and straight to isola-input and
+/// isola-display, answers the same shapes; each input command's counters grow.
+#[test]
+fn json_for_input_and_screenshot_through_the_api_and_directly() {
+    use isola_tests::supervisor::Launch;
+    let scratch = scratch_dir("isolactl-json-input");
+    let run_dir = scratch.join("run");
+    let kernel = guest("virtio-gpu.elf");
+    let args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "virtio-gpu.wait=1",
+        "--display",
+        "640x400",
+    ];
+    let mut launch = Launch::start(&run_dir, &args);
+    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
+            .is_some(),
+        "the GPU guest never drew\n{}",
+        launch.report()
+    );
+    let d = run_dir.to_str().unwrap();
+    let input = run_dir.join("input-control.sock");
+    let display = run_dir.join("display-control.sock");
+    let direct_input = ["--input", input.to_str().unwrap()];
+    let direct_display = ["--display", display.to_str().unwrap()];
+    let via_api = ["--run-dir", d];
+    let with = |first: &[&str], rest: &[&str]| -> serde_json::Value {
+        let all: Vec<&str> = first.iter().chain(rest).copied().collect();
+        let (code, v, err) = json(&all);
+        assert_eq!(code, Some(0), "{all:?}: {v} {err}");
+        v
+    };
+    let mut last = input_count(&with(&via_api, &["input-status"]));
+    let input_keys = keys(&with(&direct_input, &["input-status"]));
+    assert_eq!(input_keys, ["keyboard_events", "pending", "tablet_events"]);
+    for how in [&via_api[..], &direct_input[..]] {
+        for command in [
+            &["key", "ctrl+alt+delete", "a"][..],
+            &["key", "leftshift", "--press"],
+            &["key", "leftshift", "--release"],
+            &["type", "Hi!\\n"],
+            &["pointer", "16384", "100", "--buttons", "left,right"],
+            &["input-status"],
+        ] {
+            let v = with(how, command);
+            assert_eq!(keys(&v), input_keys, "{how:?} {command:?}: {v}");
+            let now = input_count(&v);
+            if command[0] == "input-status" {
+                assert_eq!(now, last, "{how:?}: {v}");
+            } else {
+                assert!(now > last, "{how:?} {command:?}: {last} -> {v}");
+            }
+            last = now;
+        }
+        let (code, e, _) = json(&[how, &["key", "nosuchkey"][..]].concat());
+        assert_eq!(code, Some(1), "{how:?}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("nosuchkey"), "{e}");
+    }
+    for (how, name) in [
+        (&via_api[..], "api.png"),
+        (&direct_display[..], "direct.png"),
+    ] {
+        let out = scratch.join(name);
+        let v = with(how, &["screenshot", out.to_str().unwrap()]);
+        assert_eq!(keys(&v), ["file", "height", "scanout", "width"], "{v}");
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(640), Some(400))
+        );
+        assert_eq!(v["file"], out.to_str().unwrap(), "{v}");
+        let png = std::fs::read(&out).expect("the screenshot was written");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}");
+    }
+    let (code, e, _) = json(&[
+        "--run-dir",
+        d,
+        "screenshot",
+        "/tmp/x.png",
+        "--scanout",
+        "99",
+    ]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("scanout"), "{e}");
+
+    let end = with(&via_api, &["shutdown"]);
+    assert_eq!(keys(&end), VM_KEYS);
+    let status = launch.finish(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{}", launch.report());
+}
