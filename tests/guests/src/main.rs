@@ -1,7 +1,21 @@
 //! `isola-guests list` prints the image names; `isola-guests path NAME` prints the absolute
-//! path of image NAME (e.g. `boot-check.elf`).
+//! path of image NAME (e.g. `boot-check.elf`): the copy `scripts/install` put in
+//! `PREFIX/share/isola/guests/` when this binary is `PREFIX/bin/isola-guests`, else the one
+//! the build made in the target directory.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// Image `name` installed beside this binary (`BIN/../share/isola/guests/NAME`), if there.
+fn installed(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("share/isola/guests")
+        .join(name);
+    path.is_file().then_some(path)
+}
 
 fn usage() -> ExitCode {
     eprintln!("usage: isola-guests list | isola-guests path NAME");
@@ -18,16 +32,18 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        ["path", name] => match isola_guests::image(name) {
-            Some(path) => {
-                println!("{}", path.display());
-                ExitCode::SUCCESS
+        ["path", name] => {
+            match isola_guests::image(name).map(|built| installed(name).unwrap_or(built)) {
+                Some(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("isola-guests: unknown image `{name}` (see `isola-guests list`)");
+                    ExitCode::FAILURE
+                }
             }
-            None => {
-                eprintln!("isola-guests: unknown image `{name}` (see `isola-guests list`)");
-                ExitCode::FAILURE
-            }
-        },
+        }
         _ => usage(),
     }
 }
