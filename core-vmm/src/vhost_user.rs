@@ -7,13 +7,12 @@
 //! process without passing through the core.
 
 use std::fs::File;
-use std::io::IoSlice;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recv, MsgFlags};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight,
     VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -521,15 +520,11 @@ impl VhostUserConnection {
         header[0..4].copy_from_slice(&u32::from(FrontendReq::GPU_SET_SOCKET).to_le_bytes());
         header[4..8].copy_from_slice(&flags.to_le_bytes());
         let bytes = &header[..];
-        let fds = [display.as_raw_fd()];
-        let sent = sendmsg::<()>(
-            self.frontend.as_raw_fd(),
-            &[IoSlice::new(bytes)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .map_err(|e| fail(format!("send: {e}")))?;
+        // SAFETY: the descriptor is the frontend's socket, which `self.frontend` owns and keeps
+        // open for longer than this call.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
+        let sent = isola_ipc::fds::send_with_fds(socket, bytes, &[display.as_fd()])
+            .map_err(|e| fail(format!("send: {e}")))?;
         if sent != bytes.len() {
             return Err(fail(format!("short send of {sent} bytes")));
         }

@@ -30,6 +30,7 @@ pub const PROTOCOL_VERSION: u16 = 7;
 pub const MAX_FRAME: u32 = 16 << 20;
 
 pub mod display;
+pub mod fds;
 pub mod input;
 pub mod keys;
 pub mod listen;
@@ -168,6 +169,13 @@ impl std::fmt::Display for VcpuState {
 
 /// Writes one framed message.
 pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), IpcError> {
+    w.write_all(&frame(msg)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// One message, framed.
+fn frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
     let body = postcard::to_allocvec(msg).map_err(IpcError::Encode)?;
     let len = u32::try_from(body.len() + 2)
         .ok()
@@ -177,9 +185,7 @@ pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), I
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
-    w.flush()?;
-    Ok(())
+    Ok(frame)
 }
 
 /// Reads one framed message. A clean end of stream before the first byte is [`IpcError::Closed`].
@@ -195,6 +201,15 @@ pub fn read_message<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, IpcErr
     }
     let mut version = [0u8; 2];
     r.read_exact(&mut version)?;
+    read_body(r, len, version)
+}
+
+/// The rest of a frame of `len` (already checked against the bound) from `version` on.
+fn read_body<R: Read, T: DeserializeOwned>(
+    r: &mut R,
+    len: u32,
+    version: [u8; 2],
+) -> Result<T, IpcError> {
     let peer = u16::from_le_bytes(version);
     // The version is checked before the body is read, but the body is still consumed so the
     // stream stays in step if the caller wants to answer with an error.

@@ -6,7 +6,10 @@
 //! stays in the host's mount namespace and does one thing, on request: connect to that one
 //! path (fixed when it starts) and pass the connected socket back over a socketpair
 //! (SCM_RIGHTS), or the errno. The display can ask for a connection to isola-input and for
-//! nothing else.
+//! nothing else. The display's side passes and takes descriptors with `isola_ipc::fds`; the
+//! connector's side writes its `sendmsg` by hand, because between the fork and its `_exit`
+//! it must not allocate (the helper allocates nothing on send, but the rule is kept simple:
+//! no library code in the child).
 //!
 //! The connector has no capabilities (bounding set too), no_new_privs, is not dumpable,
 //! dies with its parent (PDEATHSIG) or when the display's end of the pair closes, holds no
@@ -18,7 +21,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -141,62 +144,19 @@ impl Connector {
 
     /// A fresh connection to isola-input, made by the connector.
     pub fn connect(&self) -> io::Result<UnixStream> {
-        let request = [1u8];
-        // SAFETY: sends one byte from a valid buffer.
-        let n = unsafe {
-            libc::send(
-                self.channel.as_raw_fd(),
-                request.as_ptr().cast(),
-                1,
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n != 1 {
-            return Err(io::Error::other(format!(
-                "the input connector is gone ({})",
-                io::Error::last_os_error()
-            )));
-        }
-        let mut errno = [0u8; 4];
-        let mut iov = libc::iovec {
-            iov_base: errno.as_mut_ptr().cast(),
-            iov_len: errno.len(),
-        };
-        // Room for one descriptor (u64-aligned for the cmsg header).
-        let mut control = [0u64; 4];
-        // SAFETY: msghdr is plain data; all-zero is a valid value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control);
-        // SAFETY: `msg` points to `iov` (4 bytes) and `control` (32 bytes), both live.
-        let n =
-            unsafe { libc::recvmsg(self.channel.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut received: Option<OwnedFd> = None;
-        // SAFETY: walks the control messages the kernel wrote into `control`, within
-        // msg_controllen; a SCM_RIGHTS message's data is an array of descriptors now ours.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
-                    let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize)
-                        / std::mem::size_of::<libc::c_int>();
-                    for i in 0..count {
-                        let fd = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
-                        // Only the first is kept; any other closes here.
-                        if received.is_none() {
-                            received = Some(fd);
-                        }
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        match isola_ipc::fds::send_with_fds(self.channel.as_fd(), &[1u8], &[]) {
+            Ok(1) => {}
+            Ok(_) => return Err(io::Error::other("the input connector is gone")),
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "the input connector is gone ({e})"
+                )))
             }
         }
+        let mut errno = [0u8; 4];
+        // The connector sends one socket at most; anything more is refused (and closed).
+        let (n, fds) = isola_ipc::fds::recv_with_fds(self.channel.as_fd(), &mut errno, 1)?;
+        let received = fds.into_iter().next();
         if n != 4 {
             return Err(io::Error::other("the input connector is gone"));
         }
