@@ -581,7 +581,9 @@ fn wait_until_gone(needle: &str, run_dir: &Path, bound: Duration) -> Result<(), 
 }
 
 /// isola-run that must fail at once: it ends within `bound` with a non-zero status, its
-/// output holds `expected`, and it leaves no process and no run directory behind.
+/// output holds `expected`, and it leaves no process and no run directory behind. `bound` is
+/// a liveness bound, not a speed target: it tells "ended on the daemon's error" from "retried
+/// for a minute" even on a loaded CI machine (a CI run took 10.4 s here with every core busy).
 fn fails_at_once(name: &str, args: &[&str], expected: &str, bound: Duration) -> String {
     let scratch = scratch_dir(name);
     let run_dir = scratch.join("run");
@@ -615,7 +617,7 @@ fn a_missing_tap_stops_the_launch_at_once_with_the_daemons_error() {
         "launch-no-tap",
         &["--net", "nosuchtap9"],
         "nosuchtap9",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     );
     assert!(report.contains("isola-net"), "{report}");
     let refusals = report.lines().filter(|l| l.contains("isola-net: ")).count();
@@ -631,7 +633,7 @@ fn a_vnc_port_in_use_stops_the_launch_at_once_with_the_daemons_error() {
         "launch-vnc-in-use",
         &["--display", "640x400", "--vnc", &addr],
         &addr,
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     );
     assert!(report.contains("isola-display"), "{report}");
     assert!(!report.contains("did not appear"), "{report}");
