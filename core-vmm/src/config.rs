@@ -87,8 +87,9 @@ pub struct Cli {
     pub exit_report_fd: Option<i32>,
     /// A vhost-user device: `KIND,socket=PATH[,queues=N]` with KIND one of blk, net,
     /// console, gpu, input; a gpu may add `display=PATH`, the display process's socket,
-    /// whose connection the core hands to the GPU backend. Or `vfio-user,socket=PATH`: any
-    /// PCI device served by a vfio-user server. Repeat for more devices.
+    /// whose connection the core hands to the GPU backend. Or `vfio-user,socket=PATH[,ioeventfds=on]`:
+    /// any PCI device served by a vfio-user server; `ioeventfds=on` takes the doorbell
+    /// ioeventfds the server offers (GET_REGION_IO_FDS). Repeat for more devices.
     #[arg(long = "device")]
     pub devices: Vec<DeviceArg>,
     /// seccomp for the core's threads: kill on a syscall off the allowlist, log it, or off.

@@ -7,7 +7,8 @@
 //! - **Backend threads** (one per device, `<name>-backend`) and the **deadline thread** talk
 //!   vhost-user to device processes, reconnect to restarted ones (Unix sockets only), pass
 //!   display connections to GPU backends, and shut down a socket whose exchange missed its
-//!   deadline.
+//!   deadline. A vfio-user backend thread also registers a reconnected server's doorbell
+//!   ioeventfds (`KVM_IOEVENTFD`, its only KVM ioctl).
 //! - **The control thread** (the main thread) installs its own after the vCPU threads exist
 //!   (so they do not inherit it): it polls, serves the control socket, injects MSIs, kicks
 //!   vCPU threads and tears the VM down.
@@ -137,7 +138,8 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             KVM_IRQFD(),
             KVM_IOEVENTFD(),
         ],
-        ThreadKind::Backend => vec![FIONBIO],
+        // KVM_IOEVENTFD: a reconnected vfio-user server's doorbells replace the old ones.
+        ThreadKind::Backend => vec![FIONBIO, KVM_IOEVENTFD()],
         ThreadKind::Control => vec![KVM_SIGNAL_MSI(), FIONBIO],
     }
 }

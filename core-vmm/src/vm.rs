@@ -476,6 +476,7 @@ fn add_vfio_user_devices(
             bus,
             Arc::clone(&status),
             backend_filter.clone(),
+            spec.ioeventfds,
         )
         .map_err(|e| VmError::Device("vfio-user", e.into()))?;
         let slot = bus

@@ -526,3 +526,4 @@ impl Drop for IsolaBlk {
 }
 pub mod gpu;
 pub mod vdrivers;
+pub mod vfio_proxy;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod msix;
 mod retry;
 pub mod vfio_backend;
+pub mod vfio_ioevents;
 pub mod vfio_user_pci;
 pub mod virtio_pci;
 

@@ -2,18 +2,21 @@
 //! vfio-user server after set-up happens here, never on a vCPU thread.
 //!
 //! A vCPU forwards a BAR or configuration access by queueing a [`Request`]: a write is posted
-//! (the vCPU goes on at once, as PCI writes are posted), a read carries a channel the vCPU
-//! waits on for at most the exchange deadline; when that passes the read returns all ones.
+//! (the vCPU goes on at once, as PCI writes are posted; with doorbell ioeventfds it waits for
+//! the answer, see [`super::vfio_user_pci`]), a read carries a channel the vCPU waits on for
+//! at most the exchange deadline; when that passes the read returns all ones.
 //! Requests are served in order. While the server is away they wait here, each at most the
 //! exchange deadline from when it was queued, so the guest sees a bounded pause.
 //!
 //! The thread watches the session socket: a hang-up, or an exchange that misses its deadline,
 //! ends the session and starts the reconnect path: connect again, check the new server shows
-//! the same device (regions and interrupts), map guest RAM, hand over the MSI-X irqfds,
-//! replay the command register and MSI-X control the guest wrote, then serve what waited.
+//! the same device (regions and interrupts), map guest RAM, hand over the MSI-X irqfds, take
+//! the new server's doorbell ioeventfds in place of the old ones (if asked for), replay the
+//! command register and MSI-X control the guest wrote, then serve what waited.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Link, Shared};
 use super::retry::{Watch, REFUSED_RETRY};
+use super::vfio_ioevents::{IoEvent, IoEvents};
 use crate::memory::GuestRam;
 use crate::vfio_user::client::{VfioUserClient, VfioUserError};
 use crate::vfio_user::wire::{self, DeviceInfo, RegionInfo};
@@ -50,7 +54,33 @@ pub enum Request {
         data: [u8; 8],
         len: usize,
         queued: Instant,
+        /// Told when the server answered, for a write the vCPU waits for.
+        done: Option<SyncSender<()>>,
+        /// Counts the write as queued until it is served or dropped.
+        ticket: Ticket,
     },
+}
+
+/// Writes queued and not yet served or dropped, at most [`MAX_QUEUED_WRITES`] before a vCPU
+/// waits for its write's answer instead of posting it: a guest's burst of writes to a slow
+/// or hung server must not grow the queue without bound (its memory, and a vCPU thread's
+/// heap arena growing by `mprotect`, which the vCPU filter does not allow).
+pub const MAX_QUEUED_WRITES: usize = 256;
+
+/// One queued write; dropping it (served, expired or discarded) takes it off the count.
+pub struct Ticket(Arc<AtomicUsize>);
+
+impl Ticket {
+    fn new(count: &Arc<AtomicUsize>) -> Ticket {
+        count.fetch_add(1, Ordering::AcqRel);
+        Ticket(Arc::clone(count))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Request {
@@ -72,6 +102,77 @@ pub struct Session {
     /// Offsets in configuration space whose bytes the guest writes are replayed to a new
     /// server: the command register and the MSI-X Message Control.
     pub replayed: Vec<std::ops::Range<u64>>,
+    /// Every BAR whose doorbells are asked for (none unless `ioeventfds=on`), again of a new
+    /// server; and where those doorbells are registered.
+    pub bars: Vec<DoorbellBar>,
+    pub ioevents: Arc<IoEvents>,
+}
+
+/// A BAR whose doorbells (ioeventfds) the core asks the server for.
+#[derive(Debug, Clone)]
+pub struct DoorbellBar {
+    /// The BAR index, which is also the region index.
+    pub index: usize,
+    pub region_size: u64,
+    /// Ranges of the BAR the core serves itself (the MSI-X table and PBA): no doorbell there.
+    pub owned: Vec<std::ops::Range<u64>>,
+}
+
+/// Why a doorbell the server offers is refused, if it is.
+fn refusal(bar: &DoorbellBar, offset: u64, size: u64, datamatch: Option<u64>) -> Option<String> {
+    let Some(end) = offset
+        .checked_add(size)
+        .filter(|end| *end <= bar.region_size)
+    else {
+        return Some(format!("outside the region ({:#x} bytes)", bar.region_size));
+    };
+    if let Some(r) = bar.owned.iter().find(|r| offset < r.end && end > r.start) {
+        return Some(format!(
+            "over {:#x}..{:#x}, which the core serves (MSI-X table or PBA)",
+            r.start, r.end
+        ));
+    }
+    if let Some(v) = datamatch {
+        if size < 8 && v >> (size * 8) != 0 {
+            return Some(format!("datamatch {v:#x} does not fit in {size} bytes"));
+        }
+    }
+    None
+}
+
+/// The doorbells (ioeventfds) the server offers for `bars`. One the core cannot honour
+/// (outside its region, over what the core serves, a datamatch wider than the access) is
+/// refused with an error in the log, and writes there keep going as REGION_WRITE.
+pub fn doorbells(
+    name: &str,
+    client: &mut VfioUserClient,
+    bars: &[DoorbellBar],
+) -> Result<Vec<IoEvent>, VfioUserError> {
+    let mut out = Vec::new();
+    for bar in bars {
+        for (entry, fd) in client.region_io_fds(bar.index as u32)? {
+            if let Some(why) = refusal(bar, entry.offset, entry.size, entry.datamatch) {
+                log::error!(
+                    "{name}: refusing the server's ioeventfd at BAR {} offset {:#x} ({} bytes): {why}",
+                    bar.index,
+                    entry.offset,
+                    entry.size
+                );
+                continue;
+            }
+            out.push(IoEvent {
+                bar: bar.index,
+                offset: entry.offset,
+                size: entry.size,
+                datamatch: entry.datamatch,
+                // SAFETY: `fd` is an open descriptor this process owns (received with the
+                // reply); ownership moves into the EventFd. KVM refuses it at registration if
+                // it is not an eventfd.
+                fd: unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) },
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,21 +203,37 @@ pub struct VfioBackendHandle {
     requests: Option<Sender<Request>>,
     wake: Arc<EventFd>,
     pub shared: Arc<Shared>,
+    queued_writes: Arc<AtomicUsize>,
 }
 
 impl VfioBackendHandle {
-    /// Posts a write; the vCPU does not wait.
-    pub fn write(&self, region: u32, offset: u64, bytes: &[u8]) {
+    /// Forwards a write. Posted (the vCPU goes on at once) unless `wait` (then the vCPU waits
+    /// for the server's answer, at most the exchange deadline, so that a doorbell the guest
+    /// rings next through an ioeventfd cannot overtake it) or [`MAX_QUEUED_WRITES`] are
+    /// queued already (then it waits the same way: back-pressure).
+    pub fn write(&self, region: u32, offset: u64, bytes: &[u8], wait: bool) {
+        let wait = wait || self.queued_writes.load(Ordering::Acquire) >= MAX_QUEUED_WRITES;
         let mut data = [0u8; 8];
         let len = bytes.len().min(8);
         data[..len].copy_from_slice(&bytes[..len]);
+        let (done, answered) = if wait {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         self.send(Request::Write {
             region,
             offset,
             data,
             len,
             queued: Instant::now(),
+            done,
+            ticket: Ticket::new(&self.queued_writes),
         });
+        if let Some(rx) = answered {
+            let _ = rx.recv_timeout(self.shared.timeout);
+        }
     }
 
     /// Forwards a read and waits at most the exchange deadline; all ones when it fails.
@@ -197,6 +314,7 @@ pub fn start(
         requests: Some(tx),
         wake,
         shared,
+        queued_writes: Arc::new(AtomicUsize::new(0)),
     })
 }
 
@@ -319,12 +437,17 @@ impl Worker {
                 offset,
                 data,
                 len,
+                done,
                 ..
             } => {
                 if region == wire::PCI_CONFIG_REGION {
                     self.remember(offset, &data[..len]);
                 }
-                if let Err(e) = self.client.region_write(region, offset, &data[..len]) {
+                let result = self.client.region_write(region, offset, &data[..len]);
+                if let Some(done) = done {
+                    let _ = done.try_send(());
+                }
+                if let Err(e) = result {
                     self.failed(e, region, offset);
                 }
             }
@@ -453,6 +576,9 @@ impl Worker {
             }
         }
         prepare(new, &self.session).map_err(Adopt::Failed)?;
+        let doorbells =
+            doorbells(self.shared.name, new, &self.session.bars).map_err(Adopt::Failed)?;
+        self.session.ioevents.replace(doorbells);
         // Runs of consecutive bytes, written as the guest last left them.
         let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
         for (&at, &byte) in &self.replay {
@@ -483,4 +609,36 @@ impl Worker {
 enum Adopt {
     Differs(String),
     Failed(VfioUserError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbells_the_core_cannot_honour_are_refused() {
+        let bar = DoorbellBar {
+            index: 0,
+            region_size: 0x1000,
+            owned: vec![0x800..0x820, 0xc00..0xc08],
+        };
+        assert_eq!(refusal(&bar, 0x14, 4, Some(0x3c)), None);
+        assert_eq!(refusal(&bar, 0xffc, 4, None), None);
+        assert_eq!(
+            refusal(&bar, 0x7fc, 4, None),
+            None,
+            "ends where the table starts"
+        );
+        assert!(refusal(&bar, 0xffd, 4, None).unwrap().contains("outside"));
+        assert!(refusal(&bar, u64::MAX, 8, None)
+            .unwrap()
+            .contains("outside"));
+        assert!(refusal(&bar, 0x81c, 8, None).unwrap().contains("MSI-X"));
+        assert!(refusal(&bar, 0x7fc, 8, None).unwrap().contains("MSI-X"));
+        assert!(refusal(&bar, 0x14, 1, Some(0x100))
+            .unwrap()
+            .contains("does not fit"));
+        assert!(refusal(&bar, 0xc04, 2, None).unwrap().contains("MSI-X"));
+        assert_eq!(refusal(&bar, 0x14, 8, Some(u64::MAX)), None);
+    }
 }

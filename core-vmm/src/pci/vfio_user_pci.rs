@@ -10,11 +10,14 @@
 //! | MSI-X Message Control | both: the core's copy switches the irqfds; the write is forwarded |
 //! | the rest of configuration space | forwarded (region 7) |
 //! | MSI-X table and PBA in their BAR | the core ([`super::msix`]): each vector is a KVM route and an irqfd the server was given with SET_IRQS |
+//! | doorbells the server offers as ioeventfds (`ioeventfds=on`) | KVM: it signals the server's eventfd, no exit ([`super::vfio_ioevents`]) |
 //! | the rest of each BAR | forwarded (regions 0-5) |
 //!
 //! Forwarded accesses go to the device's backend thread ([`super::vfio_backend`]); a read
-//! waits there at most the exchange deadline, a write is posted. Nothing here talks to the
-//! server.
+//! waits there at most the exchange deadline, a write is posted, unless the device has
+//! doorbell ioeventfds: then the vCPU waits for the write's answer (at most the deadline),
+//! so a doorbell rung next cannot reach the server before the registers it depends on.
+//! Nothing here talks to the server.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,7 +27,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::Shared;
 use super::config::{PciConfig, PciIds, REG_COMMAND};
 use super::msix::{self, Msix};
-use super::vfio_backend::{self, Session, VfioBackendHandle};
+use super::vfio_backend::{self, DoorbellBar, Session, VfioBackendHandle};
+use super::vfio_ioevents::IoEvents;
 use super::{PciBus, PciDevice};
 use crate::interrupts::InterruptRouter;
 use crate::memory::GuestRam;
@@ -86,6 +90,8 @@ pub struct VfioUserPciDevice {
     msix: Option<(MsixLayout, Msix)>,
     /// The core's copy of MSI-X Message Control: enable and function mask.
     msix_control: u16,
+    /// The server's doorbells, registered where the BARs decode.
+    ioevents: Arc<IoEvents>,
     backend: VfioBackendHandle,
 }
 
@@ -154,6 +160,7 @@ impl VfioUserPciDevice {
         bus: &mut PciBus,
         shared: Arc<Shared>,
         filter: Option<seccompiler::BpfProgram>,
+        ioeventfds: bool,
     ) -> Result<Self, VfioPciError> {
         let info = client.device_info()?;
         if info.flags & wire::DEVICE_FLAGS_RESET != 0 {
@@ -209,12 +216,31 @@ impl VfioUserPciDevice {
             let control = layout.cap as u64 + 2;
             replayed.push(control..control + 2);
         }
+        // Only the BARs whose doorbells are asked for (none unless `ioeventfds`).
+        let bar_regions: Vec<DoorbellBar> = bars
+            .iter()
+            .filter(|_| ioeventfds)
+            .map(|b| DoorbellBar {
+                index: b.index,
+                region_size: b.region_size,
+                owned: msix
+                    .iter()
+                    .flat_map(|(l, _)| [(l.table_bar, &l.table), (l.pba_bar, &l.pba)])
+                    .filter(|(bar, _)| *bar == b.index)
+                    .map(|(_, r)| r.clone())
+                    .collect(),
+            })
+            .collect();
+        let doorbells = vfio_backend::doorbells(shared.name, &mut client, &bar_regions)?;
+        let ioevents = Arc::new(IoEvents::new(shared.name, Arc::clone(&router), doorbells));
         let session = Session {
             ram,
             irqfds,
             info,
             regions,
             replayed,
+            bars: bar_regions,
+            ioevents: Arc::clone(&ioevents),
         };
         vfio_backend::prepare(&mut client, &session)?;
         log::info!(
@@ -231,6 +257,7 @@ impl VfioUserPciDevice {
             bars,
             msix,
             msix_control: 0,
+            ioevents,
             backend,
         })
     }
@@ -350,6 +377,7 @@ impl PciDevice for VfioUserPciDevice {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         if (REG_BAR0..REG_BAR_END).contains(&offset) || (REG_ROM..REG_ROM + 4).contains(&offset) {
             self.config.write(offset, data);
+            self.place_doorbells();
             return;
         }
         if offset >= super::config::CONFIG_SPACE_SIZE {
@@ -358,6 +386,7 @@ impl PciDevice for VfioUserPciDevice {
         let end = offset + data.len();
         if offset < REG_COMMAND + 2 && end > REG_COMMAND {
             self.config.write(offset, data);
+            self.place_doorbells();
         }
         if let Some(range) = self.msix_control_range() {
             if offset < range.end && end > range.start {
@@ -373,8 +402,9 @@ impl PciDevice for VfioUserPciDevice {
                 self.set_msix_control(control);
             }
         }
+        let wait = !self.ioevents.is_empty();
         self.backend
-            .write(wire::PCI_CONFIG_REGION, offset as u64, data);
+            .write(wire::PCI_CONFIG_REGION, offset as u64, data, wait);
     }
 
     fn bars(&self) -> Vec<(usize, u64, u64)> {
@@ -422,13 +452,25 @@ impl PciDevice for VfioUserPciDevice {
         }
         if let Some(r) = self.bar_region(bar) {
             if in_range(&(0..r.region_size), offset, data.len()) {
-                self.backend.write(bar as u32, offset, data);
+                let wait = !self.ioevents.is_empty();
+                self.backend.write(bar as u32, offset, data, wait);
             }
         }
     }
 }
 
 impl VfioUserPciDevice {
+    /// Moves the doorbells to where the BARs decode now (a reconnect may bring doorbells
+    /// where there were none, so this runs whatever the server offered).
+    fn place_doorbells(&self) {
+        let bars = self
+            .bars()
+            .into_iter()
+            .map(|(i, addr, _)| (i, addr))
+            .collect();
+        self.ioevents.place(bars);
+    }
+
     /// Keeps the core's Message Control (enable, function mask) and the irqfds in step.
     fn set_msix_control(&mut self, control: u16) {
         if let Some((_, msix)) = &mut self.msix {

@@ -14,32 +14,40 @@ pub mod wire;
 
 use std::path::PathBuf;
 
-/// One `--device vfio-user,socket=PATH`.
+/// One `--device vfio-user,socket=PATH[,ioeventfds=on]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VfioUserSpec {
     pub socket: PathBuf,
+    /// Ask the server for doorbell ioeventfds (GET_REGION_IO_FDS). Off by default: the
+    /// command is optional, and a server that does not implement it may not skip its body
+    /// (the `vfio_user` crate's server, 0.1.7, then reads that body as the next message and
+    /// the session falls out of step).
+    pub ioeventfds: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VfioUserSpecError {
     #[error("device 'vfio-user' needs socket=PATH")]
     NoSocket,
-    #[error("bad option '{0}' in --device vfio-user (expected socket=PATH)")]
+    #[error("bad option '{0}' in --device vfio-user (expected socket=PATH or ioeventfds=on|off)")]
     BadOption(String),
 }
 
 impl VfioUserSpec {
     /// Parses what follows `vfio-user,` in `--device`.
     pub fn parse(options: &str) -> Result<Self, VfioUserSpecError> {
-        let mut socket = None;
+        let (mut socket, mut ioeventfds) = (None, false);
         for part in options.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+                Some(("ioeventfds", "on")) => ioeventfds = true,
+                Some(("ioeventfds", "off")) => ioeventfds = false,
                 _ => return Err(VfioUserSpecError::BadOption(part.to_owned())),
             }
         }
         Ok(VfioUserSpec {
             socket: socket.ok_or(VfioUserSpecError::NoSocket)?,
+            ioeventfds,
         })
     }
 }
@@ -53,8 +61,18 @@ mod tests {
         assert_eq!(
             VfioUserSpec::parse("socket=/run/usb.sock"),
             Ok(VfioUserSpec {
-                socket: "/run/usb.sock".into()
+                socket: "/run/usb.sock".into(),
+                ioeventfds: false,
             })
+        );
+        assert!(
+            VfioUserSpec::parse("ioeventfds=on,socket=/s")
+                .unwrap()
+                .ioeventfds
+        );
+        assert_eq!(
+            VfioUserSpec::parse("socket=/s,ioeventfds=maybe"),
+            Err(VfioUserSpecError::BadOption("ioeventfds=maybe".into()))
         );
         assert_eq!(VfioUserSpec::parse(""), Err(VfioUserSpecError::NoSocket));
         assert_eq!(
