@@ -22,6 +22,7 @@ const GUESTS: &[(&str, bool, &[&str])] = &[
     ("boot-check", true, &[]),
     ("msi", false, &[]),
     ("triple-fault", false, &[]),
+    ("cpu-check", false, &[]),
     ("virtio-blk", false, &["virtio.c"]),
     ("virtio-net", false, &["virtio.c"]),
     ("virtio-gpu", false, &["virtio.c"]),

@@ -62,6 +62,7 @@
 #define SYS_WAIT_IRQ        1       /* if irq_total == %edi: sti; hlt (wait for an interrupt) */
 #define SYS_STOP            2       /* cli; hlt forever */
 #define SYS_TRIPLE_FAULT    3       /* load an empty IDT and raise #GP */
+#define SYS_CPUID           4       /* cpuid in ring 0: leaf %edi, subleaf %esi -> eax..edx */
 #define SPURIOUS_VECTOR     0xff
 #define IRQ_LOG_SIZE        64      /* power of two */
 

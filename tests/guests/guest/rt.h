@@ -31,6 +31,35 @@ extern volatile uint32_t irq_counts[256]; /* per vector */
 extern volatile uint8_t irq_log[IRQ_LOG_SIZE]; /* vector of interrupt n at [n % IRQ_LOG_SIZE] */
 extern const char ap_trampoline_start[], ap_trampoline_end[];
 
+/* Optional: defined by a guest that wants each AP to run code in ring 0 after it reports in
+ * (interrupts off, a 1 KiB stack); the AP parks when it returns. `index` is the AP's arrival
+ * order (0-based). */
+void ap_ring0_hook(uint32_t index, uint32_t apic_id) __attribute__((weak));
+
+/* ---- CPUID ---- */
+struct cpuid_regs {
+	uint32_t eax, ebx, ecx, edx;
+};
+
+/* CPUID at the current privilege level (ring 3 in guest_main: on hosts that emulate only guest
+ * ring 0, it runs natively there). */
+static inline struct cpuid_regs cpuid_here(uint32_t leaf, uint32_t subleaf)
+{
+	struct cpuid_regs r;
+	__asm__ volatile("cpuid" : "=a"(r.eax), "=b"(r.ebx), "=c"(r.ecx), "=d"(r.edx)
+			 : "a"(leaf), "c"(subleaf));
+	return r;
+}
+
+/* CPUID executed in ring 0 (the SYS_CPUID service), where a guest kernel executes it. */
+static inline struct cpuid_regs cpuid_ring0(uint32_t leaf, uint32_t subleaf)
+{
+	struct cpuid_regs r;
+	__asm__ volatile("hlt" : "=a"(r.eax), "=b"(r.ebx), "=c"(r.ecx), "=d"(r.edx)
+			 : "a"(SYS_CPUID), "D"(leaf), "S"(subleaf) : "memory");
+	return r;
+}
+
 /* ---- Port and memory access ---- */
 static inline void outb(uint16_t port, uint8_t v)
 {

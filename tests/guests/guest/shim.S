@@ -143,6 +143,14 @@ ap_entry64:
 	shr $24, %edx
 	mov %edx, ap_apic_ids(, %rax, 4)
 	lock incl ap_started
+	/* A guest may define ap_ring0_hook(index, apic_id) (weak: absent in most): it runs here,
+	 * in ring 0 on this AP's 1 KiB stack with interrupts off, then the AP parks. */
+	mov $ap_ring0_hook, %ecx
+	test %ecx, %ecx
+	jz halt_forever
+	mov %eax, %edi
+	mov %edx, %esi
+	call *%rcx
 	/* fall through: park */
 halt_forever:
 	cli
@@ -199,6 +207,15 @@ exception_entry:
 	je halt_forever
 	cmp $SYS_TRIPLE_FAULT, %eax
 	je svc_triple_fault
+	cmp $SYS_CPUID, %eax
+	je svc_cpuid
+	iretq
+svc_cpuid:
+	/* CPUID executed in ring 0 (where a guest kernel runs it): leaf %edi, subleaf %esi;
+	 * the results come back in eax, ebx, ecx, edx. */
+	mov %edi, %eax
+	mov %esi, %ecx
+	cpuid
 	iretq
 svc_wait_irq:
 	/* Interrupts are off here (interrupt gate), so this test cannot race with the handler. */
@@ -409,6 +426,7 @@ tss_end:
 	.balign 8
 	.globl boot_info_ptr, boot_protocol, ap_next, ap_started, ap_apic_ids
 	.globl irq_total, irq_counts, irq_log
+	.weak ap_ring0_hook
 boot_info_ptr:	.quad 0
 boot_protocol:	.long 0
 ap_next:	.long 0

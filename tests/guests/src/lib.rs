@@ -73,6 +73,29 @@
 //! load from a non-canonical address), so the CPU shuts down (triple fault). It never powers
 //! off; if execution somehow continued it would halt forever.
 //!
+//! # `cpu-check` ([`CPU_CHECK_ELF`])
+//!
+//! Starts every AP the MP table describes; each executes CPUID in ring 0 for the leaves 0x0,
+//! 0x1, 0xb.0, 0xb.1, 0x40000000, 0x40000001, 0x80000001, 0x80000008 and 0x8000001e. The
+//! BSP executes them in ring 0 (the `SYS_CPUID` service) and in ring 3. Then the first AP
+//! makes the KVM hypercall `KVM_HC_VAPIC_POLL_IRQ` (1; KVM returns 0) in ring 0 with
+//! `vmmcall` on AMD/Hygon and `vmcall` otherwise, and the BSP waits up to
+//! `cpu-check.wait_ms=<ms>` (default 2000) for it to return. Output:
+//!
+//! ```text
+//!
+//! cpu-check: cpus=<described> bsp=<APIC id>
+//! cpuid: cpu=<APIC id> ring=<0|3> leaf=0x<8 hex> sub=<n> eax=0x<8 hex> ebx=.. ecx=.. edx=..
+//!                                  (BSP ring 0, then each AP ring 0, then BSP ring 3)
+//! hypercall: returned rax=0x<hex>  or  hypercall: no return in <ms> ms (state=<1: entered>)
+//!                                  or  hypercall: not tried (one cpu)
+//! cpu-check: ok
+//! ```
+//!
+//! then powers off (an AP still inside the hypercall is left there). Fewer CPUs reporting than
+//! described → `cpu-check: cpus-reporting=<n>` after the CPUID lines, exit
+//! [`EXIT_MISSING_CPUS`].
+//!
 //! # `virtio-blk` ([`VIRTIO_BLK_ELF`])
 //!
 //! A virtio 1.x PCI driver (`guest/virtio.c`, reusable by other virtio guests) and a block
@@ -401,6 +424,8 @@ pub const BOOT_CHECK_BZIMAGE: &str = concat!(env!("OUT_DIR"), "/boot-check.bzima
 pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
 /// `triple-fault` as an ELF with a PVH note.
 pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
+/// `cpu-check` (each vCPU's CPUID, and whether a hypercall returns) as an ELF with a PVH note.
+pub const CPU_CHECK_ELF: &str = concat!(env!("OUT_DIR"), "/cpu-check.elf");
 /// `virtio-blk` as an ELF with a PVH note.
 pub const VIRTIO_BLK_ELF: &str = concat!(env!("OUT_DIR"), "/virtio-blk.elf");
 /// `virtio-net` as an ELF with a PVH note.
@@ -430,6 +455,7 @@ pub const IMAGES: &[&str] = &[
     "boot-check.bzimage",
     "msi.elf",
     "triple-fault.elf",
+    "cpu-check.elf",
     "virtio-blk.elf",
     "virtio-net.elf",
     "virtio-gpu.elf",
