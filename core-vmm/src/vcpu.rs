@@ -50,7 +50,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// This thread's kick target while alive: the kick handler writes `immediate_exit` through
 /// the pointer it holds, and dropping it (on any way out, a panic unwinding included) clears
 /// the pointer, so a kick that arrives later touches nothing.
-struct KickTarget {
+pub(crate) struct KickTarget {
     /// Not `Send`: the pointer is this thread's.
     _thread_bound: std::marker::PhantomData<*mut u8>,
 }
@@ -62,7 +62,7 @@ impl KickTarget {
     ///
     /// `flag` must stay valid for writes (its `kvm_run` page mapped) until the returned
     /// value is dropped, and the value must be dropped on this thread.
-    unsafe fn install(flag: *mut u8) -> KickTarget {
+    pub(crate) unsafe fn install(flag: *mut u8) -> KickTarget {
         IMMEDIATE_EXIT.with(|cell| cell.set(flag));
         KickTarget {
             _thread_bound: std::marker::PhantomData,

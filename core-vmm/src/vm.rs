@@ -13,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootConfig, BootEntry};
 use crate::control::{ControlServer, Starting};
-use crate::cpu::cpuid::{self, HiddenFeatures};
+use crate::cpu::cpuid::{self, HiddenFeatures, Hypercalls};
+use crate::cpu::hypercall;
 use crate::cpu::regs;
 use crate::deadline::{Watchdog, WatchdogGuard};
 use crate::devices::{LegacyDevices, SERIAL_IRQ};
@@ -212,6 +213,22 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("report its supported CPUID", e))?;
+        // Whether a guest may use hypercalls is found out while the rest is set up; it only
+        // matters with more than one vCPU (see `cpu::hypercall`).
+        let probing = (config.num_cpus > 1)
+            .then(|| {
+                let list = supported.clone();
+                std::thread::Builder::new()
+                    .name("hc-probe".into())
+                    .spawn(move || hypercall::probe(&list))
+            })
+            .transpose()
+            .map_err(|e| VmError::Spawn("hc-probe", e))?;
+
         let entry = boot::load(ram.memory(), ram.size(), &config.boot)?;
 
         let router = Arc::new(InterruptRouter::new(Arc::clone(&vm)));
@@ -252,16 +269,19 @@ impl Vm {
             .map_err(|e| VmError::Kvm("route the serial irqfd", e))?;
         let devices = Arc::new(LegacyDevices::new(serial_out, serial_irq, pci));
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Kvm("report its supported CPUID", e))?;
+        let hypercalls = probing.map_or(Hypercalls::Hide, hypercalls_from);
         let vcpus = (0..config.num_cpus)
             .map(|index| {
                 let fd = vm
                     .create_vcpu(u64::from(index))
                     .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-                let cpuid =
-                    cpuid::for_vcpu(&supported, index, config.num_cpus, &config.hidden_features);
+                let cpuid = cpuid::for_vcpu(
+                    &supported,
+                    index,
+                    config.num_cpus,
+                    &config.hidden_features,
+                    hypercalls,
+                );
                 fd.set_cpuid2(&cpuid)
                     .map_err(|e| VmError::Kvm("set CPUID", e))?;
                 regs::setup_msrs(&fd).map_err(|e| VmError::Regs(index, e))?;
@@ -489,6 +509,36 @@ fn add_vfio_user_devices(
         shared.push(status);
     }
     Ok(shared)
+}
+
+/// The hypercall probe's verdict, logged: what it saw and what the guest is offered.
+fn hypercalls_from(
+    probe: std::thread::JoinHandle<Result<hypercall::Outcome, hypercall::ProbeError>>,
+) -> Hypercalls {
+    match probe.join() {
+        Ok(Ok(outcome)) => {
+            let hypercalls = outcome.hypercalls();
+            match hypercalls {
+                Hypercalls::Offer => log::debug!("host: {outcome}"),
+                Hypercalls::Hide => log::info!(
+                    "host: {outcome}; PV IPIs, PV sched yield and PV unhalt hidden from the guest"
+                ),
+            }
+            hypercalls
+        }
+        Ok(Err(e)) => {
+            log::warn!(
+                "hypercall probe failed ({}): PV IPIs, PV sched yield and PV unhalt hidden \
+                 from the guest",
+                crate::error_chain(&e)
+            );
+            Hypercalls::Hide
+        }
+        Err(_) => {
+            log::warn!("hypercall probe panicked: hypercall-based KVM features hidden");
+            Hypercalls::Hide
+        }
+    }
 }
 
 /// Tells every vCPU to finish and waits for its thread.

@@ -131,10 +131,72 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
+/// KVM's paravirtual feature leaf and the features in it that a guest uses by hypercall:
+/// PV_UNHALT (KVM_HC_KICK_CPU), PV_SEND_IPI (KVM_HC_SEND_IPI), PV_SCHED_YIELD
+/// (KVM_HC_SCHED_YIELD). All three act on other vCPUs.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
+
+/// Whether the guest may be offered the KVM features that work by hypercall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hypercalls {
+    /// A hypercall made in guest ring 0 returns on this host: offer what KVM supports.
+    Offer,
+    /// Hide them: the host never completes a hypercall (see `cpu::hypercall`), or the VM has
+    /// one vCPU, for which they have no use.
+    Hide,
+}
+
+/// Adds the subleaves `0..=2` of `leaf` that KVM's list lacks (zeroed, subleaf-indexed), so
+/// the topology levels written below exist whatever the host CPU enumerates: an AMD host's
+/// list may have leaf 0xb with subleaf 0 only, and a guest that finds no core level takes
+/// every APIC id for a package of its own (as Firecracker, which inserts 0xb.1 likewise).
+fn ensure_subleaves(cpuid: &mut CpuId, leaf: u32) {
+    for subleaf in 0..=2 {
+        let present = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == leaf && e.index == subleaf);
+        if !present {
+            let entry = kvm_cpuid_entry2 {
+                function: leaf,
+                index: subleaf,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            };
+            if cpuid.push(entry).is_err() {
+                log::warn!("CPUID list full: leaf {leaf:#x} subleaf {subleaf} not added");
+            }
+        }
+    }
+}
+
+/// The highest basic leaf the list enumerates (leaf 0's EAX), 0 if it has none.
+fn max_basic_leaf(cpuid: &CpuId) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax)
+}
+
 /// CPUID for vCPU `index` of `num_cpus`: one socket, `num_cpus` cores, one thread per core,
-/// APIC id = `index`.
-pub fn for_vcpu(supported: &CpuId, index: u32, num_cpus: u32, hidden: &HiddenFeatures) -> CpuId {
+/// APIC id = `index`; the hypercall-based KVM features as `hypercalls` says.
+pub fn for_vcpu(
+    supported: &CpuId,
+    index: u32,
+    num_cpus: u32,
+    hidden: &HiddenFeatures,
+    hypercalls: Hypercalls,
+) -> CpuId {
     let mut cpuid = supported.clone();
+    if max_basic_leaf(&cpuid) >= 0xb {
+        ensure_subleaves(&mut cpuid, 0xb);
+    }
+    // Leaf 0x1f (V2 extended topology) is only described if KVM enumerates it.
+    if max_basic_leaf(&cpuid) >= 0x1f && cpuid.as_slice().iter().any(|e| e.function == 0x1f) {
+        ensure_subleaves(&mut cpuid, 0x1f);
+    }
     let core_bits = id_bits(num_cpus);
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -176,6 +238,9 @@ pub fn for_vcpu(supported: &CpuId, index: u32, num_cpus: u32, hidden: &HiddenFea
             0x8000_0008 => {
                 // AMD: cores per package - 1 and APIC id bits used for the core.
                 entry.ecx = (entry.ecx & !0xf0ff) | (num_cpus - 1).min(255) | (core_bits << 12);
+            }
+            KVM_CPUID_FEATURES if hypercalls == Hypercalls::Hide => {
+                entry.eax &= !KVM_HYPERCALL_FEATURES;
             }
             0x8000_001e => {
                 entry.eax = index; // extended APIC id
@@ -238,7 +303,13 @@ mod tests {
 
     #[test]
     fn apic_id_and_topology_follow_the_vcpu() {
-        let cpuid = for_vcpu(&supported(), 3, 4, &HiddenFeatures::default());
+        let cpuid = for_vcpu(
+            &supported(),
+            3,
+            4,
+            &HiddenFeatures::default(),
+            Hypercalls::Offer,
+        );
         let leaf1 = find(&cpuid, 1, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
@@ -251,10 +322,73 @@ mod tests {
         assert_eq!((end.ebx, end.ecx >> 8 & 0xff), (0, 0));
     }
 
+    /// KVM's list on an AMD EPYC host (nested kvm_pvm): basic leaves up to 0xd, leaf 0xb with
+    /// subleaf 0 only. Without a core level every vCPU is a package of its own to Linux.
+    #[test]
+    fn the_core_level_exists_when_kvm_lists_leaf_0xb_subleaf_0_only() {
+        let mut leaf0 = entry(0, 0, 0);
+        leaf0.eax = 0xd;
+        let amd = CpuId::from_entries(&[
+            leaf0,
+            entry(1, 0, 0),
+            entry(0xb, 0, KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
+        ])
+        .unwrap();
+        for (index, cpus) in [(0, 2), (1, 2), (5, 6)] {
+            let cpuid = for_vcpu(
+                &amd,
+                index,
+                cpus,
+                &HiddenFeatures::default(),
+                Hypercalls::Offer,
+            );
+            let core = find(&cpuid, 0xb, 1);
+            assert_eq!(core.ecx >> 8 & 0xff, 2, "subleaf 1 is the core level");
+            assert_eq!((core.ebx, core.edx), (cpus, index));
+            assert_eq!(index >> core.eax, 0, "every vCPU in package 0");
+            assert_ne!(core.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 0);
+            assert_eq!(
+                find(&cpuid, 0xb, 2).ecx >> 8 & 0xff,
+                0,
+                "then no more levels"
+            );
+        }
+        assert!(
+            !for_vcpu(&amd, 0, 2, &HiddenFeatures::default(), Hypercalls::Offer)
+                .as_slice()
+                .iter()
+                .any(|e| e.function == 0x1f),
+            "leaf 0x1f is not invented"
+        );
+    }
+
+    #[test]
+    fn hypercall_features_are_hidden_when_asked_and_only_those() {
+        let mut kvm = entry(KVM_CPUID_FEATURES, 0, 0);
+        kvm.eax = 0x0100_7efb; // what KVM offered on the nested kvm_pvm host
+        let list = CpuId::from_entries(&[kvm]).unwrap();
+        let none = HiddenFeatures::default();
+        let offered = find(
+            &for_vcpu(&list, 0, 2, &none, Hypercalls::Offer),
+            KVM_CPUID_FEATURES,
+            0,
+        );
+        assert_eq!(offered.eax, 0x0100_7efb);
+        let hidden = find(
+            &for_vcpu(&list, 1, 2, &none, Hypercalls::Hide),
+            KVM_CPUID_FEATURES,
+            0,
+        );
+        assert_eq!(
+            hidden.eax,
+            0x0100_7efb & !((1 << 7) | (1 << 11) | (1 << 13))
+        );
+    }
+
     #[test]
     fn hidden_features_are_cleared_and_only_those() {
         let hidden: HiddenFeatures = "-cx16,-xsave,-avx2".parse().unwrap();
-        let cpuid = for_vcpu(&supported(), 0, 1, &hidden);
+        let cpuid = for_vcpu(&supported(), 0, 1, &hidden, Hypercalls::Offer);
         let leaf1 = find(&cpuid, 1, 0);
         assert_eq!(leaf1.ecx & (1 << 13), 0);
         assert_eq!(leaf1.ecx & (1 << 26), 0);

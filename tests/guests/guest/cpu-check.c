@@ -6,7 +6,8 @@
  * ring 0 (the SYS_CPUID service) and in ring 3 (natively, on hosts that emulate only ring 0).
  * The first AP then makes a KVM hypercall (KVM_HC_VAPIC_POLL_IRQ, which returns 0) with the
  * vendor's instruction, vmmcall on AMD and vmcall otherwise, as Linux does; the BSP waits for
- * it to return (cmdline `cpu-check.wait_ms`, default 2000). The output protocol is in
+ * it to return (cmdline `cpu-check.wait_ms`, default 2000; `cpu-check.hypercall=0` skips
+ * the hypercall). The output protocol is in
  * ../src/lib.rs.
  */
 #include "rt.h"
@@ -28,6 +29,8 @@ static volatile uint32_t ap_apic[MAX_APS];
 static volatile uint32_t ap_done;
 /* 0: not tried, 1: the hypercall instruction is being executed, 2: it returned. */
 static volatile uint32_t hc_state;
+/* Cleared by `cpu-check.hypercall=0`: the first AP parks instead of making the hypercall. */
+static volatile uint32_t hc_wanted = 1;
 static volatile uint64_t hc_ret;
 
 static int vendor_is_amd(const struct cpuid_regs *leaf0)
@@ -56,7 +59,7 @@ void ap_ring0_hook(uint32_t index, uint32_t apic_id)
 	ap_apic[index] = apic_id;
 	mb();
 	__atomic_fetch_add(&ap_done, 1, __ATOMIC_SEQ_CST);
-	if (index != 0)
+	if (index != 0 || !hc_wanted)
 		return;
 	hc_state = 1;
 	mb();
@@ -77,8 +80,11 @@ void guest_main(void)
 	static uint8_t targets[MAX_CPUS];
 	uint64_t wait_ms = 2000;
 
+	uint64_t hc = 1;
 	if (cmdline_u64("cpu-check.wait_ms", &wait_ms) < 0)
 		wait_ms = 2000;
+	if (cmdline_u64("cpu-check.hypercall", &hc) == 1 && hc == 0)
+		hc_wanted = 0;
 	mp_find(&mp);
 	uint32_t me = lapic_id();
 	unsigned n = 0;
@@ -109,8 +115,9 @@ void guest_main(void)
 		debug_exit(EXIT_MISSING_CPUS);
 	}
 
-	if (ap_done == 0) {
-		serial_puts("hypercall: not tried (one cpu)\n");
+	if (ap_done == 0 || !hc_wanted) {
+		serial_puts(ap_done ? "hypercall: not tried (cpu-check.hypercall=0)\n"
+				    : "hypercall: not tried (one cpu)\n");
 	} else {
 		t0 = rdtsc();
 		uint64_t limit = wait_ms * (hz / 1000);

@@ -80,7 +80,8 @@
 //! BSP executes them in ring 0 (the `SYS_CPUID` service) and in ring 3. Then the first AP
 //! makes the KVM hypercall `KVM_HC_VAPIC_POLL_IRQ` (1; KVM returns 0) in ring 0 with
 //! `vmmcall` on AMD/Hygon and `vmcall` otherwise, and the BSP waits up to
-//! `cpu-check.wait_ms=<ms>` (default 2000) for it to return. Output:
+//! `cpu-check.wait_ms=<ms>` (default 2000) for it to return (`cpu-check.hypercall=0` skips
+//! it: on a host where it never returns, that AP spins in the host until the VM ends). Output:
 //!
 //! ```text
 //!
@@ -88,7 +89,7 @@
 //! cpuid: cpu=<APIC id> ring=<0|3> leaf=0x<8 hex> sub=<n> eax=0x<8 hex> ebx=.. ecx=.. edx=..
 //!                                  (BSP ring 0, then each AP ring 0, then BSP ring 3)
 //! hypercall: returned rax=0x<hex>  or  hypercall: no return in <ms> ms (state=<1: entered>)
-//!                                  or  hypercall: not tried (one cpu)
+//!                                  or  hypercall: not tried (one cpu | cpu-check.hypercall=0)
 //! cpu-check: ok
 //! ```
 //!
