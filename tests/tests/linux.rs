@@ -8,7 +8,7 @@
 //! Few boots, several checks each (a boot costs 25-40 s on the nested kvm_pvm host, where
 //! guest kernel mode is emulated): disks + network + console + isola-blk killed mid-I/O;
 //! `scripts/isola-run --linux` (every device) for the GPU and keyboard, isola-input killed
-//! between keys; two vCPUs. Each prints the kind of host it ran on.
+//! between keys. Each prints the kind of host it ran on. Two vCPUs: `tests/linux_smp.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, UdpSocket};
@@ -397,7 +397,7 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
         );
     }
     // One vCPU, whose CPUID Isola gives APIC id 0: what Linux read tells whether this host
-    // applies the VMM's CPUID at all (the evidence behind the two-vCPU hang, see below).
+    // applies the VMM's CPUID at all (two vCPUs: `tests/linux_smp.rs`).
     let smp = guest.check_ok("smp", CHECK);
     assert!(smp.contains("cpus=1 online=0"), "{smp}");
     say(format!(
@@ -408,33 +408,5 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
             "NOT as Isola set it (the host answers CPUID itself)"
         }
     ));
-    guest.finish();
-}
-
-/// Two vCPUs. On the nested kvm_pvm host CPU 1 hangs during bring-up right after
-/// "smpboot: CPU 1 Converting physical 0 to logical die 1" (its printk clock restarting near
-/// 0; the same with `lpj=` preset, so not delay calibration), so the tier boots on one vCPU
-/// and this test is run by hand (`cargo test -p isola-tests --test linux -- --ignored`)
-/// until the cause is known. What is known: with Isola's CPUID (`cpu/cpuid.rs`: one package,
-/// APIC id = vCPU index, leaf 0xb core width 1, 0x8000001e node 0) both vCPUs would be
-/// package 0, die 0, and Linux would not allocate a second logical die; that it does means
-/// the topology Linux read is not the one Isola set, consistent with the shared notes'
-/// finding that this host answers CPUID itself. The one-vCPU boot above prints the APIC id
-/// Linux read from CPUID, which tells the two kinds of host apart.
-#[test]
-#[ignore = "CPU 1 hangs in bring-up on the nested kvm_pvm host (issue #13): not yet shown to be the host's fault"]
-fn linux_boots_on_two_vcpus() {
-    let Some(image) = linux_image() else {
-        return;
-    };
-    let scratch = scratch_dir("linux-smp");
-    let mut guest = Guest::boot(
-        &scratch.join("run"),
-        &image,
-        "isola_checks=smp",
-        &["--cpus", "2"],
-    );
-    let smp = guest.check_ok("smp", CHECK);
-    assert!(smp.contains("cpus=2 online=0-1"), "{smp}");
     guest.finish();
 }
