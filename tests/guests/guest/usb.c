@@ -11,7 +11,11 @@
  * written again, and every acknowledged one is verified at the end.
  *
  * Command line: usb.sectors=N (1000): blocks 1..N are written; usb.keys=N (4): key reports to read before and after
- * the storage run. Lines start with "usb: "; success ends with "usb: ok" and a poweroff,
+ * the storage run. usb.mode=bench (default usb.mode=test) instead, after enumeration, reads
+ * 4 KiB (8 blocks, READ(10)) at random 4 KiB-aligned blocks across the whole disk, one
+ * command at a time, for usb.ms=N milliseconds (3000), checks that every block read begins
+ * with its own number (u64, little endian: the host prepares the image so), and prints
+ * "usb: bench reads=N ms=T iops=X"; no keys, no writes, no restarts. Lines start with "usb: "; success ends with "usb: ok" and a poweroff,
  * failure with "usb: FAIL: <why>" and debug-exit 0x60 (check failed) or 0x61 (no device).
  */
 #include "rt.h"
@@ -509,6 +513,39 @@ static void storage(uint32_t sectors)
 	print("usb: verified %u sectors restarts=%u\n", sectors, restarts);
 }
 
+/* Bench mode: random 4 KiB READ(10)s, one at a time, for `ms` milliseconds. */
+static void bench(uint64_t ms)
+{
+	uint8_t cap[10] = {0x25};
+	int status = scsi(1, cap, 10, 1, 8);
+	check(status == 0, "read capacity status", (uint64_t)status);
+	uint32_t blocks = ((uint32_t)peek8(SECTOR_BUF) << 24 | (uint32_t)peek8(SECTOR_BUF + 1) << 16 |
+			   (uint32_t)peek8(SECTOR_BUF + 2) << 8 | peek8(SECTOR_BUF + 3)) + 1;
+	uint32_t chunks = blocks / 8;
+	check(chunks > 0, "disk too small for bench mode", blocks);
+	print("usb: bench start ms=%lu blocks=%u\n", ms, blocks);
+	uint64_t rng = 0x9e3779b97f4a7c15ull, reads = 0, start = now_ms(), now = start;
+	while (now - start < ms) {
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		uint32_t lba = (uint32_t)(rng % chunks) * 8;
+		uint8_t cdb[10] = {0x28, 0, (uint8_t)(lba >> 24), (uint8_t)(lba >> 16),
+				   (uint8_t)(lba >> 8), (uint8_t)lba, 0, 0, 8, 0};
+		int st = scsi(0x10000 + (uint32_t)reads, cdb, 10, 1, 4096);
+		check(st != RESTART, "controller lost during the bench", reads);
+		check(st == 0, "bench read status", (uint64_t)st);
+		for (uint32_t k = 0; k < 8; k++)
+			check(*(volatile uint64_t *)(SECTOR_BUF + 512 * k) == lba + k,
+			      "bench read returned another block", lba + k);
+		reads++;
+		now = now_ms();
+	}
+	uint64_t elapsed = now - start;
+	print("usb: bench reads=%lu ms=%lu iops=%lu\n", reads, elapsed,
+	      elapsed ? reads * 1000 / elapsed : 0);
+}
+
 /* Reads `count` key reports from the keyboard's interrupt endpoint. */
 static void keys(unsigned count, const char *phase)
 {
@@ -533,10 +570,15 @@ static void keys(unsigned count, const char *phase)
 
 void guest_main(void)
 {
-	uint64_t sectors = 1000, nkeys = 4;
+	uint64_t sectors = 1000, nkeys = 4, ms = 3000;
+	char mode[8] = "test";
 	cmdline_u64("usb.sectors", &sectors);
 	cmdline_u64("usb.keys", &nkeys);
-	print("usb: start sectors=%lu\n", sectors);
+	cmdline_u64("usb.ms", &ms);
+	cmdline_get("usb.mode", mode, sizeof(mode));
+	int bench_mode = str_eq(mode, "bench");
+	check(bench_mode || str_eq(mode, "test"), "usb.mode is test or bench", 0);
+	print("usb: start mode=%s sectors=%lu\n", mode, sectors);
 	lapic_enable();
 	tsc_per_ms = tsc_hz() / 1000;
 	if (!find_device())
@@ -566,6 +608,11 @@ void guest_main(void)
 		sys_wait_irq(irq_total);
 	print("usb: enumerated keyboard=%u disk=%u irqs=%u\n", kbd_slot, disk_slot, irq_counts[VECTOR]);
 	check(irq_counts[VECTOR] > 0, "no MSI-X interrupt", 0);
+	if (bench_mode) {
+		bench(ms);
+		print("usb: ok\n");
+		poweroff();
+	}
 	keys((unsigned)nkeys, "before");
 	storage((uint32_t)sectors);
 	keys((unsigned)nkeys, "after");

@@ -8,7 +8,10 @@
  *   hostile  sends malformed requests one at a time, each followed by a valid write + read
  *            that must still work;
  *   loop     write + read + verify cycles over [0, sectors) with a new generation each cycle,
- *            printing progress, for a number of cycles or seconds (or forever).
+ *            printing progress, for a number of cycles or seconds (or forever);
+ *   bench    reads of `req` sectors at random `req`-aligned sectors across the whole disk,
+ *            `depth` in flight, for `ms` milliseconds; each sector read must start with its
+ *            own number (the host prepares the image so); prints the rate.
  *
  * The output protocol, parameters and exit codes are documented in ../src/lib.rs.
  */
@@ -316,6 +319,50 @@ static void run_pass(uint32_t type, uint64_t nsec, uint64_t gen)
 	if (bad_count)
 		die(EXIT_MISMATCH, "verify failed: first bad sector=%lu (%lu bad sectors)", bad_first,
 		    bad_count);
+}
+
+/* Bench mode: random reads of req_sectors at req_sectors-aligned sectors over the whole disk,
+ * up to `depth` in flight, for `ms` milliseconds. The host wrote each sector's number into its
+ * first 8 bytes; a sector that does not start with its own number fails the run. */
+static void bench(uint64_t ms, uint64_t seed)
+{
+	uint64_t hz = tsc_hz(), chunks = capacity / req_sectors, rng = seed * 0x9e3779b97f4a7c15ull + 1;
+	uint64_t reads = 0, start = rdtsc(), end = start + hz / 1000 * ms, now = start;
+	unsigned inflight = 0;
+	if (!chunks)
+		die(EXIT_BAD_PARAM, "disk too small for bench mode (%lu sectors)", capacity);
+	print("virtio-blk: bench start ms=%lu chunks=%lu\n", ms, chunks);
+	while (now < end || inflight) {
+		while (inflight < depth && now < end) {
+			rng ^= rng << 13;
+			rng ^= rng >> 7;
+			rng ^= rng << 17;
+			unsigned i = take_slot();
+			submit(i, T_IN, rng % chunks * req_sectors, req_sectors * SECTOR, 0);
+			inflight++;
+		}
+		virtq_kick(&q);
+		wait_used();
+		uint32_t id, len;
+		while (virtq_pop(&q, &id, &len)) {
+			unsigned i = used_slot(id);
+			struct slot *s = &slots[i];
+			if (s->status != S_OK)
+				die(EXIT_IO_ERROR, "bench read failed: sector=%lu status=%u (%s)",
+				    s->sector, s->status, status_name(s->status));
+			for (uint32_t k = 0; k < s->count; k++)
+				if (*(uint64_t *)(data[i] + k * SECTOR) != s->sector + k)
+					die(EXIT_MISMATCH, "bench read of sector %lu returned sector %lu",
+					    s->sector + k, *(uint64_t *)(data[i] + k * SECTOR));
+			put_slot(i);
+			inflight--;
+			reads++;
+		}
+		now = rdtsc();
+	}
+	uint64_t elapsed_ms = (now - start) / (hz / 1000);
+	print("virtio-blk: bench reads=%lu ms=%lu iops=%lu\n", reads, elapsed_ms,
+	      elapsed_ms ? reads * 1000 / elapsed_ms : 0);
 }
 
 /* A single request on slot i (taken), waited for; returns i for the caller to inspect. */
@@ -685,9 +732,11 @@ void guest_main(void)
 	char mode[16] = "normal";
 	cmdline_get("virtio-blk.mode", mode, sizeof(mode));
 	int normal = str_eq(mode, "normal"), hostile_mode = str_eq(mode, "hostile"),
-	    loop = str_eq(mode, "loop"), verify = str_eq(mode, "verify");
-	if (!normal && !hostile_mode && !loop && !verify)
-		die(EXIT_BAD_PARAM, "bad virtio-blk.mode=%s (normal, verify, hostile or loop)", mode);
+	    loop = str_eq(mode, "loop"), verify = str_eq(mode, "verify"),
+	    bench_mode = str_eq(mode, "bench");
+	if (!normal && !hostile_mode && !loop && !verify && !bench_mode)
+		die(EXIT_BAD_PARAM, "bad virtio-blk.mode=%s (normal, verify, hostile, loop or bench)",
+		    mode);
 	uint64_t sectors = param("virtio-blk.sectors", 2048, 1, ~0ull >> 1);
 	uint64_t want_depth = param("virtio-blk.depth", 16, 1, MAX_DEPTH);
 	uint64_t seed = param("virtio-blk.seed", 1, 0, ~0ull);
@@ -700,6 +749,7 @@ void guest_main(void)
 	uint64_t timeout_s = param("virtio-blk.timeout", 30, 1, 3600);
 	int reset = (int)param("virtio-blk.reset", 0, 0, 1);
 	uint64_t report_ms = param("virtio-blk.report_ms", 1000, 1, 60000);
+	uint64_t bench_ms = param("virtio-blk.ms", 3000, 1, 3600000);
 
 	if (hostile_mode)
 		parse_cases();
@@ -713,7 +763,7 @@ void guest_main(void)
 	depth = want_depth < nslots ? (unsigned)want_depth : nslots;
 	print("virtio-blk: mode=%s depth=%u request-sectors=%u event-idx=%u indirect=%u\n", mode,
 	      depth, req_sectors, q.event_idx, use_indirect);
-	if ((dev.features & VIRTIO_BIT(VIRTIO_BLK_F_RO)) && !verify)
+	if ((dev.features & VIRTIO_BIT(VIRTIO_BLK_F_RO)) && !verify && !bench_mode)
 		die(EXIT_BAD_PARAM, "the device is read-only");
 
 	if (hostile_mode) {
@@ -744,6 +794,9 @@ void guest_main(void)
 			print("virtio-blk: verified %lu sectors after reset\n", sectors);
 		}
 	}
+
+	if (bench_mode)
+		bench(bench_ms, seed);
 
 	if (verify) {
 		run_pass(T_IN, sectors, seed);

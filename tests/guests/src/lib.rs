@@ -119,7 +119,7 @@
 //!
 //! | key | default | meaning |
 //! |-----|---------|---------|
-//! | `virtio-blk.mode` | `normal` | `normal`, `verify`, `hostile` or `loop` (below) |
+//! | `virtio-blk.mode` | `normal` | `normal`, `verify`, `hostile`, `loop` or `bench` (below) |
 //! | `virtio-blk.sectors` | 2048 | sectors [0, n) are written / read; must fit the disk |
 //! | `virtio-blk.depth` | 16 | requests in flight, at most 128 and what the queue holds (a third of it without indirect descriptors) |
 //! | `virtio-blk.req` | 8 | sectors per request, 1..=16 (the last request of a pass may be shorter) |
@@ -129,6 +129,7 @@
 //! | `virtio-blk.reset` | 0 | normal mode: afterwards reset the running device, set it up again and verify once more |
 //! | `virtio-blk.cycles`, `virtio-blk.seconds` | 0, 0 | loop mode: stop after this many cycles / seconds (0: no limit; both 0: forever) |
 //! | `virtio-blk.report_ms` | 1000 | loop mode: least time between progress lines, 1..=60000 ms |
+//! | `virtio-blk.ms` | 3000 | bench mode: how long to read, 1..=3600000 ms |
 //! | `virtio-blk.timeout` | 30 | seconds a request may take before the guest gives up (exit 17; hostile follow-ups: 18) |
 //! | `virtio-blk.cases` | `all` | hostile mode: comma-separated subset of the cases below |
 //!
@@ -163,6 +164,12 @@
 //!   max-wait-us=<longest wait for a completion since the last such line>` (the pause the guest
 //!   saw when its device stalled, e.g. for a restart or upgrade of the device process); then
 //!   `virtio-blk: loop done cycles=<n> sectors=<n>`.
+//! * `bench`: reads of `req` sectors at random `req`-aligned sectors over the whole disk
+//!   (xorshift64 from `seed`), `depth` in flight, for `ms` milliseconds: `virtio-blk: bench
+//!   start ms=<ms> chunks=<capacity / req>`, then `virtio-blk: bench reads=<completed> ms=<elapsed>
+//!   iops=<reads per second>`. Every sector read must begin with its own number (u64, little
+//!   endian), as the host prepares the image (`tests/benches/usb.rs`), else exit 16; a failed
+//!   read is exit 15. A read-only device is fine.
 //! * `hostile`: `virtio-blk: hostile: cases=<list> bad-address=0x<a> wait=2000ms`, then for
 //!   each case in this order: `header-outside-ram` (header descriptor at the bad address),
 //!   `data-outside-ram` (a read into the bad address), `short-header` (8-byte header),
