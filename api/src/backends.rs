@@ -81,6 +81,8 @@ pub struct Sockets {
     pub supervisor: PathBuf,
     pub display: PathBuf,
     pub input: PathBuf,
+    /// The VM file `isola-run` wrote for this VM (`DIR/vm.toml`), served as `/vm/config`.
+    pub vm_file: PathBuf,
 }
 
 impl Sockets {
@@ -90,6 +92,7 @@ impl Sockets {
             supervisor: dir.join("supervisor.sock"),
             display: dir.join("display-control.sock"),
             input: dir.join("input-control.sock"),
+            vm_file: dir.join("vm.toml"),
         }
     }
 }

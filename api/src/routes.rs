@@ -28,6 +28,8 @@ type Answer = Response<ApiBody>;
 /// The routes: path pattern (`{}` is one segment) and the methods it takes.
 const ROUTES: &[(&str, &[Method])] = &[
     ("/vm", &[Method::GET]),
+    ("/vm/config", &[Method::GET]),
+    ("/vm/config.toml", &[Method::GET]),
     ("/vm/pause", &[Method::POST]),
     ("/vm/resume", &[Method::POST]),
     ("/vm/shutdown", &[Method::POST]),
@@ -103,6 +105,8 @@ pub async fn handle(watch: &Arc<Watch>, request: Request<Incoming>) -> Answer {
     let param = param.map(str::to_owned);
     match pattern {
         "/vm" => vm_answer(watch).await,
+        "/vm/config" => vm_config(watch, false),
+        "/vm/config.toml" => vm_config(watch, true),
         "/vm/pause" => core_action(watch, ControlRequest::Pause).await,
         "/vm/resume" => core_action(watch, ControlRequest::Resume).await,
         "/vm/shutdown" => core_action(watch, ControlRequest::Shutdown).await,
@@ -186,6 +190,54 @@ async fn vm_answer(watch: &Arc<Watch>) -> Answer {
         Ok(vm) => json(StatusCode::OK, &vm),
         Err(e) => backend_error(&e),
     }
+}
+
+/// The VM file `isola-run` wrote (`DIR/vm.toml`, defaults made explicit): as JSON in the VM
+/// file's schema, or as the TOML text itself, which `isola-run --config` starts again.
+fn vm_config(watch: &Arc<Watch>, as_toml: bool) -> Answer {
+    let path = &watch.sockets.vm_file;
+    let text = match read_vm_file(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no VM file at {}: this VM was not started by isola-run",
+                    path.display()
+                ),
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        }
+    };
+    match isola_vmconfig::file::parse(&text) {
+        Ok(_) if as_toml => http::full(StatusCode::OK, "application/toml", text),
+        Ok(config) => json(StatusCode::OK, &config),
+        Err((line, key, why)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}:{line}: {key}: {why}", path.display()),
+        ),
+    }
+}
+
+/// The VM file's text, refused past the VM file's own size bound.
+fn read_vm_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(isola_vmconfig::file::MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > isola_vmconfig::file::MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} bytes", isola_vmconfig::file::MAX_FILE_BYTES),
+        ));
+    }
+    Ok(text)
 }
 
 async fn device_answer(watch: &Arc<Watch>, name: &str) -> Answer {

@@ -181,6 +181,27 @@ fn every_endpoint_answers_curl() {
         "{vm}"
     );
 
+    // The configuration: the VM file isola-run wrote, as JSON and as the file itself (which
+    // `isola-run --config` starts again: tests/vm_file.rs).
+    let config = ok(&curl(&api, &[], "/vm/config"), "GET /vm/config");
+    assert_eq!(config["cmdline"], "virtio-gpu.wait=1", "{config}");
+    assert_eq!(config["display"]["width"], 640, "{config}");
+    assert_eq!(config["display"]["height"], 400, "{config}");
+    assert!(config["cpus"].as_u64() >= Some(1), "{config}");
+    assert!(
+        config["kernel"]
+            .as_str()
+            .is_some_and(|k| k.ends_with("virtio-gpu.elf")),
+        "{config}"
+    );
+    let file = curl(&api, &[], "/vm/config.toml");
+    assert_eq!(file.status, 200, "{}", file.body);
+    assert_eq!(
+        file.body,
+        std::fs::read_to_string(run_dir.join("vm.toml")).expect("DIR/vm.toml"),
+    );
+    refused(&curl(&api, &[], "/vm/config?x=1"), 400, "query");
+
     let devices = ok(&curl(&api, &[], "/devices"), "GET /devices");
     let list = devices.as_array().expect("an array");
     let by_name = |n: &str| {
@@ -434,7 +455,7 @@ fn the_running_server_holds_to_its_openapi_document() {
         "schemathesis found the server off its document:\n{text}"
     );
     assert!(
-        text.contains("Tested: 14"),
+        text.contains("Tested: 16"),
         "schemathesis did not test every operation:\n{text}"
     );
     // The VM went on through all of it.
