@@ -1,7 +1,9 @@
 //! Passing descriptors beside bytes over a Unix socket (SCM_RIGHTS), in one place.
 //!
 //! Two levels, as crosvm's `Tube`: [`send_with_fds`] / [`recv_with_fds`] carry raw bytes (the
-//! vhost-user frontend's `GPU_SET_SOCKET`, isola-display's connector channel, test peers), and
+//! vhost-user frontend's `GPU_SET_SOCKET`, isola-display's connector channel, the core's
+//! vfio-user client, isola-usb's gate, test peers; [`send_vectored_with_fds`] gathers a
+//! header and a body), and
 //! [`write_message_with_fds`] / [`read_message_with_fds`] carry one framed message of this
 //! crate (same framing, version check and bound as [`crate::write_message`]) with the
 //! descriptors beside it.
@@ -12,7 +14,8 @@
 //! more descriptors than the caller takes; every descriptor received is owned
 //! ([`OwnedFd`]), so one that is refused is closed, never leaked. Sends never raise SIGPIPE.
 
-use std::io::{self, Read};
+use std::fmt;
+use std::io::{self, IoSlice, Read};
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -35,6 +38,17 @@ pub fn send_with_fds(
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_vectored_with_fds(socket, &[IoSlice::new(bytes)], fds)
+}
+
+/// As [`send_with_fds`], gathering the bytes from `parts` (a header and a body without
+/// copying them together): one `sendmsg`, which may send fewer than all; the count is
+/// returned.
+pub fn send_vectored_with_fds(
+    socket: BorrowedFd<'_>,
+    parts: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -44,15 +58,13 @@ pub fn send_with_fds(
             ),
         ));
     }
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr().cast_mut().cast(),
-        iov_len: bytes.len(),
-    };
     let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: msghdr is plain data; all-zero is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    // IoSlice is ABI-compatible with iovec (std guarantees it on Unix); the kernel only
+    // reads through these pointers.
+    msg.msg_iov = parts.as_ptr().cast_mut().cast();
+    msg.msg_iovlen = parts.len();
     if !fds.is_empty() {
         let data_len = (fds.len() * size_of::<RawFd>()) as u32;
         msg.msg_control = control.as_mut_ptr().cast();
@@ -72,8 +84,8 @@ pub fn send_with_fds(
             }
         }
     }
-    // SAFETY: `msg` points at `iov` (which points at `bytes`, read only) and at `control`,
-    // all alive for the call; the kernel reads them and writes nothing.
+    // SAFETY: `msg` points at `parts` (iovecs pointing at borrowed bytes, read only) and at
+    // `control`, all alive for the call; the kernel reads them and writes nothing.
     let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
@@ -122,22 +134,54 @@ pub fn recv_with_fds(
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    let max = max_fds.min(MAX_FDS);
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if truncated || fds.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("the peer passed more than {MAX_FDS} descriptors"),
-        ));
-    }
-    if fds.len() > max_fds.min(MAX_FDS) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} descriptors where at most {max_fds} are taken",
-                fds.len()
-            ),
+            FdsRefused {
+                count: fds.len(),
+                max,
+                truncated,
+            },
         ));
     }
     Ok((n as usize, fds))
+}
+
+/// The error [`recv_with_fds`] returns (kind `InvalidData`) when a message brought more
+/// descriptors than the caller takes, or more than there was room for (`MSG_CTRUNC`); every
+/// descriptor that did arrive is already closed. Find it with [`fds_refused`], to tell a
+/// protocol violation from an I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdsRefused {
+    /// Descriptors received (and closed); with `truncated`, the peer sent more still.
+    pub count: usize,
+    /// The most the caller took.
+    pub max: usize,
+    /// The kernel cut the control message (`MSG_CTRUNC`).
+    pub truncated: bool,
+}
+
+impl fmt::Display for FdsRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.truncated {
+            write!(f, "the peer passed more than {MAX_FDS} descriptors")
+        } else {
+            write!(
+                f,
+                "{} descriptors where at most {} are taken",
+                self.count, self.max
+            )
+        }
+    }
+}
+
+impl std::error::Error for FdsRefused {}
+
+/// The [`FdsRefused`] inside `e`, if that is what `e` is.
+pub fn fds_refused(e: &io::Error) -> Option<&FdsRefused> {
+    e.get_ref().and_then(|inner| inner.downcast_ref())
 }
 
 /// Writes one framed message (as [`crate::write_message`]) with `fds` beside it.
@@ -277,6 +321,46 @@ mod tests {
         // Too many to send at all.
         let many = vec![a.as_fd(); MAX_FDS + 1];
         assert!(send_with_fds(a.as_fd(), b"x", &many).is_err());
+    }
+
+    #[test]
+    fn vectored_sends_and_refusals_callers_can_tell_from_io_errors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut read_end, write_end) = pipe();
+        let parts = [
+            IoSlice::new(b"head"),
+            IoSlice::new(b""),
+            IoSlice::new(b"body"),
+        ];
+        let sent = send_vectored_with_fds(a.as_fd(), &parts, &[write_end.as_fd()]).unwrap();
+        assert_eq!(sent, 8);
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"headbody"[..], 1));
+        // Two where one is taken: refused, counted, both closed.
+        let two = [write_end.as_fd(), write_end.as_fd()];
+        send_vectored_with_fds(a.as_fd(), &[IoSlice::new(b"x")], &two).unwrap();
+        drop((fds, write_end));
+        // Non-blocking, so a copy left open fails the test rather than hanging it.
+        // SAFETY: fcntl(F_SETFL) on a descriptor this test owns.
+        let set = unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        assert_eq!(set, 0);
+        let err = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap_err();
+        assert_eq!(
+            fds_refused(&err),
+            Some(&FdsRefused {
+                count: 2,
+                max: 1,
+                truncated: false
+            })
+        );
+        let mut rest = Vec::new();
+        assert_eq!(read_end.read_to_end(&mut rest).unwrap(), 0);
+        // An I/O error is not a refusal.
+        b.set_nonblocking(true).unwrap();
+        let err = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(fds_refused(&err).is_none());
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! Runs on the main thread while the VM is set up, then only on the device's backend thread
 //! ([`crate::pci::vfio_backend`]); never on a vCPU thread.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use isola_ipc::fds;
+use nix::errno::Errno;
 
 use super::wire::{self, command, DeviceInfo, Header, IoFd, IrqInfo, RegionInfo, WireError};
 use crate::vhost_user::{connect_nonblocking, Deadlines};
@@ -19,6 +20,13 @@ use crate::vhost_user::{connect_nonblocking, Deadlines};
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
 /// Fds the core takes with one reply (more are closed and the reply refused).
 const MAX_REPLY_FDS: usize = wire::MAX_IO_FDS as usize;
+const _: () = assert!(MAX_REPLY_FDS <= fds::MAX_FDS);
+
+/// The errno of a failed send or receive (`EIO` for one that is not a system error: the
+/// helper refusing more descriptors than it sends, which these exchanges never pass).
+fn errno(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioUserError {
@@ -244,6 +252,12 @@ impl VfioUserClient {
         fds: &[RawFd],
     ) -> Result<(), VfioUserError> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
+        let borrowed: Vec<BorrowedFd<'_>> = fds
+            .iter()
+            // SAFETY: the callers' descriptors (DMA_MAP's memory fd, SET_IRQS' eventfds) are
+            // open and owned by them for the whole call; these borrows end with it.
+            .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+            .collect();
         let mut sent = 0usize;
         while sent < total {
             // The parts not yet sent, the first one cut where the last send stopped.
@@ -261,26 +275,15 @@ impl VfioUserClient {
                     }
                 })
                 .collect();
-            let rights = [ControlMessage::ScmRights(fds)];
-            let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !fds.is_empty() {
-                &rights
-            } else {
-                &[]
-            };
-            match sendmsg::<()>(
-                self.stream.as_raw_fd(),
-                &slices,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
+            let rights = if sent == 0 { &borrowed[..] } else { &[] };
+            match fds::send_vectored_with_fds(self.stream.as_fd(), &slices, rights) {
                 Ok(0) => return Err(VfioUserError::Closed { step }),
                 Ok(n) => sent += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
-                    return Err(VfioUserError::Closed { step })
-                }
-                Err(source) => return Err(VfioUserError::Io { step, source }),
+                Err(e) => match errno(&e) {
+                    Errno::EINTR => {}
+                    Errno::EPIPE | Errno::ECONNRESET => return Err(VfioUserError::Closed { step }),
+                    source => return Err(VfioUserError::Io { step, source }),
+                },
             }
         }
         Ok(())
@@ -295,33 +298,27 @@ impl VfioUserClient {
     ) -> Result<(), VfioUserError> {
         let mut done = 0;
         while done < buf.len() {
-            let mut space = nix::cmsg_space!([RawFd; MAX_REPLY_FDS]);
-            let mut iov = [IoSliceMut::new(&mut buf[done..])];
-            let msg = match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => msg,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::ECONNRESET) => return Err(VfioUserError::Closed { step }),
-                Err(source) => return Err(VfioUserError::Io { step, source }),
-            };
-            let n = msg.bytes;
-            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for cmsg in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        for fd in raw {
-                            // SAFETY: `fd` was just received with SCM_RIGHTS, so it is a new,
-                            // open descriptor that nothing else in this process owns.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                        }
+            let received = fds::recv_with_fds(self.stream.as_fd(), &mut buf[done..], MAX_REPLY_FDS);
+            let (n, got) = match received {
+                Ok(received) => received,
+                Err(e) => {
+                    // More than one message's worth, or cut by the kernel: all closed already.
+                    if let Some(refused) = fds::fds_refused(&e) {
+                        return Err(VfioUserError::Fds {
+                            step,
+                            count: fds.len() + refused.count,
+                            max: MAX_REPLY_FDS,
+                        });
+                    }
+                    match errno(&e) {
+                        Errno::EINTR => continue,
+                        Errno::ECONNRESET => return Err(VfioUserError::Closed { step }),
+                        source => return Err(VfioUserError::Io { step, source }),
                     }
                 }
-            }
-            if truncated || fds.len() > MAX_REPLY_FDS {
+            };
+            fds.extend(got);
+            if fds.len() > MAX_REPLY_FDS {
                 return Err(VfioUserError::Fds {
                     step,
                     count: fds.len(),
@@ -452,6 +449,7 @@ impl VfioUserClient {
 mod tests {
     use super::*;
     use crate::deadline::{Watchdog, WatchdogGuard};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
 

@@ -18,13 +18,11 @@
 //! gate drops the reply the frontend did not ask for (an error reply is always passed on).
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::vfio::{region_size, Device};
 
@@ -127,42 +125,31 @@ pub struct Message {
     pub fds: Vec<File>,
 }
 
-fn errno(e: nix::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e as i32)
-}
-
 /// Reads into `buf` with recvmsg, collecting fds; `Ok(0)` at end of stream.
-fn recv(fd: RawFd, buf: &mut [u8], fds: &mut Vec<File>) -> Result<usize, GateError> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(msg) => break msg,
-            Err(nix::Error::EINTR) => continue,
-            Err(nix::Error::EAGAIN) => return Err(GateError::Stalled),
-            Err(e) => return Err(GateError::Io(errno(e))),
-        }
-    };
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    for cmsg in msg.cmsgs().map_err(|e| GateError::Io(errno(e)))? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            for raw in received {
-                // SAFETY: the kernel just installed `raw` in this process for this message;
-                // nothing else owns it, and the File closes it when dropped.
-                fds.push(unsafe { File::from_raw_fd(raw) });
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<File>) -> Result<usize, GateError> {
+    loop {
+        match isola_ipc::fds::recv_with_fds(fd, buf, MAX_FDS) {
+            Ok((n, received)) => {
+                fds.extend(received.into_iter().map(File::from));
+                return Ok(n);
             }
+            // More than MAX_FDS: the kernel cut them or the helper refused them, closed.
+            Err(e) if isola_ipc::fds::fds_refused(&e).is_some() => {
+                return Err(GateError::Truncated)
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Err(GateError::Stalled),
+                _ => return Err(GateError::Io(e)),
+            },
         }
     }
-    if truncated {
-        return Err(GateError::Truncated);
-    }
-    Ok(msg.bytes)
 }
 
 /// Reads one message: waits as long as it takes for its first byte, then at most
 /// [`MESSAGE_TIMEOUT`] for the rest.
 pub fn read_message(stream: &mut UnixStream) -> Result<Message, GateError> {
-    let fd = stream.as_raw_fd();
+    let fd = stream.as_fd();
     let mut head = [0u8; HEADER];
     let mut fds = Vec::new();
     stream.set_read_timeout(None).map_err(GateError::Io)?;
@@ -298,12 +285,10 @@ fn forward(server: &mut UnixStream, m: &Message) -> Result<Vec<u8>, GateError> {
     header.flags &= !FLAG_NO_REPLY;
     let head = header.bytes();
     let iov = [IoSlice::new(&head), IoSlice::new(&m.body)];
-    let raw: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+    let fds: Vec<BorrowedFd<'_>> = m.fds.iter().map(|f| f.as_fd()).collect();
     let total = head.len() + m.body.len();
-    let sent = sendmsg::<()>(server.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
-        .map_err(|e| GateError::Server(errno(e)))?;
+    let sent = isola_ipc::fds::send_vectored_with_fds(server.as_fd(), &iov, &fds)
+        .map_err(GateError::Server)?;
     if sent < total {
         let rest: Vec<u8> = head.iter().chain(&m.body).copied().skip(sent).collect();
         server.write_all(&rest).map_err(GateError::Server)?;
@@ -421,5 +406,76 @@ pub fn serve(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: pipe2 just returned both; each is owned once.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    /// A hostile sender, not bound by the fd helper's own send cap.
+    fn send(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
+        let iov = [IoSlice::new(bytes)];
+        let cmsgs = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+        sendmsg::<()>(s.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+    }
+
+    fn get_info(body: usize) -> Vec<u8> {
+        let h = Header {
+            id: 1,
+            command: cmd::DEVICE_GET_INFO,
+            size: (HEADER + body) as u32,
+            flags: 0,
+            error: 0,
+        };
+        let mut m = h.bytes().to_vec();
+        m.resize(HEADER + body, 0);
+        m
+    }
+
+    /// Fds with a message's first byte are its own; more than MAX_FDS, or any with the rest
+    /// of it, end the connection, and every one received is closed.
+    #[test]
+    fn fds_arrive_with_a_message_and_too_many_or_stray_ones_are_closed() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (mut read_end, write_end) = pipe();
+        let w = write_end.as_raw_fd();
+        send(&a, &get_info(16), &[w, w]);
+        let m = read_message(&mut b).unwrap();
+        assert_eq!(
+            (m.header.command, m.body.len(), m.fds.len()),
+            (cmd::DEVICE_GET_INFO, 16, 2)
+        );
+        drop(m);
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        send(&a, &get_info(16), &[w; MAX_FDS + 4]);
+        assert!(matches!(read_message(&mut b), Err(GateError::Truncated)));
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let m = get_info(16);
+        send(&a, &m[..HEADER], &[]);
+        send(&a, &m[HEADER..], &[w]);
+        assert!(matches!(read_message(&mut b), Err(GateError::StrayFds)));
+
+        // Every copy of the write end received above is closed: the pipe reads its end (at
+        // once: non-blocking, so a copy left open fails the test rather than hanging it).
+        drop((write_end, a, b));
+        // SAFETY: fcntl(F_SETFL) on a descriptor this test owns.
+        let set = unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        assert_eq!(set, 0);
+        let mut rest = Vec::new();
+        assert_eq!(read_end.read_to_end(&mut rest).unwrap(), 0);
     }
 }
