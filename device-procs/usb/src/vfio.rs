@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER,
+    vfio_region_info, VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
     VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
@@ -242,8 +242,18 @@ impl ServerBackend for Backend {
     }
 
     fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> Result<(), Error> {
+        // The flags as the vfio-user specification (and Linux's vfio.h) number them: bit 1 is
+        // "unmap all", bit 0 asks for a dirty bitmap. The vfio_user crate (0.1.7) names bit 1
+        // GET_DIRTY_PAGE_INFO and bit 2 UNMAP_ALL, and drops bit 0 before this is called, so
+        // the raw bits are read here; anything but bit 1 is refused.
+        let bits = flags.bits();
+        if bits & !VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            return Err(invalid(format!(
+                "DMA_UNMAP flags {bits:#x}: only unmap all (bit 1) is supported"
+            )));
+        }
         let mut d = lock(&self.0);
-        if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
+        if bits & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
             d.ctl.mem_mut().clear();
             return Ok(());
         }

@@ -317,6 +317,53 @@ fn malformed_messages_get_errors_or_a_closed_connection_and_the_next_frontend_is
     assert_eq!(b[0], 0x40, "CAPLENGTH");
 }
 
+fn dma_unmap(flags: u32, address: u64, size: u64) -> Vec<u8> {
+    let mut b = 24u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&address.to_le_bytes());
+    b.extend_from_slice(&size.to_le_bytes());
+    message(cmd::DMA_UNMAP, 9, &b, 0)
+}
+
+/// DMA_UNMAP's "unmap all" is bit 1 of its flags in the vfio-user specification and in
+/// Linux's vfio.h (VFIO_DMA_UNMAP_FLAG_ALL), which libvfio-user's client sends; the vfio_user
+/// crate numbers it bit 2. Found by libvfio-user's sample client: isola-usb answered "no DMA
+/// region at 0x0 size 0x0".
+#[test]
+fn unmap_all_as_the_specification_numbers_it_clears_every_map() {
+    let dir = Scratch::new("usb-unmap-all");
+    let mut usb = start(&dir, &[]);
+    let einval = Answer::Error(libc::EINVAL as u32);
+    let mut s = negotiated(&usb.socket);
+    let ram = GuestRam::new(1 << 20);
+    for (address, offset) in [(0, 0), (1 << 20, 1 << 19)] {
+        send(
+            &s,
+            &dma_map(address, 1 << 19, offset),
+            &[ram.file().as_raw_fd()],
+        );
+        assert_eq!(answer(&mut s), Answer::Ok, "map at {address:#x}");
+    }
+    // The crate's bit 2 is no flag of the specification's: refused, nothing unmapped.
+    send(&s, &dma_unmap(1 << 2, 0, 0), &[]);
+    assert_eq!(answer(&mut s), einval);
+    send(&s, &dma_unmap(0, 0, 1 << 19), &[]);
+    assert_eq!(answer(&mut s), Answer::Ok, "the first map was still there");
+    // Unmap all (bit 1): the second map goes too.
+    send(&s, &dma_unmap(1 << 1, 0, 0), &[]);
+    assert_eq!(answer(&mut s), Answer::Ok, "unmap all");
+    send(&s, &dma_unmap(0, 1 << 20, 1 << 19), &[]);
+    assert_eq!(
+        answer(&mut s),
+        einval,
+        "the second map was unmapped by unmap all"
+    );
+    assert!(
+        usb.child.try_wait().unwrap().is_none(),
+        "isola-usb still runs"
+    );
+}
+
 fn set_irqs(index: u32, count: u32) -> Vec<u8> {
     let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
         | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
