@@ -9,7 +9,7 @@ use isola_ipc::{ControlRequest, ControlResponse, DeviceLink, VcpuState, VmStatus
 use crate::backends::{self, BackendError};
 use crate::model::{Daemon, Device, DisplayLink, Link, Vcpu, Vm};
 use crate::procfs;
-use crate::watch::{device_names, Watch};
+use crate::watch::Watch;
 
 /// Why the core gave no status.
 pub enum NoStatus {
@@ -177,23 +177,14 @@ pub async fn devices(watch: &Arc<Watch>) -> Result<Vec<Device>, BackendError> {
     let mut out = Vec::new();
     let mut used = vec![false; daemons.len()];
     if let Ok(core) = &core {
-        let names = device_names(core, &daemons);
-        for (i, d) in core.devices.iter().enumerate() {
-            // A daemon serving several devices on sockets it binds itself (isola-input: the
-            // keyboard and the tablet) is the one named after their kind.
-            let at = daemons
-                .iter()
-                .position(|s| s.socket == d.socket)
-                .or_else(|| {
-                    daemons
-                        .iter()
-                        .position(|s| s.socket.is_empty() && s.name == d.name)
-                });
+        let joined = isola_ipc::supervisor::join_devices(&core.devices, &daemons);
+        for (d, (name, at)) in core.devices.iter().zip(joined) {
             if let Some(at) = at {
                 used[at] = true;
             }
+            let last_reconnect_seconds = watch.last_reconnect(&name);
             out.push(Device {
-                name: names[i].clone(),
+                name,
                 kind: d.name.clone(),
                 slot: Some(d.slot.clone()),
                 socket: Some(d.socket.clone()),
@@ -205,7 +196,7 @@ pub async fn devices(watch: &Arc<Watch>) -> Result<Vec<Device>, BackendError> {
                     link: link(&x.link),
                     reattaches: x.reattaches,
                 }),
-                last_reconnect_seconds: watch.last_reconnect(&names[i]),
+                last_reconnect_seconds,
             });
         }
     }

@@ -295,22 +295,12 @@ impl Watch {
     }
 }
 
-/// The supervisor's daemon name for a device whose socket it listens on; otherwise its kind
-/// and number among the core's devices of that kind (`input0`, `input1`).
+/// The API name of each of the core's devices, in its order
+/// ([`isola_ipc::supervisor::join_devices`]).
 pub fn device_names(core: &VmStatus, daemons: &[DaemonStatus]) -> Vec<String> {
-    let mut per_kind: HashMap<&str, u32> = HashMap::new();
-    core.devices
-        .iter()
-        .map(|d| {
-            let n = per_kind.entry(d.name.as_str()).or_default();
-            let own = format!("{}{}", d.name, n);
-            *n += 1;
-            daemons
-                .iter()
-                .find(|s| s.socket == d.socket)
-                .map(|s| s.name.clone())
-                .unwrap_or(own)
-        })
+    isola_ipc::supervisor::join_devices(&core.devices, daemons)
+        .into_iter()
+        .map(|(name, _)| name)
         .collect()
 }
 

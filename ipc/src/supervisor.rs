@@ -63,3 +63,87 @@ impl std::fmt::Display for DaemonState {
         }
     }
 }
+
+/// How the core's devices meet the supervisor's daemons: one rule for isola-api and isolactl.
+/// For each of `devices`, in order: the name a user calls it by (the name of the daemon
+/// listening on its socket, else its kind and its number among the devices of that kind:
+/// `input0`, `input1`) and the index in `daemons` of the daemon that serves it (the one on
+/// its socket or, for a daemon that binds its devices' sockets itself, such as isola-input
+/// with the keyboard and the tablet, the socketless one named after their kind).
+pub fn join_devices(
+    devices: &[crate::DeviceStatus],
+    daemons: &[DaemonStatus],
+) -> Vec<(String, Option<usize>)> {
+    let mut per_kind: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    devices
+        .iter()
+        .map(|d| {
+            let n = per_kind.entry(d.name.as_str()).or_default();
+            let own = format!("{}{}", d.name, n);
+            *n += 1;
+            let on_socket = daemons.iter().position(|s| s.socket == d.socket);
+            let name = on_socket.map_or(own, |at| daemons[at].name.clone());
+            let serving = on_socket.or_else(|| {
+                daemons
+                    .iter()
+                    .position(|s| s.socket.is_empty() && s.name == d.name)
+            });
+            (name, serving)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceLink, DeviceStatus};
+
+    fn device(kind: &str, socket: &str) -> DeviceStatus {
+        DeviceStatus {
+            name: kind.into(),
+            slot: "00:01.0".into(),
+            socket: socket.into(),
+            link: DeviceLink::Connected,
+            reconnects: 0,
+            display: None,
+        }
+    }
+
+    fn daemon(name: &str, socket: &str) -> DaemonStatus {
+        DaemonStatus {
+            name: name.into(),
+            socket: socket.into(),
+            pid: Some(1),
+            state: DaemonState::Running,
+            restarts: 0,
+            last_exit: None,
+        }
+    }
+
+    #[test]
+    fn devices_take_their_daemons_name_or_kind_and_number_and_find_the_daemon_serving_them() {
+        let devices = [
+            device("blk", "/r/blk-a.sock"),
+            device("input", "/r/keyboard.sock"),
+            device("input", "/r/tablet.sock"),
+            device("blk", "/r/blk-b.sock"),
+            device("gpu", "/r/gpu.sock"),
+        ];
+        let daemons = [
+            daemon("display", "/r/display.sock"),
+            daemon("disk", "/r/blk-a.sock"),
+            daemon("input", ""),
+        ];
+        let joined = join_devices(&devices, &daemons);
+        assert_eq!(
+            joined,
+            [
+                ("disk".to_owned(), Some(1)),
+                ("input0".to_owned(), Some(2)),
+                ("input1".to_owned(), Some(2)),
+                ("blk1".to_owned(), None),
+                ("gpu0".to_owned(), None),
+            ]
+        );
+    }
+}

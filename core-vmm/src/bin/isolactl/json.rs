@@ -280,25 +280,10 @@ fn daemon(d: &DaemonStatus) -> Value {
 /// The API's `Device` list: the core's devices joined with the supervisor's daemons by
 /// socket (named as isola-api names them), then the daemons no device of the core uses.
 fn devices(core: &VmStatus, daemons: &[DaemonStatus]) -> Vec<Value> {
-    let mut per_kind = std::collections::HashMap::<&str, u32>::new();
     let mut used = vec![false; daemons.len()];
     let mut out = Vec::new();
-    for d in &core.devices {
-        let n = per_kind.entry(d.name.as_str()).or_default();
-        let own = format!("{}{}", d.name, n);
-        *n += 1;
-        let name = daemons
-            .iter()
-            .find(|s| s.socket == d.socket)
-            .map_or(own, |s| s.name.clone());
-        let at = daemons
-            .iter()
-            .position(|s| s.socket == d.socket)
-            .or_else(|| {
-                daemons
-                    .iter()
-                    .position(|s| s.socket.is_empty() && s.name == d.name)
-            });
+    let joined = isola_ipc::supervisor::join_devices(&core.devices, daemons);
+    for (d, (name, at)) in core.devices.iter().zip(joined) {
         if let Some(at) = at {
             used[at] = true;
         }
