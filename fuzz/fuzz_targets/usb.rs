@@ -33,10 +33,22 @@ fn image() -> std::fs::File {
 fn parsers(r: &mut Reader) {
     while !r.is_empty() {
         let mut raw = [0u8; 16];
-        raw.copy_from_slice(&r.bytes(16).iter().copied().chain([0; 16]).take(16).collect::<Vec<_>>());
+        raw.copy_from_slice(
+            &r.bytes(16)
+                .iter()
+                .copied()
+                .chain([0; 16])
+                .take(16)
+                .collect::<Vec<_>>(),
+        );
         let trb = Trb::parse(&raw);
         assert_eq!(Trb::parse(&trb.to_bytes()), trb);
-        let _ = (trb.trb_type(), trb.slot(), trb.endpoint(), trb.transfer_len());
+        let _ = (
+            trb.trb_type(),
+            trb.slot(),
+            trb.endpoint(),
+            trb.transfer_len(),
+        );
         let _ = Setup::from_parameter(trb.parameter).is_in();
         let cbw_len = usize::from(r.u8() % 40);
         let cbw = r.bytes(cbw_len).to_vec();
@@ -59,7 +71,12 @@ fn parsers(r: &mut Reader) {
 
 fn transport(r: &mut Reader) {
     let file = image();
-    let mut disk = Storage::new(file.try_clone().expect("dup"), IMAGE_BLOCKS, r.u8() & 1 != 0, Speed::Super);
+    let mut disk = Storage::new(
+        file.try_clone().expect("dup"),
+        IMAGE_BLOCKS,
+        r.u8() & 1 != 0,
+        Speed::Super,
+    );
     while !r.is_empty() {
         let len = usize::from(r.u16() % 2048);
         let ep = r.u8() % 4;
@@ -95,7 +112,12 @@ fn controller(r: &mut Reader) {
     let devices: Vec<Option<Box<dyn UsbDevice>>> = vec![
         Some(Box::new(HidDevice::new(Arc::clone(&keyboard)))),
         Some(Box::new(HidDevice::new(tablet))),
-        Some(Box::new(Storage::new(image(), IMAGE_BLOCKS, false, Speed::Super))),
+        Some(Box::new(Storage::new(
+            image(),
+            IMAGE_BLOCKS,
+            false,
+            Speed::Super,
+        ))),
     ];
     let mut c = Controller::new(TestMemory::new(MEM_BASE, MEM_LEN), devices);
     let mut steps = 0;
