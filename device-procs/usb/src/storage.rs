@@ -240,7 +240,10 @@ impl UsbDevice for Storage {
 
     fn control(&mut self, setup: &Setup, _data_out: &[u8]) -> Result<Vec<u8>, Stall> {
         match (setup.request_type, setup.request) {
-            (0xa1, GET_MAX_LUN) => Ok(vec![0]),
+            // Bulk-only transport 3.2: wValue 0 and wLength 1; anything else is a request
+            // error, and one byte answered to wLength 0 would overrun the data stage.
+            (0xa1, GET_MAX_LUN) if setup.value == 0 && setup.length == 1 => Ok(vec![0]),
+            (0xa1, GET_MAX_LUN) => Err(Stall),
             (0x21, BOT_RESET) => {
                 self.stage = Stage::Command;
                 Ok(Vec::new())
@@ -324,6 +327,23 @@ mod tests {
         assert_eq!(&b[..4], b"USBS");
         let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         (w(4), w(8), b[12])
+    }
+
+    /// Found by the `usb` fuzz target: GET_MAX_LUN with wLength 0 answered one byte.
+    #[test]
+    fn get_max_lun_answers_one_byte_only_to_the_request_the_spec_defines() {
+        let (mut s, _f) = disk(8, false);
+        let setup = |value: u16, length: u16| Setup {
+            request_type: 0xa1,
+            request: GET_MAX_LUN,
+            value,
+            index: 0,
+            length,
+        };
+        assert_eq!(s.control(&setup(0, 1), &[]), Ok(vec![0]));
+        assert_eq!(s.control(&setup(0, 0), &[]), Err(Stall));
+        assert_eq!(s.control(&setup(0, 16), &[]), Err(Stall));
+        assert_eq!(s.control(&setup(1, 1), &[]), Err(Stall));
     }
 
     #[test]
