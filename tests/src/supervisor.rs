@@ -117,6 +117,29 @@ impl Lines {
         }
     }
 
+    /// The lines that arrive from now until one for which `last` holds (that one included);
+    /// after `timeout`, or at the end of the stream, `Err` with the lines that did arrive.
+    pub fn until(
+        &mut self,
+        last: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.rx.recv_timeout(left) else {
+                return Err(got);
+            };
+            self.seen.push(line.clone());
+            let done = last(&line);
+            got.push(line);
+            if done {
+                return Ok(got);
+            }
+        }
+    }
+
     /// Everything that arrives within `linger`.
     pub fn drain(&mut self, linger: Duration) -> &[String] {
         while let Ok(line) = self.rx.recv_timeout(linger) {

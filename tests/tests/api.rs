@@ -3,7 +3,7 @@
 //! `docs/api.yaml`, prometheus_client parsing `/metrics`; and bad input of every kind, each
 //! answered with a clear 4xx (or dropped at a deadline) while the VM and other clients go on.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use isola_device_common::testing::skip::{skip, Missing};
 use isola_tests::api::{curl, post_json, python, raw, status_of, Answer};
-use isola_tests::supervisor::Launch;
+use isola_tests::supervisor::{Launch, Lines};
 use isola_tests::{guest, scratch_dir, wait_for_path};
 
 /// The virtio-blk guest writing and reading its disk in a loop for `seconds`.
@@ -79,7 +79,7 @@ fn refused(answer: &Answer, status: u16, needle: &str) {
 /// `curl -N /events` in the background; its lines arrive on the returned receiver.
 struct EventReader {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: Lines,
 }
 
 impl EventReader {
@@ -91,15 +91,7 @@ impl EventReader {
             .stdout(Stdio::piped())
             .spawn()
             .expect("curl runs");
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = Lines::new(child.stdout.take().expect("piped"));
         // The stream is subscribed once the answer's head is out; give curl that moment.
         std::thread::sleep(Duration::from_millis(500));
         EventReader { child, lines }
@@ -107,29 +99,30 @@ impl EventReader {
 
     /// Events (parsed) until one named `last` arrives; panics after `timeout`.
     fn until(&mut self, last: &str, timeout: Duration) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {last} event within {timeout:?}; saw {seen:?}"));
-            let event: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
-            assert!(
-                event["timestamp_ms"].as_u64().is_some_and(|t| t > 0),
-                "{event}"
-            );
-            assert!(
-                event["time"].as_str().is_some_and(|t| t.ends_with('Z')),
-                "{event}"
-            );
-            let name = event["event"].as_str().unwrap_or("").to_owned();
-            seen.push(event);
-            if name == last {
-                return seen;
-            }
-        }
+        let named = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|event| event["event"] == last)
+        };
+        let lines = self
+            .lines
+            .until(named, timeout)
+            .unwrap_or_else(|seen| panic!("no {last} event within {timeout:?}; saw {seen:?}"));
+        lines
+            .iter()
+            .map(|line| {
+                let event: serde_json::Value =
+                    serde_json::from_str(line).expect("each line is JSON");
+                assert!(
+                    event["timestamp_ms"].as_u64().is_some_and(|t| t > 0),
+                    "{event}"
+                );
+                assert!(
+                    event["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+                    "{event}"
+                );
+                event
+            })
+            .collect()
     }
 
     /// Whether curl ended (the server closed the stream) within `timeout`.

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_tests::supervisor::Lines;
 use isola_tests::{binary, guest, scratch_dir, wait_for_path, Core};
 
 /// (exit code, stdout, stderr, time taken) of `isolactl ARGS` with stdin empty.
@@ -515,7 +516,7 @@ fn the_timeout_bounds_commands_through_a_silent_api_socket() {
 /// `isolactl events` (prose, and `--json`) in the background: its lines, and the child.
 struct Events {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: Lines,
 }
 
 impl Events {
@@ -526,35 +527,15 @@ impl Events {
             .stdout(Stdio::piped())
             .spawn()
             .expect("isolactl runs");
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = Lines::new(child.stdout.take().expect("piped"));
         Events { child, lines }
     }
 
     /// Lines until one containing `needle`; panics after `timeout`.
-    fn until(&self, needle: &str, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {needle:?} within {timeout:?}; saw {seen:?}"));
-            let done = line.contains(needle);
-            seen.push(line);
-            if done {
-                return seen;
-            }
-        }
+    fn until(&mut self, needle: &str, timeout: Duration) -> Vec<String> {
+        self.lines
+            .until(|line| line.contains(needle), timeout)
+            .unwrap_or_else(|seen| panic!("no {needle:?} within {timeout:?}; saw {seen:?}"))
     }
 
     /// The exit status, if isolactl ended by itself within `timeout`.
@@ -597,8 +578,8 @@ fn json_through_the_api_and_events_follow_a_killed_device() {
         launch.report()
     );
     let d = run_dir.to_str().unwrap();
-    let json_events = Events::start(&["--run-dir", d, "--json", "events"]);
-    let prose_events = Events::start(&["--run-dir", d, "events"]);
+    let mut json_events = Events::start(&["--run-dir", d, "--json", "events"]);
+    let mut prose_events = Events::start(&["--run-dir", d, "events"]);
     // The stream is subscribed once the answer's head is out.
     std::thread::sleep(Duration::from_millis(500));
 
