@@ -334,7 +334,8 @@ fn a_killed_isola_gpu_restarts_and_the_display_and_vnc_get_the_picture_back() {
     let restored_flag = dir.join("restored");
     let watcher = probe.as_ref().map(|probe| {
         let addr = desk.display.vnc.expect("VNC on TCP");
-        let (probe, out) = (probe.clone(), dir.join("vnc-watcher.ppm"));
+        let first_picture = dir.join("vnc-watcher.ppm");
+        let (probe, out) = (probe.clone(), first_picture.clone());
         let until = format!("until:{}", restored_flag.display());
         let client = std::thread::spawn(move || {
             let lines = run_probe(
@@ -347,9 +348,15 @@ fn a_killed_isola_gpu_restarts_and_the_display_and_vnc_get_the_picture_back() {
             );
             (lines, read_ppm(&out))
         });
+        // Connected is not enough: the client must hold its first picture before the
+        // crash, or a first update sent after the restore leaves nothing for it to count.
+        // vncprobe writes its PPM once that first update is complete.
         let deadline = Instant::now() + WAIT;
-        while desk.display.status().vnc_clients == 0 {
-            assert!(Instant::now() < deadline, "the VNC client never connected");
+        while !first_picture.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the VNC client never got its first picture"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         client
