@@ -106,6 +106,21 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     call_with_pid(who, path, request).await.map(|(r, _)| r)
 }
 
+/// A request whose answer takes up to `limit` by design (a graceful shutdown is answered when
+/// the VM ends). It takes no slot, so it cannot hold up the short calls for that long; the
+/// peer counts it among its clients like any other.
+pub async fn call_long<Req: Serialize, Resp: DeserializeOwned>(
+    who: &'static str,
+    path: &Path,
+    request: &Req,
+    limit: Duration,
+) -> Result<Resp, BackendError> {
+    match tokio::time::timeout(limit, exchange(who, path, request)).await {
+        Ok(result) => result.map(|(r, _)| r),
+        Err(_) => Err(BackendError::Timeout { who }),
+    }
+}
+
 /// [`call`], also returning the answering process's pid (`SO_PEERCRED`).
 pub async fn call_with_pid<Req: Serialize, Resp: DeserializeOwned>(
     who: &'static str,

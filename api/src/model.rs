@@ -107,6 +107,18 @@ pub struct ProcessCounters {
     pub voluntary_switches: u64,
 }
 
+/// `POST /vm/shutdown` (the body is optional: no body is a graceful shutdown with the
+/// default grace period).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Stop at once, without pressing the power button.
+    #[serde(default)]
+    pub force: bool,
+    /// The guest's grace period after the power button, in seconds.
+    pub timeout_seconds: Option<f64>,
+}
+
 /// `POST /input/key`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use crate::backends::{self, BackendError};
 use crate::http::{self, error, json, ApiBody};
 use crate::model::{
-    Button, Display, Input, KeyAction, KeyRequest, PointerRequest, Size, TypeRequest,
+    Button, Display, Input, KeyAction, KeyRequest, PointerRequest, ShutdownRequest, Size,
+    TypeRequest,
 };
 use crate::watch::Watch;
 use crate::{metrics, status};
@@ -33,6 +34,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/vm/pause", &[Method::POST]),
     ("/vm/resume", &[Method::POST]),
     ("/vm/shutdown", &[Method::POST]),
+    ("/vm/power-button", &[Method::POST]),
     ("/devices", &[Method::GET]),
     ("/devices/{}", &[Method::GET]),
     ("/devices/{}/restart", &[Method::POST]),
@@ -98,7 +100,10 @@ pub async fn handle(watch: &Arc<Watch>, request: Request<Incoming>) -> Answer {
         Ok(body) => body,
         Err(answer) => return answer,
     };
-    let takes_body = matches!(pattern, "/input/key" | "/input/type" | "/input/pointer");
+    let takes_body = matches!(
+        pattern,
+        "/input/key" | "/input/type" | "/input/pointer" | "/vm/shutdown"
+    );
     if !takes_body && !body.is_empty() {
         return error(StatusCode::BAD_REQUEST, format!("{path} takes no body"));
     }
@@ -109,7 +114,12 @@ pub async fn handle(watch: &Arc<Watch>, request: Request<Incoming>) -> Answer {
         "/vm/config.toml" => vm_config(watch, true),
         "/vm/pause" => core_action(watch, ControlRequest::Pause).await,
         "/vm/resume" => core_action(watch, ControlRequest::Resume).await,
-        "/vm/shutdown" => core_action(watch, ControlRequest::Shutdown).await,
+        "/vm/shutdown" => match shutdown_request(&body) {
+            Ok(ControlRequest::Shutdown) => core_action(watch, ControlRequest::Shutdown).await,
+            Ok(graceful) => graceful_shutdown(watch, graceful).await,
+            Err(answer) => answer,
+        },
+        "/vm/power-button" => core_action(watch, ControlRequest::PowerButton).await,
         "/devices" => match status::devices(watch).await {
             Ok(devices) => json(StatusCode::OK, &devices),
             Err(e) => backend_error(&e),
@@ -165,6 +175,82 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Answer> {
     }
     serde_json::from_slice(body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+}
+
+/// The grace period of `POST /vm/shutdown` without `timeout_seconds`.
+const DEFAULT_GRACE_SECONDS: f64 = 30.0;
+/// How much longer than the grace period the core may take to answer a graceful shutdown.
+const SHUTDOWN_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long after the core's answer its end may take to be recorded.
+const END_RECORDED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The core's request for a `POST /vm/shutdown` body (none: graceful, default grace).
+fn shutdown_request(body: &[u8]) -> Result<ControlRequest, Answer> {
+    let r = match body.is_empty() {
+        true => ShutdownRequest::default(),
+        false => parse::<ShutdownRequest>(body)?,
+    };
+    let max = isola_ipc::MAX_GRACE_MS as f64 / 1000.0;
+    match (r.force, r.timeout_seconds) {
+        (true, Some(_)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "force and timeout_seconds exclude each other".into(),
+        )),
+        (true, None) => Ok(ControlRequest::Shutdown),
+        (false, Some(t)) if !(t.is_finite() && t > 0.0 && t <= max) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("timeout_seconds must be more than 0 and at most {max}"),
+        )),
+        (false, t) => Ok(ControlRequest::GracefulShutdown {
+            timeout_ms: (t.unwrap_or(DEFAULT_GRACE_SECONDS) * 1000.0) as u64,
+        }),
+    }
+}
+
+/// Presses the power button through the core, which answers when the VM has ended (the
+/// guest powered off, or the grace period ran out and the core stopped it); answers the
+/// stopped `Vm`, whose `exit.detail` says which.
+async fn graceful_shutdown(watch: &Arc<Watch>, request: ControlRequest) -> Answer {
+    if watch.exit().is_some() {
+        return error(StatusCode::CONFLICT, "the VM has ended".into());
+    }
+    let ControlRequest::GracefulShutdown { timeout_ms } = request else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not a graceful shutdown".into(),
+        );
+    };
+    let limit = std::time::Duration::from_millis(timeout_ms) + SHUTDOWN_MARGIN;
+    let answer = backends::call_long::<_, ControlResponse>(
+        "isola-core",
+        &watch.sockets.core,
+        &request,
+        limit,
+    )
+    .await;
+    match answer {
+        Ok(ControlResponse::ShutDown(_)) => {
+            // The core has answered and is ending: answer once its end is recorded.
+            let ended = watch.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            watch.poke.notify_one();
+            if watch.exit().is_none() {
+                let _ = tokio::time::timeout(END_RECORDED_WITHIN, ended).await;
+            }
+            vm_answer(watch).await
+        }
+        Ok(ControlResponse::Error(e)) => error(StatusCode::CONFLICT, e),
+        Ok(_) => error(
+            StatusCode::BAD_GATEWAY,
+            "isola-core answered a graceful shutdown with something else".into(),
+        ),
+        Err(e) if e.is_absent() => error(
+            StatusCode::CONFLICT,
+            format!("the core is not serving: {e}"),
+        ),
+        Err(e) => backend_error(&e),
+    }
 }
 
 /// The HTTP status for a failed internal call.
@@ -260,9 +346,9 @@ async fn core_action(watch: &Arc<Watch>, request: ControlRequest) -> Answer {
     match answer {
         Ok(ControlResponse::Done) => vm_answer(watch).await,
         Ok(ControlResponse::Error(e)) => error(StatusCode::CONFLICT, e),
-        Ok(ControlResponse::Status(_)) => error(
+        Ok(ControlResponse::Status(_) | ControlResponse::ShutDown(_)) => error(
             StatusCode::BAD_GATEWAY,
-            "isola-core answered with a status".into(),
+            "isola-core answered with something else".into(),
         ),
         Err(e) if e.is_absent() => error(
             StatusCode::CONFLICT,

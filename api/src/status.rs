@@ -34,10 +34,12 @@ pub async fn core_status(watch: &Watch) -> Result<VmStatus, NoStatus> {
                 .unwrap_or(&e)
                 .to_owned(),
         )),
-        Ok(ControlResponse::Done) => Err(NoStatus::Failed(BackendError::Unexpected {
-            who: "isola-core",
-            what: "'done' to status",
-        })),
+        Ok(ControlResponse::Done | ControlResponse::ShutDown(_)) => {
+            Err(NoStatus::Failed(BackendError::Unexpected {
+                who: "isola-core",
+                what: "something else than a status",
+            }))
+        }
         Err(e) if e.is_absent() => Err(NoStatus::Starting(format!(
             "its control socket {}",
             watch.sockets.core.display()

@@ -5,6 +5,11 @@
 //! garbage gets an error response (if the frame was readable) and is disconnected; the server
 //! keeps serving the others.
 //!
+//! A graceful shutdown presses the guest's power button and arms a deadline here; the client
+//! that asked is answered only when the VM ends, with how it ended (the guest ended itself, or
+//! the deadline ran out and the core stopped it). That is the one place this logic lives:
+//! `isolactl shutdown` and the API's `POST /vm/shutdown` both send the same request.
+//!
 //! This thread never talks to a device process: each device's backend thread
 //! ([`crate::pci::backend`]) does, and keeps the link state this thread reports. So a hung,
 //! absent or given-up backend cannot delay an answer.
@@ -21,12 +26,13 @@ use std::time::{Duration, Instant};
 use isola_ipc::listen::BindError;
 use isola_ipc::{
     ControlRequest, ControlResponse, DeviceLink, DeviceStatus, DisplayLinkStatus, IpcError,
-    VcpuState, VcpuStatus, VmStatus,
+    ShutdownReport, VcpuState, VcpuStatus, VmStatus, MAX_GRACE_MS,
 };
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::devices::Ged;
 use crate::pci::backend::{Link, Shared};
 use crate::vcpu::{ExitNotifier, VcpuEvent, VcpuHandle, VmExit};
 
@@ -163,10 +169,18 @@ fn answer_while_starting(server: &ControlServer, waiting: &Mutex<String>) {
         let what = waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let response = match request {
             ControlRequest::Shutdown => ControlResponse::Done,
+            // No guest runs yet to answer the button.
+            ControlRequest::GracefulShutdown { .. } => ControlResponse::ShutDown(ShutdownReport {
+                graceful: false,
+                detail: format!("stopped while starting ({what})"),
+            }),
             _ => ControlResponse::Error(format!("the VM is starting: {what}")),
         };
         let _ = isola_ipc::write_message(&mut client, &response);
-        if matches!(request, ControlRequest::Shutdown) {
+        if matches!(
+            request,
+            ControlRequest::Shutdown | ControlRequest::GracefulShutdown { .. }
+        ) {
             let _ = std::fs::remove_file(&server.path);
             eprintln!("isola-core: shut down on request while starting ({what})");
             std::process::exit(0);
@@ -175,35 +189,105 @@ fn answer_while_starting(server: &ControlServer, waiting: &Mutex<String>) {
 }
 
 /// What the control loop acts on.
-struct Context<'a> {
-    vm: &'a VmFd,
-    exit: &'a ExitNotifier,
-    vcpus: &'a [VcpuHandle],
-    acks: &'a Receiver<(u32, VcpuState)>,
-    devices: &'a [Arc<Shared>],
-    started: Instant,
+pub struct Context<'a> {
+    pub vm: &'a VmFd,
+    /// Where vCPUs report the VM's end.
+    pub exit: &'a ExitNotifier,
+    pub vcpus: &'a [VcpuHandle],
+    /// Each vCPU's acknowledgement of a pause or resume.
+    pub acks: &'a Receiver<(u32, VcpuState)>,
+    /// The status of each PCI device, in bus order.
+    pub devices: &'a [Arc<Shared>],
+    /// The power button's event device.
+    pub ged: &'a Ged,
+    /// When the vCPUs started, for the uptime.
+    pub started: Instant,
+}
+
+/// A graceful shutdown under way: the power button was pressed at `pressed`; the VM is
+/// stopped at `deadline` unless the guest ends first. `waiters` are told how it ended.
+struct Pending {
+    pressed: Instant,
+    deadline: Instant,
+    waiters: Vec<UnixStream>,
+}
+
+impl Pending {
+    /// What the VM's end means for this shutdown: a guest that powers off or resets now ended
+    /// gracefully (a reset is not run again: the guest was asked to stop).
+    fn outcome(&self, exit: VmExit) -> VmExit {
+        let after = self.pressed.elapsed().as_secs_f64();
+        let what = match exit {
+            VmExit::Poweroff => "powered off",
+            VmExit::Reset => "reset",
+            other => return other,
+        };
+        VmExit::Shutdown {
+            graceful: true,
+            detail: format!("the guest {what} {after:.3} s after the power button"),
+        }
+    }
+
+    fn timed_out(&self) -> VmExit {
+        let grace = self.deadline.duration_since(self.pressed).as_secs_f64();
+        VmExit::Shutdown {
+            graceful: false,
+            detail: format!("the guest did not power off within {grace:.3} s of the power button"),
+        }
+    }
+
+    /// Tells every waiter how the VM ended.
+    fn answer(self, exit: &VmExit) {
+        let report = match exit {
+            VmExit::Shutdown { graceful, detail } => ShutdownReport {
+                graceful: *graceful,
+                detail: detail.clone(),
+            },
+            other => ShutdownReport {
+                graceful: false,
+                detail: format!("the VM ended otherwise: {}", other.summary()),
+            },
+        };
+        for mut waiter in self.waiters {
+            let answer = ControlResponse::ShutDown(report.clone());
+            let _ = isola_ipc::write_message(&mut waiter, &answer);
+        }
+    }
+}
+
+/// What to do with a client after its request.
+enum After {
+    Keep,
+    Drop,
+    /// Hold it until the VM ends (a graceful shutdown's requester).
+    Wait,
 }
 
 /// Serves the control socket (if any) until a vCPU or a client ends the VM.
-pub fn serve(
-    server: Option<ControlServer>,
-    vm: &VmFd,
-    exit: &ExitNotifier,
-    vcpus: &[VcpuHandle],
-    acks: &Receiver<(u32, VcpuState)>,
-    devices: &[Arc<Shared>],
-    started: Instant,
-) -> Result<VmExit, ControlError> {
-    let ctx = Context {
-        vm,
-        exit,
-        vcpus,
-        acks,
-        devices,
-        started,
-    };
+pub fn serve(server: Option<ControlServer>, ctx: Context<'_>) -> Result<VmExit, ControlError> {
+    let exit = ctx.exit;
     let mut clients: Vec<UnixStream> = Vec::new();
+    let mut pending: Option<Pending> = None;
     loop {
+        if let Some(p) = pending.take_if(|p| Instant::now() >= p.deadline) {
+            let end = p.timed_out();
+            log::warn!("graceful shutdown: {}", end.summary());
+            p.answer(&end);
+            return Ok(end);
+        }
+        let wait = match &pending {
+            // Rounded up, so the loop wakes after the deadline rather than spinning before it.
+            Some(p) => {
+                let ms = p
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    + 1;
+                PollTimeout::try_from(i32::try_from(ms).unwrap_or(i32::MAX))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
         let (exit_ready, listener_ready, ready_clients) = {
             let mut fds = vec![PollFd::new(exit.as_fd(), PollFlags::POLLIN)];
             if let Some(server) = &server {
@@ -215,7 +299,7 @@ pub fn serve(
                     .iter()
                     .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
             );
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, wait) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(ControlError::Poll(e)),
                 Ok(_) => {}
@@ -235,19 +319,32 @@ pub fn serve(
         };
         if exit_ready {
             if let Some(reason) = exit.take() {
-                return Ok(reason);
+                return Ok(match pending {
+                    Some(p) => {
+                        let end = p.outcome(reason);
+                        log::info!("graceful shutdown: {}", end.summary());
+                        p.answer(&end);
+                        end
+                    }
+                    None => reason,
+                });
             }
             let _ = exit.eventfd().read();
         }
         // Serve clients before accepting, so indices stay valid; drop the ones that are done.
         let mut finished = Vec::new();
         for i in ready_clients {
-            if !serve_one(&ctx, &mut clients[i]) {
-                finished.push(i);
+            match serve_one(&ctx, &mut clients[i], &mut pending) {
+                After::Keep => {}
+                After::Drop => finished.push((i, false)),
+                After::Wait => finished.push((i, true)),
             }
         }
-        for i in finished.into_iter().rev() {
-            clients.swap_remove(i);
+        for (i, wait) in finished.into_iter().rev() {
+            let client = clients.swap_remove(i);
+            if let (true, Some(p)) = (wait, pending.as_mut()) {
+                p.waiters.push(client);
+            }
         }
         if listener_ready {
             if let Some(server) = &server {
@@ -278,21 +375,59 @@ fn accept_all(listener: &UnixListener, clients: &mut Vec<UnixStream>) {
     }
 }
 
-/// Reads and answers one request; false when the client should be dropped.
-fn serve_one(ctx: &Context<'_>, stream: &mut UnixStream) -> bool {
+/// Reads and answers one request (a graceful shutdown's answer waits for the VM's end).
+fn serve_one(ctx: &Context<'_>, stream: &mut UnixStream, pending: &mut Option<Pending>) -> After {
     let request = match isola_ipc::read_message::<_, ControlRequest>(stream) {
         Ok(request) => request,
-        Err(IpcError::Closed) => return false,
+        Err(IpcError::Closed) => return After::Drop,
         Err(e) => {
             log::warn!("control: bad request: {e}");
             let answer = ControlResponse::Error(format!("bad request: {e}"));
             let _ = isola_ipc::write_message(stream, &answer);
-            return false;
+            return After::Drop;
         }
     };
     log::debug!("control: {request:?}");
-    let response = handle(ctx, request);
-    isola_ipc::write_message(stream, &response).is_ok()
+    let response = match request {
+        ControlRequest::GracefulShutdown { timeout_ms } => {
+            match begin_graceful_shutdown(ctx, timeout_ms, pending) {
+                Ok(()) => return After::Wait,
+                Err(e) => ControlResponse::Error(e),
+            }
+        }
+        request => handle(ctx, request),
+    };
+    match isola_ipc::write_message(stream, &response) {
+        Ok(()) => After::Keep,
+        Err(_) => After::Drop,
+    }
+}
+
+/// Presses the power button and arms the deadline; a shutdown already under way keeps its
+/// (earlier or later) deadline, and the button is pressed again.
+fn begin_graceful_shutdown(
+    ctx: &Context<'_>,
+    timeout_ms: u64,
+    pending: &mut Option<Pending>,
+) -> Result<(), String> {
+    if timeout_ms > MAX_GRACE_MS {
+        return Err(format!(
+            "a grace period of {timeout_ms} ms is longer than the {MAX_GRACE_MS} ms allowed"
+        ));
+    }
+    ctx.ged
+        .press_power_button()
+        .map_err(|e| format!("cannot raise the power button's interrupt: {e}"))?;
+    if pending.is_none() {
+        let pressed = Instant::now();
+        log::info!("graceful shutdown: the guest has {timeout_ms} ms to power off");
+        *pending = Some(Pending {
+            pressed,
+            deadline: pressed + Duration::from_millis(timeout_ms),
+            waiters: Vec::new(),
+        });
+    }
+    Ok(())
 }
 
 fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
@@ -317,8 +452,21 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
         ControlRequest::Pause => change_state(ctx, VcpuEvent::Pause, VcpuState::Paused),
         ControlRequest::Resume => change_state(ctx, VcpuEvent::Resume, VcpuState::Running),
         ControlRequest::Shutdown => {
-            ctx.exit.notify(VmExit::Shutdown);
+            ctx.exit.notify(VmExit::Shutdown {
+                graceful: false,
+                detail: "stopped at once on request".into(),
+            });
             ControlResponse::Done
+        }
+        ControlRequest::PowerButton => match ctx.ged.press_power_button() {
+            Ok(()) => ControlResponse::Done,
+            Err(e) => {
+                ControlResponse::Error(format!("cannot raise the power button's interrupt: {e}"))
+            }
+        },
+        // Served by `serve_one`, which holds the client until the VM ends.
+        ControlRequest::GracefulShutdown { .. } => {
+            ControlResponse::Error("graceful shutdown is not served here".into())
         }
         ControlRequest::InjectMsi { address, data } => {
             let msi = kvm_msi {

@@ -92,8 +92,9 @@ fn main() -> ExitCode {
             eprintln!("isola-core: guest requested a reset; the VM ends");
             ExitCode::SUCCESS
         }
-        Ok(VmExit::Shutdown) => {
-            eprintln!("isola-core: shut down on request");
+        Ok(VmExit::Shutdown { graceful, detail }) => {
+            let how = if graceful { "gracefully" } else { "hard" };
+            eprintln!("isola-core: shut down {how} on request: {detail}");
             ExitCode::SUCCESS
         }
         Ok(VmExit::DebugExit(status)) => {
@@ -123,16 +124,8 @@ fn main() -> ExitCode {
 
 /// The `--exit-report-fd` line: a reason word, then details.
 fn exit_line(outcome: &Result<VmExit, core_vmm::vm::VmError>) -> String {
-    let one_line = |s: &str| s.lines().next().unwrap_or("").to_owned();
     match outcome {
-        Ok(VmExit::Poweroff) => "poweroff".into(),
-        Ok(VmExit::Reset) => "reset".into(),
-        Ok(VmExit::Shutdown) => "shutdown".into(),
-        Ok(VmExit::DebugExit(status)) => format!("debug-exit {status}"),
-        Ok(VmExit::Failed(reason)) => format!("failed {}", one_line(reason)),
-        Ok(VmExit::Crash { vcpu, reason, .. }) => {
-            format!("crash {} on vcpu{vcpu}", one_line(reason))
-        }
-        Err(e) => format!("error {}", one_line(&error_chain(e))),
+        Ok(exit) => exit.summary(),
+        Err(e) => format!("error {}", error_chain(e).lines().next().unwrap_or("")),
     }
 }

@@ -95,8 +95,12 @@ pub enum VmExit {
     Poweroff,
     Reset,
     DebugExit(u8),
-    /// Asked for on the control socket.
-    Shutdown,
+    /// Asked for on the control socket: `graceful` when the guest ended itself after the
+    /// power button, else the core stopped it; `detail` says what happened.
+    Shutdown {
+        graceful: bool,
+        detail: String,
+    },
     /// The guest crashed (triple fault, emulation failure, ...): one-line reason + register dump.
     Crash {
         vcpu: u32,
@@ -105,6 +109,28 @@ pub enum VmExit {
     },
     /// The host side failed while the guest ran (e.g. a vCPU thread could not sandbox itself).
     Failed(String),
+}
+
+impl VmExit {
+    /// One line: a reason word (`poweroff`, `reset`, `shutdown`, `debug-exit`, `crash`,
+    /// `failed`), then details. The `--exit-report-fd` line, and what a graceful shutdown's
+    /// requester is told when the VM ends some other way.
+    pub fn summary(&self) -> String {
+        let one_line = |s: &str| s.lines().next().unwrap_or("").to_owned();
+        match self {
+            VmExit::Poweroff => "poweroff".into(),
+            VmExit::Reset => "reset".into(),
+            VmExit::Shutdown { graceful, detail } => format!(
+                "shutdown {}: {detail}",
+                if *graceful { "graceful" } else { "hard" }
+            ),
+            VmExit::DebugExit(status) => format!("debug-exit {status}"),
+            VmExit::Failed(reason) => format!("failed {}", one_line(reason)),
+            VmExit::Crash { vcpu, reason, .. } => {
+                format!("crash {} on vcpu{vcpu}", one_line(reason))
+            }
+        }
+    }
 }
 
 /// Where vCPUs report the end of the VM; the first report wins.

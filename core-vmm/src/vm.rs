@@ -17,7 +17,7 @@ use crate::cpu::cpuid::{self, HiddenFeatures, Hypercalls};
 use crate::cpu::hypercall;
 use crate::cpu::regs;
 use crate::deadline::{Watchdog, WatchdogGuard};
-use crate::devices::{LegacyDevices, SERIAL_IRQ};
+use crate::devices::{Ged, LegacyDevices, GED_IRQ, SERIAL_IRQ};
 use crate::interrupts::InterruptRouter;
 use crate::layout;
 use crate::memory::{GuestRam, MemoryError, MemoryOptions};
@@ -121,6 +121,8 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
     devices: Arc<LegacyDevices>,
+    /// The power button's event device, also reached by the control socket.
+    ged: Arc<Ged>,
     control: Option<ControlServer>,
     seccomp: SeccompMode,
     virtio: Vec<SharedVirtioDevice>,
@@ -267,7 +269,16 @@ impl Vm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("route the serial irqfd", e))?;
-        let devices = Arc::new(LegacyDevices::new(serial_out, serial_irq, pci));
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&ged_irq, GED_IRQ)
+            .map_err(|e| VmError::Kvm("route the GED irqfd", e))?;
+        let ged = Arc::new(Ged::new(ged_irq));
+        let devices = Arc::new(LegacyDevices::new(
+            serial_out,
+            serial_irq,
+            Arc::clone(&ged),
+            pci,
+        ));
 
         let hypercalls = probing.map_or(Hypercalls::Hide, hypercalls_from);
         let vcpus = (0..config.num_cpus)
@@ -312,6 +323,7 @@ impl Vm {
             ram,
             vcpus,
             devices,
+            ged,
             control,
             seccomp: config.seccomp,
             virtio,
@@ -327,6 +339,7 @@ impl Vm {
             ram,
             vcpus,
             devices,
+            ged,
             control,
             seccomp,
             virtio,
@@ -388,8 +401,18 @@ impl Vm {
             .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).shared())
             .chain(vfio_user)
             .collect();
-        let result =
-            crate::control::serve(control, &vm, &exit, &handles, &ack_rx, &shared, started);
+        let result = crate::control::serve(
+            control,
+            crate::control::Context {
+                vm: &vm,
+                exit: &exit,
+                vcpus: &handles,
+                acks: &ack_rx,
+                devices: &shared,
+                ged: &ged,
+                started,
+            },
+        );
         stop_vcpus(handles);
         // Guest RAM is unmapped only now that no vCPU thread can touch it.
         drop(ram);

@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape or of
-/// the encoding (7: postcard replaced bincode).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// the encoding (7: postcard replaced bincode; 8: the power button and graceful shutdown).
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.
@@ -65,10 +65,30 @@ pub enum ControlRequest {
     Pause,
     /// Let paused vCPUs run again.
     Resume,
-    /// End the VM as if the guest had powered off.
+    /// End the VM now (a hard stop: the guest is not asked).
     Shutdown,
     /// Debugging aid: deliver one MSI (KVM_SIGNAL_MSI) with this address and data.
     InjectMsi { address: u64, data: u32 },
+    /// Press the guest's ACPI power button (answered `Done` at once). Added in version 8.
+    PowerButton,
+    /// Press the power button and give the guest `timeout_ms` (at most
+    /// [`MAX_GRACE_MS`]) to end itself; then end the VM as `Shutdown` does. Answered with
+    /// [`ControlResponse::ShutDown`] when the VM ends, however it ends. Added in version 8.
+    GracefulShutdown { timeout_ms: u64 },
+}
+
+/// The longest grace period a graceful shutdown may ask for (one hour).
+pub const MAX_GRACE_MS: u64 = 3_600_000;
+
+/// How a VM that was asked to shut down ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownReport {
+    /// True when the guest ended itself (powered off or reset) after the power button; false
+    /// when the core stopped it (the grace period ran out, or a hard shutdown came), or it
+    /// ended otherwise (`detail` says how).
+    pub graceful: bool,
+    /// What happened, e.g. `the guest powered off 1.204 s after the power button`.
+    pub detail: String,
 }
 
 /// The core's answer to one [`ControlRequest`].
@@ -79,6 +99,8 @@ pub enum ControlResponse {
     Done,
     /// The request was refused; the text says why.
     Error(String),
+    /// The answer to [`ControlRequest::GracefulShutdown`]: the VM has ended.
+    ShutDown(ShutdownReport),
 }
 
 /// What `isolactl status` shows.
@@ -247,6 +269,8 @@ mod tests {
                 address: 0xfee0_0000,
                 data: 0x41,
             },
+            ControlRequest::PowerButton,
+            ControlRequest::GracefulShutdown { timeout_ms: 30_000 },
         ] {
             assert_eq!(roundtrip(&req), req);
         }

@@ -89,6 +89,6 @@ fn main() {
     {
         println!("{line}");
     }
-    let _ = curl(&socket, &["-X", "POST"], "/vm/shutdown");
+    let _ = isola_tests::api::post_json(&socket, "/vm/shutdown", r#"{"force": true}"#);
     let _ = launch.finish(Duration::from_secs(60));
 }

@@ -21,6 +21,7 @@ mod elf;
 const GUESTS: &[(&str, bool, &[&str])] = &[
     ("boot-check", true, &[]),
     ("msi", false, &[]),
+    ("power", false, &[]),
     ("triple-fault", false, &[]),
     ("cpu-check", false, &[]),
     ("virtio-blk", false, &["virtio.c"]),

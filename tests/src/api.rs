@@ -5,8 +5,10 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::supervisor::Lines;
 
 /// One answer: status and body.
 #[derive(Debug, Clone)]
@@ -106,4 +108,73 @@ pub fn python() -> Option<PathBuf> {
 /// The OpenAPI document.
 pub fn document() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.yaml")
+}
+
+/// `curl -N /events` in the background; its lines arrive on the returned receiver.
+pub struct EventReader {
+    child: std::process::Child,
+    lines: Lines,
+}
+
+impl EventReader {
+    pub fn start(socket: &Path) -> EventReader {
+        let mut child = Command::new("curl")
+            .args(["-sS", "-N", "--max-time", "300", "--unix-socket"])
+            .arg(socket)
+            .arg("http://localhost/events")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl runs");
+        let lines = Lines::new(child.stdout.take().expect("piped"));
+        // The stream is subscribed once the answer's head is out; give curl that moment.
+        std::thread::sleep(Duration::from_millis(500));
+        EventReader { child, lines }
+    }
+
+    /// Events (parsed) until one named `last` arrives; panics after `timeout`.
+    pub fn until(&mut self, last: &str, timeout: Duration) -> Vec<serde_json::Value> {
+        let named = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|event| event["event"] == last)
+        };
+        let lines = self
+            .lines
+            .until(named, timeout)
+            .unwrap_or_else(|seen| panic!("no {last} event within {timeout:?}; saw {seen:?}"));
+        lines
+            .iter()
+            .map(|line| {
+                let event: serde_json::Value =
+                    serde_json::from_str(line).expect("each line is JSON");
+                assert!(
+                    event["timestamp_ms"].as_u64().is_some_and(|t| t > 0),
+                    "{event}"
+                );
+                assert!(
+                    event["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+                    "{event}"
+                );
+                event
+            })
+            .collect()
+    }
+
+    /// Whether curl ended (the server closed the stream) within `timeout`.
+    pub fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for EventReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

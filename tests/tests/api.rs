@@ -12,8 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::skip::{skip, Missing};
-use isola_tests::api::{curl, post_json, python, raw, status_of, Answer};
-use isola_tests::supervisor::{Launch, Lines};
+use isola_tests::api::{curl, post_json, python, raw, status_of, Answer, EventReader};
+use isola_tests::supervisor::Launch;
 use isola_tests::{guest, scratch_dir, wait_for_path};
 
 /// The virtio-blk guest writing and reading its disk in a loop for `seconds`.
@@ -74,75 +74,6 @@ fn refused(answer: &Answer, status: u16, needle: &str) {
         text.contains(needle),
         "{text:?} does not mention {needle:?}"
     );
-}
-
-/// `curl -N /events` in the background; its lines arrive on the returned receiver.
-struct EventReader {
-    child: std::process::Child,
-    lines: Lines,
-}
-
-impl EventReader {
-    fn start(socket: &Path) -> EventReader {
-        let mut child = Command::new("curl")
-            .args(["-sS", "-N", "--max-time", "300", "--unix-socket"])
-            .arg(socket)
-            .arg("http://localhost/events")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("curl runs");
-        let lines = Lines::new(child.stdout.take().expect("piped"));
-        // The stream is subscribed once the answer's head is out; give curl that moment.
-        std::thread::sleep(Duration::from_millis(500));
-        EventReader { child, lines }
-    }
-
-    /// Events (parsed) until one named `last` arrives; panics after `timeout`.
-    fn until(&mut self, last: &str, timeout: Duration) -> Vec<serde_json::Value> {
-        let named = |line: &str| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .is_ok_and(|event| event["event"] == last)
-        };
-        let lines = self
-            .lines
-            .until(named, timeout)
-            .unwrap_or_else(|seen| panic!("no {last} event within {timeout:?}; saw {seen:?}"));
-        lines
-            .iter()
-            .map(|line| {
-                let event: serde_json::Value =
-                    serde_json::from_str(line).expect("each line is JSON");
-                assert!(
-                    event["timestamp_ms"].as_u64().is_some_and(|t| t > 0),
-                    "{event}"
-                );
-                assert!(
-                    event["time"].as_str().is_some_and(|t| t.ends_with('Z')),
-                    "{event}"
-                );
-                event
-            })
-            .collect()
-    }
-
-    /// Whether curl ended (the server closed the stream) within `timeout`.
-    fn ends_within(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for EventReader {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn names(events: &[serde_json::Value]) -> Vec<String> {
@@ -348,7 +279,10 @@ fn every_endpoint_answers_curl() {
         "{seen:?}"
     );
 
-    let down = ok(&curl(&api, &["-X", "POST"], "/vm/shutdown"), "shutdown");
+    let down = ok(
+        &post_json(&api, "/vm/shutdown", r#"{"force": true}"#),
+        "shutdown",
+    );
     assert!(
         down["state"] == "running" || down["state"] == "stopped" || down["state"] == "starting",
         "{down}"
@@ -451,13 +385,16 @@ fn the_running_server_holds_to_its_openapi_document() {
         "schemathesis found the server off its document:\n{text}"
     );
     assert!(
-        text.contains("Tested: 16"),
+        text.contains("Tested: 17"),
         "schemathesis did not test every operation:\n{text}"
     );
     // The VM went on through all of it.
     let vm = ok(&curl(&api, &["-X", "POST"], "/vm/resume"), "resume");
     assert_eq!(vm["state"], "running", "{vm}");
-    ok(&curl(&api, &["-X", "POST"], "/vm/shutdown"), "shutdown");
+    ok(
+        &post_json(&api, "/vm/shutdown", r#"{"force": true}"#),
+        "shutdown",
+    );
     let status = launch.finish(Duration::from_secs(60));
     assert!(
         status.success(),

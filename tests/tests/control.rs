@@ -112,7 +112,7 @@ fn isolactl_status_pause_resume_shutdown() {
     let (_, out, _) = isolactl(&socket, &["status"]);
     assert!(out.contains("vcpu0: running"), "{out}");
 
-    let (ok, _, err) = isolactl(&socket, &["shutdown"]);
+    let (ok, _, err) = isolactl(&socket, &["shutdown", "--hard"]);
     assert!(ok, "{err}");
     let done = core.finish(TIMEOUT);
     assert!(done.status.success(), "{:?} {}", done.status, done.stderr);

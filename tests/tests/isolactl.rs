@@ -199,11 +199,14 @@ fn every_command_has_a_default_deadline() {
     let _console = full_backlog(&dir.join("console.sock"));
     let d = dir.to_str().unwrap();
     let shot = dir.join("shot.png");
-    let cases: [&[&str]; 12] = [
+    let cases: [&[&str]; 13] = [
         &["status"][..],
         &["pause"],
         &["resume"],
-        &["shutdown"],
+        &["shutdown", "--hard"],
+        // A graceful shutdown's answer comes when the VM ends: its deadline is the guest's
+        // grace period (--timeout) plus 10 s.
+        &["shutdown", "--timeout", "2"],
         &["inject-msi", "--data", "1"],
         &["restart", "blk0"],
         &["key", "a"],
@@ -460,7 +463,7 @@ fn json_for_every_command_without_the_api() {
     );
     assert_eq!(got, b"typed");
 
-    let (code, end, err) = json(&["--run-dir", d, "shutdown"]);
+    let (code, end, err) = json(&["--run-dir", d, "shutdown", "--hard"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(keys(&end), VM_KEYS);
 }
@@ -787,7 +790,7 @@ fn json_for_input_and_screenshot_through_the_api_and_directly() {
     assert_eq!(code, Some(1), "{e}");
     assert!(e["error"].as_str().unwrap().contains("scanout"), "{e}");
 
-    let end = with(&via_api, &["shutdown"]);
+    let end = with(&via_api, &["shutdown", "--hard"]);
     assert_eq!(keys(&end), VM_KEYS);
     let status = launch.finish(Duration::from_secs(60));
     assert!(status.success(), "{status:?}\n{}", launch.report());

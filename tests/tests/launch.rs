@@ -180,7 +180,7 @@ fn isolactl_shutdown_stops_the_vm_and_every_daemon_and_removes_the_run_directory
     let daemon_pid = supervisor_status(&launch.supervisor_socket())[0]
         .pid
         .expect("running");
-    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());
@@ -452,7 +452,7 @@ fn every_device_kind_runs_under_the_supervisor_and_each_daemon_comes_back_after_
     let (ok, text) = isolactl(&["--run-dir", run, "screenshot", shot.to_str().unwrap()]);
     assert!(ok && text.contains("640x400"), "{text}");
 
-    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());
@@ -528,7 +528,7 @@ fn a_killed_display_daemon_comes_back_with_the_picture_from_the_running_gpu() {
     assert!(text.contains("vcpu0: running"), "{text}");
     assert!(!text.contains("reconnecting"), "{text}");
 
-    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());

@@ -142,7 +142,7 @@ fn logs_land_in_their_files_and_never_in_the_guest_console_stream() {
             .any(|d| d.name == "blk0" && d.state == DaemonState::Running)
             .then_some(())
     });
-    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());
@@ -305,7 +305,7 @@ fn detach_prints_the_run_directory_writes_the_pidfile_and_shutdown_ends_it() {
                 .then_some(())
         },
     );
-    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", dir, "shutdown", "--hard"]);
     assert!(ok, "{text}");
     wait_until("the launcher gone", Duration::from_secs(30), || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -367,7 +367,7 @@ fn the_launcher_notifies_systemd_when_the_vm_runs() {
     );
     let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "status"]);
     assert!(ok, "{text}");
-    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", run_dir.to_str().unwrap(), "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());

@@ -284,7 +284,7 @@ fn upgrades_of_the_disk_daemon_under_verified_io_lose_nothing() {
         quiet[quiet.len() - 1].as_secs_f64() * 1e3
     );
 
-    let (ok, text) = isolactl(&["--run-dir", run, "shutdown"]);
+    let (ok, text) = isolactl(&["--run-dir", run, "shutdown", "--hard"]);
     assert!(ok, "{text}");
     let status = launch.finish(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", launch.report());

@@ -45,10 +45,11 @@ struct Cli {
     /// input-status.
     #[arg(long, short = 'i', global = true, env = "ISOLA_INPUT_SOCKET")]
     input: Option<PathBuf>,
-    /// Seconds to wait for each socket to accept and answer (fractions allowed). `events`,
-    /// `logs --follow` and `console`: for the connection and the first answer only.
-    #[arg(long, global = true, default_value_t = 5.0, value_parser = parse_timeout)]
-    timeout: f64,
+    /// Seconds to wait for each socket to accept and answer (fractions allowed; default 5).
+    /// `events`, `logs --follow` and `console`: for the connection and the first answer only.
+    /// `shutdown`: the guest's grace period after the power button (default 30).
+    #[arg(long, global = true, value_parser = parse_timeout)]
+    timeout: Option<f64>,
     /// The VM's API socket (isola-api; default with --run-dir: DIR/api.sock if there), for
     /// `events` and the answers of --json.
     #[arg(long, global = true, env = "ISOLA_API_SOCKET")]
@@ -61,7 +62,37 @@ struct Cli {
     command: Command,
 }
 
+/// The grace period of `isolactl shutdown` without --timeout.
+const DEFAULT_GRACE: f64 = 30.0;
+/// How much longer than the grace period a graceful shutdown's answer may take (the core
+/// stopping the vCPUs and answering).
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
+
 impl Cli {
+    /// `shutdown`'s request to the core: graceful unless --hard.
+    fn shutdown_request(&self) -> ControlRequest {
+        match self.command {
+            Command::Shutdown { hard: true } => ControlRequest::Shutdown,
+            _ => ControlRequest::GracefulShutdown {
+                timeout_ms: (self.grace().as_secs_f64() * 1000.0) as u64,
+            },
+        }
+    }
+
+    /// The guest's grace period for a graceful `shutdown`.
+    fn grace(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout.unwrap_or(DEFAULT_GRACE))
+    }
+
+    /// How long each socket exchange may take: --timeout (default 5 s), except for a graceful
+    /// shutdown, whose answer comes when the VM has ended.
+    fn exchange_timeout(&self) -> Duration {
+        match self.command {
+            Command::Shutdown { hard: false } => self.grace() + SHUTDOWN_MARGIN,
+            _ => Duration::from_secs_f64(self.timeout.unwrap_or(5.0)),
+        }
+    }
+
     /// The API socket --json and `events` use: `--api`, or `DIR/api.sock` when it is there
     /// and no internal socket is named on the command line.
     fn api_socket(&self) -> Option<PathBuf> {
@@ -170,8 +201,16 @@ enum Command {
     Pause,
     /// Let paused vCPUs run again.
     Resume,
-    /// End the VM.
-    Shutdown,
+    /// End the VM gracefully: press the guest's power button, wait up to --timeout seconds
+    /// (default 30) for the guest to power off, then stop it hard. Prints which happened.
+    Shutdown {
+        /// Stop the VM at once, without asking the guest.
+        #[arg(long, alias = "force")]
+        hard: bool,
+    },
+    /// Press the guest's ACPI power button (the guest's OS decides what to do; most power
+    /// off). Returns at once.
+    PowerButton,
     /// Restart a device daemon: a running one is stopped (SIGTERM; SIGKILL after the
     /// supervisor's stop timeout) and started again at once; one given up on gets a fresh
     /// retry budget. The guest sees a pause; in-flight requests are resubmitted.
@@ -500,7 +539,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restart { .. } | Command::Upgrade { .. } => return run_supervisor_command(&cli),
         Command::Pause => ControlRequest::Pause,
         Command::Resume => ControlRequest::Resume,
-        Command::Shutdown => ControlRequest::Shutdown,
+        Command::PowerButton => ControlRequest::PowerButton,
+        Command::Shutdown { .. } => {
+            let request = cli.shutdown_request();
+            match core_call(&cli.core_socket()?, &request)? {
+                ControlResponse::Error(e) => bail!("{e}"),
+                ControlResponse::ShutDown(report) => say!("{}", shutdown_line(&report)),
+                _ => say!("hard: stopped at once on request"),
+            }
+            return Ok(());
+        }
         Command::InjectMsi { address, data } => ControlRequest::InjectMsi {
             address,
             data: u32::try_from(data).context("--data must fit in 32 bits")?,
@@ -592,6 +640,12 @@ fn supervisor_request(cli: &Cli, request: SupervisorRequest) -> anyhow::Result<(
     }
 }
 
+/// `graceful: ...` or `hard: ...`: how a shutdown ended.
+fn shutdown_line(report: &isola_ipc::ShutdownReport) -> String {
+    let how = if report.graceful { "graceful" } else { "hard" };
+    format!("{how}: {}", report.detail)
+}
+
 fn core_call(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {
     call(socket, "the core", request)
 }
@@ -637,7 +691,7 @@ fn status(cli: &Cli) -> anyhow::Result<()> {
     let status = match core_call(&cli.core_socket()?, &ControlRequest::Status)? {
         ControlResponse::Status(status) => status,
         ControlResponse::Error(e) => bail!("{e}"),
-        ControlResponse::Done => bail!("the core answered a status request with 'done'"),
+        other => bail!("the core answered a status request with {other:?}"),
     };
     say!(
         "uptime: {}.{:03} s",
@@ -723,7 +777,7 @@ fn parse_cli() -> Cli {
 
 fn main() -> ExitCode {
     let cli = parse_cli();
-    let _ = TIMEOUT.set(Duration::from_secs_f64(cli.timeout));
+    let _ = TIMEOUT.set(cli.exchange_timeout());
     let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

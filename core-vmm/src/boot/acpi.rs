@@ -7,15 +7,18 @@
 //!   checks before it trusts MMCONFIG;
 //! - **FADT** (hardware-reduced ACPI): the sleep control/status registers at port 0x3c0 and
 //!   `\_S5` in the DSDT, so `poweroff` in Linux reaches the core's sleep-control port;
-//! - **DSDT**: the PCI host bridge (PNP0A08) with its bus, I/O and MMIO windows, and COM1;
+//! - **DSDT**: the PCI host bridge (PNP0A08) with its bus, I/O and MMIO windows, COM1, and the
+//!   power button (`\_SB.PWRB`, PNP0C0C) with the Generic Event Device that notifies it
+//!   (`\_SB.GED`, ACPI0013: see [`crate::devices::Ged`]);
 //! - **MADT**: one local APIC per vCPU and the IOAPIC.
 //!
 //! The tables sit in the BIOS area at [`layout::ACPI_START`], where Linux also searches for the
 //! RSDP; the boot protocols pass its address too (PVH `rsdp_paddr`, `boot_params.acpi_rsdp_addr`).
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name,
-    Package, ResourceTemplate, IO,
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Equal, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name,
+    Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -28,7 +31,10 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::{ACPI_SLEEP_CONTROL_PORT, SERIAL_IRQ, SERIAL_PORT_BASE};
+use crate::devices::{
+    ACPI_SLEEP_CONTROL_PORT, GED_EVENT_POWER_BUTTON, GED_IRQ, GED_PORT, SERIAL_IRQ,
+    SERIAL_PORT_BASE,
+};
 use crate::layout;
 use crate::memory::GuestMemoryMmap;
 
@@ -111,6 +117,7 @@ fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    power_button(&mut body);
     Name::new(
         "_S5_".into(),
         &Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]),
@@ -120,6 +127,52 @@ fn dsdt() -> Vec<u8> {
     let mut dsdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// `\_SB.PWRB` and the GED whose `_EVT` (run by the guest's GED driver on [`GED_IRQ`]) reads
+/// the event register and notifies the button (0x80: "pressed").
+fn power_button(body: &mut Vec<u8>) {
+    Device::new(
+        "\\_SB_.PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C0C")),
+            &Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(body);
+    let irq = Interrupt::new(true, true, false, false, GED_IRQ);
+    let events = Local(0);
+    let pressed = aml::And::new(&aml::ZERO, &events, &GED_EVENT_POWER_BUTTON);
+    let is_pressed = Equal::new(&pressed, &GED_EVENT_POWER_BUTTON);
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &0x80u8);
+    let register = Path::new("GDAT");
+    Device::new(
+        "\\_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq])),
+            &OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &GED_PORT, &1u8),
+            &Field::new(
+                "GDST".into(),
+                FieldAccessType::Byte,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &Store::new(&events, &register),
+                    &If::new(&is_pressed, vec![&notify]),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -293,5 +346,102 @@ mod tests {
         let dsdt = &all.iter().find(|(n, _)| n == "DSDT").unwrap().1;
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_S5_") && has(b"PCI0") && has(b"MBRS") && has(b"COM1"));
+    }
+
+    fn dsdt_of_image() -> Vec<u8> {
+        let image = build(2, layout::ACPI_START);
+        tables(&image, layout::ACPI_START)
+            .into_iter()
+            .find(|(n, _)| n == "DSDT")
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_its_event_device() {
+        let dsdt = dsdt_of_image();
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PWRB") && has(b"GED_") && has(b"_EVT") && has(b"GDAT"));
+        assert!(has(b"ACPI0013\0"), "the GED's _HID as a string");
+        // PNP0C0C as an EISA id (DWordConst 0x0c0cd041).
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]), "the button's _HID");
+        // OperationRegion (GDST, SystemIO, 0x0b00, 1).
+        assert!(has(&[
+            0x5b, 0x80, b'G', b'D', b'S', b'T', 0x01, 0x0b, 0x00, 0x0b, 0x01
+        ]));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive; one GSI.
+        let mut irq = vec![0x89, 6, 0, 0x03, 1];
+        irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        assert!(has(&irq), "the GED's _CRS names GSI {GED_IRQ}");
+    }
+
+    /// ACPICA's disassembler, an independent AML parser, reads the DSDT back as the ASL the
+    /// power button needs.
+    #[test]
+    fn iasl_disassembles_the_dsdt_into_the_power_button() {
+        use isola_device_common::testing::skip::{skip, Missing};
+        let dir = std::env::temp_dir().join(format!("isola-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, dsdt_of_image()).unwrap();
+        let out = match std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(&dir)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let _ = std::fs::remove_dir_all(&dir);
+                skip(
+                    Missing::Installable,
+                    "no iasl (Debian package acpica-tools)",
+                );
+                return;
+            }
+            Err(e) => panic!("iasl: {e}"),
+        };
+        let asl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "iasl -d failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Comments and white space out, on both sides.
+        let squeeze = |text: &str| -> String {
+            let mut out = String::new();
+            for line in text.lines() {
+                let mut line = line.split("//").next().unwrap_or("").to_owned();
+                while let (Some(a), Some(b)) = (line.find("/*"), line.find("*/")) {
+                    if b < a {
+                        break;
+                    }
+                    line.replace_range(a..b + 2, "");
+                }
+                out.extend(line.chars().filter(|c| !c.is_whitespace()));
+            }
+            out
+        };
+        let squeezed = squeeze(&asl);
+        for needle in [
+            "Device (\\_SB.PWRB)",
+            "Name (_HID, EisaId (\"PNP0C0C\"))",
+            "Device (\\_SB.GED)",
+            "Name (_HID, \"ACPI0013\")",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000005, }",
+            "OperationRegion (GDST, SystemIO, 0x0B00, One)",
+            "GDAT, 8",
+            "Method (_EVT, 1, Serialized)",
+            "Local0 = GDAT",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "Name (_S5, Package (0x02)",
+        ] {
+            assert!(
+                squeezed.contains(&squeeze(needle)),
+                "no `{needle}` in:\n{asl}"
+            );
+        }
     }
 }

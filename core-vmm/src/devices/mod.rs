@@ -9,11 +9,13 @@
 //! | 0x60, 0x64   | i8042 stub: writing 0xfe to 0x64 (pulse reset) ends the VM       |
 //! | 0xf4         | debug exit: writing byte v ends the VM with exit status v        |
 //! | 0x3c0        | ACPI sleep control: SLP_EN with SLP_TYP 5 (S5) powers off        |
+//! | 0xb00        | ACPI Generic Event Device: pending events, cleared by a read (IRQ 5) |
 //! | 0x80, 0xed   | POST / delay ports: ignored                                       |
 //! | 0xcf8-0xcff  | PCI configuration mechanism #1 (forwarded to [`PciBus`])          |
 //!
 //! Every other port reads as all ones and ignores writes (logged, rate-limited).
 
+mod ged;
 mod serial;
 
 use std::io::Write;
@@ -24,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::PciBus;
 
+pub use ged::{Ged, GED_EVENT_POWER_BUTTON, GED_IRQ, GED_PORT};
 pub use serial::SerialDevice;
 
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -54,16 +57,23 @@ pub enum GuestRequest {
 /// threads.
 pub struct LegacyDevices {
     serial: Mutex<SerialDevice>,
+    ged: Arc<Ged>,
     pci: Arc<PciBus>,
     unhandled: AtomicU64,
 }
 
 impl LegacyDevices {
     /// `serial_out` receives what the guest writes to COM1; `serial_irq` is raised (an irqfd
-    /// on GSI 4) when the UART wants attention.
-    pub fn new(serial_out: Box<dyn Write + Send>, serial_irq: EventFd, pci: Arc<PciBus>) -> Self {
+    /// on GSI 4) when the UART wants attention; `ged` is the power button's event device.
+    pub fn new(
+        serial_out: Box<dyn Write + Send>,
+        serial_irq: EventFd,
+        ged: Arc<Ged>,
+        pci: Arc<PciBus>,
+    ) -> Self {
         LegacyDevices {
             serial: Mutex::new(SerialDevice::new(serial_out, serial_irq)),
+            ged,
             pci,
             unhandled: AtomicU64::new(0),
         }
@@ -96,6 +106,7 @@ impl LegacyDevices {
             // i8042 status: output buffer empty, input buffer empty, system flag set.
             I8042_COMMAND_PORT => data.fill(0x04),
             I8042_DATA_PORT => data.fill(0),
+            GED_PORT if data.len() == 1 => data[0] = self.ged.read(),
             _ => {
                 self.log_unhandled(format_args!("port read at {port:#x}, {} bytes", data.len()));
                 data.fill(0xff);
@@ -134,7 +145,7 @@ impl LegacyDevices {
                 None
             }
             I8042_COMMAND_PORT if first == I8042_RESET_COMMAND => Some(GuestRequest::Reset),
-            I8042_COMMAND_PORT | I8042_DATA_PORT | POST_PORT | DELAY_PORT => None,
+            I8042_COMMAND_PORT | I8042_DATA_PORT | POST_PORT | DELAY_PORT | GED_PORT => None,
             DEBUG_EXIT_PORT => Some(GuestRequest::DebugExit(first)),
             ACPI_SLEEP_CONTROL_PORT
                 if first & ACPI_SLP_EN != 0 && (first >> 2) & 0x7 == ACPI_SLP_TYP_S5 =>
@@ -172,8 +183,9 @@ mod tests {
     fn devices() -> (LegacyDevices, Sink) {
         let sink = Sink::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ged = Arc::new(Ged::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         (
-            LegacyDevices::new(Box::new(sink.clone()), evt, Arc::new(PciBus::new())),
+            LegacyDevices::new(Box::new(sink.clone()), evt, ged, Arc::new(PciBus::new())),
             sink,
         )
     }
@@ -208,5 +220,19 @@ mod tests {
         let mut buf = [0u8; 2];
         dev.pio_read(0x1234, &mut buf);
         assert_eq!(buf, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn the_ged_register_reports_a_press_once() {
+        let (dev, _) = devices();
+        let mut byte = [0xffu8];
+        dev.pio_read(GED_PORT, &mut byte);
+        assert_eq!(byte, [0]);
+        dev.ged.press_power_button().unwrap();
+        assert_eq!(dev.pio_write(GED_PORT, &[0]), None, "writes are ignored");
+        dev.pio_read(GED_PORT, &mut byte);
+        assert_eq!(byte, [GED_EVENT_POWER_BUTTON]);
+        dev.pio_read(GED_PORT, &mut byte);
+        assert_eq!(byte, [0]);
     }
 }

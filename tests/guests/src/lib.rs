@@ -67,6 +67,22 @@
 //! time, waiting for each line) it prints `msi: vector=0x<2 hex> count=<interrupts so far>`. After
 //! [`MSI_COUNT`] it prints `msi: done total=8` and powers off.
 //!
+//! # `power` ([`POWER_ELF`])
+//!
+//! Answers the ACPI power button as an OS without an AML interpreter can: from the GED's
+//! register directly. It software-enables its LAPIC (masking the 8259s), routes IOAPIC pin
+//! [`GED_IRQ`] (the GSI in the DSDT's `\_SB.GED` `_CRS`) to vector 0x35 (fixed, physical
+//! destination = its APIC id, edge, active high), prints `power: ready mode=<mode>` and
+//! waits for interrupts. After each it reads the GED's event register (one byte at port
+//! [`GED_PORT`]; the read clears it); bit 0 ([`GED_EVENT_POWER_BUTTON`]) set means the button
+//! was pressed, and it prints `power: button pressed count=<presses so far>
+//! irqs=<interrupts on vector 0x35 so far>`. Then, by `power.mode` on the command line:
+//!
+//! * `answer` (default): prints `power: powering off` and powers off through ACPI S5;
+//! * `ignore`: keeps waiting, so only a hard stop ends it.
+//!
+//! Any other mode: `power: bad power.mode=<mode>`, exit [`EXIT_POWER_BAD_PARAM`].
+//!
 //! # `triple-fault` ([`TRIPLE_FAULT_ELF`])
 //!
 //! Prints `triple-fault: faulting now`, loads an IDT with limit 0 and raises #GP in ring 0 (a
@@ -430,6 +446,8 @@ pub const BOOT_CHECK_ELF: &str = concat!(env!("OUT_DIR"), "/boot-check.elf");
 pub const BOOT_CHECK_BZIMAGE: &str = concat!(env!("OUT_DIR"), "/boot-check.bzimage");
 /// `msi` as an ELF with a PVH note.
 pub const MSI_ELF: &str = concat!(env!("OUT_DIR"), "/msi.elf");
+/// The `power` guest (see the module documentation) as an ELF with a PVH note.
+pub const POWER_ELF: &str = concat!(env!("OUT_DIR"), "/power.elf");
 /// `triple-fault` as an ELF with a PVH note.
 pub const TRIPLE_FAULT_ELF: &str = concat!(env!("OUT_DIR"), "/triple-fault.elf");
 /// `cpu-check` (each vCPU's CPUID, and whether a hypercall returns) as an ELF with a PVH note.
@@ -462,6 +480,7 @@ pub const IMAGES: &[&str] = &[
     "boot-check.elf",
     "boot-check.bzimage",
     "msi.elf",
+    "power.elf",
     "triple-fault.elf",
     "cpu-check.elf",
     "virtio-blk.elf",
@@ -502,6 +521,14 @@ pub const BOOT_MARKER_CODE: [u8; 7] = [0x66, 0xba, 0xf8, 0x03, 0xb0, 0x0a, 0xee]
 
 /// Number of interrupts `msi` waits for.
 pub const MSI_COUNT: u32 = 8;
+/// The `power` guest: the GED's event register (the core's `GED_PORT`).
+pub const GED_PORT: u16 = 0xb00;
+/// The `power` guest: the GED's GSI (IOAPIC pin; the core's `GED_IRQ`).
+pub const GED_IRQ: u32 = 5;
+/// The `power` guest: the power-button bit of the GED's event register.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1;
+/// The `power` guest: `power.mode` is neither `answer` nor `ignore`.
+pub const EXIT_POWER_BAD_PARAM: u8 = 60;
 /// Debug-exit value: `boot-check` found a bad PVH magic or no `HdrS`.
 pub const EXIT_BAD_BOOT_INFO: u8 = 3;
 /// Debug-exit value: `boot-check` started fewer CPUs than the MP table describes.

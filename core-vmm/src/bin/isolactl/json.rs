@@ -39,7 +39,14 @@ fn through_api(cli: &Cli, api: &Path) -> anyhow::Result<Value> {
         Command::Status => json!({ "vm": get(api, "/vm")?, "devices": get(api, "/devices")? }),
         Command::Pause => post(api, "/vm/pause", None)?,
         Command::Resume => post(api, "/vm/resume", None)?,
-        Command::Shutdown => post(api, "/vm/shutdown", None)?,
+        Command::PowerButton => post(api, "/vm/power-button", None)?,
+        Command::Shutdown { hard } => {
+            let body = match hard {
+                true => json!({ "force": true }),
+                false => json!({ "timeout_seconds": cli.grace().as_secs_f64() }),
+            };
+            post(api, "/vm/shutdown", Some(body))?
+        }
         Command::Restart { name } => {
             if !plausible_name(name) {
                 bail!("'{name}' is not a device name");
@@ -118,11 +125,28 @@ fn direct(cli: &Cli) -> anyhow::Result<Value> {
             let status = core_status(cli)?;
             json!({ "vm": vm(&status), "devices": devices(&status, &daemons) })
         }
-        Command::Pause | Command::Resume | Command::Shutdown | Command::InjectMsi { .. } => {
+        Command::Shutdown { .. } => {
+            let report = match crate::core_call(&cli.core_socket()?, &cli.shutdown_request())? {
+                ControlResponse::Error(e) => bail!("{e}"),
+                ControlResponse::ShutDown(report) => report,
+                _ => isola_ipc::ShutdownReport {
+                    graceful: false,
+                    detail: "stopped at once on request".into(),
+                },
+            };
+            // The API's Vm of an ended VM; what only the API knows is null.
+            json!({
+                "state": "stopped", "waiting_for": null, "uptime_ms": 0, "pid": null,
+                "vcpus": [], "exit": {
+                    "reason": "shutdown", "detail": crate::shutdown_line(&report), "status": 0
+                }
+            })
+        }
+        Command::Pause | Command::Resume | Command::PowerButton | Command::InjectMsi { .. } => {
             let request = match &cli.command {
                 Command::Pause => ControlRequest::Pause,
                 Command::Resume => ControlRequest::Resume,
-                Command::Shutdown => ControlRequest::Shutdown,
+                Command::PowerButton => ControlRequest::PowerButton,
                 Command::InjectMsi { address, data } => ControlRequest::InjectMsi {
                     address: *address,
                     data: u32::try_from(*data).context("--data must fit in 32 bits")?,
@@ -135,11 +159,6 @@ fn direct(cli: &Cli) -> anyhow::Result<Value> {
             }
             match crate::core_call(&socket, &ControlRequest::Status) {
                 Ok(ControlResponse::Status(status)) => vm(&status),
-                // The core ends at once on shutdown.
-                _ if matches!(cli.command, Command::Shutdown) => json!({
-                    "state": "stopped", "waiting_for": null, "uptime_ms": 0, "pid": null,
-                    "vcpus": [], "exit": { "reason": "shutdown", "detail": null, "status": 0 }
-                }),
                 Ok(other) => bail!("the core answered a status request with {other:?}"),
                 Err(e) => return Err(e),
             }
@@ -205,7 +224,7 @@ fn core_status(cli: &Cli) -> anyhow::Result<VmStatus> {
     match crate::core_call(&cli.core_socket()?, &ControlRequest::Status)? {
         ControlResponse::Status(status) => Ok(status),
         ControlResponse::Error(e) => bail!("{e}"),
-        ControlResponse::Done => bail!("the core answered a status request with 'done'"),
+        other => bail!("the core answered a status request with {other:?}"),
     }
 }
 
