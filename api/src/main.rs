@@ -44,9 +44,20 @@ struct Cli {
     #[arg(long, default_value_t = 100, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(10..=10_000))]
     poll_ms: u64,
+    /// What a guest reset does: `end` the VM (exit status 0), or `restart` it in place: the
+    /// core is started again with the same command line, and the device daemons (which
+    /// serve the next frontend) are connected again; the API and its event stream go on.
+    #[arg(long, value_enum, default_value_t = OnReset::End)]
+    on_reset: OnReset,
     /// The core's command line: PROGRAM ARGS... (`--exit-report-fd 3` is added).
     #[arg(last = true, required = true, value_name = "CORE")]
     core: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnReset {
+    End,
+    Restart,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +130,16 @@ fn run(cli: Cli) -> Result<i32, Error> {
         let watch = watch::Watch::new(backends::Sockets::in_dir(&cli.run_dir));
         tokio::spawn(http::serve(listener, std::sync::Arc::clone(&watch)));
         tokio::spawn(std::sync::Arc::clone(&watch).run(Duration::from_millis(cli.poll_ms)));
-        let exit = core::run(std::sync::Arc::clone(&watch), &cli.core).await?;
+        let mut restarts = 0u64;
+        let exit = loop {
+            let exit = core::run(std::sync::Arc::clone(&watch), &cli.core).await?;
+            if cli.on_reset == OnReset::End || exit.reason != "reset" {
+                break exit;
+            }
+            restarts += 1;
+            log::info!("the guest reset: starting the core again (restart {restarts})");
+            watch.core_restarting(restarts);
+        };
         let status = exit.status;
         watch.core_ended(exit);
         // Let the event streams send their last lines.

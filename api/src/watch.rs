@@ -128,6 +128,15 @@ impl Watch {
         }
     }
 
+    /// The guest reset and the core is started again (`--on-reset restart`): a
+    /// `guest_reset` event whose reason says so, and the VM goes on.
+    pub fn core_restarting(&self, restarts: u64) {
+        self.lock().core_pid = None;
+        self.emit("guest_reset", None, |e| {
+            e.reason = Some(format!("the VM restarts in place (restart {restarts})"))
+        });
+    }
+
     /// The core has ended: records how, and tells the readers.
     pub fn core_ended(&self, exit: Exit) {
         let event = match exit.reason.as_str() {

@@ -213,3 +213,72 @@ fn the_api_shuts_down_gracefully_or_hard_and_says_which() {
         launch.report()
     );
 }
+
+/// `--on-reset restart`: a guest that resets (the `boot-check` guest pulses the i8042 reset
+/// line every boot) comes back and runs again, with the same device daemon (a console),
+/// which serves the new core; the API's event stream says so and goes on.
+#[test]
+fn a_guest_reset_restarts_the_vm_in_place_with_on_reset_restart() {
+    let scratch = scratch_dir("power-on-reset");
+    let run_dir = scratch.join("run");
+    let kernel = guest("boot-check.elf");
+    let mut launch = Launch::start(
+        &run_dir,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "boot-check.end=reset",
+            "--on-reset",
+            "restart",
+            "--console",
+        ],
+    );
+    wait_for_path(&run_dir.join("api.sock"), TIMEOUT);
+    let mut events = EventReader::start(&run_dir.join("api.sock"));
+    let console_pid = |launch: &Launch| {
+        isola_tests::supervisor::supervisor_status(&launch.supervisor_socket())
+            .into_iter()
+            .find(|d| d.name == "console")
+            .and_then(|d| d.pid)
+    };
+    // Three boots that each end in a reset: the VM came back at least twice.
+    for boot in 1..=3 {
+        for line in ["boot-check: ok", "boot-check: resetting"] {
+            assert!(
+                launch.stdout.wait_for(line, TIMEOUT).is_some(),
+                "boot {boot}: no {line:?}\n{}",
+                launch.report()
+            );
+        }
+    }
+    let first = console_pid(&launch).expect("the console daemon runs");
+    for n in 1..=2 {
+        let seen = events.until("guest_reset", TIMEOUT);
+        let reset = seen.last().expect("the event");
+        assert_eq!(
+            reset["reason"],
+            format!("the VM restarts in place (restart {n})"),
+            "{seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|e| e["event"] == "vm_ended"),
+            "the VM did not end: {seen:?}"
+        );
+    }
+    // One more boot, served by the same console daemon, never restarted.
+    assert!(launch.stdout.wait_for("boot-check: ok", TIMEOUT).is_some());
+    assert_eq!(console_pid(&launch), Some(first), "the same console daemon");
+    let console = isola_tests::supervisor::supervisor_status(&launch.supervisor_socket())
+        .into_iter()
+        .find(|d| d.name == "console")
+        .expect("console");
+    assert_eq!(console.restarts, 0, "{console:?}");
+    // SIGTERM ends it all, as for any VM.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launch.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    launch.finish(TIMEOUT);
+}

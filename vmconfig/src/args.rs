@@ -7,12 +7,12 @@
 //! --disk PATH[,ro][,sq-poll][,engine=auto|sync|io-uring]      (repeatable)
 //! --net TAP[,mac=XX:XX:XX:XX:XX:XX]                           (repeatable)
 //! --console  --console-log FILE  --console-port NAME[,log=FILE] (repeatable)
-//! --display WxH  --vnc ADDR:PORT  --input
+//! --display WxH  --vnc ADDR:PORT  --input  --on-reset end|restart
 //! ```
 
 use std::path::PathBuf;
 
-use crate::{check, Console, ConsolePort, Disk, Display, Engine, Net, VmConfig};
+use crate::{check, Console, ConsolePort, Disk, Display, Engine, Net, OnReset, VmConfig};
 
 /// The flags that describe `vm`, in a fixed order.
 pub fn to_args(vm: &VmConfig) -> Vec<String> {
@@ -88,6 +88,9 @@ pub fn to_args(vm: &VmConfig) -> Vec<String> {
             push("--vnc", Some(vnc.clone()));
         }
     }
+    if vm.on_reset != OnReset::End {
+        push("--on-reset", Some(vm.on_reset.name().to_owned()));
+    }
     if vm.input {
         push("--input", None);
     }
@@ -152,6 +155,11 @@ pub fn from_args(args: &[String]) -> Result<VmConfig, String> {
                     .vnc = Some(addr);
             }
             "--input" => vm.input = true,
+            "--on-reset" => {
+                let name = value()?;
+                vm.on_reset = OnReset::from_name(&name)
+                    .ok_or_else(|| bad(format!("'{name}' is neither end nor restart")))?;
+            }
             other => return Err(format!("unknown VM flag '{other}'")),
         }
     }

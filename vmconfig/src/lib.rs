@@ -11,6 +11,7 @@
 //! hugepages = false
 //! prefault = false
 //! input = true                  # a keyboard and a tablet
+//! on_reset = "restart"          # a guest reset restarts the VM in place (default "end")
 //!
 //! [[disk]]
 //! path = "root.img"
@@ -114,6 +115,40 @@ pub struct VmConfig {
     /// A keyboard and a tablet (isola-input).
     #[serde(default, skip_serializing_if = "is_false")]
     pub input: bool,
+    /// What a guest reset does: end the VM (default) or restart it in place.
+    #[serde(default, skip_serializing_if = "OnReset::is_end")]
+    pub on_reset: OnReset,
+}
+
+/// `on_reset`: isola-api's `--on-reset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReset {
+    /// The VM ends (exit status 0).
+    #[default]
+    End,
+    /// The core is started again with the same devices; the device daemons and the run
+    /// directory stay.
+    Restart,
+}
+
+impl OnReset {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnReset::End => "end",
+            OnReset::Restart => "restart",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<OnReset> {
+        [OnReset::End, OnReset::Restart]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
+
+    fn is_end(&self) -> bool {
+        *self == OnReset::End
+    }
 }
 
 /// A disk image served by isola-blk.

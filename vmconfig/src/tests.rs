@@ -10,6 +10,7 @@ memory_mib = 512
 hugepages = true
 prefault = true
 input = true
+on_reset = "restart"
 
 [[disk]]
 path = "/images/root.img"
@@ -77,6 +78,7 @@ fn full() -> VmConfig {
             vnc: Some("127.0.0.1:5900".into()),
         }),
         input: true,
+        on_reset: OnReset::Restart,
     }
 }
 
