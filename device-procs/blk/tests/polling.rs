@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
 use support::{patterned_image, Backend, Scratch, TIMEOUT};
-use vhost::VhostBackend;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use vm_memory::{Bytes, GuestAddress};
@@ -51,6 +52,35 @@ fn used_flags(q: &SplitQueue, ram: &GuestRam) -> u16 {
     ram.memory().read_obj(q.used).unwrap()
 }
 
+/// Sends one read every CADENCE, published without a kick (kicked only if it is not served),
+/// until one is served unkicked: the window has grown past CADENCE. Returns the requests sent.
+/// The window starts at zero, so the first ones need their kick.
+fn grow_window(q: &mut SplitQueue, ram: &GuestRam, backend: &Backend) -> u16 {
+    let mut n: u16 = 0;
+    while n < 40 {
+        std::thread::sleep(CADENCE);
+        let status = publish_read(q, ram, u64::from(n));
+        n += 1;
+        if q.wait_used(ram.memory(), n, Duration::from_millis(50)) {
+            assert_eq!(
+                used_flags(q, ram),
+                VRING_USED_F_NO_NOTIFY as u16,
+                "kicks are suppressed while the worker polls"
+            );
+            assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+            return n;
+        }
+        q.kick();
+        assert!(
+            q.wait_used(ram.memory(), n, TIMEOUT),
+            "{}",
+            backend.log_text()
+        );
+        assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
+    }
+    panic!("no unkicked request was ever served");
+}
+
 #[test]
 fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
     let dir = Scratch::new("polling");
@@ -69,37 +99,8 @@ fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
     let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
     testing::start_queue(&mut fe, &q, &ram, 0);
 
-    // One request every CADENCE, published without a kick; kicked only if it is not served.
-    // The window starts at zero, so the first ones need their kick.
-    let mut n: u16 = 0;
-    let mut served_unkicked = None;
-    while n < 40 {
-        std::thread::sleep(CADENCE);
-        let status = publish_read(&mut q, &ram, u64::from(n));
-        n += 1;
-        if q.wait_used(ram.memory(), n, Duration::from_millis(50)) {
-            assert_eq!(
-                used_flags(&q, &ram),
-                VRING_USED_F_NO_NOTIFY as u16,
-                "kicks are suppressed while the worker polls"
-            );
-            assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
-            served_unkicked = Some(n);
-            break;
-        }
-        q.kick();
-        assert!(
-            q.wait_used(ram.memory(), n, TIMEOUT),
-            "{}",
-            backend.log_text()
-        );
-        assert_eq!(ram.memory().read_obj::<u8>(status).unwrap(), 0);
-    }
-    let served_at = served_unkicked.expect("no unkicked request was ever served");
-    assert!(
-        served_at > 3,
-        "the window did not start small (request {served_at})"
-    );
+    let mut n = grow_window(&mut q, &ram, &backend);
+    assert!(n > 3, "the window did not start small (request {n})");
 
     // After the window the worker re-enables kicks and sleeps.
     let deadline = Instant::now() + POLL + TIMEOUT;
@@ -127,4 +128,70 @@ fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
         "GET_VRING_BASE waited {:?} for the poll window",
         stop.elapsed()
     );
+}
+
+/// Memory the frontend adds (ADD_MEM_REG) while the worker is inside its poll window is usable
+/// by the next request: every round of a pass sees the memory table as it is then, not as it
+/// was when the pass began (a busy queue may stay in one pass for ever).
+#[test]
+fn memory_added_while_a_queue_polls_is_seen_by_its_next_request() {
+    let dir = Scratch::new("polling-add-mem");
+    let image = dir.path("disk.img");
+    let data = patterned_image(&image, 1 << 20);
+    let socket = dir.path("blk.sock");
+    let poll_us = POLL.as_micros().to_string();
+    let backend = Backend::start(
+        &socket,
+        &image,
+        dir.path("blk.log"),
+        &["--queue-size", "64", "--poll-us", &poll_us],
+    );
+    let ram = GuestRam::new(4 << 20);
+    let mut q = SplitQueue::new(0, QSIZE, GuestAddress(0));
+    let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
+    testing::start_queue(&mut fe, &q, &ram, 0);
+    let n = grow_window(&mut q, &ram, &backend);
+
+    // Still inside the window (it has grown past CADENCE, and polls for up to POLL): a second
+    // region at 16 MiB, acknowledged (REPLY_ACK) before the request that reads into it.
+    let extra = GuestRam::new(1 << 20);
+    let at = 16u64 << 20;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: at,
+        ..extra.region()
+    };
+    fe.add_mem_region(&region).expect("ADD_MEM_REG");
+    let mem = ram.memory();
+    let (hdr, status) = (GuestAddress(0x20_0000), GuestAddress(0x20_1000));
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    raw[8..].copy_from_slice(&8u64.to_le_bytes());
+    mem.write_slice(&raw, hdr).unwrap();
+    mem.write_obj(0xffu8, status).unwrap();
+    let head = q.add(
+        mem,
+        &[
+            (hdr, 16, false),
+            (GuestAddress(at), 4096, true),
+            (status, 1, true),
+        ],
+    );
+    q.publish(mem, head);
+    // Kicked only after a while, so that the polling worker takes it first if it can.
+    if !q.wait_used(mem, n + 1, CADENCE / 2) {
+        q.kick();
+        assert!(q.wait_used(mem, n + 1, TIMEOUT), "{}", backend.log_text());
+    }
+    assert_eq!(
+        mem.read_obj::<u8>(status).unwrap(),
+        0,
+        "the read into the new region failed: {}",
+        backend.log_text()
+    );
+    let mut got = vec![0u8; 4096];
+    extra
+        .memory()
+        .read_slice(&mut got, GuestAddress(0))
+        .unwrap();
+    assert!(got == data[4096..8192], "wrong data in the new region");
 }

@@ -292,10 +292,12 @@ impl Worker {
     /// notifications suppressed, then re-enable them and check once more (no lost kick).
     /// `poll`: how long to watch the ring after the driver stops adding requests.
     fn pass(&mut self, poll: Duration) -> Result<(), WorkerError> {
-        let mem = self.memory.memory().into_inner();
         let enabled = self.enabled();
         let poll = if enabled { poll } else { Duration::ZERO };
         loop {
+            // The memory table as it is now, each round: a busy queue may stay in one pass for
+            // ever, and the frontend may add regions meanwhile (ADD_MEM_REG) and then use them.
+            let mem = self.memory.memory().into_inner();
             if enabled {
                 self.queue
                     .disable_notification(&*mem)
