@@ -268,7 +268,7 @@ def rfb_seeds():
 # --- ipc --------------------------------------------------------------------------------
 
 
-def frame(body, version=7):
+def frame(body, version=9):
     """isola-ipc's framing: length, PROTOCOL_VERSION, a postcard body."""
     return u32(len(body) + 2) + u16(version) + body
 
@@ -284,7 +284,8 @@ def var(v):
 
 def ipc_seeds():
     string = lambda s: var(len(s)) + s
-    write("ipc", "control-requests", u8(0) + b"".join(frame(var(v)) for v in range(4)) + frame(var(4) + var(0xFEE00000) + var(0x41)))
+    write("ipc", "control-requests", u8(0) + b"".join(frame(var(v)) for v in range(4)) + frame(var(4) + var(0xFEE00000) + var(0x41))
+          + frame(var(5)) + frame(var(6) + var(30000)) + frame(var(7) + string(b"/run/isola/blk0.sock")))
     write("ipc", "supervisor-requests", u8(2) + frame(var(0)) + frame(var(1) + string(b"blk0")) + frame(var(2) + string(b"blk0") + u8(0)))
     write("ipc", "display-requests", u8(4) + frame(var(0) + var(0)) + frame(var(1)))
     write("ipc", "input-requests", u8(6) + frame(var(0) + var(30) + u8(1)) + frame(var(1) + var(100) + var(200) + var(1)) + frame(var(2)))

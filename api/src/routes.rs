@@ -361,17 +361,24 @@ async fn core_action(watch: &Arc<Watch>, request: ControlRequest) -> Answer {
 async fn restart(watch: &Arc<Watch>, name: &str) -> Answer {
     // A device is restarted through the daemon that serves it (`input0` -> `input`); a name
     // that is no device's goes to the supervisor as it is.
-    let daemon = match status::devices(watch).await {
-        Ok(devices) => devices
-            .into_iter()
-            .find(|d| d.name == name)
-            .and_then(|d| d.daemon)
-            .map(|d| d.name),
-        Err(_) => None,
-    };
-    let request = SupervisorRequest::Restart {
-        name: daemon.unwrap_or_else(|| name.to_owned()),
-    };
+    let devices = status::devices(watch).await.unwrap_or_default();
+    let daemon = devices
+        .iter()
+        .find(|d| d.name == name)
+        .and_then(|d| d.daemon.as_ref())
+        .map_or(name, |d| d.name.as_str())
+        .to_owned();
+    // A planned handover, told to the core first: it reconnects at once to the new instance
+    // even right after the last restart (no flap back-off). Best effort, as in isolactl.
+    let sockets = devices
+        .iter()
+        .filter(|d| d.slot.is_some() && d.daemon.as_ref().is_some_and(|x| x.name == daemon));
+    for socket in sockets.filter_map(|d| d.socket.clone()) {
+        let request = ControlRequest::Handover { socket };
+        let _ =
+            backends::call::<_, ControlResponse>("isola-core", &watch.sockets.core, &request).await;
+    }
+    let request = SupervisorRequest::Restart { name: daemon };
     let answer = backends::call::<_, SupervisorResponse>(
         "isola-supervisor",
         &watch.sockets.supervisor,

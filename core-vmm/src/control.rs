@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use isola_ipc::listen::BindError;
 use isola_ipc::{
     ControlRequest, ControlResponse, DeviceLink, DeviceStatus, DisplayLinkStatus, IpcError,
-    ShutdownReport, VcpuState, VcpuStatus, VmStatus, MAX_GRACE_MS,
+    ShutdownReport, VcpuState, VcpuStatus, VmStatus, HANDOVER_WINDOW_MS, MAX_GRACE_MS,
 };
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
@@ -468,6 +468,16 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
         ControlRequest::GracefulShutdown { .. } => {
             ControlResponse::Error("graceful shutdown is not served here".into())
         }
+        ControlRequest::Handover { socket } => {
+            match ctx.devices.iter().find(|d| d.socket == Path::new(&socket)) {
+                Some(device) => {
+                    device.expect_handover(Duration::from_millis(HANDOVER_WINDOW_MS));
+                    log::info!("{}: planned handover of {socket}", device.name);
+                    ControlResponse::Done
+                }
+                None => ControlResponse::Error(format!("no device on socket {socket}")),
+            }
+        }
         ControlRequest::InjectMsi { address, data } => {
             let msi = kvm_msi {
                 address_lo: address as u32,
@@ -493,6 +503,9 @@ fn device_status(index: usize, device: &Shared) -> DeviceStatus {
         socket: device.socket.display().to_string(),
         link: link_status(&state.link),
         reconnects: state.reconnects,
+        last_outage_us: state
+            .last_outage
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
         display: state.display.as_ref().map(|d| DisplayLinkStatus {
             socket: d.socket.display().to_string(),
             link: link_status(&d.link),

@@ -22,8 +22,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of every message in this crate; bump it on any change of a message's shape or of
-/// the encoding (7: postcard replaced bincode; 8: the power button and graceful shutdown).
-pub const PROTOCOL_VERSION: u16 = 8;
+/// the encoding (7: postcard replaced bincode; 8: the power button and graceful shutdown;
+/// 9: `ControlRequest::Handover`, `DeviceStatus::last_outage_us`).
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Largest frame (version + body) a reader accepts: room for a PNG screenshot of a large
 /// display, small enough that a hostile peer cannot make the reader allocate much.
@@ -75,7 +76,15 @@ pub enum ControlRequest {
     /// [`MAX_GRACE_MS`]) to end itself; then end the VM as `Shutdown` does. Answered with
     /// [`ControlResponse::ShutDown`] when the VM ends, however it ends. Added in version 8.
     GracefulShutdown { timeout_ms: u64 },
+    /// The backend on `socket` is about to be replaced on purpose (`isolactl restart` or
+    /// `upgrade`): its next hang-up, within [`HANDOVER_WINDOW_MS`], is reconnected at once
+    /// even if it comes right after the last reconnect (no flap back-off). Added in
+    /// version 9.
+    Handover { socket: String },
 }
+
+/// How long a [`ControlRequest::Handover`] announcement holds.
+pub const HANDOVER_WINDOW_MS: u64 = 10_000;
 
 /// The longest grace period a graceful shutdown may ask for (one hour).
 pub const MAX_GRACE_MS: u64 = 3_600_000;
@@ -121,6 +130,10 @@ pub struct DeviceStatus {
     pub link: DeviceLink,
     /// Times the core reconnected to a restarted backend.
     pub reconnects: u32,
+    /// How long the backend was away the last time the core reconnected: microseconds from
+    /// the hang-up to the new backend's queues restored (the guest's requests wait that
+    /// long at most, plus their own service time). Added in protocol version 9.
+    pub last_outage_us: Option<u64>,
     /// A GPU's link to its display process (`display=` of `--device gpu`), if it has one.
     /// Added in protocol version 4.
     pub display: Option<DisplayLinkStatus>,
@@ -286,6 +299,7 @@ mod tests {
                 socket: "/run/blk.sock".into(),
                 link: DeviceLink::Refused("disk size differs".into()),
                 reconnects: 2,
+                last_outage_us: None,
                 display: Some(DisplayLinkStatus {
                     socket: "/run/display.sock".into(),
                     link: DeviceLink::Reconnecting,
@@ -300,9 +314,10 @@ mod tests {
     fn other_version_is_refused() {
         let mut buf = Vec::new();
         write_message(&mut buf, &ControlRequest::Status).unwrap();
-        buf[4] = 9;
+        let other = PROTOCOL_VERSION + 1;
+        buf[4..6].copy_from_slice(&other.to_le_bytes());
         let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
-        assert!(matches!(err, IpcError::Version { peer: 9 }), "{err}");
+        assert!(matches!(err, IpcError::Version { peer } if peer == other), "{err}");
     }
 
     #[test]
@@ -361,6 +376,7 @@ mod tests {
                 socket: "/run/net.sock".into(),
                 link: DeviceLink::Unresponsive("GET_VRING_BASE".into()),
                 reconnects: 7,
+                last_outage_us: None,
                 display: None,
             }],
         });

@@ -93,6 +93,25 @@ pub fn join_devices(
         .collect()
 }
 
+/// The sockets of the core's `devices` that the daemon named `name` serves (as
+/// [`join_devices`] pairs them): what `isolactl restart` and `upgrade` announce to the core
+/// as a planned handover ([`crate::ControlRequest::Handover`]) before asking the supervisor.
+pub fn sockets_served_by(
+    devices: &[crate::DeviceStatus],
+    daemons: &[DaemonStatus],
+    name: &str,
+) -> Vec<String> {
+    let Some(at) = daemons.iter().position(|d| d.name == name) else {
+        return Vec::new();
+    };
+    join_devices(devices, daemons)
+        .into_iter()
+        .zip(devices)
+        .filter(|((_, serving), _)| *serving == Some(at))
+        .map(|(_, d)| d.socket.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +124,7 @@ mod tests {
             socket: socket.into(),
             link: DeviceLink::Connected,
             reconnects: 0,
+            last_outage_us: None,
             display: None,
         }
     }
@@ -145,5 +165,15 @@ mod tests {
                 ("gpu0".to_owned(), None),
             ]
         );
+        assert_eq!(
+            sockets_served_by(&devices, &daemons, "input"),
+            ["/r/keyboard.sock", "/r/tablet.sock"]
+        );
+        assert_eq!(
+            sockets_served_by(&devices, &daemons, "disk"),
+            ["/r/blk-a.sock"]
+        );
+        assert!(sockets_served_by(&devices, &daemons, "display").is_empty());
+        assert!(sockets_served_by(&devices, &daemons, "nobody").is_empty());
     }
 }

@@ -604,8 +604,13 @@ fn events(cli: &Cli) -> anyhow::Result<()> {
     })
 }
 
-/// `restart` and `upgrade`: requests to the supervisor.
+/// `restart` and `upgrade`: requests to the supervisor, each announced to the core first as a
+/// planned handover of the daemon's devices, so that the core reconnects at once even to a
+/// daemon replaced right after the last replacement (no flap back-off).
 fn run_supervisor_command(cli: &Cli) -> anyhow::Result<()> {
+    if let Command::Restart { ref name } | Command::Upgrade { ref name, .. } = cli.command {
+        announce_handover(cli, name);
+    }
     match cli.command {
         Command::Restart { ref name } => {
             supervisor_request(cli, SupervisorRequest::Restart { name: name.clone() })
@@ -644,6 +649,30 @@ fn supervisor_request(cli: &Cli, request: SupervisorRequest) -> anyhow::Result<(
 fn shutdown_line(report: &isola_ipc::ShutdownReport) -> String {
     let how = if report.graceful { "graceful" } else { "hard" };
     format!("{how}: {}", report.detail)
+}
+
+/// Tells the core that the devices daemon `name` serves are about to be handed over. Best
+/// effort: without it (no core, or one that refuses) the restart still happens, and only a
+/// daemon replaced again within the core's flap window is retried after a back-off.
+fn announce_handover(cli: &Cli, name: &str) {
+    let (Ok(core), Ok(supervisor)) = (cli.core_socket(), cli.supervisor_socket()) else {
+        return;
+    };
+    let Ok(ControlResponse::Status(vm)) = core_call(&core, &ControlRequest::Status) else {
+        return;
+    };
+    let Ok(SupervisorResponse::Status(daemons)) =
+        supervisor_call(&supervisor, &SupervisorRequest::Status)
+    else {
+        return;
+    };
+    for socket in isola_ipc::supervisor::sockets_served_by(&vm.devices, &daemons, name) {
+        if let Ok(ControlResponse::Error(e)) =
+            core_call(&core, &ControlRequest::Handover { socket })
+        {
+            eprintln!("isolactl: note: the core was not told of the handover: {e}");
+        }
+    }
 }
 
 fn core_call(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {

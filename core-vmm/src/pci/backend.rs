@@ -70,6 +70,12 @@ pub struct State {
     /// Starting the device failed: the guest sees DEVICE_NEEDS_RESET.
     pub needs_reset: bool,
     pub display: Option<DisplayState>,
+    /// A planned handover was announced ([`Shared::expect_handover`]): the backend's next
+    /// hang-up before this moment is no flap, and is retried at once.
+    pub handover_until: Option<Instant>,
+    /// How long the backend was away the last time it came back: from the hang-up (or
+    /// missed deadline) to the new backend's rings restored.
+    pub last_outage: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -108,9 +114,25 @@ impl Shared {
                 resetting: false,
                 needs_reset: false,
                 display: None,
+                handover_until: None,
+                last_outage: None,
             }),
             changed: Condvar::new(),
         }
+    }
+
+    /// `isolactl restart` or `upgrade` is about to replace the backend on purpose: its next
+    /// hang-up within `window` is a handover, not a backend dying right after coming back.
+    pub fn expect_handover(&self, window: Duration) {
+        self.update(|s| s.handover_until = Some(Instant::now() + window));
+    }
+
+    /// Whether the backend's going away now was announced (clears the announcement).
+    pub(crate) fn take_handover(&self) -> bool {
+        self.lock()
+            .handover_until
+            .take()
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// Waits until `deadline` for the link to be [`Link::Connected`]; returns whether it is.
@@ -252,6 +274,8 @@ pub fn start(
             resetting: false,
             needs_reset: false,
             display,
+            handover_until: None,
+            last_outage: None,
         }),
         changed: Condvar::new(),
     });
@@ -570,7 +594,15 @@ impl Worker {
         );
         self.connected = false;
         self.conn.disconnect();
-        self.watch.went_away();
+        let planned = self.shared.take_handover();
+        let backoff = self.watch.went_away(planned);
+        if !backoff.is_zero() {
+            log::warn!(
+                "{}: the backend went away again right after coming back; next attempt in {} ms",
+                self.name(),
+                backoff.as_millis()
+            );
+        }
         let display_link = Link::Reconnecting;
         self.shared.update(|s| {
             s.link = link;
@@ -586,7 +618,7 @@ impl Worker {
         }
         log::warn!("{}: display went away, reconnecting", self.name());
         self.conn.drop_display_link();
-        self.display_watch.went_away();
+        self.display_watch.went_away(false);
         self.shared.update(|s| {
             if let Some(d) = &mut s.display {
                 d.link = Link::Reconnecting;
@@ -725,7 +757,7 @@ impl Worker {
                 let _ = q.kick.write(1);
             }
         }
-        self.watch.back_at = Some(Instant::now());
+        let outage = self.watch.came_back();
         self.display_watch = Watch::default();
         let name = self.name();
         let has_display = self.conn.display_fd().is_some();
@@ -733,6 +765,7 @@ impl Worker {
             s.link = Link::Connected;
             s.config = config;
             s.reconnects += 1;
+            s.last_outage = outage;
             log::info!("{name}: backend back after reconnect #{}", s.reconnects);
             if let Some(d) = &mut s.display {
                 d.link = if has_display {
@@ -773,6 +806,8 @@ mod tests {
                 resetting: false,
                 needs_reset: false,
                 display: None,
+                handover_until: None,
+                last_outage: None,
             }),
             changed: Condvar::new(),
         })

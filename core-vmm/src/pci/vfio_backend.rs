@@ -501,7 +501,13 @@ impl Worker {
         );
         self.connected = false;
         self.client.disconnect();
-        self.watch.went_away();
+        let planned = self.shared.take_handover();
+        if !self.watch.went_away(planned).is_zero() {
+            log::warn!(
+                "{}: the server went away again right after coming back; backing off",
+                self.name()
+            );
+        }
         self.shared.update(|s| s.link = link);
     }
 
@@ -542,11 +548,12 @@ impl Worker {
         }
         self.client = new;
         self.connected = true;
-        self.watch.back_at = Some(Instant::now());
+        let outage = self.watch.came_back();
         let name = self.name();
         self.shared.update(|s| {
             s.link = Link::Connected;
             s.reconnects += 1;
+            s.last_outage = outage;
             log::info!("{name}: server back after reconnect #{}", s.reconnects);
         });
     }
