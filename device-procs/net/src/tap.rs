@@ -83,6 +83,34 @@ pub struct Tap {
     queues: Vec<File>,
 }
 
+/// How long an attach waits for a tap that another process still holds. A single-queue tap is
+/// busy while any process has it open; the instance an upgrade or restart replaces (the
+/// sandbox's reaper and the device it traces) lets go of it a moment after its supervisor
+/// saw it end, when the next instance is already starting.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// TUNSETIFF on `file` for tap `name`, retried while the tap is busy (up to [`BUSY_WAIT`]).
+fn attach(file: &File, name: &str, flags: libc::c_int) -> Result<(), TapError> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        let mut req = IfReq::new(name, flags);
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` is a live,
+        // correctly sized #[repr(C)] value for the duration of the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= deadline {
+            return Err(TapError::Attach {
+                name: name.to_owned(),
+                source,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 fn check_name(name: &str) -> Result<(), TapError> {
     if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
         return Err(TapError::BadName(name.to_owned()));
@@ -112,16 +140,7 @@ impl Tap {
                 .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
                 .open("/dev/net/tun")
                 .map_err(TapError::OpenTun)?;
-            let mut req = IfReq::new(name, flags);
-            // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` is a live,
-            // correctly sized #[repr(C)] value for the duration of the call.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-            if rc < 0 {
-                return Err(TapError::Attach {
-                    name: name.to_owned(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            attach(&file, name, flags)?;
             files.push(file);
         }
         Tap::finish(name.to_owned(), files)
