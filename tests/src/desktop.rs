@@ -109,22 +109,29 @@ impl Desk {
     /// Takes screenshots (`isolactl --display ... screenshot`) until one shows frame `n`;
     /// panics with the last difference after `timeout`.
     pub fn wait_screenshot(&self, dir: &Path, n: u32, timeout: Duration) {
-        let want = expected_frame(n);
-        let deadline = Instant::now() + timeout;
-        let out = dir.join(format!("frame{n}.png"));
-        loop {
-            let (w, h, got) = screenshot(&self.display.control, &out);
-            let diff = if (w, h) != (WIDTH, HEIGHT) {
-                Some(format!("size {w}x{h}"))
-            } else {
-                crate::display::first_difference(&got, &want, WIDTH)
-            };
-            let Some(diff) = diff else { return };
-            assert!(
-                Instant::now() < deadline,
-                "the screenshot never showed frame {n}: {diff}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_screenshot(&self.display.control, dir, n, timeout);
+    }
+}
+
+/// Takes screenshots of the display whose control socket is `control` (`isolactl --display
+/// CONTROL screenshot DIR/frameN.png`) until one shows frame `n` at [`WIDTH`] x [`HEIGHT`];
+/// panics with the last difference after `timeout`.
+pub fn wait_screenshot(control: &Path, dir: &Path, n: u32, timeout: Duration) {
+    let want = expected_frame(n);
+    let deadline = Instant::now() + timeout;
+    let out = dir.join(format!("frame{n}.png"));
+    loop {
+        let (w, h, got) = screenshot(control, &out);
+        let diff = if (w, h) != (WIDTH, HEIGHT) {
+            Some(format!("size {w}x{h}"))
+        } else {
+            crate::display::first_difference(&got, &want, WIDTH)
+        };
+        let Some(diff) = diff else { return };
+        assert!(
+            Instant::now() < deadline,
+            "the screenshot never showed frame {n}: {diff}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -288,3 +288,128 @@ pub fn ping(dst: Ipv4Addr, count: u16, wait: Duration) -> u16 {
     }
     replies
 }
+
+/// Echoes `n` datagrams through the guest's UDP echo port; frames lost on the wire are
+/// retried, as an application on a real network would. Returns how many needed a retry.
+pub fn echo(socket: &UdpSocket, n: u32) -> u32 {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut retries = 0;
+    for i in 0..n {
+        let msg = format!("echo {i}");
+        let mut sends = 0;
+        'attempt: loop {
+            sends += 1;
+            assert!(sends <= 50, "no echo for {msg:?}");
+            socket.send_to(msg.as_bytes(), (GUEST_IP, 7)).unwrap();
+            let mut buf = [0u8; 64];
+            // Late echoes of earlier datagrams (sent before a kill) are skipped.
+            while let Ok((len, _)) = socket.recv_from(&mut buf) {
+                if &buf[..len] == msg.as_bytes() {
+                    break 'attempt;
+                }
+            }
+            retries += 1;
+        }
+    }
+    retries
+}
+
+/// What [`GuestStream`] saw of the guest's sequence-numbered stream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StreamCount {
+    /// Datagrams received in order, each once (the next expected sequence number).
+    pub next: u32,
+    /// Datagrams that came again (a sequence number below `next`).
+    pub repeated: u32,
+    /// Sequence numbers skipped: datagrams lost.
+    pub lost: u32,
+    /// Datagrams of the wrong size, sender or contents.
+    pub corrupt: u32,
+}
+
+/// The guest's UDP stream (`START` with an endless count), received and checked on a thread
+/// while the test does something else: it grants credit `window` datagrams ahead of what
+/// arrived, and grants it again every 20 ms while nothing arrives (a credit command is a frame
+/// to the guest, which may be lost like any other).
+pub struct GuestStream {
+    count: std::sync::Arc<std::sync::Mutex<StreamCount>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GuestStream {
+    pub fn start(port: u16, payload: usize, window: u32) -> GuestStream {
+        let socket = host_udp(port, 4 << 20);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("a read timeout");
+        command(&socket, CMD_START, u32::MAX);
+        let count = std::sync::Arc::new(std::sync::Mutex::new(StreamCount::default()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (rx, c, s) = (
+            socket.try_clone().expect("a second handle"),
+            count.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut granted = (0u32, Instant::now() - Duration::from_secs(1));
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((n, from)) = rx.recv_from(&mut buf) {
+                    let ours = n == payload && from.to_string() == format!("{GUEST_IP}:6001");
+                    let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    let mut c = c.lock().expect("not poisoned");
+                    if !ours || buf[..n] != stream_payload(seq, payload) {
+                        c.corrupt += 1;
+                    } else if seq < c.next {
+                        c.repeated += 1;
+                    } else {
+                        c.lost += seq - c.next;
+                        c.next = seq + 1;
+                    }
+                }
+                let next = c.lock().expect("not poisoned").next;
+                let low = granted.0.saturating_sub(window * 3 / 4);
+                if next >= low || granted.1.elapsed() >= Duration::from_millis(20) {
+                    command(&rx, CMD_CREDIT, next.saturating_add(window));
+                    granted = (next.saturating_add(window), Instant::now());
+                }
+            }
+        });
+        GuestStream {
+            count,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn count(&self) -> StreamCount {
+        *self.count.lock().expect("not poisoned")
+    }
+
+    /// Waits until the stream has gone past `after` (at most `timeout`); returns where it is.
+    pub fn wait_past(&self, after: u32, timeout: Duration) -> Option<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let next = self.count().next;
+            if next > after {
+                return Some(next);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops receiving (the guest's stream stops for want of credit); the final count.
+    pub fn stop(mut self) -> StreamCount {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the receiving thread");
+        }
+        self.count()
+    }
+}

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isola_ipc::DeviceLink;
-use isola_tests::console::{console_guest, field, stream_mismatch, IsolaConsole};
+use isola_tests::console::{console_guest, field, slow_user, stream_mismatch, IsolaConsole};
 use isola_tests::{device, scratch_dir, wait_for_path, Core};
 
 fn start_core(dir: &Path, vu: &Path, queues: u16, cmdline: &str) -> (Core, std::path::PathBuf) {
@@ -211,37 +211,6 @@ fn interactive_shell_and_resize_through_a_pty() {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
-
-/// A user on the console socket who reads slowly and attaches again whenever the device
-/// process is restarted, so transmit buffers are usually held when the kill comes.
-fn slow_user(path: std::path::PathBuf, stop: Arc<AtomicU64>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut total = 0u64;
-        let mut buf = [0u8; 16 * 1024];
-        while stop.load(Ordering::SeqCst) < 3 {
-            let Ok(mut s) = UnixStream::connect(&path) else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            s.set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            while stop.load(Ordering::SeqCst) < 3 {
-                if stop.load(Ordering::SeqCst) == 1 && s.write_all(b"q").is_ok() {
-                    // Told the guest to finish; keep reading what it still sends.
-                    stop.store(2, Ordering::SeqCst);
-                }
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(_) => break,
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        total
-    })
-}
 
 #[test]
 fn twenty_isola_console_kills_lose_and_duplicate_nothing_in_the_log() {

@@ -147,33 +147,6 @@ fn guest_answers_arp_and_ping_and_streams_100k_datagrams_each_way() {
     });
 }
 
-/// Echoes `n` datagrams through the guest's UDP echo port; frames lost on the wire are
-/// retried, as an application on a real network would. Returns how many needed a retry.
-fn echo(socket: &UdpSocket, n: u32) -> u32 {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut retries = 0;
-    for i in 0..n {
-        let msg = format!("echo {i}");
-        let mut sends = 0;
-        'attempt: loop {
-            sends += 1;
-            assert!(sends <= 50, "no echo for {msg:?}");
-            socket.send_to(msg.as_bytes(), (GUEST_IP, 7)).unwrap();
-            let mut buf = [0u8; 64];
-            // Late echoes of earlier datagrams (sent before a kill) are skipped.
-            while let Ok((len, _)) = socket.recv_from(&mut buf) {
-                if &buf[..len] == msg.as_bytes() {
-                    break 'attempt;
-                }
-            }
-            retries += 1;
-        }
-    }
-    retries
-}
-
 #[test]
 fn traffic_resumes_after_isola_net_is_killed_and_restarted() {
     const KILLS: u32 = 3;
