@@ -19,8 +19,9 @@
 //!   `read(2)`ing the tap fd until it would block, then `poll(2)`.
 //!
 //! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` (default 1) and
-//! `ISOLA_BENCH_ROUNDS` (default 3) set the rounds; each case reports its best round, the
-//! machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net`. The
+//! `ISOLA_BENCH_ROUNDS` (default 5) set the rounds; each case reports the median and the
+//! lowest and highest round, and the ratio is taken per round (isola-net and raw run one
+//! after the other in each), the machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net`. The
 //! `isola-net` used is the release build.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
+use isola_tests::bench::{rounds, Spread};
 use isola_tests::net::{in_netns, make_tap, open_tap};
 use isola_tests::{binary, scratch_dir, wait_for_path};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -57,13 +59,6 @@ fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
 
 struct Result {
     pps: f64,
-    bytes: usize,
-}
-
-impl Result {
-    fn gbps(&self) -> f64 {
-        self.pps * self.bytes as f64 * 8.0 / 1e9
-    }
 }
 
 fn raw_tx(tap: &OwnedFd, len: usize, secs: f64) -> Result {
@@ -80,7 +75,6 @@ fn raw_tx(tap: &OwnedFd, len: usize, secs: f64) -> Result {
     }
     Result {
         pps: n as f64 / start.elapsed().as_secs_f64(),
-        bytes: len,
     }
 }
 
@@ -165,7 +159,6 @@ fn raw_rx(tap: &OwnedFd, ifindex: i32, len: usize, secs: f64) -> Result {
     let _ = flags;
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
     }
 }
 
@@ -307,7 +300,6 @@ fn net_tx(g: &mut Guest, len: usize, secs: f64) -> Result {
     let elapsed = start.elapsed().as_secs_f64();
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
     }
 }
 
@@ -341,7 +333,6 @@ fn net_rx(g: &mut Guest, ifindex: i32, len: usize, secs: f64) -> Result {
     inject.join().unwrap();
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
     }
 }
 
@@ -422,10 +413,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let rounds: usize = std::env::var("ISOLA_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds = rounds(5);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("net bench: skipped (needs root for a network namespace and taps)");
@@ -436,43 +424,40 @@ fn main() {
         make_tap("tap0");
         let index = ifindex("tap0");
         println!(
-            "net bench: best of {rounds} rounds of {secs} s per case, isola-net and raw \
-             alternating; frame = Ethernet frame bytes (no FCS); isola-net options: {:?}",
+            "net bench: {rounds} rounds of {secs} s per case, isola-net and raw alternating; \
+             median (lowest..highest) over the rounds, the ratio taken per round; frame = \
+             Ethernet frame bytes (no FCS); isola-net options: {:?}",
             extra_args()
         );
         println!(
-            "{:<12} {:>6} {:>11} {:>7} {:>11} {:>7} {:>6}",
-            "direction", "frame", "isola pps", "Gbit/s", "raw pps", "Gbit/s", "ratio"
+            "{:<12} {:>6} {:>28} {:>28} {:>20}",
+            "direction", "frame", "isola kpps", "raw kpps", "isola / raw"
         );
         for len in [64usize, 1514] {
             for to_guest in [false, true] {
-                let mut isola = Result {
-                    pps: 0.0,
-                    bytes: len,
-                };
-                let mut raw_best = Result {
-                    pps: 0.0,
-                    bytes: len,
-                };
+                let mut isola = Vec::new();
+                let mut raw_pps = Vec::new();
+                let mut ratio = Vec::new();
                 for _ in 0..rounds {
                     let i = through_isola(&dir, index, to_guest, len, secs);
                     let r = raw(index, to_guest, len, secs);
-                    isola.pps = isola.pps.max(i.pps);
-                    raw_best.pps = raw_best.pps.max(r.pps);
+                    isola.push(i.pps / 1e3);
+                    raw_pps.push(r.pps / 1e3);
+                    ratio.push(i.pps / r.pps);
                 }
+                let gbps = |kpps: f64| kpps * 1e3 * len as f64 * 8.0 / 1e9;
+                let (i, r) = (Spread::of(&isola), Spread::of(&raw_pps));
                 println!(
-                    "{:<12} {:>6} {:>11.0} {:>7.2} {:>11.0} {:>7.2} {:>5.0}%",
+                    "{:<12} {:>6} {:>28} {:>28} {:>20}",
                     if to_guest {
                         "host->guest"
                     } else {
                         "guest->host"
                     },
                     len,
-                    isola.pps,
-                    isola.gbps(),
-                    raw_best.pps,
-                    raw_best.gbps(),
-                    100.0 * isola.pps / raw_best.pps
+                    format!("{} {:.2} Gb/s", i.show(0), gbps(i.median)),
+                    format!("{} {:.2} Gb/s", r.show(0), gbps(r.median)),
+                    Spread::of(&ratio).show(2),
                 );
             }
         }
