@@ -317,7 +317,10 @@ mod tests {
         let other = PROTOCOL_VERSION + 1;
         buf[4..6].copy_from_slice(&other.to_le_bytes());
         let err = read_message::<_, ControlRequest>(&mut Cursor::new(buf)).unwrap_err();
-        assert!(matches!(err, IpcError::Version { peer } if peer == other), "{err}");
+        assert!(
+            matches!(err, IpcError::Version { peer } if peer == other),
+            "{err}"
+        );
     }
 
     #[test]
