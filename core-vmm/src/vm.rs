@@ -338,6 +338,7 @@ impl Vm {
     /// ended and [`Held`]: the VM and guest RAM, still open.
     pub fn run(self) -> (Result<VmExit, VmError>, Held) {
         let held = Held {
+            _release: defer_vm_release(&self.vm),
             _vm: Arc::clone(&self.vm),
             _ram: Arc::clone(&self.ram),
         };
@@ -431,15 +432,36 @@ impl Vm {
 
 /// The VM's fd and guest RAM, held past [`Vm::run`] (every vCPU thread has ended by then).
 ///
-/// Dropped, it closes the VM before unmapping RAM: unmapping first would make KVM invalidate
-/// its view of every guest page (2-10 ms at 8 GiB on the nested hosts of issue 18). A process
-/// that exits holding it does better still: the kernel releases the address space (one
-/// MMU-notifier release) and then the fds, with no work left for the process itself.
-/// `isola-core` exits holding it.
+/// `isola-core` exits holding it, for two reasons measured on the nested hosts of issue 18.
+/// Unmapping guest RAM while KVM still tracks it makes KVM invalidate its view of every
+/// guest page (2-10 ms at 8 GiB); at exit the kernel releases the address space first (one
+/// MMU-notifier release). And destroying a VM with the in-kernel irqchip and PIT waits for
+/// several SRCU grace periods (15-35 ms there, the bench's "KVM floor, in-kernel irqchip"),
+/// which would delay the process's exit: the VM fd is also in an io_uring's file table (see
+/// [`defer_vm_release`]), so the kernel's io_uring exit worker drops the last reference
+/// after the process is gone. Guest RAM is freed at exit either way (KVM does not hold it).
 pub struct Held {
-    // Field order is drop order: the VM first.
+    // Field order is drop order. Dropped rather than exited with, the VM is destroyed when
+    // `_vm` goes (the ring has let go of it), and RAM is unmapped after that.
+    _release: Option<io_uring::IoUring>,
     _vm: Arc<VmFd>,
     _ram: Arc<GuestRam>,
+}
+
+/// An io_uring holding `vm` in its registered-file table, or `None` where io_uring is not
+/// available (then the VM is destroyed when the process closes its fd, as before). Closing
+/// the ring (at exit) queues its teardown on a kernel worker, which drops the VM's last
+/// reference there. Nothing is ever submitted to the ring.
+fn defer_vm_release(vm: &VmFd) -> Option<io_uring::IoUring> {
+    use std::os::fd::AsRawFd;
+    let ring = io_uring::IoUring::new(1)
+        .and_then(|ring| {
+            ring.submitter().register_files(&[vm.as_raw_fd()])?;
+            Ok(ring)
+        })
+        .map_err(|e| log::debug!("no io_uring ({e}): the VM is destroyed before exit"))
+        .ok()?;
+    Some(ring)
 }
 
 /// A virtio device, shared by the PCI bus (vCPU threads) and the VM (for its status).

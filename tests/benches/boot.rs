@@ -14,12 +14,19 @@
 //! guest RAM sizes in MiB (default `64,8192`). `ISOLA_BENCH_BASELINE`: a directory holding
 //! another build's `isola-core` (e.g. main's `target/release`), timed as one more VMM,
 //! interleaved with the others: before and after a change in one run.
+//!
+//! Two more columns time the minimal-KVM floor (module `floor`): this bench's own binary,
+//! started again, making only the KVM ioctls a VM needs and running a few real-mode
+//! instructions that print the same last line. "in-kernel irqchip" has Isola's KVM objects
+//! (memory slot, then PIC/IOAPIC and PIT); "split irqchip" has QEMU microvm's (LAPIC only).
+//! What Isola spends above the first is its own; what the first spends is the host's.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_tests::linux::host_kind;
 use isola_tests::{binary, guest};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -253,6 +260,7 @@ fn run_size(vmms: &[Vmm], boot_check: &Path, msi: &Path, runs: usize, mib: u64) 
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
     let mut off: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
     let mut down: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
+    let load_before = load_average();
     for _ in 0..runs {
         for (i, vmm) in vmms.iter().enumerate() {
             let boot = boot_once(vmm, boot_check, mib).unwrap_or_else(|e| panic!("{e}"));
@@ -273,6 +281,11 @@ fn run_size(vmms: &[Vmm], boot_check: &Path, msi: &Path, runs: usize, mib: u64) 
 
     println!(
         "boot benchmark: {runs} interleaved runs each, 1 vCPU, {mib} MiB, guest boot-check.elf (PVH); median [min..max]"
+    );
+    println!(
+        "host: {}; load average before/after: {load_before} / {}",
+        host_kind().1,
+        load_average()
     );
     let header: String = vmms.iter().map(|v| format!("{:>30}", v.name())).collect();
     println!("{:<34}{header}", "");
@@ -300,6 +313,13 @@ fn run_size(vmms: &[Vmm], boot_check: &Path, msi: &Path, runs: usize, mib: u64) 
         met(summary(down[0].clone()).1 <= 5.0),
         met(rss[0].is_some_and(|r| r < 5.0)),
     );
+}
+
+/// The 1, 5 and 15-minute load averages (the machine is shared: figures mean little without).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn met(ok: bool) -> &'static str {
@@ -437,7 +457,9 @@ mod floor {
         loop {
             match vcpu.run().expect("KVM_RUN") {
                 VcpuExit::IoOut(COM1, data) => {
-                    out.write_all(data).and_then(|()| out.flush()).expect("stdout");
+                    out.write_all(data)
+                        .and_then(|()| out.flush())
+                        .expect("stdout");
                 }
                 VcpuExit::IoOut(DEBUG_EXIT, _) | VcpuExit::Hlt => {
                     // Exits with the VM and RAM still open: the kernel tears them down.
