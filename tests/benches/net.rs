@@ -27,7 +27,8 @@
 //! machine's load, where the packet rate also depends on how the 2 CPUs are shared. `ISOLA_NET_ARGS` adds options to `isola-net`. The
 //! `isola-net` used is the release build. `ISOLA_NET_BASELINE=PATH` also runs the
 //! `isola-net` binary at PATH (e.g. a copy built from an earlier commit) in every round, next
-//! to the current one, and reports current / baseline per round (`/ baseline`).
+//! to the current one, and reports current / baseline per round and the baseline's own
+//! ratio to the raw tap (line `baseline`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -515,15 +516,19 @@ fn main() {
                 let mut ratio = Vec::new();
                 let mut cpu = Vec::new();
                 let mut against_baseline = Vec::new();
+                let mut baseline_vs_raw = Vec::new();
+                let mut baseline_cpu = Vec::new();
                 for _ in 0..rounds {
                     let b = baseline
                         .as_ref()
                         .map(|old| through_isola(old, &dir, index, to_guest, len, secs));
                     let i = through_isola(&bin, &dir, index, to_guest, len, secs);
+                    let r = raw(index, to_guest, len, secs);
                     if let Some(b) = b {
                         against_baseline.push(i.pps / b.pps);
+                        baseline_vs_raw.push(b.pps / r.pps);
+                        baseline_cpu.push(b.cpu_ns_per_frame());
                     }
-                    let r = raw(index, to_guest, len, secs);
                     isola.push(i.pps / 1e3);
                     raw_pps.push(r.pps / 1e3);
                     ratio.push(i.pps / r.pps);
@@ -556,10 +561,18 @@ fn main() {
                 );
                 if !against_baseline.is_empty() {
                     println!(
-                        "{:<12} {:>6} {:>28}",
-                        "  / baseline",
+                        "{:<12} {:>6} {:>28} {:>28} {:>20}",
+                        "  baseline",
                         "",
-                        Spread::of(&against_baseline).show(2)
+                        "isola / baseline:",
+                        Spread::of(&against_baseline).show(2),
+                        format!("{} of raw", Spread::of(&baseline_vs_raw).show(2)),
+                    );
+                    println!(
+                        "{:<12} {:>6} {:>28}",
+                        "  baseline CPU ns/frame",
+                        "",
+                        Spread::of(&baseline_cpu).show(0),
                     );
                 }
             }
