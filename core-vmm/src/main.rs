@@ -5,7 +5,6 @@
 //! line); 3 when the guest crashes (registers follow on stderr); 1 for any other failure.
 
 use std::io::Write;
-use std::process::ExitCode;
 
 use clap::Parser;
 use core_vmm::config::Cli;
@@ -61,63 +60,78 @@ fn exit_report(fd: Option<i32>) -> Result<Option<std::fs::File>, String> {
     }))
 }
 
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     let mut report = match exit_report(cli.exit_report_fd) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("isola-core: error: {e}");
-            return ExitCode::from(EXIT_BAD_INPUT);
+            std::process::exit(EXIT_BAD_INPUT.into());
         }
     };
     let config = match cli.validate() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("isola-core: error: {}", error_chain(&e));
-            return ExitCode::from(EXIT_BAD_INPUT);
+            std::process::exit(EXIT_BAD_INPUT.into());
         }
     };
-    let outcome = Vm::new(&config).and_then(Vm::run);
+    let (outcome, held) = match Vm::new(&config) {
+        Ok(vm) => {
+            let (outcome, held) = vm.run();
+            (outcome, Some(held))
+        }
+        Err(e) => (Err(e), None),
+    };
     if let Some(file) = report.as_mut() {
         // One line for the manager; a manager that is gone does not change the exit.
         let _ = writeln!(file, "{}", exit_line(&outcome));
     }
+    let status = exit_status(outcome);
+    // Exits with the VM and guest RAM open: the kernel tears them down in the cheaper order
+    // (see `vm::Held`). `exit` flushes stdout; it runs no destructor.
+    let _held = held;
+    std::process::exit(status.into());
+}
+
+/// Says how the VM ended, on stderr, and returns the exit status for it.
+fn exit_status(outcome: Result<VmExit, core_vmm::vm::VmError>) -> u8 {
     match outcome {
         Ok(VmExit::Poweroff) => {
             log::info!("guest powered off");
-            ExitCode::SUCCESS
+            0
         }
         Ok(VmExit::Reset) => {
             eprintln!("isola-core: guest requested a reset; the VM ends");
-            ExitCode::SUCCESS
+            0
         }
         Ok(VmExit::Shutdown { graceful, detail }) => {
             let how = if graceful { "gracefully" } else { "hard" };
             eprintln!("isola-core: shut down {how} on request: {detail}");
-            ExitCode::SUCCESS
+            0
         }
         Ok(VmExit::DebugExit(status)) => {
             if status != 0 {
                 eprintln!("isola-core: guest exited with status {status} (debug-exit port)");
             }
-            ExitCode::from(status)
+            status
         }
         Ok(VmExit::Failed(reason)) => {
             eprintln!("isola-core: error: {reason}");
-            ExitCode::from(EXIT_FAILURE)
+            EXIT_FAILURE
         }
         Ok(VmExit::Crash { vcpu, reason, dump }) => {
             eprintln!("isola-core: guest crashed: {reason} on vcpu{vcpu}\n{dump}");
-            ExitCode::from(EXIT_GUEST_CRASH)
+            EXIT_GUEST_CRASH
         }
         Err(e) => {
             eprintln!("isola-core: error: {}", error_chain(&e));
-            ExitCode::from(if e.is_bad_input() {
+            if e.is_bad_input() {
                 EXIT_BAD_INPUT
             } else {
                 EXIT_FAILURE
-            })
+            }
         }
     }
 }

@@ -4,7 +4,11 @@
 //! its own) and against `qemu-storage-daemon`'s vhost-user-blk export on the same file, plus
 //! the raw limit: the same pattern with io_uring straight on the file from this process. All
 //! in one run, targets interleaved per repetition so background noise hits every target alike.
-//! CPU time is reported for the backend (its whole process tree) and the client.
+//! CPU time is reported for the backend (its whole process tree) and the client, and how often
+//! per request isola-blk's queue threads and the client thread slept (voluntary context
+//! switches: each is a wakeup someone paid for). With more than one repetition, each isola-blk
+//! target's IOPS ratio to raw io_uring and to the baseline is also taken within each
+//! repetition and reported as median (min-max), with the spread of its p50 latency.
 //!
 //! `cargo bench -p isola-tests --bench blk`. Environment:
 //! - `ISOLA_BENCH_SECONDS`: time per case (default 2);
@@ -57,6 +61,11 @@ struct Stats {
     cpu: Option<f64>,
     /// CPU time of the client (this process) over the run, in cores.
     client_cpu: f64,
+    /// Times the client slept (voluntary context switches) per request: how often it had to
+    /// be woken, by the backend's signal or its own io_uring.
+    client_sleeps: f64,
+    /// Times the backend's queue threads slept per request.
+    queue_sleeps: Option<f64>,
 }
 
 fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
@@ -68,6 +77,8 @@ fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
         p99_us: pick(0.99),
         cpu: None,
         client_cpu: 0.0,
+        client_sleeps: 0.0,
+        queue_sleeps: None,
     }
 }
 
@@ -196,11 +207,14 @@ fn start_backend(target: &str, image: &Path, socket: &Path) -> Option<Backend> {
 }
 
 /// The pattern through libblkio's virtio-blk-vhost-user driver.
+/// `backend_sleeps` counts the backend's queue-thread sleeps so far (read at the start and the
+/// end of the timed loop, while the queue runs).
 fn run_blkio(
     socket: &Path,
     pattern: Pattern,
     depth: usize,
     duration: Duration,
+    backend_sleeps: &dyn Fn() -> Option<u64>,
 ) -> Result<Stats, String> {
     let err = |e: blkio::Error| e.message().to_owned();
     let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(err)?;
@@ -229,7 +243,8 @@ fn run_blkio(
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
     let mut latencies = Vec::with_capacity(1 << 20);
-    let (start, cpu0) = (Instant::now(), own_cpu_seconds());
+    let queue0 = backend_sleeps();
+    let (start, cpu0, sleeps0) = (Instant::now(), own_cpu_seconds(), own_sleeps());
     while start.elapsed() < duration {
         let n = queue.do_io(&mut completions, 1, None, None).map_err(err)?;
         for c in &completions[..n] {
@@ -244,8 +259,14 @@ fn run_blkio(
     }
     let elapsed = start.elapsed();
     let client_cpu = (own_cpu_seconds() - cpu0) / elapsed.as_secs_f64();
+    let client_sleeps = (own_sleeps() - sleeps0) as f64 / latencies.len().max(1) as f64;
+    let queue_sleeps = backend_sleeps()
+        .zip(queue0)
+        .map(|(b, a)| (b - a) as f64 / latencies.len().max(1) as f64);
     Ok(Stats {
         client_cpu,
+        client_sleeps,
+        queue_sleeps,
         ..stats(latencies, elapsed)
     })
 }
@@ -289,7 +310,7 @@ fn run_raw(
         push(&mut ring, slot, &mut submitted, &mut bufs);
     }
     let mut latencies = Vec::with_capacity(1 << 20);
-    let (start, cpu0) = (Instant::now(), own_cpu_seconds());
+    let (start, cpu0, sleeps0) = (Instant::now(), own_cpu_seconds(), own_sleeps());
     while start.elapsed() < duration {
         ring.submit_and_wait(1).map_err(|e| e.to_string())?;
         let done: Vec<(u64, i32)> = ring
@@ -306,6 +327,7 @@ fn run_raw(
     }
     let elapsed = start.elapsed();
     let client_cpu = (own_cpu_seconds() - cpu0) / elapsed.as_secs_f64();
+    let client_sleeps = (own_sleeps() - sleeps0) as f64 / latencies.len().max(1) as f64;
     // Drain what is still in flight before the buffers go away.
     let outstanding = depth;
     let mut reaped = 0;
@@ -315,6 +337,7 @@ fn run_raw(
     }
     Ok(Stats {
         client_cpu,
+        client_sleeps,
         ..stats(latencies, elapsed)
     })
 }
@@ -322,35 +345,68 @@ fn run_raw(
 /// User + system CPU time of process `pid` and every process below it (a sandboxed
 /// isola-blk is a reaper whose worker is a grandchild), all threads, so far, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    // (pid, parent, user + system ticks) of every process on the machine.
-    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| {
-            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks: f64 = process_tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             // Fields after the command name, which is in parentheses and may hold spaces.
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let ppid: u32 = fields.get(1)?.parse().ok()?;
             let utime: f64 = fields.get(11)?.parse().ok()?;
             let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((pid, ppid, utime + stime))
+            Some(utime + stime)
         })
-        .collect();
-    let mut tree = vec![pid];
-    let mut ticks = 0.0;
-    while let Some(p) = tree.pop() {
-        for &(child, parent, t) in &procs {
-            if child == p {
-                ticks += t;
-            }
-            if parent == p {
-                tree.push(child);
-            }
-        }
-    }
+        .sum();
     // SAFETY: sysconf only reads a configuration value.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / per_second)
+}
+
+/// Voluntary context switches of this thread (the client's) so far.
+fn own_sleeps() -> i64 {
+    let mut usage = MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    usage.ru_nvcsw
+}
+
+/// `pid` and every process below it.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|&&(_, pp)| pp == p).map(|&(c, _)| c));
+        i += 1;
+    }
+    tree
+}
+
+/// Voluntary context switches (sleeps) of the queue threads (`blk-q*`) of a backend's process
+/// tree.
+fn queue_sleeps(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .map(|p| context_switches_of(p, "blk-q", "voluntary_ctxt_switches"))
+        .sum()
 }
 
 /// User + system CPU time of this process (the client) so far, in seconds.
@@ -368,6 +424,13 @@ fn own_cpu_seconds() -> f64 {
 /// Sum of voluntary and involuntary context switches of every thread of `pid` whose name
 /// starts with `prefix`.
 fn context_switches(pid: u32, prefix: &str) -> u64 {
+    context_switches_of(pid, prefix, "voluntary_ctxt_switches")
+        + context_switches_of(pid, prefix, "nonvoluntary_ctxt_switches")
+}
+
+/// Sum of the `/proc` status counter `counter` of every thread of `pid` whose name starts
+/// with `prefix`.
+fn context_switches_of(pid: u32, prefix: &str, counter: &str) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -382,7 +445,7 @@ fn context_switches(pid: u32, prefix: &str) -> u64 {
             Some(
                 status
                     .lines()
-                    .filter(|l| l.contains("ctxt_switches"))
+                    .filter(|l| l.split(':').next() == Some(counter))
                     .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                     .sum::<u64>(),
             )
@@ -506,6 +569,7 @@ fn main() {
         })
     };
     let mut rows: Vec<(String, Vec<Option<Stats>>)> = Vec::new();
+    let mut spreads: Vec<(String, Vec<String>)> = Vec::new();
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
         for depth in [1usize, 32] {
             let label = format!("{} QD{depth}", pattern.name());
@@ -532,13 +596,18 @@ fn main() {
                                 let pid = backend.child.id();
                                 let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
                                 let avoid = (*target == SQPOLL_CPU).then(polling_cpu).flatten();
-                                avoiding_cpu(avoid, || run_blkio(&socket, pattern, depth, duration))
-                                    .map(|mut s| {
-                                        s.cpu = cpu_seconds(pid)
-                                            .zip(cpu0)
-                                            .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
-                                        Some(s)
-                                    })
+                                let sleeps =
+                                    || target.starts_with("isola-blk").then(|| queue_sleeps(pid));
+                                avoiding_cpu(avoid, || {
+                                    run_blkio(&socket, pattern, depth, duration, &sleeps)
+                                })
+                                .map(|mut s| {
+                                    s.cpu = cpu_seconds(pid)
+                                        .zip(cpu0)
+                                        .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+
+                                    Some(s)
+                                })
                             }
                             None => Ok(None),
                         }
@@ -547,20 +616,32 @@ fn main() {
                         Ok(Some(stats)) => {
                             if repeat > 1 {
                                 println!(
-                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {} client cpu {:.2}",
+                                    "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {} client cpu {:.2} sleeps/request client {:.3} queue {}",
                                     stats.iops,
                                     stats.p50_us,
                                     stats.cpu.map_or("-".into(), |c| format!("{c:.2}")),
-                                    stats.client_cpu
+                                    stats.client_cpu,
+                                    stats.client_sleeps,
+                                    stats.queue_sleeps.map_or("-".into(), |c| format!("{c:.3}")),
                                 );
                             }
                             runs[t].push(stats)
                         }
                         Ok(None) => {}
-                        Err(e) => println!("{target} {label}: {e}"),
+                        Err(e) => {
+                            println!("{target} {label}: {e}");
+                            // What the backend said about it, if it logged anything.
+                            let log = dir.join(format!("{target}.log"));
+                            for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+                                if !line.contains(" INFO ") {
+                                    println!("  backend: {line}");
+                                }
+                            }
+                        }
                     }
                 }
             }
+            spreads.push((label.clone(), ratio_spreads(&targets, &runs)));
             rows.push((label, runs.into_iter().map(median).collect()));
         }
     }
@@ -573,17 +654,20 @@ fn main() {
         polling_cpu().map_or("-".into(), |c| c.to_string()),
     );
     println!("cpu: CPUs busy in the backend (all its threads and kernel threads) / in the client process, over the run");
+    println!("sleeps/request: times isola-blk's queue threads / the client thread slept (voluntary context switches), per request");
     for (label, cells) in &rows {
         println!("{label}");
         for (target, cell) in targets.iter().zip(cells) {
             let text = match cell {
                 Some(s) => format!(
-                    "{:>8.0} IOPS  p50 {:>7.1}us  p99 {:>7.1}us  cpu {} / {:.2}",
+                    "{:>8.0} IOPS  p50 {:>7.1}us  p99 {:>7.1}us  cpu {} / {:.2}  sleeps/request {} / {:.3}",
                     s.iops,
                     s.p50_us,
                     s.p99_us,
                     s.cpu.map_or("   -".into(), |c| format!("{c:.2}")),
                     s.client_cpu,
+                    s.queue_sleeps.map_or("    -".into(), |c| format!("{c:.3}")),
+                    s.client_sleeps,
                 ),
                 None => "skipped".into(),
             };
@@ -629,4 +713,55 @@ fn main() {
         };
         println!("  {label:<16} {}{before}", ratios.join("   "));
     }
+    if repeat > 1 {
+        println!("ratios within each repetition (side by side): median (min-max) over {repeat} runs; p50 latency median (min-max)");
+        for (label, lines) in &spreads {
+            for line in lines {
+                println!("  {label:<16} {line}");
+            }
+        }
+    }
+}
+
+/// `median (min-max)` of `values`, formatted by `f`.
+fn spread(mut values: Vec<f64>, f: impl Fn(f64) -> String) -> String {
+    values.sort_by(f64::total_cmp);
+    match (values.first(), values.last()) {
+        (Some(&lo), Some(&hi)) => format!("{} ({}-{})", f(values[values.len() / 2]), f(lo), f(hi)),
+        _ => "-".into(),
+    }
+}
+
+/// For each isola-blk target: its IOPS over raw io_uring's and over the baseline's in the same
+/// repetition, and its p50 latency, each as median and range over the repetitions.
+fn ratio_spreads(targets: &[&str], runs: &[Vec<Stats>]) -> Vec<String> {
+    let index = |name: &str| targets.iter().position(|t| *t == name);
+    let per_rep = |t: usize, other: Option<usize>| -> Vec<f64> {
+        let Some(o) = other else { return Vec::new() };
+        runs[t]
+            .iter()
+            .zip(&runs[o])
+            .map(|(a, b)| a.iops / b.iops)
+            .collect()
+    };
+    targets
+        .iter()
+        .enumerate()
+        .filter(|(t, name)| name.starts_with("isola-blk") && !runs[*t].is_empty())
+        .map(|(t, name)| {
+            let mut line = format!(
+                "{name}: p50 {}",
+                spread(runs[t].iter().map(|s| s.p50_us).collect(), |v| format!(
+                    "{v:.1}us"
+                ))
+            );
+            for (what, other) in [("raw io_uring", index(RAW)), ("baseline", index(BASELINE))] {
+                let ratios = per_rep(t, other);
+                if !ratios.is_empty() && other != Some(t) {
+                    line += &format!("   / {what} {}", spread(ratios, |v| format!("{v:.2}")));
+                }
+            }
+            line
+        })
+        .collect()
 }

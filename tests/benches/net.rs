@@ -19,9 +19,16 @@
 //!   `read(2)`ing the tap fd until it would block, then `poll(2)`.
 //!
 //! `cargo bench -p isola-tests --bench net` (as root); `ISOLA_BENCH_SECONDS` (default 1) and
-//! `ISOLA_BENCH_ROUNDS` (default 3) set the rounds; each case reports its best round, the
-//! machines being shared and noisy. `ISOLA_NET_ARGS` adds options to `isola-net`. The
-//! `isola-net` used is the release build.
+//! `ISOLA_BENCH_ROUNDS` (default 5) set the rounds; each case reports the median and the
+//! lowest and highest round, and the ratio is taken per round (isola-net and raw run one
+//! after the other in each), the machines being shared and noisy. Each case also reports the
+//! CPU time per frame of the isola-net process (every thread, `schedstat`) against the raw
+//! thread's own (`CLOCK_THREAD_CPUTIME_ID`): what the device costs per frame whatever the
+//! machine's load, where the packet rate also depends on how the 2 CPUs are shared. `ISOLA_NET_ARGS` adds options to `isola-net`. The
+//! `isola-net` used is the release build. `ISOLA_NET_BASELINE=PATH` also runs the
+//! `isola-net` binary at PATH (e.g. a copy built from an earlier commit) in every round, next
+//! to the current one, and reports current / baseline per round and the baseline's own
+//! ratio to the raw tap (line `baseline`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -31,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
+use isola_tests::bench::{rounds, Spread};
 use isola_tests::net::{in_netns, make_tap, open_tap};
 use isola_tests::{binary, scratch_dir, wait_for_path};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -57,19 +65,59 @@ fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
 
 struct Result {
     pps: f64,
-    bytes: usize,
+    frames: u64,
+    /// CPU time of the side under test over the window: this thread (raw) or every thread of
+    /// the isola-net process tree (isola-net), in nanoseconds.
+    cpu_ns: u64,
 }
 
 impl Result {
-    fn gbps(&self) -> f64 {
-        self.pps * self.bytes as f64 * 8.0 / 1e9
+    fn cpu_ns_per_frame(&self) -> f64 {
+        self.cpu_ns as f64 / self.frames.max(1) as f64
     }
+}
+
+/// CPU time this thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time used so far by every thread of process `pid` and of its descendants (the
+/// sandboxed isola-net runs as its reaper's child), in nanoseconds (`schedstat`).
+fn tree_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let children = std::fs::read_to_string(path.join("children")).unwrap_or_default();
+        total += children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(tree_cpu_ns)
+            .sum::<u64>();
+    }
+    total
 }
 
 fn raw_tx(tap: &OwnedFd, len: usize, secs: f64) -> Result {
     let mut buf = vec![0u8; HDR];
     buf.extend(frame(OTHER_MAC, GUEST_MAC, len));
     let start = Instant::now();
+    let cpu = thread_cpu_ns();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < secs {
         // SAFETY: write reads `buf`, alive for the call.
@@ -80,7 +128,8 @@ fn raw_tx(tap: &OwnedFd, len: usize, secs: f64) -> Result {
     }
     Result {
         pps: n as f64 / start.elapsed().as_secs_f64(),
-        bytes: len,
+        frames: n,
+        cpu_ns: thread_cpu_ns() - cpu,
     }
 }
 
@@ -140,6 +189,7 @@ fn raw_rx(tap: &OwnedFd, ifindex: i32, len: usize, secs: f64) -> Result {
     let mut buf = vec![0u8; 65536];
     let mut n = 0u64;
     let start = Instant::now();
+    let cpu = thread_cpu_ns();
     while start.elapsed().as_secs_f64() < secs {
         let mut pfd = libc::pollfd {
             fd: tap.as_raw_fd(),
@@ -160,12 +210,14 @@ fn raw_rx(tap: &OwnedFd, ifindex: i32, len: usize, secs: f64) -> Result {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = thread_cpu_ns() - cpu;
     stop.store(true, Ordering::Relaxed);
     inject.join().unwrap();
     let _ = flags;
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
+        frames: n,
+        cpu_ns: cpu,
     }
 }
 
@@ -279,7 +331,7 @@ fn q_avail(q: &SplitQueue, ram: &GuestRam) -> u16 {
 /// Transmit as a Linux virtio-net driver sending at full speed does it: the ring is kept
 /// full; when it is, the driver sleeps until the device has used three quarters of it
 /// (`virtqueue_enable_cb_delayed`), then takes back every used buffer and refills at once.
-fn net_tx(g: &mut Guest, len: usize, secs: f64) -> Result {
+fn net_tx(g: &mut Guest, net: u32, len: usize, secs: f64) -> Result {
     let mem = g.ram.memory();
     let mut buf = vec![0u8; HDR];
     buf.extend(frame(OTHER_MAC, GUEST_MAC, len));
@@ -296,6 +348,7 @@ fn net_tx(g: &mut Guest, len: usize, secs: f64) -> Result {
     g.tx.kick();
     let mut n = 0u64;
     let start = Instant::now();
+    let cpu = tree_cpu_ns(net);
     while start.elapsed().as_secs_f64() < secs {
         let outstanding = q_avail(&g.tx, &g.ram).wrapping_sub(seen);
         let after = seen.wrapping_add(outstanding / 4 * 3).wrapping_sub(1);
@@ -307,13 +360,14 @@ fn net_tx(g: &mut Guest, len: usize, secs: f64) -> Result {
     let elapsed = start.elapsed().as_secs_f64();
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
+        frames: n,
+        cpu_ns: tree_cpu_ns(net) - cpu,
     }
 }
 
 /// Receive as a Linux virtio-net driver's NAPI poll does it: on a call, take every used
 /// buffer, refill, and ask for a call on the next one.
-fn net_rx(g: &mut Guest, ifindex: i32, len: usize, secs: f64) -> Result {
+fn net_rx(g: &mut Guest, net: u32, ifindex: i32, len: usize, secs: f64) -> Result {
     let mem = g.ram.memory();
     let mut seen = g.rx.used_idx(mem);
     for i in 0..u64::from(QSIZE) {
@@ -326,6 +380,7 @@ fn net_rx(g: &mut Guest, ifindex: i32, len: usize, secs: f64) -> Result {
     let inject = injector(ifindex, len, Arc::clone(&stop));
     let mut n = 0u64;
     let start = Instant::now();
+    let cpu = tree_cpu_ns(net);
     while start.elapsed().as_secs_f64() < secs {
         if !arm_call(&g.rx, &g.ram, seen, seen) {
             wait_call(&g.rx);
@@ -337,11 +392,13 @@ fn net_rx(g: &mut Guest, ifindex: i32, len: usize, secs: f64) -> Result {
         });
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = tree_cpu_ns(net) - cpu;
     stop.store(true, Ordering::Relaxed);
     inject.join().unwrap();
     Result {
         pps: n as f64 / elapsed,
-        bytes: len,
+        frames: n,
+        cpu_ns: cpu,
     }
 }
 
@@ -362,10 +419,10 @@ fn extra_args() -> Vec<String> {
         .collect()
 }
 
-fn start_net(socket: &Path, tap: OwnedFd, log: &Path) -> Child {
+fn start_net(bin: &Path, socket: &Path, tap: OwnedFd, log: &Path) -> Child {
     let _ = std::fs::remove_file(socket);
     let fd = tap.as_raw_fd();
-    let mut cmd = Command::new(binary("isola-net"));
+    let mut cmd = Command::new(bin);
     cmd.arg("--socket")
         .arg(socket)
         .args(["--tap-fd", "3"])
@@ -391,14 +448,21 @@ fn start_net(socket: &Path, tap: OwnedFd, log: &Path) -> Child {
 }
 
 /// One case through isola-net: a fresh process on a fresh tap fd, a fresh frontend.
-fn through_isola(dir: &Path, index: i32, to_guest: bool, len: usize, secs: f64) -> Result {
+fn through_isola(
+    bin: &Path,
+    dir: &Path,
+    index: i32,
+    to_guest: bool,
+    len: usize,
+    secs: f64,
+) -> Result {
     let socket = dir.join("net.sock");
-    let mut net = start_net(&socket, open_tap("tap0"), &dir.join("net.log"));
+    let mut net = start_net(bin, &socket, open_tap("tap0"), &dir.join("net.log"));
     let mut guest = connect(&socket);
     let result = if to_guest {
-        net_rx(&mut guest, index, len, secs)
+        net_rx(&mut guest, net.id(), index, len, secs)
     } else {
-        net_tx(&mut guest, len, secs)
+        net_tx(&mut guest, net.id(), len, secs)
     };
     drop(guest);
     let _ = net.kill();
@@ -422,58 +486,95 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let rounds: usize = std::env::var("ISOLA_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds = rounds(5);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("net bench: skipped (needs root for a network namespace and taps)");
         return;
     }
+    let bin = binary("isola-net");
+    let baseline = std::env::var_os("ISOLA_NET_BASELINE").map(std::path::PathBuf::from);
     in_netns(move || {
         let dir = scratch_dir("net-bench");
         make_tap("tap0");
         let index = ifindex("tap0");
         println!(
-            "net bench: best of {rounds} rounds of {secs} s per case, isola-net and raw \
-             alternating; frame = Ethernet frame bytes (no FCS); isola-net options: {:?}",
+            "net bench: {rounds} rounds of {secs} s per case, isola-net and raw alternating; \
+             median (lowest..highest) over the rounds, the ratio taken per round; frame = \
+             Ethernet frame bytes (no FCS); CPU ns/frame: the isola-net process (all threads) \
+             against the raw thread; isola-net options: {:?}",
             extra_args()
         );
         println!(
-            "{:<12} {:>6} {:>11} {:>7} {:>11} {:>7} {:>6}",
-            "direction", "frame", "isola pps", "Gbit/s", "raw pps", "Gbit/s", "ratio"
+            "{:<12} {:>6} {:>28} {:>28} {:>20}",
+            "direction", "frame", "isola kpps", "raw kpps", "isola / raw"
         );
         for len in [64usize, 1514] {
             for to_guest in [false, true] {
-                let mut isola = Result {
-                    pps: 0.0,
-                    bytes: len,
-                };
-                let mut raw_best = Result {
-                    pps: 0.0,
-                    bytes: len,
-                };
+                let mut isola = Vec::new();
+                let mut raw_pps = Vec::new();
+                let mut ratio = Vec::new();
+                let mut cpu = Vec::new();
+                let mut against_baseline = Vec::new();
+                let mut baseline_vs_raw = Vec::new();
+                let mut baseline_cpu = Vec::new();
                 for _ in 0..rounds {
-                    let i = through_isola(&dir, index, to_guest, len, secs);
+                    let b = baseline
+                        .as_ref()
+                        .map(|old| through_isola(old, &dir, index, to_guest, len, secs));
+                    let i = through_isola(&bin, &dir, index, to_guest, len, secs);
                     let r = raw(index, to_guest, len, secs);
-                    isola.pps = isola.pps.max(i.pps);
-                    raw_best.pps = raw_best.pps.max(r.pps);
+                    if let Some(b) = b {
+                        against_baseline.push(i.pps / b.pps);
+                        baseline_vs_raw.push(b.pps / r.pps);
+                        baseline_cpu.push(b.cpu_ns_per_frame());
+                    }
+                    isola.push(i.pps / 1e3);
+                    raw_pps.push(r.pps / 1e3);
+                    ratio.push(i.pps / r.pps);
+                    cpu.push((i.cpu_ns_per_frame(), r.cpu_ns_per_frame()));
                 }
+                let gbps = |kpps: f64| kpps * 1e3 * len as f64 * 8.0 / 1e9;
+                let (i, r) = (Spread::of(&isola), Spread::of(&raw_pps));
                 println!(
-                    "{:<12} {:>6} {:>11.0} {:>7.2} {:>11.0} {:>7.2} {:>5.0}%",
+                    "{:<12} {:>6} {:>28} {:>28} {:>20}",
                     if to_guest {
                         "host->guest"
                     } else {
                         "guest->host"
                     },
                     len,
-                    isola.pps,
-                    isola.gbps(),
-                    raw_best.pps,
-                    raw_best.gbps(),
-                    100.0 * isola.pps / raw_best.pps
+                    format!("{} {:.2} Gb/s", i.show(0), gbps(i.median)),
+                    format!("{} {:.2} Gb/s", r.show(0), gbps(r.median)),
+                    Spread::of(&ratio).show(2),
                 );
+                let isola_cpu: Vec<f64> = cpu.iter().map(|c| c.0).collect();
+                let raw_cpu: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+                let cpu_ratio: Vec<f64> = cpu.iter().map(|c| c.0 / c.1).collect();
+                println!(
+                    "{:<12} {:>6} {:>28} {:>28} {:>20}",
+                    "  CPU ns/frame",
+                    "",
+                    Spread::of(&isola_cpu).show(0),
+                    Spread::of(&raw_cpu).show(0),
+                    Spread::of(&cpu_ratio).show(2),
+                );
+                if !against_baseline.is_empty() {
+                    println!(
+                        "{:<12} {:>6} {:>28} {:>28} {:>20}",
+                        "  baseline",
+                        "",
+                        "isola / baseline:",
+                        Spread::of(&against_baseline).show(2),
+                        format!("{} of raw", Spread::of(&baseline_vs_raw).show(2)),
+                    );
+                    println!(
+                        "{:<12} {:>6} {:>28}",
+                        "  baseline CPU ns/frame",
+                        "",
+                        Spread::of(&baseline_cpu).show(0),
+                    );
+                }
             }
         }
     });

@@ -12,6 +12,10 @@
  *   isola-probe evdev PATH COUNT SECS       print the input events read from PATH until COUNT
  *                                           key presses/releases came (prints "evdev ready
  *                                           PATH" once open)
+ *   isola-probe power-key PATH SECS         wait for a KEY_POWER press on PATH (the ACPI power
+ *                                           button's input device), SECS at most (0: for as
+ *                                           long as it takes, as acpid would); prints
+ *                                           "power-key pressed" and exits 0 when it comes
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -172,6 +176,32 @@ static int evdev(const char *path, long count, long secs)
 	return got == count ? 0 : 1;
 }
 
+static int power_key(const char *path, long secs)
+{
+	int fd = open(path, O_RDONLY | O_NONBLOCK);
+	double deadline = now() + (double)secs;
+
+	if (fd < 0) {
+		fprintf(stderr, "isola-probe: power-key %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	for (;;) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		struct input_event ev;
+
+		if (poll(&p, 1, secs ? left_ms(deadline) : -1) <= 0)
+			break;
+		if (read(fd, &ev, sizeof(ev)) != (ssize_t)sizeof(ev))
+			continue;
+		if (ev.type == EV_KEY && ev.code == KEY_POWER && ev.value == 1) {
+			printf("power-key pressed %s\n", path);
+			return 0;
+		}
+	}
+	printf("power-key none within %ld s\n", secs);
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -183,7 +213,9 @@ int main(int argc, char **argv)
 		return udp_recv(arg_num(argv[2]), arg_num(argv[3]), arg_num(argv[4]));
 	if (argc == 5 && !strcmp(argv[1], "evdev"))
 		return evdev(argv[2], arg_num(argv[3]), arg_num(argv[4]));
+	if (argc == 4 && !strcmp(argv[1], "power-key"))
+		return power_key(argv[2], arg_num(argv[3]));
 	fprintf(stderr, "usage: isola-probe pattern SEED BYTES | udp-send IP PORT COUNT | "
-			"udp-recv PORT COUNT SECS | evdev PATH COUNT SECS\n");
+			"udp-recv PORT COUNT SECS | evdev PATH COUNT SECS | power-key PATH SECS\n");
 	return 2;
 }

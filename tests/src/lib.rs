@@ -2,6 +2,7 @@
 //! and read what the guest prints.
 
 pub mod api;
+pub mod bench;
 pub mod display;
 pub mod hang;
 pub mod net;

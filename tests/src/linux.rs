@@ -212,6 +212,12 @@ impl Guest {
     /// Waits for `ISOLA-DONE` and for the VM to end by the guest's ACPI poweroff (exit 0).
     pub fn finish(mut self) {
         self.line("ISOLA-DONE", Duration::from_secs(120));
+        self.wait_end();
+    }
+
+    /// Waits for the VM to end with exit status 0: the guest powered off (by itself, or
+    /// answering the power button of a graceful shutdown).
+    pub fn wait_end(mut self) {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let status = self.launch.finish(left.max(Duration::from_secs(30)));
         assert!(

@@ -296,7 +296,7 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
     let scratch = scratch_dir("linux-gpu-input");
     let run_dir = scratch.join("run");
     let cmdline = format!(
-        "{} isola_checks=gpu,input,smp isola_keys=4",
+        "{} isola_checks=gpu,input,smp,power isola_keys=4",
         isola_tests::linux::BASE_CMDLINE
     );
     // `isola-run --linux`: the image with every device (disk, console, GPU + display, input).
@@ -408,5 +408,24 @@ fn linux_every_device_gpu_fbcon_and_keyboard_through_an_isola_input_kill() {
             "NOT as Isola set it (the host answers CPUID itself)"
         }
     ));
-    guest.finish();
+    // power: `isolactl shutdown` presses the ACPI power button; Linux's GED and button
+    // drivers turn it into KEY_POWER, /init's listener powers off, and the shutdown is
+    // graceful.
+    guest.line("ISOLA-READY power", CHECK);
+    let out = Command::new(binary("isolactl"))
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["shutdown", "--timeout", "120"])
+        .output()
+        .expect("isolactl runs");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && said.starts_with("graceful: the guest powered off"),
+        "isolactl shutdown: {said}{}\nconsole:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        guest.launch.stdout.seen.join("\n")
+    );
+    say(format!("Linux answered the power button: {}", said.trim()));
+    guest.line("ISOLA-POWER-KEY uptime=", CHECK);
+    guest.wait_end();
 }

@@ -1,6 +1,6 @@
 /*
  * virtio-console: drives the first virtio-console PCI function (0x1af4:0x1043), with the
- * MULTIPORT control handshake when the device offers it, in one of three modes:
+ * MULTIPORT control handshake when the device offers it, in one of these modes:
  *
  *   echo    echoes everything a port receives back on the same port, buffer for buffer
  *           (receive buffer i becomes transmit buffer i, and is posted again once the device
@@ -9,6 +9,9 @@
  *           input arrives on the port), as fast as the device takes it, printing a tick line on
  *           COM1 every 50 ms (a counter of loop rounds, which also advances while the device
  *           is gone);
+ *   sink    receives on its port as fast as the device gives (8 buffers of 64 KiB, each
+ *           posted again at once), until a second passes with nothing after the first byte;
+ *           then reports how many bytes arrived;
  *   shell   an interactive line prompt on port 0: "guest> ", each line answered with
  *           "you typed: LINE", "exit" powers off;
  *   hostile malformed control messages and buffers, one at a time, each of which must come
@@ -401,6 +404,46 @@ static void stream(unsigned port, uint64_t seconds, int fill)
 	print("console: stream done bytes=%lu buffers=%lu\n", pos, acked);
 }
 
+/* ---- sink ---- */
+
+static void sink(unsigned port, uint64_t seconds)
+{
+	struct virtq *rx = rxq(port);
+	for (uint16_t i = 0; i < STREAM_SLOTS; i++) {
+		virtq_set_desc(rx, i, (uint64_t)stream_buf[i], STREAM_MAX, VIRTQ_DESC_F_WRITE, 0);
+		virtq_add(rx, i);
+	}
+	virtq_kick(rx);
+	print("console: sink ready\n");
+	uint64_t got = 0, buffers = 0;
+	uint64_t end = rdtsc() + seconds * hz, last = 0;
+	struct virtq *waitq[2] = { rx, &queues[2] };
+	for (;;) {
+		uint32_t id, len;
+		int reposted = 0;
+		while (virtq_pop(rx, &id, &len)) {
+			if (id >= STREAM_SLOTS || len > STREAM_MAX)
+				die(EXIT_PROTOCOL, "bad receive completion id=%u len=%u", id, len);
+			got += len;
+			buffers++;
+			virtq_add(rx, (uint16_t)id);
+			reposted = 1;
+		}
+		if (reposted) {
+			virtq_kick(rx);
+			last = rdtsc();
+		}
+		ctrl_poll();
+		uint64_t now = rdtsc();
+		/* Done a second after the last input, or at the deadline. */
+		uint64_t until = got ? last + hz : end;
+		if ((int64_t)(now - until) >= 0 || (int64_t)(now - end) >= 0)
+			break;
+		wait_queues(waitq, multiport ? 2 : 1, (int64_t)(until - end) < 0 ? until : end);
+	}
+	print("console: sink done bytes=%lu buffers=%lu\n", got, buffers);
+}
+
 /* ---- hostile ---- */
 
 static void shell_write(const char *s);
@@ -584,9 +627,11 @@ void guest_main(void)
 	cmdline_get("console.mode", mode, sizeof(mode));
 	cmdline_get("console.name", name, sizeof(name));
 	int is_echo = str_eq(mode, "echo"), is_stream = str_eq(mode, "stream"),
-	    is_shell = str_eq(mode, "shell"), is_hostile = str_eq(mode, "hostile");
-	if (!is_echo && !is_stream && !is_shell && !is_hostile)
-		die(EXIT_BAD_PARAM, "bad console.mode=%s (echo, stream, shell or hostile)", mode);
+	    is_shell = str_eq(mode, "shell"), is_hostile = str_eq(mode, "hostile"),
+	    is_sink = str_eq(mode, "sink");
+	if (!is_echo && !is_stream && !is_shell && !is_hostile && !is_sink)
+		die(EXIT_BAD_PARAM, "bad console.mode=%s (echo, stream, sink, shell or hostile)",
+		    mode);
 	uint64_t bytes = param("console.bytes", 1 << 20, 1, ~0ull >> 1);
 	uint64_t seconds = param("console.seconds", 5, 1, 3600);
 	int fill = (int)param("console.fill", 1, 0, 1);
@@ -607,6 +652,8 @@ void guest_main(void)
 		echo(port, bytes);
 	else if (is_stream)
 		stream(port, seconds, fill);
+	else if (is_sink)
+		sink(port, seconds);
 	else if (is_hostile)
 		hostile();
 	else

@@ -317,10 +317,10 @@
 //!
 //! | parameter | default | meaning |
 //! |---|---|---|
-//! | `console.mode` | `echo` | `echo`, `stream`, `shell` or `hostile` |
+//! | `console.mode` | `echo` | `echo`, `stream`, `sink`, `shell` or `hostile` |
 //! | `console.name` | (none) | use the port with this name (needs MULTIPORT) |
 //! | `console.bytes` | 1048576 | echo: bytes to echo before finishing |
-//! | `console.seconds` | 5 | stream: seconds to write |
+//! | `console.seconds` | 5 | stream: seconds to write; sink: the most seconds to wait |
 //! | `console.fill` | 1 | stream: 0 sends the buffers without writing the pattern into them (for throughput measurements, where the guest's own filling would be the limit) |
 //!
 //! * `echo`: 16 receive buffers of 4 KiB; each filled buffer is sent back as it is (one
@@ -333,6 +333,9 @@
 //!   queued> buffers-done=<returned>` (rounds advance on a 10 ms timer even when the device
 //!   is gone). Input on the port ends the stream early (`console: stream stopped by input`). At
 //!   the end `console: stream done bytes=<n> buffers=<n>` once all are returned.
+//! * `sink` (on the chosen port): 8 receive buffers of 64 KiB, each posted again as soon as
+//!   it is returned; prints `console: sink ready`, then, one second after the last input (or
+//!   after `console.seconds` with none), `console: sink done bytes=<n> buffers=<n>`.
 //! * `shell`: writes `guest> ` on the port, prints `console: shell ready`; each line the user
 //!   sends (ended by CR or LF) is printed as `console: shell line '<line>'` and answered on the
 //!   port with `you typed: <line>\r\nguest> `; the line `exit` is answered with `bye\r\n`.
