@@ -619,3 +619,32 @@ fn stop_vcpus(handles: Vec<VcpuHandle>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_device_common::testing::skip::{skip, Missing};
+    use std::os::fd::AsRawFd;
+
+    /// Once the process's own VM fd is closed, the teardown ring's file table still holds the
+    /// VM, so the last reference is the ring's (dropped by the kernel's io_uring worker).
+    #[test]
+    fn the_teardown_ring_holds_the_vm_past_its_fd() {
+        let Ok(kvm) = Kvm::new() else {
+            skip(Missing::Host, "no usable /dev/kvm");
+            return;
+        };
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let Some(ring) = defer_vm_release(&vm) else {
+            skip(Missing::Host, "io_uring is not available to this process");
+            return;
+        };
+        drop(vm);
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", ring.as_raw_fd()))
+            .expect("the ring's fdinfo");
+        assert!(
+            info.lines().any(|l| l.trim_end().ends_with("kvm-vm")),
+            "the ring's registered files do not include the VM:\n{info}"
+        );
+    }
+}
