@@ -230,14 +230,7 @@ async fn graceful_shutdown(watch: &Arc<Watch>, request: ControlRequest) -> Answe
     .await;
     match answer {
         Ok(ControlResponse::ShutDown(_)) => {
-            // The core has answered and is ending: answer once its end is recorded.
-            let ended = watch.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            watch.poke.notify_one();
-            if watch.exit().is_none() {
-                let _ = tokio::time::timeout(END_RECORDED_WITHIN, ended).await;
-            }
+            until_end_recorded(watch).await;
             vm_answer(watch).await
         }
         Ok(ControlResponse::Error(e)) => error(StatusCode::CONFLICT, e),
@@ -250,6 +243,19 @@ async fn graceful_shutdown(watch: &Arc<Watch>, request: ControlRequest) -> Answe
             format!("the core is not serving: {e}"),
         ),
         Err(e) => backend_error(&e),
+    }
+}
+
+/// Waits (up to [`END_RECORDED_WITHIN`]) until the core's end is recorded. A core that has
+/// answered a shutdown is exiting: asking it for its status then races with its exit, and a
+/// request it never reads comes back as a reset connection.
+async fn until_end_recorded(watch: &Arc<Watch>) {
+    let ended = watch.ended.notified();
+    tokio::pin!(ended);
+    ended.as_mut().enable();
+    watch.poke.notify_one();
+    if watch.exit().is_none() {
+        let _ = tokio::time::timeout(END_RECORDED_WITHIN, ended).await;
     }
 }
 
@@ -344,6 +350,10 @@ async fn core_action(watch: &Arc<Watch>, request: ControlRequest) -> Answer {
         backends::call::<_, ControlResponse>("isola-core", &watch.sockets.core, &request).await;
     watch.poke.notify_one();
     match answer {
+        Ok(ControlResponse::Done) if matches!(request, ControlRequest::Shutdown) => {
+            until_end_recorded(watch).await;
+            vm_answer(watch).await
+        }
         Ok(ControlResponse::Done) => vm_answer(watch).await,
         Ok(ControlResponse::Error(e)) => error(StatusCode::CONFLICT, e),
         Ok(ControlResponse::Status(_) | ControlResponse::ShutDown(_)) => error(

@@ -395,6 +395,16 @@ fn serve_one(ctx: &Context<'_>, stream: &mut UnixStream, pending: &mut Option<Pe
                 Err(e) => ControlResponse::Error(e),
             }
         }
+        // Answered before the VM is told to end: the process may exit as soon as it is, and
+        // the client must not find its connection reset instead of the answer.
+        ControlRequest::Shutdown => {
+            let _ = isola_ipc::write_message(stream, &ControlResponse::Done);
+            ctx.exit.notify(VmExit::Shutdown {
+                graceful: false,
+                detail: "stopped at once on request".into(),
+            });
+            return After::Drop;
+        }
         request => handle(ctx, request),
     };
     match isola_ipc::write_message(stream, &response) {
@@ -451,22 +461,16 @@ fn handle(ctx: &Context<'_>, request: ControlRequest) -> ControlResponse {
         }),
         ControlRequest::Pause => change_state(ctx, VcpuEvent::Pause, VcpuState::Paused),
         ControlRequest::Resume => change_state(ctx, VcpuEvent::Resume, VcpuState::Running),
-        ControlRequest::Shutdown => {
-            ctx.exit.notify(VmExit::Shutdown {
-                graceful: false,
-                detail: "stopped at once on request".into(),
-            });
-            ControlResponse::Done
-        }
         ControlRequest::PowerButton => match ctx.ged.press_power_button() {
             Ok(()) => ControlResponse::Done,
             Err(e) => {
                 ControlResponse::Error(format!("cannot raise the power button's interrupt: {e}"))
             }
         },
-        // Served by `serve_one`, which holds the client until the VM ends.
-        ControlRequest::GracefulShutdown { .. } => {
-            ControlResponse::Error("graceful shutdown is not served here".into())
+        // Served by `serve_one`: a shutdown is answered before the VM ends, a graceful one
+        // when it has.
+        ControlRequest::Shutdown | ControlRequest::GracefulShutdown { .. } => {
+            ControlResponse::Error("shutdown is not served here".into())
         }
         ControlRequest::Handover { socket } => {
             match ctx.devices.iter().find(|d| d.socket == Path::new(&socket)) {
