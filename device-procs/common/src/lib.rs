@@ -23,6 +23,7 @@ pub mod memory;
 pub mod queue;
 pub mod sandbox;
 pub mod server;
+pub mod stop;
 pub mod thread;
 mod worker;
 

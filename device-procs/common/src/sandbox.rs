@@ -246,6 +246,11 @@ fn device_side(
     empty_root()?;
     drop_privileges()?;
     fault::catch_abort();
+    // The reaper passes a supervisor's SIGTERM on; pid 1 of a namespace ignores it unless it
+    // has a handler.
+    if crate::stop::install().is_err() {
+        return Err(sys("install the SIGTERM handler"));
+    }
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let programs = device_programs(policy, args.seccomp)?;
@@ -308,6 +313,9 @@ fn become_reaper(
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     if let Err(e) = drop_privileges() {
         reaper_failed(child, "drop privileges", &e);
+    }
+    if let Err(e) = reaper::pass_sigterm_on(child) {
+        reaper_failed(child, "install its SIGTERM handler", &e);
     }
     match reaper_program(mode, std::process::id(), child) {
         Ok(Some(program)) => {

@@ -364,6 +364,11 @@ impl TxQueue {
         sent: &mut (u64, u64),
     ) -> Result<(), QueueError> {
         for _ in 0..BATCH {
+            // From taking the frame off the ring to completing it, a stop on request waits:
+            // a frame written to the tap and handed over uncompleted would go out twice.
+            let Some(_busy) = isola_device_common::stop::Busy::enter() else {
+                break;
+            };
             let Some(chain) = queue.pop()? else {
                 break;
             };

@@ -312,7 +312,8 @@ pub fn reaper_program(
     .map(|nr| (nr, Vec::new()))
     .collect();
     // Passing the device's fatal signal on: kill(own pid, sig); ending a device that took a
-    // fault (reaper::wait_and_pass_on): kill(device, SIGKILL).
+    // fault (reaper::wait_and_pass_on): kill(device, SIGKILL); passing a supervisor's stop
+    // on (reaper::pass_sigterm_on): kill(device, SIGTERM).
     rules.insert(
         libc::SYS_kill,
         vec![
@@ -320,6 +321,10 @@ pub fn reaper_program(
             rule(vec![
                 cond(0, SeccompCmpOp::Eq, device as u32 as u64)?,
                 cond(1, SeccompCmpOp::Eq, libc::SIGKILL as u64)?,
+            ])?,
+            rule(vec![
+                cond(0, SeccompCmpOp::Eq, device as u32 as u64)?,
+                cond(1, SeccompCmpOp::Eq, libc::SIGTERM as u64)?,
             ])?,
         ],
     );
@@ -403,16 +408,18 @@ mod tests {
 
     #[test]
     fn the_reaper_may_wait_and_signal_itself_and_nothing_else() {
-        // wait4 with no child: ECHILD; kill(own pid, 0): allowed; kill(device, SIGKILL):
-        // allowed (ESRCH here).
+        // wait4 with no child: ECHILD; kill(own pid, 0): allowed; kill(device, SIGKILL) and
+        // kill(device, SIGTERM) (a stop passed on): allowed (ESRCH here).
         let allowed = reaper_child(|| {
             let waited = raw(libc::SYS_wait4, [usize::MAX, 0, 0]);
             let own = std::process::id() as usize;
             let device = [NO_SUCH_PID as usize, libc::SIGKILL as usize, 0];
+            let stop = [NO_SUCH_PID as usize, libc::SIGTERM as usize, 0];
             i32::from(
                 !(waited == -1
                     && raw(libc::SYS_kill, [own, 0, 0]) == 0
-                    && raw(libc::SYS_kill, device) == -1),
+                    && raw(libc::SYS_kill, device) == -1
+                    && raw(libc::SYS_kill, stop) == -1),
             )
         });
         assert!(
@@ -421,11 +428,11 @@ mod tests {
         );
         for body in [
             (|| raw(libc::SYS_kill, [1, 0, 0]) as i32) as fn() -> i32,
-            // The device may only be killed, not signalled otherwise.
+            // The device may only be killed or stopped, not signalled otherwise.
             || {
                 raw(
                     libc::SYS_kill,
-                    [NO_SUCH_PID as usize, libc::SIGTERM as usize, 0],
+                    [NO_SUCH_PID as usize, libc::SIGUSR1 as usize, 0],
                 ) as i32
             },
             || {

@@ -19,6 +19,8 @@
 //! TID)`, SIGKILLs the device (which an ancestor namespace may always do) and, once it is
 //! gone, ends itself by the same signal, which the supervisor reports and acts on.
 
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
 use super::filter::syscall_name;
 
 /// One ptrace request; -1 with errno on failure.
@@ -57,6 +59,28 @@ fn seccomp_victim(tid: libc::pid_t) -> Option<u64> {
         return None;
     }
     Some(regs.orig_rax)
+}
+
+/// The device, for the SIGTERM handler.
+static DEVICE: AtomicI32 = AtomicI32::new(0);
+/// A SIGTERM was passed on to the device.
+static TERM_PASSED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn pass_on_sigterm(_: libc::c_int) {
+    TERM_PASSED.store(true, Ordering::SeqCst);
+    // SAFETY: kill is async-signal-safe and takes integers; the device is this process's
+    // child, not yet reaped while this handler is installed (the reaper exits when it is).
+    unsafe { libc::kill(DEVICE.load(Ordering::SeqCst), libc::SIGTERM) };
+}
+
+/// A SIGTERM to the reaper (the supervisor stopping the device on request) goes on to the
+/// device, which ends at a request boundary (`crate::stop`) rather than being killed with
+/// the reaper (`PTRACE_O_EXITKILL`). A device that does not end is killed with the reaper
+/// when the supervisor's stop timeout sends SIGKILL.
+pub(super) fn pass_sigterm_on(child: libc::pid_t) -> std::io::Result<()> {
+    DEVICE.store(child, Ordering::SeqCst);
+    // The handler only touches atomics and calls kill: async-signal-safe.
+    crate::stop::handle(libc::SIGTERM, pass_on_sigterm)
 }
 
 /// Waits for the device, resuming its threads at each stop, and ends this process as the
@@ -166,7 +190,13 @@ pub(super) fn signal_name(signal: libc::c_int) -> &'static str {
 /// Ends the reaper with the device's exit code, or by the device's fatal signal.
 fn pass_on(status: libc::c_int) -> ! {
     if libc::WIFEXITED(status) {
-        exit(libc::WEXITSTATUS(status));
+        let code = libc::WEXITSTATUS(status);
+        // A device that ended for the SIGTERM passed on ends the reaper as the SIGTERM would
+        // have, so the supervisor reports the same ending as before.
+        if code == crate::stop::STOPPED_STATUS && TERM_PASSED.load(Ordering::SeqCst) {
+            die_by(libc::SIGTERM);
+        }
+        exit(code);
     }
     let signal = libc::WTERMSIG(status);
     if signal != libc::SIGSYS {
