@@ -363,12 +363,13 @@ impl TxQueue {
         queue: &mut QueueContext<'_>,
         sent: &mut (u64, u64),
     ) -> Result<(), QueueError> {
+        // From taking a frame off the ring to completing it, a stop on request waits (here,
+        // for the rest of the batch: one section per batch, not two atomic updates per frame):
+        // a frame written to the tap and handed over uncompleted would go out twice.
+        let Some(_busy) = isola_device_common::stop::Busy::enter() else {
+            return Ok(());
+        };
         for _ in 0..BATCH {
-            // From taking the frame off the ring to completing it, a stop on request waits:
-            // a frame written to the tap and handed over uncompleted would go out twice.
-            let Some(_busy) = isola_device_common::stop::Busy::enter() else {
-                break;
-            };
             let Some(chain) = queue.pop()? else {
                 break;
             };
