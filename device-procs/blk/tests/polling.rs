@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use isola_device_common::testing::{self, GuestRam, SplitQueue};
 use support::{patterned_image, Backend, Scratch, TIMEOUT};
-use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
@@ -25,6 +25,46 @@ const POLL: Duration = Duration::from_secs(1);
 /// Time between the test's requests while the window grows (doubling from 4 µs it passes
 /// this after 16 sleeps).
 const CADENCE: Duration = Duration::from_millis(200);
+
+/// isola-blk with a `POLL` window on a patterned 1 MiB image, its queue 0 started by the test
+/// as frontend.
+struct Polling {
+    _dir: Scratch,
+    backend: Backend,
+    ram: GuestRam,
+    q: SplitQueue,
+    fe: Frontend,
+    /// The image's contents.
+    data: Vec<u8>,
+}
+
+impl Polling {
+    fn start(name: &str) -> Polling {
+        let dir = Scratch::new(name);
+        let image = dir.path("disk.img");
+        let data = patterned_image(&image, 1 << 20);
+        let socket = dir.path("blk.sock");
+        let poll_us = POLL.as_micros().to_string();
+        let backend = Backend::start(
+            &socket,
+            &image,
+            dir.path("blk.log"),
+            &["--queue-size", "64", "--poll-us", &poll_us],
+        );
+        let ram = GuestRam::new(4 << 20);
+        let q = SplitQueue::new(0, QSIZE, GuestAddress(0));
+        let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
+        testing::start_queue(&mut fe, &q, &ram, 0);
+        Polling {
+            _dir: dir,
+            backend,
+            ram,
+            q,
+            fe,
+            data,
+        }
+    }
+}
 
 /// Publishes a 4 KiB read of sector `n * 8` into slot `n` of RAM (without kicking).
 fn publish_read(q: &mut SplitQueue, ram: &GuestRam, n: u64) -> GuestAddress {
@@ -83,21 +123,13 @@ fn grow_window(q: &mut SplitQueue, ram: &GuestRam, backend: &Backend) -> u16 {
 
 #[test]
 fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
-    let dir = Scratch::new("polling");
-    let image = dir.path("disk.img");
-    patterned_image(&image, 1 << 20);
-    let socket = dir.path("blk.sock");
-    let poll_us = POLL.as_micros().to_string();
-    let backend = Backend::start(
-        &socket,
-        &image,
-        dir.path("blk.log"),
-        &["--queue-size", "64", "--poll-us", &poll_us],
-    );
-    let ram = GuestRam::new(4 << 20);
-    let mut q = SplitQueue::new(0, QSIZE, GuestAddress(0));
-    let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
-    testing::start_queue(&mut fe, &q, &ram, 0);
+    let Polling {
+        backend,
+        ram,
+        mut q,
+        fe,
+        ..
+    } = Polling::start("polling");
 
     let mut n = grow_window(&mut q, &ram, &backend);
     assert!(n > 3, "the window did not start small (request {n})");
@@ -135,21 +167,14 @@ fn a_polling_queue_serves_unkicked_requests_only_inside_its_window() {
 /// was when the pass began (a busy queue may stay in one pass for ever).
 #[test]
 fn memory_added_while_a_queue_polls_is_seen_by_its_next_request() {
-    let dir = Scratch::new("polling-add-mem");
-    let image = dir.path("disk.img");
-    let data = patterned_image(&image, 1 << 20);
-    let socket = dir.path("blk.sock");
-    let poll_us = POLL.as_micros().to_string();
-    let backend = Backend::start(
-        &socket,
-        &image,
-        dir.path("blk.log"),
-        &["--queue-size", "64", "--poll-us", &poll_us],
-    );
-    let ram = GuestRam::new(4 << 20);
-    let mut q = SplitQueue::new(0, QSIZE, GuestAddress(0));
-    let mut fe = testing::connect_with_memory(&socket, &ram, TIMEOUT);
-    testing::start_queue(&mut fe, &q, &ram, 0);
+    let Polling {
+        backend,
+        ram,
+        mut q,
+        mut fe,
+        data,
+        ..
+    } = Polling::start("polling-add-mem");
     let n = grow_window(&mut q, &ram, &backend);
 
     // Still inside the window (it has grown past CADENCE, and polls for up to POLL): a second
