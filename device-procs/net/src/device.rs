@@ -228,6 +228,8 @@ pub struct TxQueue {
     segs: Vec<Segment>,
     /// A small frame, header included, copied out of guest memory.
     copy: Vec<u8>,
+    /// The chains of the batch being sent, kept to avoid an allocation per batch.
+    chains: Vec<DescriptorChain>,
 }
 
 // SAFETY: `iov` only holds pointers between the start and the end of one `send` call (it
@@ -246,6 +248,7 @@ impl TxQueue {
             iov: Vec::with_capacity(16),
             segs: Vec::with_capacity(16),
             copy: vec![0u8; TX_COPY_MAX],
+            chains: Vec::with_capacity(BATCH as usize),
         }
     }
 
@@ -369,11 +372,23 @@ impl TxQueue {
         let Some(_busy) = isola_device_common::stop::Busy::enter() else {
             return Ok(());
         };
-        for _ in 0..BATCH {
-            let Some(chain) = queue.pop()? else {
-                break;
-            };
-            match self.send(&chain) {
+        // Taken together: the available index is read once per batch, not once per frame.
+        let mut chains = std::mem::take(&mut self.chains);
+        let result = self.send_chains(queue, &mut chains, sent);
+        chains.clear();
+        self.chains = chains;
+        result
+    }
+
+    fn send_chains(
+        &mut self,
+        queue: &mut QueueContext<'_>,
+        chains: &mut Vec<DescriptorChain>,
+        sent: &mut (u64, u64),
+    ) -> Result<(), QueueError> {
+        queue.pop_many(BATCH as usize, chains)?;
+        for chain in chains.iter() {
+            match self.send(chain) {
                 Ok(len) => {
                     sent.0 += 1;
                     sent.1 += len as u64;
