@@ -248,11 +248,20 @@ mod tests {
     use crate::testing::SplitQueue;
     use vm_memory::GuestMemoryBackend;
 
-    #[test]
-    fn pop_marks_and_complete_clears() {
+    /// Guest memory, a driver that made `requests` one-buffer requests available on an 8-entry
+    /// queue, the device's view of that queue, and an in-flight region for it.
+    fn ring_with(
+        requests: usize,
+    ) -> (
+        Arc<Memory>,
+        SplitQueue,
+        Queue,
+        Arc<InflightRegion>,
+        std::fs::File,
+    ) {
         let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
         let mut driver = SplitQueue::new(0, 8, GuestAddress(0));
-        for _ in 0..3 {
+        for _ in 0..requests {
             let head = driver.add(&mem, &[(GuestAddress(0x8000), 1, true)]);
             driver.publish(&mem, head);
         }
@@ -261,7 +270,13 @@ mod tests {
         queue.try_set_avail_ring_address(driver.avail).unwrap();
         queue.try_set_used_ring_address(driver.used).unwrap();
         queue.set_ready(true);
-        let (region, _file, _) = InflightRegion::create(1, 8).unwrap();
+        let (region, file, _) = InflightRegion::create(1, 8).unwrap();
+        (mem, driver, queue, region, file)
+    }
+
+    #[test]
+    fn pop_marks_and_complete_clears() {
+        let (mem, driver, mut queue, region, _file) = ring_with(3);
         let mut inflight = region.queue(0).unwrap();
         inflight.recover(8, 0).unwrap();
         let mut resubmit = VecDeque::from([6u16]);
@@ -301,18 +316,7 @@ mod tests {
 
     #[test]
     fn pop_many_takes_resubmitted_then_new_up_to_max_and_marks_them() {
-        let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
-        let mut driver = SplitQueue::new(0, 8, GuestAddress(0));
-        for _ in 0..4 {
-            let head = driver.add(&mem, &[(GuestAddress(0x8000), 1, false)]);
-            driver.publish(&mem, head);
-        }
-        let mut queue = Queue::new(8).unwrap();
-        queue.try_set_desc_table_address(driver.desc).unwrap();
-        queue.try_set_avail_ring_address(driver.avail).unwrap();
-        queue.try_set_used_ring_address(driver.used).unwrap();
-        queue.set_ready(true);
-        let (region, _file, _) = InflightRegion::create(1, 8).unwrap();
+        let (mem, mut driver, mut queue, region, _file) = ring_with(4);
         let mut inflight = region.queue(0).unwrap();
         inflight.recover(8, 0).unwrap();
         let mut resubmit = VecDeque::from([6u16]);
