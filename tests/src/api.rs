@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::supervisor::Lines;
+use crate::supervisor::{Launch, Lines};
+use crate::wait_for_path;
 
 /// One answer: status and body.
 #[derive(Debug, Clone)]
@@ -177,4 +178,22 @@ impl Drop for EventReader {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// isola-run with the virtio-blk guest writing and reading its disk in a loop for `seconds`;
+/// returns once the API socket is there and the loop runs.
+pub fn launch_blk(run_dir: &Path, seconds: u32) -> Launch {
+    let cmdline =
+        format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=2048");
+    let mut launch = Launch::start(run_dir, &["--cmdline", &cmdline]);
+    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
+            .is_some(),
+        "the guest never ran its I/O loop\n{}",
+        launch.report()
+    );
+    launch
 }

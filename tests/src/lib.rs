@@ -347,6 +347,28 @@ pub fn wait_device(
     }
 }
 
+/// `isola-core` on the `msi` guest (it waits for interrupts for ever), 32 MiB, `cpus` vCPUs,
+/// no device, its control socket in `dir`; returns once the guest is ready and the socket is
+/// there, with the socket's path.
+pub fn msi_core(dir: &Path, cpus: u32) -> (Core, PathBuf) {
+    let socket = dir.join("control.sock");
+    let kernel = guest("msi.elf");
+    let cpus = cpus.to_string();
+    let mut core = Core::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--cpus",
+        &cpus,
+        "--control-socket",
+        socket.to_str().unwrap(),
+    ]);
+    core.wait_for("msi: ready", Duration::from_secs(30));
+    wait_for_path(&socket, Duration::from_secs(30));
+    (core, socket)
+}
+
 /// Waits until `path` exists (a socket the core creates at start).
 pub fn wait_for_path(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;

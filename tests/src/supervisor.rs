@@ -236,6 +236,21 @@ impl Launch {
         }
     }
 
+    /// Waits (up to `timeout`) for isola-run to end: it must succeed, and the guest must have
+    /// printed `guest_line` (a whole line, e.g. `virtio-blk: ok`).
+    pub fn finishes_with(&mut self, timeout: Duration, guest_line: &str) {
+        let status = self.finish(timeout);
+        let report = self.report();
+        assert!(
+            status.success(),
+            "isola-run ended with {status:?}\n{report}"
+        );
+        assert!(
+            self.stdout.seen.iter().any(|l| l == guest_line),
+            "the guest never printed {guest_line:?}\n{report}"
+        );
+    }
+
     /// The output so far and the logs (while the run directory is there), for failure
     /// messages.
     pub fn report(&mut self) -> String {

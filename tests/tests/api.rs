@@ -12,26 +12,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::skip::{skip, Missing};
-use isola_tests::api::{curl, post_json, python, raw, status_of, Answer, EventReader};
+use isola_tests::api::{curl, launch_blk, post_json, python, raw, status_of, Answer, EventReader};
 use isola_tests::supervisor::Launch;
 use isola_tests::{guest, scratch_dir, wait_for_path};
-
-/// The virtio-blk guest writing and reading its disk in a loop for `seconds`.
-fn launch_blk(run_dir: &Path, seconds: u32) -> Launch {
-    let cmdline =
-        format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=2048");
-    let mut launch = Launch::start(run_dir, &["--cmdline", &cmdline]);
-    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
-            .is_some(),
-        "the guest never ran its I/O loop\n{}",
-        launch.report()
-    );
-    launch
-}
 
 /// The GPU guest, which draws and waits, on a 640x400 display with a keyboard and tablet.
 fn launch_gpu(run_dir: &Path) -> Launch {
@@ -608,17 +591,7 @@ fn bad_input_each_gets_a_clear_4xx_and_the_vm_runs_on() {
     let vm = curl(&api, &[], "/vm");
     assert_eq!(vm.json()["state"], "running", "{}", vm.body);
     assert!(uptime(&vm) > first);
-    let status = launch.finish(Duration::from_secs(120));
-    assert!(
-        status.success(),
-        "isola-run: {status:?}\n{}",
-        launch.report()
-    );
-    let report = launch.report();
-    assert!(
-        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
-        "{report}"
-    );
+    launch.finishes_with(Duration::from_secs(120), "virtio-blk: ok");
 }
 
 /// Samples of a scrape, parsed by prometheus_client's own parser: `name{labels}` -> value.
@@ -750,15 +723,5 @@ fn events_and_metrics_follow_a_killed_device_and_guest_io() {
         "{end:?}"
     );
     assert!(events.ends_within(Duration::from_secs(10)));
-    let status = launch.finish(Duration::from_secs(60));
-    assert!(
-        status.success(),
-        "isola-run: {status:?}\n{}",
-        launch.report()
-    );
-    let report = launch.report();
-    assert!(
-        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
-        "{report}"
-    );
+    launch.finishes_with(Duration::from_secs(60), "virtio-blk: ok");
 }

@@ -6,28 +6,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use isola_ipc::{ControlRequest, ControlResponse, VcpuState};
-use isola_tests::{binary, control, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{binary, control, guest, msi_core, scratch_dir, Core};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts the `msi` guest, which waits for interrupts forever, with a control socket.
 fn start_msi_guest(test: &str, cpus: u32) -> (Core, std::path::PathBuf, isola_tests::ScratchDir) {
     let dir = scratch_dir(test);
-    let socket = dir.join("control.sock");
-    let kernel = guest("msi.elf");
-    let cpus = cpus.to_string();
-    let mut core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "32",
-        "--cpus",
-        &cpus,
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ]);
-    core.wait_for("msi: ready", TIMEOUT);
-    wait_for_path(&socket, TIMEOUT);
+    let (core, socket) = msi_core(&dir, cpus);
     (core, socket, dir)
 }
 

@@ -11,7 +11,7 @@ use isola_ipc::supervisor::DaemonState;
 use isola_ipc::{ControlRequest, ControlResponse};
 use isola_tests::hang::{control_answers, control_within, signal_tree};
 use isola_tests::supervisor::{supervisor_status, wait_until, Launch};
-use isola_tests::{binary, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{binary, guest, msi_core, scratch_dir, wait_for_path, Core};
 
 const LIMIT: Duration = Duration::from_secs(1);
 
@@ -172,23 +172,6 @@ fn a_device_socket_that_is_a_regular_file_is_refused_at_once() {
     assert!(done.stderr.contains("is not a socket"), "{}", done.stderr);
 }
 
-/// A core with the `msi` guest (waits for interrupts forever) and a control socket.
-fn msi_core(dir: &Path) -> (Core, std::path::PathBuf) {
-    let socket = dir.join("control.sock");
-    let kernel = guest("msi.elf");
-    let mut core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "32",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ]);
-    core.wait_for("msi: ready", Duration::from_secs(30));
-    wait_for_path(&socket, Duration::from_secs(30));
-    (core, socket)
-}
-
 #[test]
 fn isolactl_gives_up_on_a_socket_that_never_answers_and_names_it() {
     let dir = scratch_dir("isolactl-timeout");
@@ -212,7 +195,7 @@ fn isolactl_gives_up_on_a_socket_that_never_answers_and_names_it() {
 #[test]
 fn isolactl_status_reports_the_core_with_the_supervisor_gone() {
     let dir = scratch_dir("isolactl-no-supervisor");
-    let (_core, _socket) = msi_core(&dir);
+    let (_core, _socket) = msi_core(&dir, 1);
     // A killed supervisor leaves its socket file, which nobody listens on any more. (A run
     // directory without one is a VM without device daemons: tests/tests/isolactl.rs.)
     drop(UnixListener::bind(dir.join("supervisor.sock")).unwrap());
@@ -228,7 +211,7 @@ fn isolactl_status_reports_the_core_with_the_supervisor_gone() {
 #[test]
 fn isolactl_status_into_a_closed_pipe_exits_quietly() {
     let dir = scratch_dir("isolactl-epipe");
-    let (_core, socket) = msi_core(&dir);
+    let (_core, socket) = msi_core(&dir, 1);
     let (read, write) = nix::unistd::pipe().unwrap();
     drop(read);
     let out = Command::new(binary("isolactl"))

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use isola_tests::api::launch_blk;
 use isola_tests::supervisor::Lines;
-use isola_tests::{binary, guest, scratch_dir, wait_for_path, Core};
+use isola_tests::{binary, guest, msi_core, scratch_dir, wait_for_path, Core};
 
 /// (exit code, stdout, stderr, time taken) of `isolactl ARGS` with stdin empty.
 fn isolactl(args: &[&str]) -> (Option<i32>, String, String, Duration) {
@@ -28,23 +29,34 @@ fn isolactl(args: &[&str]) -> (Option<i32>, String, String, Duration) {
     )
 }
 
+/// Runs isolactl with `prefix` and each of `cases` all at once (each waits its own deadline);
+/// the results in the order of `cases`.
+fn isolactl_all(
+    prefix: &[&str],
+    cases: &[&[&str]],
+) -> Vec<(Option<i32>, String, String, Duration)> {
+    let runs: Vec<_> = cases
+        .iter()
+        .map(|args| {
+            let all: Vec<String> = prefix
+                .iter()
+                .chain(args.iter())
+                .map(|a| a.to_string())
+                .collect();
+            std::thread::spawn(move || {
+                let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                isolactl(&all)
+            })
+        })
+        .collect();
+    runs.into_iter().map(|run| run.join().unwrap()).collect()
+}
+
 /// A core with the `msi` guest (waits for interrupts for ever), its control socket in `dir`,
 /// and no device: a VM without device daemons, as `isola-run --kernel K` with no device
 /// starts it.
 fn core_without_daemons(dir: &Path) -> Core {
-    let socket = dir.join("control.sock");
-    let kernel = guest("msi.elf");
-    let mut core = Core::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "32",
-        "--control-socket",
-        socket.to_str().unwrap(),
-    ]);
-    core.wait_for("msi: ready", Duration::from_secs(30));
-    wait_for_path(&socket, Duration::from_secs(30));
-    core
+    msi_core(dir, 1).0
 }
 
 #[test]
@@ -216,20 +228,8 @@ fn every_command_has_a_default_deadline() {
         &["screenshot", shot.to_str().unwrap()],
         &["console"],
     ];
-    // All at once: each waits its own deadline.
-    let runs: Vec<_> = cases
-        .iter()
-        .map(|args| {
-            let mut all: Vec<String> = vec!["--run-dir".into(), d.to_owned()];
-            all.extend(args.iter().map(|a| a.to_string()));
-            std::thread::spawn(move || {
-                let all: Vec<&str> = all.iter().map(String::as_str).collect();
-                isolactl(&all)
-            })
-        })
-        .collect();
-    for (args, run) in cases.iter().zip(runs) {
-        let (code, out, err, took) = run.join().unwrap();
+    for (args, (code, out, err, took)) in cases.iter().zip(isolactl_all(&["--run-dir", d], &cases))
+    {
         eprintln!("{args:?}: {took:?}: {}", err.trim());
         assert_eq!(code, Some(1), "{args:?}: {out}{err}");
         assert!(
@@ -482,20 +482,8 @@ fn the_timeout_bounds_commands_through_a_silent_api_socket() {
         &["--json", "restart", "blk0"],
         &["events"],
     ];
-    let runs: Vec<_> = cases
-        .iter()
-        .map(|args| {
-            let mut all: Vec<String> = vec!["--run-dir".into(), d.into(), "--timeout".into()];
-            all.push("1.5".into());
-            all.extend(args.iter().map(|a| a.to_string()));
-            std::thread::spawn(move || {
-                let all: Vec<&str> = all.iter().map(String::as_str).collect();
-                isolactl(&all)
-            })
-        })
-        .collect();
-    for (args, run) in cases.iter().zip(runs) {
-        let (code, out, err, took) = run.join().unwrap();
+    let prefix = ["--run-dir", d, "--timeout", "1.5"];
+    for (args, (code, out, err, took)) in cases.iter().zip(isolactl_all(&prefix, &cases)) {
         eprintln!("{args:?}: {took:?}: {}", err.trim());
         assert_eq!(code, Some(1), "{args:?}: {out}{err}");
         assert!(
@@ -566,20 +554,9 @@ impl Drop for Events {
 /// events` sees blk0 killed, restarted and reconnected, in that order, and ends with the VM.
 #[test]
 fn json_through_the_api_and_events_follow_a_killed_device() {
-    use isola_tests::supervisor::Launch;
     let scratch = scratch_dir("isolactl-api");
     let run_dir = scratch.join("run");
-    let cmdline = "virtio-blk.mode=loop virtio-blk.seconds=40 virtio-blk.sectors=2048";
-    let mut launch = Launch::start(&run_dir, &["--cmdline", cmdline]);
-    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
-            .is_some(),
-        "the guest never ran its I/O loop\n{}",
-        launch.report()
-    );
+    let mut launch = launch_blk(&run_dir, 40);
     let d = run_dir.to_str().unwrap();
     let mut json_events = Events::start(&["--run-dir", d, "--json", "events"]);
     let mut prose_events = Events::start(&["--run-dir", d, "events"]);

@@ -48,20 +48,6 @@ fn wait_until_empty(run_dir: &Path) -> Vec<(u32, String)> {
     processes_mentioning(&needle)
 }
 
-/// Waits for isola-run to end: it must succeed, and the virtio-blk guest must have said ok.
-fn finishes_with_the_guest_ok(launch: &mut Launch) {
-    let status = launch.finish(Duration::from_secs(60));
-    let report = launch.report();
-    assert!(
-        status.success(),
-        "isola-run ended with {status:?}\n{report}"
-    );
-    assert!(
-        launch.stdout.seen.iter().any(|l| l == "virtio-blk: ok"),
-        "{report}"
-    );
-}
-
 /// `scripts/isola-run` with the GPU guest, which draws and then waits, on a 640x400 display,
 /// plus `more` arguments; once the guest waits.
 fn launch_waiting_gpu_guest(run_dir: &Path, more: &[&str]) -> Launch {
@@ -118,7 +104,7 @@ fn launch_script_restarts_a_killed_disk_daemon_and_the_guest_finishes_clean() {
     );
     assert!(text.contains("daemon blk0: pid "), "{text}");
 
-    finishes_with_the_guest_ok(&mut launch);
+    launch.finishes_with(Duration::from_secs(60), "virtio-blk: ok");
     for pid in killed {
         assert!(!pid_alive(pid), "killed daemon {pid} still there");
     }
@@ -164,7 +150,7 @@ fn disk_options_reach_the_disk_daemon() {
         cmdline.contains(&format!("--image {} --sq-poll-ms 10", image.display())),
         "{cmdline}"
     );
-    finishes_with_the_guest_ok(&mut launch);
+    launch.finishes_with(Duration::from_secs(60), "virtio-blk: ok");
     assert_cleaned_up(&mut launch, &run_dir);
 }
 
