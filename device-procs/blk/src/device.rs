@@ -26,6 +26,8 @@ const STATUS_OK: u8 = 0;
 /// IOPS against 443 k for 4 and 402 k for 32 (and +7% with a kernel polling thread); fewer
 /// wake the driver for too little work, more keep it waiting.
 const FIRST_STEP: usize = 16;
+/// Requests taken off the ring at a time after the first step.
+const REST_STEP: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -78,6 +80,8 @@ pub struct BlkQueue {
     done: Vec<Completion>,
     /// Scratch for the buffers of the request being parsed.
     segs: Vec<Segment>,
+    /// Scratch for the chains of one batch.
+    chains: Vec<DescriptorChain>,
     log: RateLimiter,
     poll: Duration,
     #[cfg(feature = "debug-hold")]
@@ -95,6 +99,7 @@ impl BlkQueue {
             free: Vec::new(),
             done: Vec::new(),
             segs: Vec::new(),
+            chains: Vec::new(),
             log: RateLimiter::new(10),
             poll: Duration::ZERO,
             #[cfg(feature = "debug-hold")]
@@ -395,22 +400,31 @@ impl QueueHandler for BlkQueue {
 
     fn process(&mut self, q: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
         self.complete_finished(q)?;
-        let mut taken = 0usize;
-        while let Some(chain) = q.pop()? {
-            if self.holds(&chain) {
-                // Taken (so marked in flight) and never finished.
-                continue;
+        // Taken in batches (the available index read once per batch): the first of
+        // FIRST_STEP requests, started (and, on the page cache, finished) at once so that a
+        // waiting driver wakes while the rest run.
+        let mut chains = std::mem::take(&mut self.chains);
+        let mut first = true;
+        loop {
+            q.pop_many(if first { FIRST_STEP } else { REST_STEP }, &mut chains)?;
+            if chains.is_empty() {
+                break;
             }
-            self.start(q, chain)?;
-            taken += 1;
-            if taken == FIRST_STEP {
-                // Start (and, on the page cache, finish) the first few at once, and wake a
-                // waiting driver while the rest of the batch runs.
+            for chain in chains.drain(..) {
+                if self.holds(&chain) {
+                    // Taken (so marked in flight) and never finished.
+                    continue;
+                }
+                self.start(q, chain)?;
+            }
+            if first {
+                first = false;
                 self.engine.commit().map_err(engine_err)?;
                 self.complete_finished(q)?;
                 q.notify()?;
             }
         }
+        self.chains = chains;
         self.engine.commit().map_err(engine_err)?;
         self.complete_finished(q)?;
         Ok(Progress::Idle)

@@ -99,9 +99,18 @@ impl DescriptorChain {
             .0
             .checked_add(u64::from(walk.index) * DESC_SIZE)
             .ok_or(ChainError::Unreadable(walk.table.0))?;
-        self.mem
-            .read_obj::<Descriptor>(GuestAddress(addr))
-            .map_err(|_| ChainError::Unreadable(addr))
+        let mut raw = [0u8; DESC_SIZE as usize];
+        read_small(&self.mem, GuestAddress(addr), &mut raw)
+            .map_err(|_| ChainError::Unreadable(addr))?;
+        let word = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let (addr, rest) = (word(0), word(8));
+        // len: bytes 8..12, flags 12..14, next 14..16.
+        Ok(Descriptor::new(
+            addr,
+            rest as u32,
+            (rest >> 32) as u16,
+            (rest >> 48) as u16,
+        ))
     }
 
     /// Every buffer of the chain, in order, with the chain's structure validated: indices in
@@ -241,6 +250,40 @@ fn bad(seg: &Segment, len: u64) -> ChainError {
     }
 }
 
+/// Reads `buf.len()` bytes at `addr`: what `Bytes::read_slice` does, but for the small reads
+/// of every request (a descriptor, a request header) with one region lookup and volatile
+/// loads (8-byte words where aligned, else bytes) instead of a `memcpy` call per read (5-7%
+/// of a block queue thread's time at depth 32). Larger reads, or reads across a region
+/// boundary, take the general path.
+pub fn read_small(mem: &Memory, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ChainError> {
+    let unreadable = ChainError::BadBuffer {
+        addr: addr.0,
+        len: buf.len() as u64,
+    };
+    if buf.len() <= 16 {
+        if let Ok(slice) = mem.get_slice(addr, buf.len()) {
+            let guard = slice.ptr_guard();
+            let ptr = guard.as_ptr();
+            if ptr.cast::<u64>().is_aligned() && buf.len().is_multiple_of(8) {
+                for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+                    // SAFETY: `slice` covers `buf.len()` mapped bytes from `ptr`, which is
+                    // 8-aligned; guest memory stays mapped while `mem` is borrowed. Volatile,
+                    // as vm-memory's own accessors: the guest may write it meanwhile.
+                    let v = unsafe { std::ptr::read_volatile(ptr.cast::<u64>().add(i)) };
+                    word.copy_from_slice(&v.to_ne_bytes());
+                }
+            } else {
+                for (i, byte) in buf.iter_mut().enumerate() {
+                    // SAFETY: as above, byte by byte (any alignment).
+                    *byte = unsafe { std::ptr::read_volatile(ptr.add(i)) };
+                }
+            }
+            return Ok(());
+        }
+    }
+    mem.read_slice(buf, addr).map_err(|_| unreadable)
+}
+
 /// Reads `buf.len()` bytes from the start of `segs`.
 pub fn read_bytes(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Result<(), ChainError> {
     let mut done = 0usize;
@@ -249,8 +292,7 @@ pub fn read_bytes(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Result<(), 
             break;
         }
         let n = (buf.len() - done).min(seg.len as usize);
-        mem.read_slice(&mut buf[done..done + n], seg.addr)
-            .map_err(|_| bad(seg, n as u64))?;
+        read_small(mem, seg.addr, &mut buf[done..done + n]).map_err(|_| bad(seg, n as u64))?;
         done += n;
     }
     if done < buf.len() {
@@ -472,6 +514,32 @@ mod tests {
         put(&m, 0x1000, 0, 0x4000, u32::MAX, F_NEXT, 1);
         put(&m, 0x1000, 1, 0x4000, 1, 0, 0);
         assert_eq!(chain(&m, 0).segments(), Err(ChainError::TooLarge));
+    }
+
+    #[test]
+    fn small_reads_match_read_slice_at_any_alignment_and_across_regions() {
+        let m = mem();
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        m.write_slice(&bytes[..64], GuestAddress(0xffc0)).unwrap();
+        m.write_slice(&bytes[64..128], GuestAddress(0x20000))
+            .unwrap();
+        for len in [1usize, 2, 7, 8, 15, 16, 17, 32] {
+            for offset in 0..9u64 {
+                let addr = GuestAddress(0xffc0 + offset);
+                let mut fast = vec![0u8; len];
+                let mut slow = vec![0u8; len];
+                read_small(&m, addr, &mut fast).unwrap();
+                m.read_slice(&mut slow, addr).unwrap();
+                assert_eq!(fast, slow, "len {len} at {addr:?}");
+            }
+        }
+        // The last bytes of a region: the slow path finds the hole after it.
+        let mut buf = [0u8; 16];
+        read_small(&m, GuestAddress(0xfff0), &mut buf).unwrap();
+        assert_eq!(buf[..], bytes[48..64]);
+        assert!(read_small(&m, GuestAddress(0xfff8), &mut buf).is_err());
+        assert!(read_small(&m, GuestAddress(0x1_0000), &mut buf).is_err());
+        assert!(read_small(&m, GuestAddress(u64::MAX - 4), &mut buf).is_err());
     }
 
     #[test]
