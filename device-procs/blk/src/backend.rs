@@ -31,7 +31,7 @@ pub struct BlkDevice {
     queue_size: u16,
     engine: EngineKind,
     poll: Duration,
-    sq_poller: Option<SqPoller>,
+    sq_poller: Option<Arc<SqPoller>>,
     #[cfg(feature = "debug-hold")]
     hold: Option<u64>,
 }
@@ -58,7 +58,7 @@ impl BlkDevice {
 
     /// io_uring queues share `poller`'s kernel thread to submit their I/O.
     pub fn with_sq_poller(mut self, poller: Option<SqPoller>) -> Self {
-        self.sq_poller = poller;
+        self.sq_poller = poller.map(Arc::new);
         self
     }
 

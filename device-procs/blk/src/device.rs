@@ -391,7 +391,11 @@ impl QueueHandler for BlkQueue {
     }
 
     fn poll_time(&self) -> Duration {
-        self.poll
+        if self.engine.offloaded() {
+            Duration::ZERO
+        } else {
+            self.poll
+        }
     }
 
     fn ready(&mut self) -> bool {

@@ -50,15 +50,15 @@ impl Drop for Rig {
 
 impl Rig {
     fn new(name: &str, readonly: bool, direct: bool, kind: EngineKind, features: u64) -> Rig {
-        Rig::with_sq_poll(name, readonly, direct, kind, None, features)
+        Rig::with_poller(name, readonly, direct, kind, None, features)
     }
 
-    fn with_sq_poll(
+    fn with_poller(
         name: &str,
         readonly: bool,
         direct: bool,
         kind: EngineKind,
-        sq_poll_ms: Option<u32>,
+        poller: Option<SqPoller>,
         features: u64,
     ) -> Rig {
         let path =
@@ -95,7 +95,7 @@ impl Rig {
             kind,
             Arc::clone(&disk),
             QSIZE,
-            sq_poll_ms.map(|ms| SqPoller::new(ms, None)).as_ref(),
+            poller.map(Arc::new).as_ref(),
         )
         .unwrap();
         let blk = BlkQueue::new(0, disk, engine, features);
@@ -192,9 +192,9 @@ impl Rig {
     }
 }
 
-fn round_trip(kind: EngineKind, sq_poll_ms: Option<u32>) {
-    let name = format!("rt-{kind:?}-{sq_poll_ms:?}");
-    let mut rig = Rig::with_sq_poll(&name, false, false, kind, sq_poll_ms, all_features());
+fn round_trip(kind: EngineKind, poller: Option<SqPoller>) {
+    let name = format!("rt-{kind:?}-{poller:?}");
+    let mut rig = Rig::with_poller(&name, false, false, kind, poller, all_features());
     let data = rig.buf(1024);
     rig.mem.write_slice(&[0x5a; 1024], data).unwrap();
     let (w, w_status) = rig.simple(VIRTIO_BLK_T_OUT, 2, Some((data, 1024, false)));
@@ -265,7 +265,13 @@ fn requests_round_trip_on_the_auto_engine() {
 
 #[test]
 fn requests_round_trip_on_io_uring_with_a_kernel_polling_thread() {
-    round_trip(EngineKind::IoUring, Some(5));
+    round_trip(EngineKind::IoUring, Some(SqPoller::new(5, None)));
+}
+
+#[test]
+fn requests_round_trip_with_adaptive_polling_switching_rings_at_every_commit() {
+    round_trip(EngineKind::IoUring, Some(SqPoller::alternating()));
+    round_trip(EngineKind::Auto, Some(SqPoller::alternating()));
 }
 
 #[test]

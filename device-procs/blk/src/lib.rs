@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use isola_device_common::cli::{ListenArgs, ListenError};
-use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError};
+use isola_device_common::sandbox::{self as common_sandbox, SandboxArgs, SandboxError, Switch};
 use isola_device_common::ServeError;
 
 use crate::backend::BlkDevice;
@@ -75,6 +75,12 @@ pub struct Cli {
     /// a busy disk; the price is a CPU spinning while the disk is in use.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub sq_poll_ms: u32,
+    /// Without `--sq-poll-ms`: a kernel polling thread that a queue uses only while it
+    /// measures faster than submitting from the queue's own thread (a spare CPU), tried now
+    /// and then for one 10 ms epoch when the queue is busy; it sleeps 1 ms after its last
+    /// submission. `off`: the queue's thread always submits.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub adaptive_sq_poll: Switch,
     /// Dedicate CPU N to the kernel polling thread (with `--sq-poll-ms`): the thread runs on
     /// N, and this process's own threads on the other CPUs it may use. For hosts that keep
     /// a CPU for storage polling; the guest's vCPUs belong elsewhere too.
@@ -216,6 +222,13 @@ impl Config {
         if cli.sq_poll_ms > 0 && !polling {
             log::warn!("no io_uring: --sq-poll-ms and --sq-poll-cpu have no effect");
         }
+        let sq_poller = if polling {
+            Some(SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu))
+        } else if cli.adaptive_sq_poll == Switch::On && engine != EngineKind::Sync {
+            Some(SqPoller::adaptive())
+        } else {
+            None
+        };
         // Last, so that bad input leaves no socket file behind.
         let listener = cli.listen.listener()?;
         Ok(Config {
@@ -226,7 +239,7 @@ impl Config {
             queue_size: cli.queue_size,
             engine,
             poll: Duration::from_micros(u64::from(cli.poll_us)),
-            sq_poller: polling.then(|| SqPoller::new(cli.sq_poll_ms, cli.sq_poll_cpu)),
+            sq_poller,
             own_cpus: own_cpus.filter(|_| polling),
             sandbox: cli.sandbox,
             #[cfg(feature = "debug-hold")]

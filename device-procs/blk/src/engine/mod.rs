@@ -13,6 +13,7 @@
 //! Both take a request with a token, and hand back `(token, result)` completions; a request
 //! is only ever reported complete once every byte has been transferred.
 
+pub mod chooser;
 mod sync;
 mod uring;
 
@@ -20,7 +21,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 pub use sync::SyncEngine;
-pub use uring::{SqPoller, UringEngine};
+pub use uring::{SqPoller, UringEngine, ADAPTIVE_IDLE_MS};
 
 use crate::disk::Disk;
 
@@ -140,6 +141,11 @@ pub trait Engine: Send {
     fn ready(&mut self) -> bool {
         false
     }
+    /// Whether a kernel thread runs what is submitted now (SQPOLL): the queue's thread then
+    /// has nothing to gain by spinning on its CPU, which the kernel thread may need.
+    fn offloaded(&self) -> bool {
+        false
+    }
 }
 
 /// An engine of `kind` for one queue of `depth` entries; io_uring engines served by
@@ -148,7 +154,7 @@ pub fn new_engine(
     kind: EngineKind,
     disk: Arc<Disk>,
     depth: u16,
-    poller: Option<&SqPoller>,
+    poller: Option<&Arc<SqPoller>>,
 ) -> Result<Box<dyn Engine>, EngineError> {
     Ok(match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(disk)),

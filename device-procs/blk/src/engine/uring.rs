@@ -25,14 +25,25 @@ use std::sync::{Arc, Mutex};
 use io_uring::{opcode, types, IoUring};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::chooser::{Chooser, Mode};
 use super::{run_sync, Completion, Engine, EngineError, Op};
 use crate::disk::{advance, Disk};
+
+/// Idle time after which the kernel polling thread of the adaptive default sleeps: the least
+/// io_uring allows, so that a queue that stopped using it costs at most that much spinning.
+pub const ADAPTIVE_IDLE_MS: u32 = 1;
 
 /// The kernel thread that polls the submission queues of one device's rings.
 #[derive(Debug)]
 pub struct SqPoller {
     idle_ms: u32,
     cpu: Option<u32>,
+    /// Rings use it only when it measures faster ([`Chooser`]), each beside a ring of its
+    /// own that the queue's thread submits.
+    adaptive: bool,
+    /// Test hook: adaptive rings switch at every commit.
+    #[cfg(test)]
+    alternate: bool,
     /// A ring served by the thread (a duplicate of its fd, which keeps the thread alive), for
     /// later rings to attach to.
     first: Mutex<Option<OwnedFd>>,
@@ -45,7 +56,29 @@ impl SqPoller {
         SqPoller {
             idle_ms,
             cpu,
+            adaptive: false,
+            #[cfg(test)]
+            alternate: false,
             first: Mutex::new(None),
+        }
+    }
+
+    /// Test hook: an adaptive poller whose rings switch between the queue's thread and the
+    /// polling thread at every commit.
+    #[cfg(test)]
+    pub fn alternating() -> Self {
+        SqPoller {
+            alternate: true,
+            ..SqPoller::adaptive()
+        }
+    }
+
+    /// The default: a thread used only when a queue measures it faster (the [`Chooser`]),
+    /// sleeping after [`ADAPTIVE_IDLE_MS`] idle. It starts with the first queue that tries it.
+    pub fn adaptive() -> Self {
+        SqPoller {
+            adaptive: true,
+            ..SqPoller::new(ADAPTIVE_IDLE_MS, None)
         }
     }
 
@@ -91,11 +124,12 @@ impl SqPoller {
 
 impl std::fmt::Display for SqPoller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "a kernel polling thread (sleeps after {} ms idle",
-            self.idle_ms
-        )?;
+        if self.adaptive {
+            write!(f, "a kernel polling thread where it measures faster")?;
+        } else {
+            write!(f, "a kernel polling thread")?;
+        }
+        write!(f, " (sleeps after {} ms idle", self.idle_ms)?;
         match self.cpu {
             Some(cpu) => write!(f, ", on CPU {cpu})"),
             None => write!(f, ")"),
@@ -104,15 +138,37 @@ impl std::fmt::Display for SqPoller {
 }
 
 pub struct UringEngine {
+    /// The queue's thread submits to this ring, or with `--sq-poll-ms` the polling thread.
     ring: IoUring,
+    /// Adaptive polling: a second ring the polling thread serves, made the first time the
+    /// chooser tries it, and the chooser.
+    polled: Option<IoUring>,
+    adaptive: Option<Adaptive>,
+    /// Where submissions go now.
+    mode: Mode,
     disk: Arc<Disk>,
     eventfd: EventFd,
-    /// Operations in flight, by token: they own the iovec arrays the kernel reads.
-    ops: Vec<Option<Op>>,
-    in_flight: usize,
+    depth: u16,
+    /// Operations in flight, by token, with the ring they went to: they own the iovec arrays
+    /// the kernel reads.
+    ops: Vec<Option<(Op, Mode)>>,
+    /// Operations in flight on `ring` and on `polled`.
+    in_flight: [usize; 2],
     /// Writes run synchronously; their completions wait here to be reaped.
     sync_writes: bool,
     done: Vec<Completion>,
+}
+
+struct Adaptive {
+    poller: Arc<SqPoller>,
+    chooser: Chooser,
+}
+
+fn slot(mode: Mode) -> usize {
+    match mode {
+        Mode::Inline => 0,
+        Mode::Polled => 1,
+    }
 }
 
 impl UringEngine {
@@ -122,15 +178,16 @@ impl UringEngine {
     }
 
     /// With `sync_writes`, writes run synchronously in `submit` and only reads and flushes go
-    /// through the ring. With a `poller`, its kernel thread submits what the ring is given.
+    /// through the ring. With a `poller`, its kernel thread submits what the ring is given
+    /// (an adaptive one: when the [`Chooser`] measures it faster).
     pub fn with_options(
         disk: Arc<Disk>,
         depth: u16,
         sync_writes: bool,
-        poller: Option<&SqPoller>,
+        poller: Option<&Arc<SqPoller>>,
     ) -> Result<Self, EngineError> {
-        let entries = u32::from(depth.max(1)).next_power_of_two();
-        let ring = match poller {
+        let entries = ring_entries(depth);
+        let ring = match poller.filter(|p| !p.adaptive) {
             Some(poller) => poller.ring(entries),
             None => IoUring::new(entries),
         }
@@ -138,21 +195,94 @@ impl UringEngine {
         let eventfd =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| EngineError::Setup(e.into()))?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_fd().as_raw_fd())
-            .map_err(EngineError::Setup)?;
-        ring.submitter()
-            .register_files(&[disk.fd().as_raw_fd()])
-            .map_err(EngineError::Setup)?;
+        prepare(&ring, &eventfd, &disk)?;
         Ok(UringEngine {
             ring,
+            polled: None,
+            adaptive: poller.filter(|p| p.adaptive).map(|p| Adaptive {
+                poller: Arc::clone(p),
+                #[cfg(test)]
+                chooser: if p.alternate {
+                    Chooser::alternating()
+                } else {
+                    Chooser::new()
+                },
+                #[cfg(not(test))]
+                chooser: Chooser::new(),
+            }),
+            mode: Mode::Inline,
             disk,
             eventfd,
+            depth,
             ops: Vec::new(),
-            in_flight: 0,
+            in_flight: [0, 0],
             sync_writes,
             done: Vec::new(),
         })
+    }
+
+    /// Where the chooser sends the next submissions; the polled ring is made on first use.
+    fn choose(&mut self) {
+        let Some(adaptive) = &mut self.adaptive else {
+            return;
+        };
+        let mode = adaptive.chooser.mode();
+        if mode == Mode::Polled && self.polled.is_none() {
+            let made = adaptive
+                .poller
+                .ring(ring_entries(self.depth))
+                .map_err(EngineError::Setup)
+                .and_then(|ring| prepare(&ring, &self.eventfd, &self.disk).map(|()| ring));
+            match made {
+                Ok(ring) => self.polled = Some(ring),
+                Err(e) => {
+                    log::warn!(
+                        "io_uring: no kernel polling thread for this queue ({}); \
+                         submitting from the queue's thread",
+                        isola_device_common::logging::chain(&e)
+                    );
+                    self.adaptive = None;
+                    return;
+                }
+            }
+        }
+        self.mode = mode;
+    }
+
+    fn ring_of(&mut self, mode: Mode) -> &mut IoUring {
+        match (mode, &mut self.polled) {
+            (Mode::Polled, Some(ring)) => ring,
+            _ => &mut self.ring,
+        }
+    }
+}
+
+fn ring_entries(depth: u16) -> u32 {
+    u32::from(depth.max(1)).next_power_of_two()
+}
+
+/// Completions signalled on `eventfd`, the image as registered file 0.
+fn prepare(ring: &IoUring, eventfd: &EventFd, disk: &Disk) -> Result<(), EngineError> {
+    ring.submitter()
+        .register_eventfd(eventfd.as_fd().as_raw_fd())
+        .map_err(EngineError::Setup)?;
+    ring.submitter()
+        .register_files(&[disk.fd().as_raw_fd()])
+        .map_err(EngineError::Setup)?;
+    Ok(())
+}
+
+/// Submits what `ring` holds, retrying on EINTR.
+fn submit_all(ring: &mut IoUring) -> Result<(), EngineError> {
+    if ring.submission().is_empty() {
+        return Ok(());
+    }
+    loop {
+        match ring.submit() {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(EngineError::Submit(e)),
+        }
     }
 }
 
@@ -220,68 +350,76 @@ impl Engine for UringEngine {
         }
         // Moving `op` into the table does not move a longer list's iovec array: it is on the
         // heap (a one-buffer op names its buffer in the entry itself).
-        self.ops[token] = Some(op);
+        let mode = self.mode;
+        self.ops[token] = Some((op, mode));
+        let ring = self.ring_of(mode);
         loop {
             // SAFETY: `push` needs every buffer the entry names to stay valid until its
             // completion is reaped. A READV/WRITEV's iovec array is the heap array of the list
             // in `self.ops[token]`, which stays there until then (a READ/WRITE names its one
             // buffer in the entry); the memory the buffers are in is kept mapped by the
             // request that owns the token; the image's fd stays open as long as `self.disk`
-            // does, which outlives the ring.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            // does, which outlives the rings.
+            if unsafe { ring.submission().push(&entry) }.is_ok() {
                 break;
             }
             // Submission queue full: hand what is queued to the kernel, then retry.
-            self.ring.submit().map_err(EngineError::Submit)?;
+            ring.submit().map_err(EngineError::Submit)?;
         }
-        self.in_flight += 1;
+        self.in_flight[slot(mode)] += 1;
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), EngineError> {
-        if self.ring.submission().is_empty() {
-            return Ok(());
+        submit_all(&mut self.ring)?;
+        if let Some(polled) = &mut self.polled {
+            submit_all(polled)?;
         }
-        loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(EngineError::Submit(e)),
-            }
-        }
+        self.choose();
+        Ok(())
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
+        let before = out.len();
         out.append(&mut self.done);
-        // One pass over the completion queue: its head is published once, at the end.
-        for cqe in self.ring.completion() {
-            let (token, res) = (cqe.user_data() as usize, cqe.result());
-            let Some(op) = self.ops.get_mut(token).and_then(Option::take) else {
-                continue;
-            };
-            self.in_flight -= 1;
-            let result = if res < 0 {
-                Err(std::io::Error::from_raw_os_error(-res))
-            } else {
-                let expected = match &op {
-                    Op::Read { iov, .. } | Op::Write { iov, .. } => iov.len_bytes(),
-                    Op::Flush => 0,
+        let rings = std::iter::once(&mut self.ring).chain(self.polled.as_mut());
+        for ring in rings {
+            // One pass over the completion queue: its head is published once, at the end.
+            for cqe in ring.completion() {
+                let (token, res) = (cqe.user_data() as usize, cqe.result());
+                let Some((op, mode)) = self.ops.get_mut(token).and_then(Option::take) else {
+                    continue;
                 };
-                if (res as u64) < expected {
-                    finish_short(&self.disk, &op, res as usize)
+                self.in_flight[slot(mode)] -= 1;
+                let result = if res < 0 {
+                    Err(std::io::Error::from_raw_os_error(-res))
                 } else {
-                    Ok(())
-                }
-            };
-            out.push(Completion { token, result });
+                    let expected = match &op {
+                        Op::Read { iov, .. } | Op::Write { iov, .. } => iov.len_bytes(),
+                        Op::Flush => 0,
+                    };
+                    if (res as u64) < expected {
+                        finish_short(&self.disk, &op, res as usize)
+                    } else {
+                        Ok(())
+                    }
+                };
+                out.push(Completion { token, result });
+            }
+        }
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.chooser.completed(out.len() - before);
         }
     }
 
     fn wait(&mut self) -> Result<(), EngineError> {
-        if self.in_flight == 0 {
-            return Ok(());
-        }
-        match self.ring.submit_and_wait(1) {
+        // Either ring will finish what it holds; wait on one that holds something.
+        let ring = match self.in_flight {
+            [0, 0] => return Ok(()),
+            [_, 0] => &mut self.ring,
+            _ => self.ring_of(Mode::Polled),
+        };
+        match ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
             Err(e) => Err(EngineError::Submit(e)),
@@ -289,7 +427,11 @@ impl Engine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight + self.done.len()
+        self.in_flight[0] + self.in_flight[1] + self.done.len()
+    }
+
+    fn offloaded(&self) -> bool {
+        self.mode == Mode::Polled
     }
 
     fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -297,7 +439,13 @@ impl Engine for UringEngine {
     }
 
     fn ready(&mut self) -> bool {
-        !self.done.is_empty() || (self.in_flight > 0 && !self.ring.completion().is_empty())
+        !self.done.is_empty()
+            || (self.in_flight[0] > 0 && !self.ring.completion().is_empty())
+            || (self.in_flight[1] > 0
+                && self
+                    .polled
+                    .as_mut()
+                    .is_some_and(|r| !r.completion().is_empty()))
     }
 }
 
@@ -305,15 +453,19 @@ impl Drop for UringEngine {
     /// Operations still in flight (a queue that failed rather than drained) write into
     /// memory their requests keep mapped: wait for them before that memory can go.
     fn drop(&mut self) {
-        while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The ring is unusable: nothing more will complete through it.
-                Err(_) => break,
+        for mode in [Mode::Inline, Mode::Polled] {
+            let mut left = self.in_flight[slot(mode)];
+            let ring = self.ring_of(mode);
+            while left > 0 {
+                match ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    // The ring is unusable: nothing more will complete through it.
+                    Err(_) => break,
+                }
+                let reaped = ring.completion().count();
+                left = left.saturating_sub(reaped);
             }
-            let reaped = self.ring.completion().count();
-            self.in_flight = self.in_flight.saturating_sub(reaped);
         }
     }
 }
