@@ -713,6 +713,12 @@ fn main() {
         };
         println!("  {label:<16} {}{before}", ratios.join("   "));
     }
+    if only_cases
+        .as_ref()
+        .is_none_or(|list| list.iter().any(|c| c.replace(' ', "") == "randreadQD1"))
+    {
+        wake_floor();
+    }
     if repeat > 1 {
         println!("ratios within each repetition (side by side): median (min-max) over {repeat} runs; p50 latency median (min-max)");
         for (label, lines) in &spreads {
@@ -721,6 +727,71 @@ fn main() {
             }
         }
     }
+}
+
+/// The floor under depth-1 latency for any backend in another process whose driver sleeps
+/// while it waits: one wake-up of a thread blocked on an eventfd (the call eventfd), written
+/// from another thread. Measured as half an eventfd ping-pong between two threads pinned to
+/// two different CPUs, and to the same one, each thread blocking in `read`. Printed as p50
+/// (p99) of the one-way time.
+fn wake_floor() {
+    let cpus: Vec<usize> = {
+        let set = own_cpus();
+        (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect()
+    };
+    let mut line =
+        String::from("wake-up floor (eventfd write -> blocked reader returns, one way):");
+    for (what, a, b) in [
+        ("other CPU", cpus[0], cpus[cpus.len() - 1]),
+        ("same CPU", cpus[0], cpus[0]),
+    ] {
+        if what == "other CPU" && cpus.len() < 2 {
+            line += " other CPU skipped (one CPU);";
+            continue;
+        }
+        let mut one_way = ping_pong(a, b, 20_000);
+        one_way.sort();
+        let pick = |q: f64| one_way[((one_way.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+        line += &format!(" {what} p50 {:.1}us (p99 {:.1}us);", pick(0.5), pick(0.99));
+    }
+    println!("{}", line.trim_end_matches(';'));
+}
+
+/// Half of each of `rounds` eventfd round trips between a thread on CPU `a` and one on `b`.
+fn ping_pong(a: usize, b: usize, rounds: usize) -> Vec<Duration> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::sync::Arc;
+    let pin = |cpu: usize| {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).expect("a CPU number in range");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pinned");
+    };
+    let ping = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"));
+    let pong = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"));
+    let (ping2, pong2) = (Arc::clone(&ping), Arc::clone(&pong));
+    let echo = std::thread::spawn(move || {
+        pin(b);
+        for _ in 0..rounds {
+            ping2.read().expect("ping");
+            pong2.write(1).expect("pong");
+        }
+    });
+    let before = own_cpus();
+    pin(a);
+    // Let the echo thread reach its first read.
+    std::thread::sleep(Duration::from_millis(10));
+    let mut out = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        ping.write(1).expect("ping");
+        pong.read().expect("pong");
+        out.push(t.elapsed() / 2);
+    }
+    echo.join().expect("echo thread");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &before).expect("unpinned");
+    out
 }
 
 /// `median (min-max)` of `values`, formatted by `f`.
