@@ -26,8 +26,8 @@ pub const KEEP: f64 = 0.9;
 /// Epochs a probe lasts; it is judged by its last, once the other mode has settled (the
 /// polling thread woken, the queue thread's own poll window adapted).
 pub const PROBE_LEN: u32 = 3;
-/// A home epoch whose rate falls below this fraction of the best since the last decision
-/// brings the next probe forward (the other CPU got busy, or the threads moved).
+/// Two home epochs in a row whose rate falls below this fraction of the best since the last
+/// decision bring the next probe forward (the other CPU got busy, or the threads moved).
 pub const FALL: f64 = 0.75;
 /// Epochs between probes at first, and after every change of home.
 pub const PROBE_EVERY: u32 = 8;
@@ -80,6 +80,8 @@ pub struct Decider {
     /// The best home rate since the last decision: a fall well below it brings a probe
     /// forward.
     reference: Option<f64>,
+    /// The last home epoch was under [`FALL`] of `reference`.
+    low: bool,
 }
 
 impl Default for Decider {
@@ -91,6 +93,7 @@ impl Default for Decider {
             epochs: 0,
             probe_every: PROBE_EVERY,
             reference: None,
+            low: false,
         }
     }
 }
@@ -125,12 +128,17 @@ impl Decider {
             }
             self.epochs = 0;
             self.reference = None;
+            self.low = false;
             self.current = self.home;
             return self.current;
         }
         self.epochs += 1;
         let reference = self.reference.map_or(epoch.rate, |r| r.max(epoch.rate));
-        let fell = epoch.rate < reference * FALL;
+        let low = epoch.rate < reference * FALL;
+        // Two low epochs in a row: one is a hiccup (the polling thread is scheduled out for
+        // a few milliseconds now and then).
+        let fell = low && self.low;
+        self.low = low && !fell;
         self.reference = Some(if fell { epoch.rate } else { reference });
         let due = self.epochs >= self.probe_every || fell;
         let busy = epoch.cpu >= BUSY_CPU && epoch.rate >= BUSY_RATE;
@@ -290,8 +298,12 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(d.epoch_ended(epoch(1.9e6, BUSY)), Mode::Polled);
         }
-        // The other CPU got busy: polling now runs at a quarter of that. Probed at once,
-        // and the queue's own thread does better.
+        // One slow epoch is a hiccup.
+        assert_eq!(d.epoch_ended(epoch(1.2e6, BUSY)), Mode::Polled);
+        assert_eq!(d.epoch_ended(epoch(1.9e6, BUSY)), Mode::Polled);
+        // The other CPU got busy: polling now runs at a quarter of that. Probed after the
+        // second such epoch, and the queue's own thread does better.
+        assert_eq!(d.epoch_ended(epoch(0.45e6, BUSY)), Mode::Polled);
         assert_eq!(d.epoch_ended(epoch(0.45e6, BUSY)), Mode::Inline);
         for _ in 1..PROBE_LEN {
             assert_eq!(d.epoch_ended(epoch(1.0e6, BUSY)), Mode::Inline);
