@@ -4,7 +4,7 @@
 //! can get it wrong is an error the device sees (rather than a chain that silently ends
 //! early), and so that a chain can be rebuilt from a bare head index when in-flight requests
 //! are resubmitted after a reconnect. Nothing here touches memory except through
-//! `vm-memory`'s bounds-checked accessors.
+//! `vm-memory`'s bounds-checked accessors, or inside a slice one of them returned.
 
 use std::sync::Arc;
 
