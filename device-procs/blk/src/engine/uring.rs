@@ -13,6 +13,12 @@
 //! serves all the queues of a device ([`SqPoller`]: the first ring makes it, the others attach
 //! to it), optionally on a CPU of its own.
 //!
+//! Adaptive polling (the default, [`SqPoller::adaptive`]) gives each queue two rings: its own,
+//! and one that such a thread serves, made the first time the queue tries it. The
+//! [`Chooser`] picks the ring for the next submissions at each commit, from the requests
+//! completed per epoch in each; completions are reaped from both, and a token remembers its
+//! ring until then.
+//!
 //! With `sync_writes` (the `auto` engine on a buffered image) writes bypass the ring and run
 //! at once on the queue's thread: a filesystem that cannot do nonblocking buffered writes
 //! (ext4) makes io_uring hand every write to a kernel worker thread, which costs two
@@ -234,6 +240,12 @@ impl UringEngine {
                 .map_err(EngineError::Setup)
                 .and_then(|ring| prepare(&ring, &self.eventfd, &self.disk).map(|()| ring));
             match made {
+                // The kernel refused the polling thread (`SqPoller::ring` said so): nothing
+                // to choose between.
+                Ok(ring) if !ring.params().is_setup_sqpoll() => {
+                    self.adaptive = None;
+                    return;
+                }
                 Ok(ring) => self.polled = Some(ring),
                 Err(e) => {
                     log::warn!(
