@@ -6,13 +6,15 @@
 //! whose CPUs are all busy the same thread competes with the guest and the queue's own
 //! thread and runs at 0.4x. Which host this is changes from minute to minute, so neither can
 //! be the default. The chooser runs the queue in one mode (its "home") in epochs of
-//! [`EPOCH`], and now and then runs one epoch in the other mode: a probe. It moves home to
-//! polling only when the probe completed clearly more requests per second than the epoch
-//! before it ([`GAIN`]), and back to the queue's thread as soon as that does about as well
-//! ([`KEEP`]), so a CPU is spent on polling only for a measured gain. A queue that is not
-//! busy (its thread mostly asleep, or few requests) is never probed: polling cannot make
-//! it faster. Probes of polling that fail come less and less often (up to every
-//! [`MAX_PROBE_EVERY`] epochs), so a host that stays busy pays about one epoch in 256.
+//! [`EPOCH`], and now and then runs [`PROBE_LEN`] epochs in the other mode: a probe, judged
+//! by its last epoch. It moves home to polling only when that completed clearly more
+//! requests per second than the home epoch before the probe ([`GAIN`]), and back to the
+//! queue's thread as soon as that does about as well ([`KEEP`]), so a CPU is spent on polling
+//! only for a measured gain. A queue that is not busy (its thread mostly asleep, or few
+//! requests) is never probed from its own thread: polling cannot make it faster. Probes that
+//! change nothing come less and less often (up to every [`MAX_PROBE_EVERY`] epochs), so a
+//! host that stays busy pays about 3 epochs in 256; two home epochs well under the best
+//! since the last decision ([`FALL`]) bring the next probe forward.
 
 use std::time::{Duration, Instant};
 
