@@ -404,9 +404,9 @@ impl QueueHandler for BlkQueue {
 
     fn process(&mut self, q: &mut QueueContext<'_>) -> Result<Progress, QueueError> {
         self.complete_finished(q)?;
-        // Taken in batches (the available index read once per batch): the first of
-        // FIRST_STEP requests, started (and, on the page cache, finished) at once so that a
-        // waiting driver wakes while the rest run.
+        // Taken in batches (the available index read once per batch): the first FIRST_STEP
+        // requests are started (and, on the page cache, finished) and returned at once, so
+        // that a waiting driver wakes while the rest run.
         let mut chains = std::mem::take(&mut self.chains);
         let mut first = true;
         loop {

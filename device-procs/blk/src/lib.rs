@@ -77,7 +77,7 @@ pub struct Cli {
     pub sq_poll_ms: u32,
     /// Without `--sq-poll-ms`: a kernel polling thread that a queue uses only while it
     /// measures faster than submitting from the queue's own thread (a spare CPU), tried now
-    /// and then for one 10 ms epoch when the queue is busy; it sleeps 1 ms after its last
+    /// and then for three 10 ms epochs when the queue is busy; it sleeps 1 ms after its last
     /// submission. `off`: the queue's thread always submits.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub adaptive_sq_poll: Switch,
