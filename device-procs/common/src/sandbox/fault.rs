@@ -7,15 +7,10 @@
 /// sees it at its signal-delivery stop and ends the device as one that aborted (see
 /// `reaper`); the handler itself never runs while the reaper traces the device.
 pub(super) fn catch_abort() {
+    // Touches nothing: async-signal-safe.
     extern "C" fn ignore(_: libc::c_int) {}
-    // SAFETY: `sigaction` is plain data (all-zero is valid: empty mask, no flags); the
-    // handler is an `extern "C" fn(c_int)` that touches nothing, so it is async-signal-safe.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGABRT, &action, std::ptr::null_mut());
-    }
+    // It fails only for an invalid signal number, which SIGABRT is not.
+    let _ = crate::stop::handle(libc::SIGABRT, ignore);
 }
 
 /// A fault the device takes after the sandbox is complete (test hook).
