@@ -256,10 +256,6 @@ fn bad(seg: &Segment, len: u64) -> ChainError {
 /// of a block queue thread's time at depth 32). Larger reads, or reads across a region
 /// boundary, take the general path.
 pub fn read_small(mem: &Memory, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ChainError> {
-    let unreadable = ChainError::BadBuffer {
-        addr: addr.0,
-        len: buf.len() as u64,
-    };
     if buf.len() <= 16 {
         if let Ok(slice) = mem.get_slice(addr, buf.len()) {
             let guard = slice.ptr_guard();
@@ -281,7 +277,9 @@ pub fn read_small(mem: &Memory, addr: GuestAddress, buf: &mut [u8]) -> Result<()
             return Ok(());
         }
     }
-    mem.read_slice(buf, addr).map_err(|_| unreadable)
+    let len = buf.len() as u64;
+    mem.read_slice(buf, addr)
+        .map_err(|_| ChainError::BadBuffer { addr: addr.0, len })
 }
 
 /// Reads `buf.len()` bytes from the start of `segs`.

@@ -21,7 +21,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 pub use sync::SyncEngine;
-pub use uring::{SqPoller, UringEngine, ADAPTIVE_IDLE_MS};
+pub use uring::{SqPoller, UringEngine};
 
 use crate::disk::Disk;
 
