@@ -290,10 +290,18 @@ impl Finished {
 
 /// Sends one control request to a core's socket and returns the answer.
 pub fn control(socket: &Path, request: &isola_ipc::ControlRequest) -> isola_ipc::ControlResponse {
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(socket).expect("control socket accepts");
-    isola_ipc::write_message(&mut stream, request).expect("request is sent");
-    isola_ipc::read_message(&mut stream).expect("core answers")
+    try_control(socket, request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`control`], with the step that failed (and why) instead of a panic.
+pub fn try_control(
+    socket: &Path,
+    request: &isola_ipc::ControlRequest,
+) -> Result<isola_ipc::ControlResponse, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("control socket accepts: {e}"))?;
+    isola_ipc::write_message(&mut stream, request).map_err(|e| format!("request is sent: {e}"))?;
+    isola_ipc::read_message(&mut stream).map_err(|e| format!("core answers: {e}"))
 }
 
 /// The core's status of its first (or only) device, asked on its control socket; panics with

@@ -24,9 +24,7 @@ pub fn device_on(control: &Path, socket: &Path) -> DeviceStatus {
 /// [`device_on`], or `None` if the core did not answer this time (on a loaded machine its
 /// control thread may drop a client that took too long).
 fn try_device_on(control: &Path, socket: &Path) -> Option<DeviceStatus> {
-    let mut stream = std::os::unix::net::UnixStream::connect(control).ok()?;
-    isola_ipc::write_message(&mut stream, &ControlRequest::Status).ok()?;
-    match isola_ipc::read_message(&mut stream).ok()? {
+    match crate::try_control(control, &ControlRequest::Status).ok()? {
         ControlResponse::Status(status) => Some(
             status
                 .devices
