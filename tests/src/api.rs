@@ -197,3 +197,27 @@ pub fn launch_blk(run_dir: &Path, seconds: u32) -> Launch {
     );
     launch
 }
+
+/// The GPU guest, which draws and waits, on a 640x400 display with a keyboard and tablet.
+pub fn launch_gpu(run_dir: &Path) -> Launch {
+    let kernel = crate::guest("virtio-gpu.elf");
+    let args = [
+        "--kernel",
+        kernel.to_str().expect("utf-8 path"),
+        "--cmdline",
+        "virtio-gpu.wait=1",
+        "--display",
+        "640x400",
+    ];
+    let mut launch = Launch::start(run_dir, &args);
+    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
+    assert!(
+        launch
+            .stdout
+            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
+            .is_some(),
+        "the GPU guest never drew\n{}",
+        launch.report()
+    );
+    launch
+}

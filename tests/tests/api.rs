@@ -12,33 +12,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use isola_device_common::testing::skip::{skip, Missing};
-use isola_tests::api::{curl, launch_blk, post_json, python, raw, status_of, Answer, EventReader};
-use isola_tests::supervisor::Launch;
-use isola_tests::{guest, scratch_dir, wait_for_path};
-
-/// The GPU guest, which draws and waits, on a 640x400 display with a keyboard and tablet.
-fn launch_gpu(run_dir: &Path) -> Launch {
-    let kernel = guest("virtio-gpu.elf");
-    let args = [
-        "--kernel",
-        kernel.to_str().expect("utf-8 path"),
-        "--cmdline",
-        "virtio-gpu.wait=1",
-        "--display",
-        "640x400",
-    ];
-    let mut launch = Launch::start(run_dir, &args);
-    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
-            .is_some(),
-        "the GPU guest never drew\n{}",
-        launch.report()
-    );
-    launch
-}
+use isola_tests::api::{
+    curl, launch_blk, launch_gpu, post_json, python, raw, status_of, Answer, EventReader,
+};
+use isola_tests::scratch_dir;
 
 fn ok(answer: &Answer, what: &str) -> serde_json::Value {
     assert_eq!(answer.status, 200, "{what}: {}", answer.body);

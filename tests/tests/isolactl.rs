@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use isola_tests::api::launch_blk;
 use isola_tests::supervisor::Lines;
-use isola_tests::{binary, guest, msi_core, scratch_dir, wait_for_path, Core};
+use isola_tests::{binary, msi_core, scratch_dir, Core};
 
 /// (exit code, stdout, stderr, time taken) of `isolactl ARGS` with stdin empty.
 fn isolactl(args: &[&str]) -> (Option<i32>, String, String, Duration) {
@@ -681,28 +681,9 @@ fn input_count(v: &serde_json::Value) -> u64 {
 /// isola-display, answers the same shapes; each input command's counters grow.
 #[test]
 fn json_for_input_and_screenshot_through_the_api_and_directly() {
-    use isola_tests::supervisor::Launch;
     let scratch = scratch_dir("isolactl-json-input");
     let run_dir = scratch.join("run");
-    let kernel = guest("virtio-gpu.elf");
-    let args = [
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "virtio-gpu.wait=1",
-        "--display",
-        "640x400",
-    ];
-    let mut launch = Launch::start(&run_dir, &args);
-    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
-            .is_some(),
-        "the GPU guest never drew\n{}",
-        launch.report()
-    );
+    let mut launch = isola_tests::api::launch_gpu(&run_dir);
     let d = run_dir.to_str().unwrap();
     let input = run_dir.join("input-control.sock");
     let display = run_dir.join("display-control.sock");
