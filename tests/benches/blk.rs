@@ -1,4 +1,5 @@
-//! Block benchmark: 4 KiB random read and random write at queue depth 1 and 32, driven by an
+//! Block benchmark: 4 KiB random read and random write at queue depth 1 and 32, and random
+//! read at depth 1 by a polling driver, driven by an
 //! independent vhost-user-blk frontend (libblkio's Rust `blkio` crate) against `isola-blk`
 //! (as it starts by default, with a kernel polling thread, and with that thread on a CPU of
 //! its own) and against `qemu-storage-daemon`'s vhost-user-blk export on the same file, plus
@@ -9,6 +10,10 @@
 //! switches: each is a wakeup someone paid for). With more than one repetition, each isola-blk
 //! target's IOPS ratio to raw io_uring and to the baseline is also taken within each
 //! repetition and reported as median (min-max), with the spread of its p50 latency.
+//! The floors under depth-1 reads on this machine are measured too: in each repetition the
+//! `server thread` target hands each request to a thread of this process that reads 4 KiB
+//! (no virtqueue, no other process), the client asleep or spinning as in the case; and once,
+//! an eventfd wake-up across CPUs and on one.
 //!
 //! `cargo bench -p isola-tests --bench blk`. Environment:
 //! - `ISOLA_BENCH_SECONDS`: time per case (default 2);
@@ -51,6 +56,17 @@ impl Pattern {
             Pattern::RandWrite => "randwrite",
         }
     }
+}
+
+/// How the client waits for completions.
+#[derive(Clone, Copy, PartialEq)]
+enum Driver {
+    /// Asks for the backend's signal and sleeps on the completion eventfd, as a guest driver
+    /// taking interrupts on a vCPU that halts.
+    Sleeping,
+    /// A libblkio poll queue: no signal asked for, the client spins on the used ring, as a
+    /// guest with virtio-blk `poll_queues` or a vCPU the host halt-polls.
+    Polling,
 }
 
 struct Stats {
@@ -100,6 +116,8 @@ const SQPOLL: &str = "isola-blk sq-poll";
 /// last CPU) and the client on the others, as on a host that keeps a CPU for storage.
 const SQPOLL_CPU: &str = "isola-blk sq-poll-cpu";
 const RAW: &str = "raw io_uring";
+/// The depth-1 read floor: a server thread in this process ([`run_handoff`]).
+const FLOOR: &str = "server thread";
 /// `isola-blk` from the `ISOLA_BENCH_BASELINE` directory, default options.
 const BASELINE: &str = "isola-blk baseline";
 
@@ -213,6 +231,7 @@ fn run_blkio(
     socket: &Path,
     pattern: Pattern,
     depth: usize,
+    driver: Driver,
     duration: Duration,
     backend_sleeps: &dyn Fn() -> Option<u64>,
 ) -> Result<Stats, String> {
@@ -222,8 +241,20 @@ fn run_blkio(
         .set_str("path", socket.to_str().expect("utf-8 path"))
         .map_err(err)?;
     blkio.connect().map_err(err)?;
-    blkio.set_i32("num-queues", 1).map_err(err)?;
-    let mut queue = blkio.start().map_err(err)?.queues.remove(0);
+    let polled = driver == Driver::Polling;
+    blkio
+        .set_i32("num-queues", i32::from(!polled))
+        .map_err(err)?;
+    blkio
+        .set_i32("num-poll-queues", i32::from(polled))
+        .map_err(err)?;
+    let started = blkio.start().map_err(err)?;
+    let mut queue = if polled {
+        started.poll_queues
+    } else {
+        started.queues
+    }
+    .remove(0);
     let region = blkio.alloc_mem_region(depth * BLOCK).map_err(err)?;
     blkio.map_mem_region(&region).map_err(err)?;
     let buf = |slot: usize| (region.addr + slot * BLOCK) as *mut u8;
@@ -520,6 +551,16 @@ fn prepare_image(dir: &Path) -> PathBuf {
     path
 }
 
+/// The cases: pattern, queue depth and how the client waits. The polling driver runs at depth
+/// 1 only, where the signal and the client's wake-up are most of a request's time.
+const CASES: [(Pattern, usize, Driver); 5] = [
+    (Pattern::RandRead, 1, Driver::Sleeping),
+    (Pattern::RandRead, 32, Driver::Sleeping),
+    (Pattern::RandWrite, 1, Driver::Sleeping),
+    (Pattern::RandWrite, 32, Driver::Sleeping),
+    (Pattern::RandRead, 1, Driver::Polling),
+];
+
 /// `ISOLA_BENCH_<name>` as a list of comma-separated words, if set.
 fn env_list(name: &str) -> Option<Vec<String>> {
     std::env::var(format!("ISOLA_BENCH_{name}"))
@@ -556,6 +597,7 @@ fn main() {
         "qemu-storage-daemon",
         RAW,
         BASELINE,
+        FLOOR,
     ];
     // A name selects the target of that name, or the one it is the first word of.
     let wanted = |target: &str| {
@@ -570,52 +612,57 @@ fn main() {
     };
     let mut rows: Vec<(String, Vec<Option<Stats>>)> = Vec::new();
     let mut spreads: Vec<(String, Vec<String>)> = Vec::new();
-    for pattern in [Pattern::RandRead, Pattern::RandWrite] {
-        for depth in [1usize, 32] {
-            let label = format!("{} QD{depth}", pattern.name());
-            if only_cases.as_ref().is_some_and(|list| {
-                !list
-                    .iter()
-                    .any(|c| c.replace(' ', "") == label.replace(' ', ""))
-            }) {
-                continue;
-            }
-            // Repetitions interleave the targets, so slow phases of the machine hit all alike.
-            let mut runs: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
-            for _ in 0..repeat {
-                for (t, target) in targets.iter().enumerate() {
-                    if !wanted(target) {
-                        continue;
-                    }
-                    let result = if *target == RAW {
-                        run_raw(&image, pattern, depth, duration).map(Some)
-                    } else {
-                        let socket = dir.join(format!("{target}.sock"));
-                        match start_backend(target, &image, &socket) {
-                            Some(backend) => {
-                                let pid = backend.child.id();
-                                let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
-                                let avoid = (*target == SQPOLL_CPU).then(polling_cpu).flatten();
-                                let sleeps =
-                                    || target.starts_with("isola-blk").then(|| queue_sleeps(pid));
-                                avoiding_cpu(avoid, || {
-                                    run_blkio(&socket, pattern, depth, duration, &sleeps)
-                                })
-                                .map(|mut s| {
-                                    s.cpu = cpu_seconds(pid)
-                                        .zip(cpu0)
-                                        .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+    for (pattern, depth, driver) in CASES {
+        let label = match driver {
+            Driver::Sleeping => format!("{} QD{depth}", pattern.name()),
+            Driver::Polling => format!("{} QD{depth} polling driver", pattern.name()),
+        };
+        if only_cases.as_ref().is_some_and(|list| {
+            !list
+                .iter()
+                .any(|c| c.replace(' ', "") == label.replace(' ', ""))
+        }) {
+            continue;
+        }
+        // Repetitions interleave the targets, so slow phases of the machine hit all alike.
+        let mut runs: Vec<Vec<Stats>> = targets.iter().map(|_| Vec::new()).collect();
+        for _ in 0..repeat {
+            for (t, target) in targets.iter().enumerate() {
+                if !wanted(target) {
+                    continue;
+                }
+                let result = if *target == RAW {
+                    run_raw(&image, pattern, depth, duration).map(Some)
+                } else if *target == FLOOR {
+                    Ok((pattern == Pattern::RandRead && depth == 1)
+                        .then(|| run_handoff(&image, driver, duration)))
+                } else {
+                    let socket = dir.join(format!("{target}.sock"));
+                    match start_backend(target, &image, &socket) {
+                        Some(backend) => {
+                            let pid = backend.child.id();
+                            let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+                            let avoid = (*target == SQPOLL_CPU).then(polling_cpu).flatten();
+                            let sleeps =
+                                || target.starts_with("isola-blk").then(|| queue_sleeps(pid));
+                            avoiding_cpu(avoid, || {
+                                run_blkio(&socket, pattern, depth, driver, duration, &sleeps)
+                            })
+                            .map(|mut s| {
+                                s.cpu = cpu_seconds(pid)
+                                    .zip(cpu0)
+                                    .map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
 
-                                    Some(s)
-                                })
-                            }
-                            None => Ok(None),
+                                Some(s)
+                            })
                         }
-                    };
-                    match result {
-                        Ok(Some(stats)) => {
-                            if repeat > 1 {
-                                println!(
+                        None => Ok(None),
+                    }
+                };
+                match result {
+                    Ok(Some(stats)) => {
+                        if repeat > 1 {
+                            println!(
                                     "  {label} {target}: {:.0} IOPS p50 {:.1}us cpu {} client cpu {:.2} sleeps/request client {:.3} queue {}",
                                     stats.iops,
                                     stats.p50_us,
@@ -624,26 +671,25 @@ fn main() {
                                     stats.client_sleeps,
                                     stats.queue_sleeps.map_or("-".into(), |c| format!("{c:.3}")),
                                 );
-                            }
-                            runs[t].push(stats)
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            println!("{target} {label}: {e}");
-                            // What the backend said about it, if it logged anything.
-                            let log = dir.join(format!("{target}.log"));
-                            for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-                                if !line.contains(" INFO ") {
-                                    println!("  backend: {line}");
-                                }
+                        runs[t].push(stats)
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        println!("{target} {label}: {e}");
+                        // What the backend said about it, if it logged anything.
+                        let log = dir.join(format!("{target}.log"));
+                        for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+                            if !line.contains(" INFO ") {
+                                println!("  backend: {line}");
                             }
                         }
                     }
                 }
             }
-            spreads.push((label.clone(), ratio_spreads(&targets, &runs)));
-            rows.push((label, runs.into_iter().map(median).collect()));
         }
+        spreads.push((label.clone(), ratio_spreads(&targets, &runs)));
+        rows.push((label, runs.into_iter().map(median).collect()));
     }
 
     println!("4 KiB random I/O on a {} MiB file (page cache), {seconds} s per case, median of {repeat}, blkio virtio-blk-vhost-user client", IMAGE_SIZE >> 20);
@@ -759,6 +805,82 @@ fn wake_floor() {
     println!("{}", line.trim_end_matches(';'));
 }
 
+/// The floor under depth-1 reads for any backend that serves from a thread of its own, with
+/// no virtqueue and no process boundary ([`FLOOR`]): a server thread that never sleeps (it
+/// spins on a request counter, as isola-blk's queue thread watches its ring) reads 4 KiB of
+/// `image` at a random block and answers; this thread publishes one request at a time and
+/// waits, asleep on an eventfd the server writes ([`Driver::Sleeping`]) or spinning on the
+/// server's answer counter ([`Driver::Polling`]). Threads unpinned, as the backends' are.
+/// CPU time is the whole process's (both threads).
+fn run_handoff(image: &Path, driver: Driver, duration: Duration) -> Stats {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let file = File::open(image).expect("image is readable");
+    let requested = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd"));
+    let server = {
+        let (requested, answered, stop, signal) = (
+            Arc::clone(&requested),
+            Arc::clone(&answered),
+            Arc::clone(&stop),
+            Arc::clone(&signal),
+        );
+        std::thread::spawn(move || {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            let mut buf = vec![0u8; BLOCK];
+            let mut served = 0;
+            loop {
+                while requested.load(Ordering::Acquire) == served {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::hint::spin_loop();
+                }
+                served += 1;
+                file.read_exact_at(&mut buf, rng.block() * BLOCK as u64)
+                    .expect("image read");
+                answered.store(served, Ordering::Release);
+                if driver == Driver::Sleeping {
+                    signal.write(1).expect("signal");
+                }
+            }
+        })
+    };
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let (start, cpu0, sleeps0) = (Instant::now(), own_cpu_seconds(), own_sleeps());
+    let mut sent = 0;
+    while start.elapsed() < duration {
+        sent += 1;
+        let t = Instant::now();
+        requested.store(sent, Ordering::Release);
+        match driver {
+            Driver::Sleeping => {
+                signal.read().expect("answer");
+            }
+            Driver::Polling => {
+                while answered.load(Ordering::Acquire) < sent {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        latencies.push(t.elapsed());
+    }
+    let elapsed = start.elapsed();
+    let client_cpu = (own_cpu_seconds() - cpu0) / elapsed.as_secs_f64();
+    let client_sleeps = (own_sleeps() - sleeps0) as f64 / latencies.len().max(1) as f64;
+    stop.store(true, Ordering::Relaxed);
+    server.join().expect("server thread");
+    Stats {
+        client_cpu,
+        client_sleeps,
+        ..stats(latencies, elapsed)
+    }
+}
+
 /// Half of each of `rounds` eventfd round trips between a thread on CPU `a` and one on `b`.
 fn ping_pong(a: usize, b: usize, rounds: usize) -> Vec<Duration> {
     use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -831,6 +953,17 @@ fn ratio_spreads(targets: &[&str], runs: &[Vec<Stats>]) -> Vec<String> {
                 if !ratios.is_empty() && other != Some(t) {
                     line += &format!("   / {what} {}", spread(ratios, |v| format!("{v:.2}")));
                 }
+            }
+            if let Some(floor) = index(FLOOR).filter(|&f| !runs[f].is_empty()) {
+                let above: Vec<f64> = runs[t]
+                    .iter()
+                    .zip(&runs[floor])
+                    .map(|(a, b)| a.p50_us - b.p50_us)
+                    .collect();
+                line += &format!(
+                    "   p50 above {FLOOR} {}",
+                    spread(above, |v| format!("{v:+.1}us"))
+                );
             }
             line
         })
