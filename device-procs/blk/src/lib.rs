@@ -72,7 +72,8 @@ pub struct Cli {
     /// A kernel thread that polls the queues' io_uring submission queues and runs their I/O
     /// (io_uring SQPOLL; one for all queues), sleeping after MS idle milliseconds (0: no such
     /// thread). It moves the I/O off the queue threads onto another CPU, for the most IOPS on
-    /// a busy disk; the price is a CPU spinning while the disk is in use.
+    /// a busy disk; the price is a CPU spinning while the disk is in use, and with no CPU
+    /// to spare (other work, or a driver that polls) it is slower than the default.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub sq_poll_ms: u32,
     /// Without `--sq-poll-ms`: a kernel polling thread that a queue uses only while it
