@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use nix::time::ClockId;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
 
@@ -236,22 +237,11 @@ fn run_on_this_thread(mut vcpu: VcpuFd) -> Result<Outcome, ProbeError> {
     outcome
 }
 
-/// CPU time this thread has used so far (user and system).
+/// CPU time this thread has used so far (user and system; zero if the clock cannot be read).
 fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call, and
-    // CLOCK_THREAD_CPUTIME_ID is a clock every Linux supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
+    ClockId::CLOCK_THREAD_CPUTIME_ID
+        .now()
+        .map_or(Duration::ZERO, Duration::from)
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@
 
 use std::time::{Duration, Instant};
 
+use nix::time::ClockId;
+
 /// How long each mode runs before its rate is taken.
 pub const EPOCH: Duration = Duration::from_millis(10);
 /// Polling becomes home when a probe runs this much faster than the epoch before it.
@@ -229,18 +231,11 @@ impl Chooser {
     }
 }
 
-/// CPU time of the calling thread.
+/// CPU time of the calling thread (zero if the clock cannot be read).
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    ClockId::CLOCK_THREAD_CPUTIME_ID
+        .now()
+        .map_or(Duration::ZERO, Duration::from)
 }
 
 #[cfg(test)]
