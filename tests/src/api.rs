@@ -185,17 +185,12 @@ impl Drop for EventReader {
 pub fn launch_blk(run_dir: &Path, seconds: u32) -> Launch {
     let cmdline =
         format!("virtio-blk.mode=loop virtio-blk.seconds={seconds} virtio-blk.sectors=2048");
-    let mut launch = Launch::start(run_dir, &["--cmdline", &cmdline]);
-    wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
-    assert!(
-        launch
-            .stdout
-            .wait_for("virtio-blk: loop cycles=", Duration::from_secs(180))
-            .is_some(),
-        "the guest never ran its I/O loop\n{}",
-        launch.report()
-    );
-    launch
+    launch_until(
+        run_dir,
+        &["--cmdline", &cmdline],
+        "virtio-blk: loop cycles=",
+        "the guest never ran its I/O loop",
+    )
 }
 
 /// The GPU guest, which draws and waits, on a 640x400 display with a keyboard and tablet.
@@ -209,14 +204,25 @@ pub fn launch_gpu(run_dir: &Path) -> Launch {
         "--display",
         "640x400",
     ];
-    let mut launch = Launch::start(run_dir, &args);
+    launch_until(
+        run_dir,
+        &args,
+        "virtio-gpu: waiting for vector",
+        "the GPU guest never drew",
+    )
+}
+
+/// isola-run with `args`, once its API socket is there and the guest printed `marker`;
+/// `failure` and the launch's report otherwise.
+fn launch_until(run_dir: &Path, args: &[&str], marker: &str, failure: &str) -> Launch {
+    let mut launch = Launch::start(run_dir, args);
     wait_for_path(&run_dir.join("api.sock"), Duration::from_secs(120));
     assert!(
         launch
             .stdout
-            .wait_for("virtio-gpu: waiting for vector", Duration::from_secs(180))
+            .wait_for(marker, Duration::from_secs(180))
             .is_some(),
-        "the GPU guest never drew\n{}",
+        "{failure}\n{}",
         launch.report()
     );
     launch
