@@ -84,13 +84,17 @@ struct Stats {
     queue_sleeps: Option<f64>,
 }
 
+/// The `q` quantile of `sorted` (ascending, not empty), in microseconds.
+fn quantile_us(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+}
+
 fn stats(mut latencies: Vec<Duration>, elapsed: Duration) -> Stats {
     latencies.sort();
-    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     Stats {
         iops: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: pick(0.5),
-        p99_us: pick(0.99),
+        p50_us: quantile_us(&latencies, 0.5),
+        p99_us: quantile_us(&latencies, 0.99),
         cpu: None,
         client_cpu: 0.0,
         client_sleeps: 0.0,
@@ -804,8 +808,11 @@ fn wake_floor() {
         }
         let mut one_way = ping_pong(a, b, 20_000);
         one_way.sort();
-        let pick = |q: f64| one_way[((one_way.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
-        line += &format!(" {what} p50 {:.1}us (p99 {:.1}us);", pick(0.5), pick(0.99));
+        line += &format!(
+            " {what} p50 {:.1}us (p99 {:.1}us);",
+            quantile_us(&one_way, 0.5),
+            quantile_us(&one_way, 0.99)
+        );
     }
     println!("{}", line.trim_end_matches(';'));
 }
