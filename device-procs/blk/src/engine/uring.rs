@@ -88,6 +88,15 @@ impl SqPoller {
         }
     }
 
+    /// The chooser of a queue using this (adaptive) poller.
+    fn chooser(&self) -> Chooser {
+        #[cfg(test)]
+        if self.alternate {
+            return Chooser::alternating();
+        }
+        Chooser::new()
+    }
+
     /// A ring of `entries` served by this poller. Where the kernel refuses (no SQPOLL, or
     /// the CPU is not allowed), a ring without one, with a warning.
     fn ring(&self, entries: u32) -> std::io::Result<IoUring> {
@@ -207,14 +216,7 @@ impl UringEngine {
             polled: None,
             adaptive: poller.filter(|p| p.adaptive).map(|p| Adaptive {
                 poller: Arc::clone(p),
-                #[cfg(test)]
-                chooser: if p.alternate {
-                    Chooser::alternating()
-                } else {
-                    Chooser::new()
-                },
-                #[cfg(not(test))]
-                chooser: Chooser::new(),
+                chooser: p.chooser(),
             }),
             mode: Mode::Inline,
             disk,
